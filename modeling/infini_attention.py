@@ -1,0 +1,229 @@
+"""Infini-attention as a pure function (Munkhdalai et al. 2024, arXiv 2404.07143).
+
+The input of one call is cut into segments of ``segment_length`` tokens. Inside a segment: causal
+softmax attention (RoPE applied here only). Across segments: per KV head a compressive memory
+``M`` [d_k, d_v] and normaliser ``z`` [d_k], kept in float32, read and written through
+sigma = ELU + 1 of the *un-rotated* queries and keys. Segment s first reads
+
+    A_mem = sigma(Q) M_{s-1} / (sigma(Q) z_{s-1})        (an empty memory reads as zeros)
+
+then writes (linear)  M_s = M_{s-1} + sigma(K)^T V
+          or (delta)  M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1}))
+and z_s = z_{s-1} + sum_t sigma(K_t). The output mixes both per head with g = sigmoid(beta):
+g * A_mem + (1 - g) * A_dot.
+
+Nothing here touches torch.distributed: tensor parallelism only changes which heads a rank sees.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+UPDATE_RULES = ("linear", "delta")
+
+
+class InfiniMemory(NamedTuple):
+    """Compressive memory of one attention layer: M [b, kv_heads, d_k, d_v], z [b, kv_heads, d_k]."""
+
+    M: torch.Tensor
+    z: torch.Tensor
+
+
+def memory_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """Memory math runs in float32 for half-precision inputs (float64 stays float64, for gradcheck)."""
+    return torch.promote_types(input_dtype, torch.float32)
+
+
+def empty_memory(batch, kv_heads, head_dim, head_dim_v, device=None, dtype=torch.float32) -> InfiniMemory:
+    return InfiniMemory(
+        torch.zeros(batch, kv_heads, head_dim, head_dim_v, dtype=dtype, device=device),
+        torch.zeros(batch, kv_heads, head_dim, dtype=dtype, device=device),
+    )
+
+
+def sigma(x: torch.Tensor) -> torch.Tensor:
+    """The paper's non-negative feature map ELU + 1, in the memory dtype."""
+    return F.elu(x.to(memory_dtype(x.dtype))) + 1.0
+
+
+def retrieve(sigma_q: torch.Tensor, M: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """sigma(q) M / (sigma(q) z) over the last two dims; zeros where the memory is empty.
+
+    sigma > 0, so the denominator is 0 exactly when z is (nothing written yet); a safe denominator
+    of 1 there keeps values and gradients finite while the numerator is exactly 0.
+    """
+    numerator = sigma_q @ M
+    denominator = (sigma_q @ z.unsqueeze(-1))
+    denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return numerator / denominator
+
+
+def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """megatron-core's non-interleaved RoPE: x * cos + rotate_half(x) * sin on the first rot_dim channels.
+
+    freqs: angles [n, rot_dim] (or megatron's [n, 1, 1, rot_dim]) for the n positions of the last-but-one
+    dim of x.
+    """
+    freqs = freqs.reshape(freqs.shape[0], freqs.shape[-1])
+    rot_dim = freqs.shape[-1]
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+
+
+def _check_inputs(q, k, v, gate, memory, segment_length, update, reset):
+    if update not in UPDATE_RULES:
+        raise ValueError(f"update rule must be one of {UPDATE_RULES}, got {update!r}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [batch, heads, tokens, head_dim]; got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    b, h, t, d = q.shape
+    if k.shape[:2] != v.shape[:2] or k.shape[0] != b or k.shape[2] != t or v.shape[2] != t or k.shape[3] != d:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree in batch, "
+            "tokens and key dim"
+        )
+    g = k.shape[1]
+    if h % g:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({g})")
+    if segment_length <= 0 or t % segment_length:
+        raise ValueError(
+            f"tokens ({t}) must be a whole number of segments of segment_length ({segment_length})"
+        )
+    if gate.shape != (h,):
+        raise ValueError(f"gate must have shape ({h},) (one per query head), got {tuple(gate.shape)}")
+    if memory is not None:
+        M, z = memory
+        want_M, want_z = (b, g, d, v.shape[3]), (b, g, d)
+        if tuple(M.shape) != want_M or tuple(z.shape) != want_z:
+            raise ValueError(
+                f"memory shapes M {tuple(M.shape)}, z {tuple(z.shape)} do not match "
+                f"expected {want_M}, {want_z}"
+            )
+        want = memory_dtype(q.dtype)
+        if M.dtype != want or z.dtype != want:
+            raise ValueError(f"memory must be {want} for {q.dtype} inputs, got M {M.dtype}, z {z.dtype}")
+    n_segments = t // segment_length
+    if reset is not None and tuple(reset.shape) != (b, n_segments):
+        raise ValueError(f"reset must have shape ({b}, {n_segments}), got {tuple(reset.shape)}")
+
+
+def local_attention(q, k, v, segment_length, rotary_pos_emb=None):
+    """Causal softmax attention inside each segment: all segments in one SDPA call."""
+    b, h, t, d = q.shape
+    g, dv = k.shape[1], v.shape[3]
+    s = t // segment_length
+    if rotary_pos_emb is not None:
+        q = apply_rotary(q.reshape(b, h, s, segment_length, d), rotary_pos_emb)
+        k = apply_rotary(k.reshape(b, g, s, segment_length, d), rotary_pos_emb)
+    if g != h:
+        k = k.reshape(b, g, t, d).repeat_interleave(h // g, dim=1)
+        v = v.repeat_interleave(h // g, dim=1)
+    # Segments become extra "heads": [b, h * s, n, d] is a view of [b, h, t, d].
+    out = F.scaled_dot_product_attention(
+        q.reshape(b, h * s, segment_length, d),
+        k.reshape(b, h * s, segment_length, d),
+        v.reshape(b, h * s, segment_length, dv),
+        is_causal=True,
+    )
+    return out.reshape(b, h, t, dv)
+
+
+def _memories_before_segments(sk, v, memory, reset, update):
+    """M_{s-1}, z_{s-1} for every segment s, and the memory after the last one.
+
+    sk: sigma(K) [b, g, s, n, d] float32; v: [b, g, s, n, dv] float32.
+    Returns M_before [b, g, s, d, dv], z_before [b, g, s, d], final InfiniMemory.
+    """
+    b, g, s, n, d = sk.shape
+    dv = v.shape[-1]
+    if memory is None:
+        memory = empty_memory(b, g, d, dv, device=sk.device, dtype=sk.dtype)
+    M0, z0 = memory
+    z_updates = sk.sum(dim=3)  # [b, g, s, d]
+
+    if update == "linear":
+        M_updates = sk.transpose(-1, -2) @ v  # [b, g, s, d, dv]
+        M_before = _exclusive_cumsum_with_resets(M_updates, M0, reset, extra_dims=2)
+        z_before = _exclusive_cumsum_with_resets(z_updates, z0, reset, extra_dims=1)
+        final = InfiniMemory(M_before[:, :, -1] + M_updates[:, :, -1], z_before[:, :, -1] + z_updates[:, :, -1])
+        return M_before, z_before, final
+
+    M, z = M0, z0
+    M_list, z_list = [], []
+    for i in range(s):
+        if reset is not None:
+            keep = (~reset[:, i]).to(sk.dtype).view(b, 1, 1)
+            M, z = M * keep.unsqueeze(-1), z * keep
+        M_list.append(M)
+        z_list.append(z)
+        sk_i = sk[:, :, i]
+        M = M + sk_i.transpose(-1, -2) @ (v[:, :, i] - retrieve(sk_i, M, z))
+        z = z + z_updates[:, :, i]
+    return torch.stack(M_list, dim=2), torch.stack(z_list, dim=2), InfiniMemory(M, z)
+
+
+def _exclusive_cumsum_with_resets(updates, initial, reset, extra_dims):
+    """Per segment s: initial (if no reset at or before s) + sum of updates since the last reset, before s.
+
+    updates: [b, g, s, *extra]; initial: [b, g, *extra]; reset: bool [b, s] or None.
+    """
+    inclusive = updates.cumsum(dim=2)
+    exclusive = torch.cat([torch.zeros_like(inclusive[:, :, :1]), inclusive[:, :, :-1]], dim=2)
+    if reset is None:
+        return exclusive + initial.unsqueeze(2)
+    b, s = reset.shape
+    positions = torch.arange(s, device=reset.device).expand(b, s)
+    # Index of the last reset at or before each segment, -1 where there was none.
+    last_reset = torch.where(reset, positions, torch.full_like(positions, -1)).cummax(dim=1).values
+    shape = (b, 1, s) + (1,) * extra_dims
+    index = last_reset.clamp(min=0).view(shape).expand_as(exclusive)
+    since_reset = exclusive - torch.gather(exclusive, 2, index) * (last_reset >= 0).view(shape)
+    keep_initial = (last_reset < 0).to(updates.dtype).view(shape)
+    return since_reset + initial.unsqueeze(2) * keep_initial
+
+
+def infini_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor,
+    memory: Optional[tuple] = None,
+    *,
+    segment_length: int,
+    update: str = "linear",
+    reset: Optional[torch.Tensor] = None,
+    rotary_pos_emb: Optional[torch.Tensor] = None,
+):
+    """Infini-attention over ``tokens = n_segments * segment_length`` tokens.
+
+    q: [b, h, t, d]; k: [b, g, t, d]; v: [b, g, t, dv] with g dividing h (g < h is GQA: one memory
+    per KV group). gate: [h] raw beta. memory: None (empty) or (M [b, g, d, dv], z [b, g, d]) in
+    float32 (float64 for float64 inputs). reset: bool [b, n_segments], True empties that row's memory before that segment.
+    rotary_pos_emb: RoPE angles for positions 0..segment_length-1, applied to local attention only.
+
+    Returns (out [b, h, t, dv] in q's dtype, InfiniMemory after the last segment). Gradients flow
+    through the memory across all segments (and into the given memory).
+    """
+    _check_inputs(q, k, v, gate, memory, segment_length, update, reset)
+    b, h, t, d = q.shape
+    g, dv = k.shape[1], v.shape[3]
+    s, n = t // segment_length, segment_length
+
+    local = local_attention(q, k, v, segment_length, rotary_pos_emb)
+
+    sk = sigma(k).reshape(b, g, s, n, d)
+    M_before, z_before, final = _memories_before_segments(sk, v.to(sk.dtype).reshape(b, g, s, n, dv), memory, reset, update)
+    sq = sigma(q).reshape(b, g, h // g, s, n, d)
+    from_memory = retrieve(sq, M_before.unsqueeze(2), z_before.unsqueeze(2)).reshape(b, h, t, dv)
+
+    weight = torch.sigmoid(gate.to(sk.dtype)).view(1, h, 1, 1)
+    out = weight * from_memory + (1.0 - weight) * local.to(sk.dtype)
+    return out.to(q.dtype), final

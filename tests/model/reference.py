@@ -1,0 +1,71 @@
+"""An independent float64 reference: Infini-attention as a plain loop over segments and tokens."""
+
+import math
+
+import torch
+
+
+def reference_infini_attention(q, k, v, gate, memory=None, *, segment_length, update="linear",
+                               reset=None, rotary_pos_emb=None):
+    """Straight from the paper's equations; every tensor in float64, one segment at a time."""
+    q, k, v, gate = q.double(), k.double(), v.double(), gate.double()
+    b, h, t, d = q.shape
+    g, dv = k.shape[1], v.shape[3]
+    group = h // g
+    n_segments = t // segment_length
+    if memory is None:
+        M = torch.zeros(b, g, d, dv, dtype=torch.float64)
+        z = torch.zeros(b, g, d, dtype=torch.float64)
+    else:
+        M, z = memory[0].double(), memory[1].double()
+
+    def sig(x):
+        return torch.where(x > 0, x + 1.0, torch.exp(x))
+
+    def rope(x):
+        if rotary_pos_emb is None:
+            return x
+        angles = rotary_pos_emb.reshape(rotary_pos_emb.shape[0], -1).double()
+        half = angles.shape[-1] // 2
+        out = x.clone()
+        for pos in range(x.shape[-2]):
+            for i in range(half):
+                a = angles[pos, i]
+                x1, x2 = x[..., pos, i], x[..., pos, i + half]
+                out[..., pos, i] = x1 * math.cos(a) - x2 * math.sin(a)
+                out[..., pos, i + half] = x2 * math.cos(a) + x1 * math.sin(a)
+        return out
+
+    outputs = []
+    for s in range(n_segments):
+        sl = slice(s * segment_length, (s + 1) * segment_length)
+        if reset is not None:
+            keep = (~reset[:, s]).double()
+            M = M * keep.view(b, 1, 1, 1)
+            z = z * keep.view(b, 1, 1)
+        qs, ks, vs = q[:, :, sl], k[:, :, sl], v[:, :, sl]
+        seg_out = torch.zeros(b, h, segment_length, dv, dtype=torch.float64)
+        qr, kr = rope(qs), rope(ks)
+        for head in range(h):
+            kv = head // group
+            scores = qr[:, head] @ kr[:, kv].transpose(-1, -2) / math.sqrt(d)
+            causal = torch.ones(segment_length, segment_length, dtype=torch.bool).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+            local = torch.softmax(scores, dim=-1) @ vs[:, kv]
+            sq = sig(qs[:, head])
+            num = sq @ M[:, kv]
+            den = (sq @ z[:, kv].unsqueeze(-1))
+            mem = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+            w = torch.sigmoid(gate[head])
+            seg_out[:, head] = w * mem + (1 - w) * local
+        outputs.append(seg_out)
+        sk = sig(ks)
+        if update == "linear":
+            M = M + sk.transpose(-1, -2) @ vs
+        else:
+            num = sk @ M
+            den = sk @ z.unsqueeze(-1)
+            retrieved = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+            M = M + sk.transpose(-1, -2) @ (vs - retrieved)
+        z = z + sk.sum(dim=2)
+    return torch.cat(outputs, dim=2), (M, z)

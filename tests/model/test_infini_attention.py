@@ -1,0 +1,192 @@
+import pytest
+import torch
+
+from modeling.infini_attention import infini_attention
+from tests.model.reference import reference_infini_attention
+
+B, H, G, D, DV, N = 2, 4, 2, 8, 6, 5
+
+
+def make_inputs(n_segments, heads=H, groups=G, dtype=torch.float32, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    t = n_segments * N
+    q = (torch.randn(B, heads, t, D, generator=gen) * scale).to(dtype)
+    k = (torch.randn(B, groups, t, D, generator=gen) * scale).to(dtype)
+    v = (torch.randn(B, groups, t, DV, generator=gen) * scale).to(dtype)
+    gate = torch.randn(heads, generator=gen).to(dtype)
+    return q, k, v, gate
+
+
+def make_memory(groups=G, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(B, groups, D, DV, generator=gen), torch.rand(B, groups, D, generator=gen) * 3
+
+
+def rope_angles(n=N, dim=D):
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    freqs = torch.outer(torch.arange(n).float(), inv)
+    return torch.cat([freqs, freqs], dim=-1)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+CASES = [
+    dict(update="linear"),
+    dict(update="delta"),
+    dict(update="linear", memory=True),
+    dict(update="delta", memory=True),
+    dict(update="linear", memory=True, reset=True),
+    dict(update="delta", memory=True, reset=True),
+    dict(update="linear", rope=True, reset=True),
+    dict(update="delta", rope=True, groups=H),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_matches_float64_reference_values_and_gradients(case):
+    groups = case.get("groups", G)
+    q, k, v, gate = make_inputs(4, groups=groups)
+    memory = make_memory(groups) if case.get("memory") else None
+    reset = torch.tensor([[False, False, True, False], [True, False, False, True]]) if case.get("reset") else None
+    rope = rope_angles() if case.get("rope") else None
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, gate)]
+    mem_in = tuple(m.clone().requires_grad_() for m in memory) if memory else None
+    out, (M, z) = infini_attention(*inputs, mem_in, segment_length=N, update=case["update"], reset=reset,
+                                   rotary_pos_emb=rope)
+    ref_inputs = [x.double().clone().requires_grad_() for x in (q, k, v, gate)]
+    ref_mem = tuple(m.double().clone().requires_grad_() for m in memory) if memory else None
+    ref_out, (ref_M, ref_z) = reference_infini_attention(*ref_inputs, ref_mem, segment_length=N,
+                                                         update=case["update"], reset=reset, rotary_pos_emb=rope)
+    assert M.dtype == torch.float32 and z.dtype == torch.float32
+    assert rel_err(out, ref_out) < 1e-5
+    assert rel_err(M, ref_M) < 1e-5 and rel_err(z, ref_z) < 1e-5
+
+    probe = torch.randn_like(ref_out)
+    (ref_out * probe).sum().add((ref_M * 0.3).sum() + ref_z.sum() * 0.1).backward()
+    (out * probe.float()).sum().add((M * 0.3).sum() + z.sum() * 0.1).backward()
+    for got, want in zip(inputs, ref_inputs):
+        assert rel_err(got.grad, want.grad) < 1e-4
+    if memory:
+        for got, want in zip(mem_in, ref_mem):
+            assert rel_err(got.grad, want.grad) < 1e-4
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_gradcheck_float64(update):
+    q, k, v, gate = (x.double().requires_grad_() for x in make_inputs(3))
+    M, z = (m.double().requires_grad_() for m in make_memory())
+    reset = torch.tensor([[False, True, False], [False, False, False]])
+
+    def fn(q, k, v, gate, M, z):
+        out, memory = infini_attention(q, k, v, gate, (M, z), segment_length=N, update=update, reset=reset)
+        return out, memory.M, memory.z
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, gate, M, z), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_carrying_memory_across_calls_equals_one_call(update):
+    q, k, v, gate = make_inputs(8)
+    whole, mem_whole = infini_attention(q, k, v, gate, segment_length=N, update=update)
+    half = 4 * N
+    first, mem = infini_attention(q[:, :, :half], k[:, :, :half], v[:, :, :half], gate, segment_length=N, update=update)
+    second, mem_split = infini_attention(q[:, :, half:], k[:, :, half:], v[:, :, half:], gate, mem,
+                                         segment_length=N, update=update)
+    torch.testing.assert_close(torch.cat([first, second], dim=2), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mem_split.M, mem_whole.M, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mem_split.z, mem_whole.z, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_reset_equals_fresh_call_from_that_segment(update):
+    q, k, v, gate = make_inputs(6)
+    s = 3
+    reset = torch.zeros(B, 6, dtype=torch.bool)
+    reset[:, s] = True
+    out, mem = infini_attention(q, k, v, gate, make_memory(), segment_length=N, update=update, reset=reset)
+    tail = slice(s * N, None)
+    fresh, fresh_mem = infini_attention(q[:, :, tail], k[:, :, tail], v[:, :, tail], gate,
+                                        segment_length=N, update=update)
+    torch.testing.assert_close(out[:, :, tail], fresh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mem.M, fresh_mem.M, rtol=1e-5, atol=1e-5)
+
+
+def test_reset_only_touches_its_row():
+    q, k, v, gate = make_inputs(4)
+    reset = torch.tensor([[False, False, True, False], [False, False, False, False]])
+    with_reset, _ = infini_attention(q, k, v, gate, make_memory(), segment_length=N, reset=reset)
+    without, _ = infini_attention(q, k, v, gate, make_memory(), segment_length=N)
+    torch.testing.assert_close(with_reset[1], without[1])
+    assert not torch.allclose(with_reset[0, :, 2 * N:], without[0, :, 2 * N:])
+
+
+def block_local_causal(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    t = q.shape[2]
+    pos = torch.arange(t)
+    allowed = (pos[:, None] >= pos[None, :]) & (pos[:, None] // N == pos[None, :] // N)
+    scores = (q @ k.transpose(-1, -2)) / D ** 0.5
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+
+
+def test_gate_to_minus_infinity_is_block_local_causal_attention():
+    q, k, v, _ = make_inputs(4)
+    out, _ = infini_attention(q, k, v, torch.full((H,), -1e4), make_memory(), segment_length=N)
+    torch.testing.assert_close(out, block_local_causal(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_gate_to_plus_infinity_reads_zeros_from_an_empty_memory():
+    q, k, v, _ = make_inputs(3)
+    out, _ = infini_attention(q, k, v, torch.full((H,), 1e4), segment_length=N)
+    assert torch.equal(out[:, :, :N], torch.zeros_like(out[:, :, :N]))
+    assert out[:, :, N:].abs().sum() > 0
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_bf16_inputs_keep_float32_memory_without_overflow(update):
+    # 1,000 segments of large activations: the memory's sums outgrow bf16's 8-bit mantissa (and fp16's
+    # range); in float32 they stay finite and match a float64 closed form.
+    n_segments = 1000
+    q, k, v, gate = make_inputs(n_segments, dtype=torch.bfloat16, scale=30.0)
+    out, memory = infini_attention(q, k, v, gate, segment_length=N, update=update)
+    assert out.dtype == torch.bfloat16
+    assert memory.M.dtype == torch.float32 and memory.z.dtype == torch.float32
+    assert torch.isfinite(out).all() and torch.isfinite(memory.M).all() and torch.isfinite(memory.z).all()
+    sk = torch.nn.functional.elu(k.double()) + 1
+    assert rel_err(memory.z, sk.sum(dim=2)) < 1e-5
+    if update == "linear":
+        assert rel_err(memory.M, sk.transpose(-1, -2) @ v.double()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(update="hebbian"), "hebbian"),
+        (dict(segment_length=7), "\\(10\\) .* segment_length \\(7\\)"),
+        (dict(segment_length=0), "segment_length \\(0\\)"),
+        (dict(reset=torch.zeros(B, 3, dtype=torch.bool)), "\\(2, 2\\)"),
+        (dict(memory=(torch.zeros(B, G, D, DV + 1), torch.zeros(B, G, D))), "memory shapes"),
+        (dict(memory=(torch.zeros(B, G, D, DV, dtype=torch.bfloat16), torch.zeros(B, G, D))), "float32"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_values(kwargs, message):
+    q, k, v, gate = make_inputs(2)
+    args = dict(segment_length=N)
+    args.update(kwargs)
+    memory = args.pop("memory", None)
+    with pytest.raises(ValueError, match=message):
+        infini_attention(q, k, v, gate, memory, **args)
+
+
+def test_bad_shapes_raise_value_error():
+    q, k, v, gate = make_inputs(2)
+    with pytest.raises(ValueError, match="multiple"):
+        infini_attention(q, k[:, :1].expand(B, 3, -1, -1), v[:, :1].expand(B, 3, -1, -1), gate, segment_length=N)
+    with pytest.raises(ValueError, match="gate"):
+        infini_attention(q, k, v, gate[:2], segment_length=N)
+    with pytest.raises(ValueError, match="head_dim"):
+        infini_attention(q[0], k, v, gate, segment_length=N)
