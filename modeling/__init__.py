@@ -1,0 +1,1 @@
+"""Infini-attention models on megatron-core."""

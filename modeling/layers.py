@@ -1,0 +1,123 @@
+"""Infini-attention inside megatron-core: core attention, self-attention, transformer layer, layer spec.
+
+Memory structure: every layer's attention keeps, per sequence of the batch and per key/value head
+that this tensor-parallel rank owns, an ``InfiniMemory(M [b, g_local, d_k, d_v], z [b, g_local, d_k])``
+in float32. It lives nowhere inside the modules: it is an input and an output of ``forward`` at every
+level (attention -> layer -> model), so the caller (the trainer, per lane and pipeline stage) owns it,
+and recomputation replays a layer from exactly the memory it first saw.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from modeling.infini_attention import InfiniMemory, infini_attention
+
+GATE_ATTRIBUTE = "is_infini_gate"
+
+
+def is_gate_parameter(param: torch.nn.Parameter) -> bool:
+    """Gates get their own learning rate and no weight decay (they never leave 0.5 otherwise)."""
+    return getattr(param, GATE_ATTRIBUTE, False)
+
+
+class InfiniCoreAttention(MegatronModule):
+    """Core attention of one layer on one TP rank: local softmax + compressive memory, mixed by gates.
+
+    Owns the gate beta of the query heads on this rank (a TP-partitioned parameter, dim 0).
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, cp_comm_type=None,
+                 softmax_scale=None, pg_collection=None):
+        super().__init__(config=config)
+        if softmax_scale is not None:
+            raise ValueError("Infini-attention uses 1/sqrt(head_dim); softmax_scale must be None")
+        tp_size = pg_collection.tp.size() if pg_collection is not None else 1
+        heads = config.num_attention_heads
+        if heads % tp_size:
+            raise ValueError(f"num_attention_heads ({heads}) must be divisible by the TP size ({tp_size})")
+        self.layer_number = layer_number
+        self.segment_length = config.infini_segment_length
+        self.update = config.infini_update
+        self.gate = torch.nn.Parameter(
+            torch.full((heads // tp_size,), float(config.infini_gate_init), dtype=torch.float32)
+        )
+        setattr(self.gate, GATE_ATTRIBUTE, True)
+        # Megatron and DeepSpeed read these to shard, checkpoint and norm-count the gate per TP rank.
+        self.gate.tensor_model_parallel = True
+        self.gate.partition_dim = 0
+        self.gate.partition_stride = 1
+
+    def forward(self, query, key, value, memory=None, reset=None, rotary_pos_emb=None):
+        """query [b, h, t, d], key/value [b, g, t, d]: returns ([b, h, t, d], InfiniMemory)."""
+        return infini_attention(query, key, value, self.gate, memory, segment_length=self.segment_length,
+                                update=self.update, reset=reset, rotary_pos_emb=rotary_pos_emb)
+
+
+class InfiniSelfAttention(SelfAttention):
+    """megatron's SelfAttention (fused QKV column-parallel projection, optional q/k norms, row-parallel
+    output projection) with Infini-attention as its core. Input and output [s, b, h]."""
+
+    def forward(self, hidden_states, rotary_pos_emb=None, memory: Optional[InfiniMemory] = None, reset=None):
+        query, key, value = self.get_query_key_value_tensors(hidden_states)
+        # [s, b, heads, d] -> [b, heads, s, d]
+        query, key, value = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        context, memory = self.core_attention(query, key, value, memory=memory, reset=reset,
+                                              rotary_pos_emb=rotary_pos_emb)
+        s, b = hidden_states.shape[0], hidden_states.shape[1]
+        context = context.permute(2, 0, 1, 3).reshape(s, b, -1)
+        output, bias = self.linear_proj(context)
+        return output, bias, memory
+
+
+class InfiniTransformerLayer(TransformerLayer):
+    """Pre-norm transformer layer whose attention reads and writes an explicit memory."""
+
+    def forward(self, hidden_states, rotary_pos_emb=None, memory: Optional[InfiniMemory] = None, reset=None):
+        residual = hidden_states
+        normed = self.input_layernorm(hidden_states)
+        output, bias, memory = self.self_attention(normed, rotary_pos_emb=rotary_pos_emb, memory=memory,
+                                                   reset=reset)
+        with self.bias_dropout_add_exec_handler():
+            hidden_states = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
+                (output, bias), residual, self.hidden_dropout
+            )
+        return self._forward_mlp(hidden_states), memory
+
+
+def get_infini_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
+    """Llama-style layer (RMSNorm, SwiGLU from the config) with Infini-attention, megatron-core local modules."""
+    return ModuleSpec(
+        module=InfiniTransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=InfiniSelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=InfiniCoreAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=WrappedTorchNorm if qk_layernorm else IdentityOp,
+                    k_layernorm=WrappedTorchNorm if qk_layernorm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )

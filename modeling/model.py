@@ -1,0 +1,91 @@
+"""Infini-attention GPT on megatron-core: GPTModel's embedding, layers and output, explicit memory."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.utils import make_viewless_tensor
+from torch.utils.checkpoint import checkpoint
+
+from modeling.config import InfiniTransformerConfig
+from modeling.infini_attention import InfiniMemory
+from modeling.layers import get_infini_layer_spec
+
+LayerMemories = List[Optional[InfiniMemory]]
+
+
+class InfiniGPTModel(GPTModel):
+    """megatron-core GPTModel whose layers are Infini-attention layers (``get_infini_layer_spec``).
+
+    ``forward(input_ids, labels, memory, reset)`` runs one window of ``n_segments * segment_length``
+    tokens. ``memory`` is a list with one entry per layer *of this pipeline stage* (None = empty
+    memory); each entry is an ``InfiniMemory(M [b, g_local, d_k, d_v], z [b, g_local, d_k])`` in
+    float32 holding, per batch row, the heads this TP rank owns. The new list comes back beside the
+    output; the model keeps no memory of its own, so the caller decides what carries over (and
+    whether to detach). Works as any pipeline stage (pre_process / post_process).
+    """
+
+    def __init__(self, config: InfiniTransformerConfig, vocab_size: int, *, pre_process: bool = True,
+                 post_process: bool = True, share_embeddings_and_output_weights: bool = False,
+                 rotary_base: int = 10000, parallel_output: bool = True, vp_stage: Optional[int] = None):
+        super().__init__(
+            config=config,
+            transformer_layer_spec=get_infini_layer_spec(qk_layernorm=config.qk_layernorm),
+            vocab_size=vocab_size,
+            max_sequence_length=config.infini_segment_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=rotary_base,
+            vp_stage=vp_stage,
+        )
+
+    @property
+    def layers(self):
+        return self.decoder.layers
+
+    def forward(self, input_ids: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None,
+                memory: Optional[LayerMemories] = None, reset: Optional[torch.Tensor] = None):
+        """input_ids, labels: [b, t]; reset: bool [b, n_segments].
+
+        Returns (output, new memory list). output: per-token loss [b, t] on the last stage with
+        labels, logits [b, t, vocab/tp] without; hidden states [t, b, h] on other stages.
+        """
+        if memory is None:
+            memory = [None] * len(self.layers)
+        if len(memory) != len(self.layers):
+            raise ValueError(f"memory has {len(memory)} entries for {len(self.layers)} local layers")
+
+        if self.pre_process:
+            hidden = self.embedding(input_ids=input_ids, position_ids=None)
+        else:
+            hidden = self.decoder.input_tensor
+        hidden = make_viewless_tensor(inp=hidden, requires_grad=True, keep_graph=True)
+        rotary = self.rotary_pos_emb(self.config.infini_segment_length)
+
+        new_memory = []
+        for layer, layer_memory in zip(self.layers, memory):
+            if self.config.recompute_granularity == "full" and self.training:
+                hidden, layer_memory = checkpoint(layer, hidden, rotary, layer_memory, reset, use_reentrant=False)
+            else:
+                hidden, layer_memory = layer(hidden, rotary, layer_memory, reset)
+            new_memory.append(layer_memory)
+
+        if not self.post_process:
+            return hidden, new_memory
+        hidden = self.decoder.final_layernorm(hidden)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous(), new_memory
+        return self.compute_language_model_loss(labels, logits), new_memory
+
+
+def build_model(config: InfiniTransformerConfig, vocab_size: int, *, pre_process: bool = True,
+                post_process: bool = True, tie_embeddings: bool = False, rotary_base: int = 10000) -> InfiniGPTModel:
+    return InfiniGPTModel(config, vocab_size, pre_process=pre_process, post_process=post_process,
+                          share_embeddings_and_output_weights=tie_embeddings, rotary_base=rotary_base)
