@@ -1,0 +1,357 @@
+"""Shard writer: text documents in, WebDataset token shards plus an index out (format: shards.py).
+
+    python -m data_pipeline.make_shards INPUT... --output DIR --tokenizer TOK [--shard-size 256MB]
+        [--workers N] [--text-field text] [--on-bad error|skip] [--max-files N] [--overwrite]
+    python -m data_pipeline.make_shards --source python-stdlib --output DIR --tokenizer bytes
+
+INPUT: .txt files (one file, one document), .jsonl / .jsonl.gz (one JSON object a line, the text
+under --text-field), .parquet (the --text-field column), directories (searched recursively for
+those) and globs. TOK: `bytes` or the path of a HF tokenizer.json. Documents keep the input order
+whatever --workers is; workers tokenize, the main process writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import sysconfig
+import tempfile
+import time
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import webdataset as wds
+
+from .shards import (DOC_TOKENS_NAME, FORMAT, INDEX_NAME, TOKEN_EXT, VERSION, DataError, dataset_id, doc_key,
+                     shard_name, warn_limited)
+from .tokenizer import load_tokenizer, token_dtype
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_CHUNK_BYTES = 4 << 20
+_CHUNK_DOCS = 2048
+
+# (label, kind, payload): kind "txt" (file bytes), "json" (one line's bytes) or "text" (parquet value)
+RawDoc = Tuple[str, str, object]
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (e.g. 256MB, 1GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _kind(path: str) -> Optional[str]:
+    for ext in (".jsonl.gz", ".jsonl", ".txt", ".parquet"):
+        if path.endswith(ext):
+            return ext[1:]
+    return None
+
+
+def expand_inputs(inputs: Sequence[str]) -> List[str]:
+    """Files, directories (recursively, supported extensions only) and globs, in a stable order."""
+    files: List[str] = []
+    for inp in inputs:
+        if os.path.isdir(inp):
+            for root, dirs, names in os.walk(inp):
+                dirs.sort()
+                files += [os.path.join(root, n) for n in sorted(names) if _kind(n)]
+            continue
+        if glob.has_magic(inp):
+            matches = sorted(glob.glob(inp, recursive=True))
+            if not matches:
+                raise DataError(f"{inp}: matches no file")
+            files += expand_inputs(matches)
+            continue
+        if not os.path.isfile(inp):
+            raise DataError(f"{inp}: no such file or directory")
+        if not _kind(inp):
+            raise DataError(f"{inp}: unsupported input (use .txt, .jsonl, .jsonl.gz or .parquet)")
+        files.append(inp)
+    return files
+
+
+def stdlib_files() -> List[str]:
+    """The running interpreter's standard-library .py files, sorted (no site-packages)."""
+    root = sysconfig.get_paths()["stdlib"]
+    out = []
+    for dirpath, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+        out += [os.path.join(dirpath, n) for n in sorted(names) if n.endswith(".py")]
+    return out
+
+
+def _iter_raw(files: Sequence[str], text_field: str) -> Iterator[Tuple[RawDoc, int]]:
+    """Raw documents with the input bytes they took."""
+    for path in files:
+        kind = _kind(path)
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            if text_field not in pf.schema_arrow.names:
+                raise DataError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
+            row = 0
+            for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+                for value in batch.column(0).to_pylist():
+                    yield (f"{path}:row{row}", "text", value), len(value) if value else 0
+                    row += 1
+        elif kind in ("jsonl", "jsonl.gz"):
+            with (gzip.open if kind == "jsonl.gz" else open)(path, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        yield (f"{path}:{lineno}", "json", line), len(line)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+            yield (path, "txt", data), len(data)
+
+
+def _chunks(raw: Iterator[Tuple[RawDoc, int]]) -> Iterator[Tuple[List[RawDoc], int]]:
+    chunk: List[RawDoc] = []
+    size = 0
+    for doc, n in raw:
+        chunk.append(doc)
+        size += n
+        if size >= _CHUNK_BYTES or len(chunk) >= _CHUNK_DOCS:
+            yield chunk, size
+            chunk, size = [], 0
+    if chunk:
+        yield chunk, size
+
+
+def _text_of(kind: str, payload, field: str) -> Tuple[Optional[str], str, str]:
+    """(text, bad category, message)."""
+    if kind == "json":
+        try:
+            obj = json.loads(payload.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return None, "not_utf8", f"not valid UTF-8 ({e.reason} at byte {e.start})"
+        except json.JSONDecodeError as e:
+            return None, "bad_json", f"not valid JSON ({e.msg})"
+        if not isinstance(obj, dict) or field not in obj:
+            return None, "no_text", f"no {field!r} field"
+        payload = obj[field]
+        if not isinstance(payload, str):
+            return None, "no_text", f"field {field!r} is not a string"
+    elif payload is None:
+        return None, "no_text", f"{field!r} is null"
+    if isinstance(payload, bytes):
+        try:
+            payload = payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, "not_utf8", f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    if not payload:
+        return None, "empty", "empty document"
+    return payload, "", ""
+
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(spec: str) -> None:
+    global _WORKER_TOKENIZER
+    # Each worker process is one core already; tokenizers' own thread pool would oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_TOKENIZER = load_tokenizer(spec)
+
+
+def _tokenize(chunk: List[RawDoc], field: str, tok=None) -> List[Tuple[str, Optional[np.ndarray], str, str]]:
+    tok = tok or _WORKER_TOKENIZER
+    out: List[Tuple[str, Optional[np.ndarray], str, str]] = []
+    texts, where = [], []
+    for label, kind, payload in chunk:
+        text, cat, msg = _text_of(kind, payload, field)
+        if text is not None:
+            texts.append(text)
+            where.append(len(out))
+        out.append((label, None, cat, msg))
+    for j, ids in zip(where, tok.encode_batch(texts)):
+        out[j] = (out[j][0], ids, "", "") if len(ids) else (out[j][0], None, "empty", "no tokens")
+    return out
+
+
+class _ShardWriter:
+    def __init__(self, out_dir: str, dtype: np.dtype, max_bytes: int):
+        self.out_dir, self.dtype, self.max_bytes = out_dir, dtype.newbyteorder("<"), max_bytes
+        self.ext = TOKEN_EXT[dtype.name]
+        self.shards: List[dict] = []
+        self.doc_tokens: List[int] = []
+        self._tar = None
+
+    def add(self, ids: np.ndarray, label: str) -> None:
+        data = ids.astype(self.dtype, copy=False).tobytes()
+        meta = json.dumps({"source": label, "n_tokens": len(ids)}).encode()
+        size = len(data) + len(meta) + 4 * 512  # two tar headers and their padding
+        cur = self.shards[-1] if self.shards else None
+        if cur is None or (cur["n_documents"] and cur["n_bytes"] + size > self.max_bytes):
+            self._roll()
+            cur = self.shards[-1]
+        self._tar.write({"__key__": doc_key(cur["n_documents"]), self.ext: data, "json": meta})
+        cur["n_documents"] += 1
+        cur["n_tokens"] += len(ids)
+        cur["n_bytes"] += size
+        self.doc_tokens.append(len(ids))
+
+    def _roll(self) -> None:
+        self.close()
+        name = shard_name(len(self.shards))
+        self.shards.append({"name": name, "n_documents": 0, "n_tokens": 0, "n_bytes": 0,
+                            "first_document": len(self.doc_tokens)})
+        self._tar = wds.TarWriter(os.path.join(self.out_dir, name))
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+            last = self.shards[-1]
+            last["n_bytes"] = os.path.getsize(os.path.join(self.out_dir, last["name"]))
+
+
+def _prepare_output(out: str, overwrite: bool) -> None:
+    os.makedirs(out, exist_ok=True)
+    old = [n for n in os.listdir(out) if n in (INDEX_NAME, DOC_TOKENS_NAME) or re.fullmatch(r"shard-\d+\.tar", n)]
+    if old and not overwrite:
+        raise DataError(f"{out} already holds a shard set ({len(old)} files); pass --overwrite to replace it")
+    # The index goes first, so that an interrupted overwrite never leaves a stale but valid set.
+    for n in sorted(old, key=lambda n: n != INDEX_NAME):
+        os.remove(os.path.join(out, n))
+
+
+def _tokenized(chunks: Iterator[Tuple[List[RawDoc], int]], tokenizer: str, tok, workers: int, field: str):
+    if workers <= 1:
+        for chunk, n in chunks:
+            yield _tokenize(chunk, field, tok), n
+        return
+    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer,)) as pool:
+        # A bounded number of chunks in flight keeps memory flat and the output in input order.
+        pending: collections.deque = collections.deque()
+        for chunk, n in chunks:
+            pending.append((pool.apply_async(_tokenize, (chunk, field)), n))
+            if len(pending) >= 2 * workers:
+                res, m = pending.popleft()
+                yield res.get(), m
+        while pending:
+            res, m = pending.popleft()
+            yield res.get(), m
+
+
+def write_shards(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *, shard_size="256MB",
+                 workers: int = 1, text_field: str = "text", on_bad: str = "error", overwrite: bool = False,
+                 progress: bool = True, source: Optional[str] = None, max_files: Optional[int] = None) -> dict:
+    """Write the shard set; returns a summary (index path, counts, throughput, skipped by reason).
+    on_bad: "error" raises on the first bad document (naming file and line/row), "skip" counts it."""
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad must be 'error' or 'skip', not {on_bad!r}")
+    if source not in (None, "python-stdlib"):
+        raise ValueError(f"unknown built-in source {source!r} (known: python-stdlib)")
+    tok = load_tokenizer(tokenizer)
+    files = (stdlib_files() if source else []) + (expand_inputs(inputs) if inputs else [])
+    files = files[:max_files] if max_files is not None else files
+    if not files:
+        raise DataError("no input files")
+    _prepare_output(output, overwrite)
+    dtype = token_dtype(tok.vocab_size)
+    writer = _ShardWriter(output, dtype, parse_size(shard_size))
+    skipped: Dict[str, int] = collections.Counter()
+    total = sum(os.path.getsize(f) for f in files) if all(_kind(f) in ("txt", "jsonl") for f in files) else None
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    in_bytes = 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
+        for results, n in _tokenized(_chunks(_iter_raw(files, text_field)), tokenizer, tok, workers, text_field):
+            for label, ids, cat, msg in results:
+                if ids is None:
+                    if on_bad == "error":
+                        raise DataError(f"{label}: {msg} (pass --on-bad skip to skip and count such documents)")
+                    skipped[cat] += 1
+                    warn_limited(log, skipped[cat], f"skipping {label}: {msg}")
+                else:
+                    writer.add(ids, label)
+            in_bytes += n
+            bar.update(n)
+    writer.close()
+    if not writer.doc_tokens:
+        raise DataError(f"no documents written (skipped: {dict(skipped)})")
+    seconds = time.perf_counter() - t0
+    doc_tokens = np.asarray(writer.doc_tokens, dtype=np.int64)
+    np.save(os.path.join(output, DOC_TOKENS_NAME), doc_tokens)
+    spec = tok.spec()
+    index = {
+        "format": FORMAT, "version": VERSION, "tokenizer": spec, "dtype": dtype.name,
+        "dataset_id": dataset_id([s["name"] for s in writer.shards], [s["n_documents"] for s in writer.shards],
+                                 doc_tokens, {k: v for k, v in spec.items() if k != "path"}),
+        "n_documents": len(doc_tokens), "n_tokens": int(doc_tokens.sum()), "doc_tokens": DOC_TOKENS_NAME,
+        "shards": writer.shards,
+        "created_by": {"inputs": list(inputs), "source": source, "text_field": text_field, "n_files": len(files),
+                       "skipped": dict(skipped)},
+    }
+    fd, tmp = tempfile.mkstemp(dir=output, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(index, f, indent=1)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; shard sets are shared
+    os.replace(tmp, os.path.join(output, INDEX_NAME))
+    out_bytes = sum(s["n_bytes"] for s in writer.shards)
+    return {"index": os.path.join(output, INDEX_NAME), "documents": len(doc_tokens), "tokens": index["n_tokens"],
+            "shards": len(writer.shards), "files": len(files), "input_bytes": in_bytes, "output_bytes": out_bytes,
+            "seconds": seconds, "input_mb_per_s": in_bytes / 1e6 / seconds, "tokens_per_s": index["n_tokens"] / seconds,
+            "skipped": dict(skipped)}
+
+
+def build_stdlib_shards(output_dir: str, tokenizer: str = "bytes", max_files: Optional[int] = None,
+                        shard_size="8MB", workers: int = 1, overwrite: bool = False, progress: bool = False) -> str:
+    """Shards of this interpreter's standard library (no download). The few empty and non-UTF-8
+    files are skipped and counted in the index. Returns the index path."""
+    return write_shards([], output_dir, tokenizer, shard_size=shard_size, workers=workers, on_bad="skip",
+                        overwrite=overwrite, progress=progress, source="python-stdlib", max_files=max_files)["index"]
+
+
+def format_summary(s: dict) -> str:
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(s["skipped"].items())) or "none"
+    return (f"wrote {s['documents']} documents, {s['tokens']} tokens from {s['files']} files into {s['shards']} "
+            f"shards ({s['output_bytes'] / 1e6:.1f} MB) in {s['seconds']:.1f} s: {s['input_mb_per_s']:.1f} MB/s of "
+            f"text, {s['tokens_per_s'] / 1e6:.2f} M tokens/s; skipped: {skipped}\nindex: {s['index']}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.make_shards", description=__doc__.split("\n\n")[0])
+    ap.add_argument("inputs", nargs="*", metavar="INPUT")
+    ap.add_argument("--output", required=True, metavar="DIR")
+    ap.add_argument("--tokenizer", required=True, metavar="TOK", help="'bytes' or a tokenizer.json")
+    ap.add_argument("--shard-size", default="256MB")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--text-field", default="text")
+    ap.add_argument("--on-bad", choices=("error", "skip"), default="error")
+    ap.add_argument("--source", choices=("python-stdlib",))
+    ap.add_argument("--max-files", type=int)
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    if not a.inputs and not a.source:
+        ap.error("give INPUT files or --source")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        s = write_shards(a.inputs, a.output, a.tokenizer, shard_size=a.shard_size, workers=a.workers,
+                         text_field=a.text_field, on_bad=a.on_bad, overwrite=a.overwrite,
+                         progress=not a.no_progress, source=a.source, max_files=a.max_files)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(s), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
