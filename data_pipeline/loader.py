@@ -196,6 +196,12 @@ class _RankLoader:
         per = cfg.global_lanes // dp_size
         self.lane_ids = list(range(dp_rank * per, (dp_rank + 1) * per))
         self._workers = min(cfg.num_workers, per)
+        self.step = 0
+        self._states: Dict[int, dict] = self._fresh_states()
+        self._bad: Dict[int, Dict[str, int]] = {}
+
+    def _fresh_states(self) -> Dict[int, dict]:
+        return {i: self._data.make_lane(i, None).state() for i in self.lane_ids}
 
     @property
     def vocab_size(self) -> int:
@@ -209,9 +215,11 @@ class _RankLoader:
     def eos_id(self) -> Optional[int]:
         return self._data.eos_id
 
-    def _steps(self, states: Dict[int, Optional[dict]], n_batches: Optional[int]) -> Iterator[dict]:
-        """Assembled steps: the workers' items of one step, in worker order."""
-        it = _start(_LaneDataset(self._data, self.lane_ids, states, self._workers, n_batches), self._workers, self.cfg)
+    def _batches(self, n_batches: Optional[int]) -> Iterator[dict]:
+        """Batches from the current lane states; each one's lane states are kept as they arrive,
+        so the loader's state is that after the last batch handed out, whatever was prefetched."""
+        ds = _LaneDataset(self._data, self.lane_ids, dict(self._states), self._workers, n_batches)
+        it = _start(ds, self._workers, self.cfg)
         try:
             while True:
                 parts = []
@@ -220,10 +228,32 @@ class _RankLoader:
                     if part is None:
                         return
                     parts.append(part)
-                yield parts
+                for p in parts:
+                    self._states.update(p["_states"])
+                    self._bad.update(p["_bad"])
+                self.step += 1
+                yield _assemble(parts)
         finally:
             _close(it)
             del it
+
+    def stats(self) -> dict:
+        """Counts for this rank's lanes: documents started, tokens and padding delivered, samples
+        skipped (by reason, on_bad_sample='skip'), per-source filter counts, epochs reached."""
+        skipped: Dict[str, int] = {}
+        for i in self.lane_ids:
+            counts = self._bad.get(i) or _snapshot_bad(self._states[i])
+            for k, v in counts.items():
+                skipped[k] = skipped.get(k, 0) + v
+        states = [self._states[i] for i in self.lane_ids]
+        return {"step": self.step,
+                "documents": sum(s["docs"] for s in states),
+                "tokens": sum(s["tokens"] for s in states),
+                "padding": sum(s["pad"] for s in states),
+                "skipped": skipped,
+                "filtered": self._data.filtered,
+                "epochs": [[min(s["cursors"][k]["epoch"] for s in states), max(s["cursors"][k]["epoch"] for s in states)]
+                           for k in range(len(self._data.sources))]}
 
 
 class TrainLoader(_RankLoader):
@@ -238,10 +268,7 @@ class TrainLoader(_RankLoader):
 
     def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int):
         super().__init__(cfg, dp_rank, dp_size, "train")
-        self.step = 0
-        self._states: Dict[int, dict] = {i: self._data.make_lane(i, None).state() for i in self.lane_ids}
-        self._bad: Dict[int, Dict[str, int]] = {}
-        self._it: Optional[Iterator[List[dict]]] = None
+        self._it: Optional[Iterator[dict]] = None
 
     def __iter__(self) -> "TrainLoader":
         return self
@@ -251,13 +278,8 @@ class TrainLoader(_RankLoader):
 
     def next_batch(self) -> dict:
         if self._it is None:
-            self._it = self._steps(dict(self._states), None)
-        parts = next(self._it)
-        for p in parts:
-            self._states.update(p["_states"])
-            self._bad.update(p["_bad"])
-        self.step += 1
-        return _assemble(parts)
+            self._it = self._batches(None)
+        return next(self._it)
 
     def close(self) -> None:
         """Stop the workers; the next batch restarts them from the current state."""
@@ -286,24 +308,6 @@ class TrainLoader(_RankLoader):
         self._bad = {}
         self.step = int(state["step"])
 
-    def stats(self) -> dict:
-        """Counts for this rank's lanes: documents started, tokens and padding delivered, samples
-        skipped (by reason, on_bad_sample='skip'), per-source filter counts, epochs reached."""
-        skipped: Dict[str, int] = {}
-        for i in self.lane_ids:
-            counts = self._bad.get(i) or _snapshot_bad(self._states[i])
-            for k, v in counts.items():
-                skipped[k] = skipped.get(k, 0) + v
-        states = [self._states[i] for i in self.lane_ids]
-        return {"step": self.step,
-                "documents": sum(s["docs"] for s in states),
-                "tokens": sum(s["tokens"] for s in states),
-                "padding": sum(s["pad"] for s in states),
-                "skipped": skipped,
-                "filtered": self._data.filtered,
-                "epochs": [[min(s["cursors"][k]["epoch"] for s in states), max(s["cursors"][k]["epoch"] for s in states)]
-                           for k in range(len(self._data.sources))]}
-
 
 class ValidLoader(_RankLoader):
     """One pass over the validation documents; each iteration starts from the beginning. All ranks
@@ -322,8 +326,8 @@ class ValidLoader(_RankLoader):
         return self.n_batches
 
     def __iter__(self) -> Iterator[dict]:
-        for parts in self._steps({}, self.n_batches):
-            yield _assemble(parts)
+        self.step, self._states, self._bad = 0, self._fresh_states(), {}
+        return self._batches(self.n_batches)
 
 
 def _snapshot_bad(state: dict) -> Dict[str, int]:

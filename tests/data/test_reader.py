@@ -1,0 +1,244 @@
+"""Reader: coverage per epoch over ranks and workers, exact resume, elasticity, mixing, splits."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import pickle
+from collections import Counter
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from data_pipeline import (DataConfig, DataError, SourceConfig, build_train_loader, build_valid_loader,
+                           merge_state_dicts)
+from tests.data.helpers import assert_batches_equal, concat_ranks, epoch_documents, lane_documents
+
+SEG, NSEG = 64, 4
+
+
+def make_cfg(corpus, **kw) -> DataConfig:
+    base = dict(sources=[SourceConfig(path=corpus["dir"])], global_lanes=4, segment_length=SEG, n_segments=NSEG,
+                seed=7, num_workers=2, shuffle_buffer=4)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def run_until_epoch(loaders, epoch: int, source: int = 0, max_steps: int = 3000):
+    """Global batches until every lane has begun `epoch` of `source` (earlier epochs are then complete)."""
+    batches, seen = [], None
+    for _ in range(max_steps):
+        batches.append(concat_ranks([next(ld) for ld in loaders]))
+        b = batches[-1]
+        reached = ((b["epoch"] >= epoch) & (b["source"] == source)).any(dim=1)
+        seen = reached if seen is None else seen | reached
+        if seen.all():
+            return batches
+    raise AssertionError(f"not every lane reached epoch {epoch} in {max_steps} steps")
+
+
+@pytest.mark.parametrize("lanes", [4, 32])
+def test_two_ranks_two_workers_read_every_token_once_per_epoch(corpus, lanes):
+    # 32 lanes over ~14 shards: shards are shared between lanes.
+    cfg = make_cfg(corpus, global_lanes=lanes)
+    loaders = [build_train_loader(cfg, r, 2) for r in range(2)]
+    batches = run_until_epoch(loaders, 2)
+    half = lanes // 2
+    for b in batches[:3]:
+        assert b["lane_ids"].tolist() == list(range(lanes))
+        assert b["tokens"].dtype == torch.int64 and b["labels"].dtype == torch.int64
+        assert b["loss_mask"].dtype == torch.float32 and b["reset"].dtype == torch.bool
+        assert b["tokens"].shape == (lanes, SEG * NSEG) and b["reset"].shape == (lanes, NSEG)
+    assert batches[0]["reset"][:, 0].all(), "every lane starts with a document"
+    want = Counter(corpus["ref"])
+    for epoch in (0, 1):
+        assert epoch_documents(batches, range(lanes), epoch) == want
+    orders = [[d["tokens"] for d in lane_documents(batches, 0) if d["epoch"] == e] for e in (0, 1)]
+    assert orders[0] != orders[1], "epochs should differ in order"
+    for r, ld in enumerate(loaders):
+        assert ld.lane_ids == list(range(r * half, (r + 1) * half))
+        ld.close()
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_resume_is_exact_mid_document_mid_shard_and_at_epoch_boundary(corpus, corpus_b):
+    cfg = make_cfg(corpus, sources=[SourceConfig(corpus["dir"], 3.0), SourceConfig(corpus_b["dir"], 1.0)])
+    ld = build_train_loader(cfg, 0, 1)
+    ref, states = [], [copy.deepcopy(ld.state_dict())]
+    seen = torch.zeros(4, dtype=torch.bool)
+    while not seen.all() or len(ref) < 8:
+        ref.append(next(ld))
+        states.append(copy.deepcopy(ld.state_dict()))
+        seen |= ((ref[-1]["epoch"] >= 1) & (ref[-1]["source"] == 0)).any(dim=1)
+    tail = 6
+    ref += [next(ld) for _ in range(tail)]
+    ld.close()
+
+    def epoch0(b):
+        return int(b["epoch"][b["source"] == 0].max())
+
+    mid_doc = next(k for k in range(2, len(ref)) if not ref[k]["reset"][:, 0].all())
+    boundary = next(k for k in range(1, len(ref)) if epoch0(ref[k]) > epoch0(ref[k - 1]))
+    points = {"start": 0, "mid-shard": 2, "mid-document": mid_doc, "epoch boundary": boundary,
+              "after the boundary": boundary + 1, "late": len(states) - 1}
+    for i, (name, k) in enumerate(points.items()):
+        state = pickle.loads(pickle.dumps(states[k]))
+        resumed = build_train_loader(make_cfg(corpus, sources=cfg.sources, num_workers=[2, 0, 3][i % 3]), 0, 1)
+        resumed.load_state_dict(state)
+        got = [next(resumed) for _ in range(tail)]
+        resumed.close()
+        assert_batches_equal(got, ref[k : k + tail]), name
+
+
+def test_state_survives_torch_save_and_json(corpus):
+    cfg = make_cfg(corpus)
+    ld = build_train_loader(cfg, 0, 1)
+    for _ in range(5):
+        next(ld)
+    state = ld.state_dict()
+    want = [next(ld) for _ in range(3)]
+    ld.close()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    for restored in (torch.load(buf, weights_only=True), json.loads(json.dumps(state))):
+        again = build_train_loader(cfg, 0, 1)
+        again.load_state_dict(restored)
+        assert_batches_equal([next(again) for _ in range(3)], want)
+        again.close()
+
+
+def test_elastic_two_one_four_ranks_continue_the_same_global_batches(corpus):
+    cfg = make_cfg(corpus, global_lanes=8)
+    single = build_train_loader(cfg, 0, 1)
+    ref = [next(single) for _ in range(60)]  # crosses the first epoch boundary
+    single.close()
+    assert int(torch.stack([b["epoch"].max() for b in ref]).max()) >= 1
+
+    two = [build_train_loader(cfg, r, 2) for r in range(2)]
+    got = [concat_ranks([next(ld) for ld in two]) for _ in range(20)]
+    with pytest.raises(ValueError, match="lacks lanes"):
+        build_train_loader(cfg, 0, 1).load_state_dict(two[0].state_dict())
+    state = merge_state_dicts([ld.state_dict() for ld in two])
+    for ld in two:
+        ld.close()
+
+    one = build_train_loader(cfg, 0, 1)
+    one.load_state_dict(state)
+    got += [next(one) for _ in range(20)]
+    state = one.state_dict()
+    one.close()
+
+    four = [build_train_loader(make_cfg(corpus, global_lanes=8, num_workers=1), r, 4) for r in range(4)]
+    for ld in four:
+        ld.load_state_dict(state)
+    got += [concat_ranks([next(ld) for ld in four]) for _ in range(20)]
+    for ld in four:
+        ld.close()
+    assert_batches_equal(got, ref)
+
+
+def test_resume_with_another_window_geometry_keeps_documents_whole(corpus):
+    cfg = make_cfg(corpus, num_workers=0)
+    ld = build_train_loader(cfg, 0, 1)
+    batches = [next(ld) for _ in range(10)]
+    wider = build_train_loader(make_cfg(corpus, num_workers=0, segment_length=32, n_segments=8), 0, 1)
+    wider.load_state_dict(ld.state_dict())
+    batches += run_until_epoch([wider], 1)
+    assert epoch_documents(batches, range(4), 0) == Counter(corpus["ref"])
+
+
+def test_sources_mix_by_token_weights(corpus, corpus_b):
+    cfg = make_cfg(corpus, num_workers=0, sources=[SourceConfig(corpus["dir"], 3.0), SourceConfig(corpus_b["dir"], 1.0)])
+    ld = build_train_loader(cfg, 0, 1)
+    batches = [next(ld) for _ in range(600)]
+    longest = max(len(r) for r in corpus["ref"] + corpus_b["ref"]) + 1
+    for lane in range(4):
+        per_source = Counter()
+        for d in lane_documents(batches, lane):
+            per_source[d["source"]] += len(d["tokens"]) + 1
+        total = per_source[0] + per_source[1]
+        # Each lane keeps within one document (plus the one still running) of the 3:1 token split.
+        assert abs(per_source[0] - 0.75 * total) <= 2 * longest, (lane, per_source)
+        assert total > 20 * longest
+    # The smaller source wraps around into later epochs on its own.
+    assert ld.stats()["epochs"][1][0] >= 1
+
+
+def test_valid_fraction_splits_documents_and_valid_pass_is_finite_and_restartable(corpus):
+    cfg = make_cfg(corpus, valid_fraction=0.25)
+    train = [build_train_loader(cfg, r, 2) for r in range(2)]
+    batches = run_until_epoch(train, 1)
+    train_docs = epoch_documents(batches, range(4), 0)
+    valid = [build_valid_loader(cfg, r, 2) for r in range(2)]
+    assert len(valid[0]) == len(valid[1]) > 0
+    passes = [[concat_ranks(list(step)) for step in zip(*valid)] for _ in range(2)]
+    assert_batches_equal(passes[0], passes[1])
+    valid_docs = epoch_documents(passes[0], range(4), 0)
+    assert not set(valid_docs) & set(train_docs)
+    assert train_docs + valid_docs == Counter(corpus["ref"])
+    assert 10 < sum(valid_docs.values()) < 50
+    assert train[0].stats()["filtered"][0]["held_out"] == sum(valid_docs.values())
+    last = passes[0][-1]
+    assert last["loss_mask"].sum() > 0, "the pass ends with the longest lane's last window"
+
+
+def test_valid_sources_one_pass_each_document_once(corpus, corpus_b):
+    cfg = make_cfg(corpus, valid_sources=[SourceConfig(corpus_b["dir"])], global_lanes=8)
+    valid = build_valid_loader(cfg, 0, 1)
+    batches = list(valid)
+    assert len(batches) == len(valid)
+    assert epoch_documents(batches, range(8), 0) == Counter(corpus_b["ref"])
+    assert len(list(build_valid_loader(make_cfg(corpus, valid_sources=cfg.valid_sources, valid_batches=2), 0, 1))) == 2
+    with pytest.raises(DataError, match="no validation data"):
+        build_valid_loader(make_cfg(corpus), 0, 1)
+
+
+def test_length_filters(corpus):
+    cfg = make_cfg(corpus, min_doc_tokens=100, max_doc_tokens=1500)
+    ld = build_train_loader(cfg, 0, 1)
+    batches = run_until_epoch([ld], 1)
+    want = Counter(r for r in corpus["ref"] if 100 <= len(r) <= 1500)
+    assert epoch_documents(batches, range(4), 0) == want
+    f = ld.stats()["filtered"][0]
+    assert f["too_short"] == sum(len(r) < 100 for r in corpus["ref"])
+    assert f["too_long"] == sum(len(r) > 1500 for r in corpus["ref"])
+    ld.close()
+
+
+def test_brace_pattern_and_pipe_urls_read_the_same(corpus):
+    index = json.load(open(f"{corpus['dir']}/index.json"))
+    last = len(index["shards"]) - 1
+    pattern = f"{corpus['dir']}/shard-{{000000..{last:06d}}}.tar"
+    plain = build_train_loader(make_cfg(corpus, num_workers=0), 0, 1)
+    want = [next(plain) for _ in range(12)]
+    for path in (pattern, f"pipe:cat {pattern}"):
+        src = SourceConfig(path=path, index=f"{corpus['dir']}/index.json")
+        ld = build_train_loader(make_cfg(corpus, sources=[src]), 0, 1)
+        assert_batches_equal([next(ld) for _ in range(12)], want)
+        ld.close()
+    with pytest.raises(DataError, match="expands to"):
+        build_train_loader(make_cfg(corpus, sources=[SourceConfig(path=f"{corpus['dir']}/shard-000000.tar",
+                                                                  index=f"{corpus['dir']}/index.json")]), 0, 1)
+
+
+def test_omegaconf_structured_config_works_as_is(corpus):
+    cfg = make_cfg(corpus, num_workers=0)
+    oc = OmegaConf.structured(cfg)
+    a, b = build_train_loader(cfg, 0, 2), build_train_loader(oc, 0, 2)
+    assert_batches_equal([next(a) for _ in range(3)], [next(b) for _ in range(3)])
+    b.load_state_dict(a.state_dict())
+
+
+def test_config_and_state_mismatches_are_clear_errors(corpus):
+    with pytest.raises(ValueError, match="must divide"):
+        build_train_loader(make_cfg(corpus), 0, 3)
+    with pytest.raises(DataError, match="cannot fill 512 lanes"):
+        build_train_loader(make_cfg(corpus, global_lanes=512), 0, 1)
+    with pytest.raises(DataError, match="smaller than the tokenizer"):
+        build_train_loader(make_cfg(corpus, vocab_size=100), 0, 1)
+    state = build_train_loader(make_cfg(corpus), 0, 1).state_dict()
+    with pytest.raises(ValueError, match="another data config.*seed"):
+        build_train_loader(make_cfg(corpus, seed=8), 0, 1).load_state_dict(state)
