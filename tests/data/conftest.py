@@ -10,12 +10,12 @@ from tests.data.helpers import byte_ids, make_texts, write_jsonl
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    """120 documents in ~14 shards (bytes tokenizer), and their reference token lists."""
+    """120 documents in 15 shards (bytes tokenizer), and their reference token lists."""
     d = tmp_path_factory.mktemp("corpus")
     texts = make_texts(120, seed=0)
     src = write_jsonl(str(d / "docs.jsonl"), texts)
     out = str(d / "shards")
-    write_shards([src], out, "bytes", shard_size="16KB", progress=False)
+    write_shards([src], out, "bytes", shard_size="32KB", progress=False)
     return {"dir": out, "texts": texts, "ref": [byte_ids(t) for t in texts]}
 
 

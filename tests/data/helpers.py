@@ -80,11 +80,12 @@ def lane_documents(batches: Sequence[Dict], lane: int, eos=BYTES_EOS_ID, pad=BYT
     return docs
 
 
-def epoch_documents(batches: Sequence[Dict], lanes: Sequence[int], epoch: int, source: int = 0) -> Counter:
+def epoch_documents(batches: Sequence[Dict], lanes: Sequence[int], epoch: int, source: int = 0,
+                    eos=BYTES_EOS_ID, pad=BYTES_PAD_ID) -> Counter:
     """How often each document (as a token tuple) was read in `epoch` of `source`, over `lanes`."""
     out: Counter = Counter()
     for lane in lanes:
-        for d in lane_documents(batches, lane):
+        for d in lane_documents(batches, lane, eos, pad):
             if d["epoch"] == epoch and d["source"] == source:
                 out[d["tokens"]] += 1
     return out
