@@ -279,7 +279,12 @@ class TrainLoader(_RankLoader):
     def next_batch(self) -> dict:
         if self._it is None:
             self._it = self._batches(None)
-        return next(self._it)
+        try:
+            return next(self._it)
+        except BaseException:
+            # The generator is finished now; a retry restarts from the last batch handed out.
+            self._it = None
+            raise
 
     def close(self) -> None:
         """Stop the workers; the next batch restarts them from the current state."""
