@@ -93,8 +93,14 @@ class ModelConfig:
         return self.num_query_groups or self.num_attention_heads
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
-        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
-        return (self.vocab_size + multiple - 1) // multiple * multiple
+        """Rounded up to make_vocab_size_divisible_by, the same for every TP size (so a checkpoint
+        moves between layouts); it must then split evenly over the TP ranks."""
+        multiple = self.make_vocab_size_divisible_by
+        padded = (self.vocab_size + multiple - 1) // multiple * multiple
+        if padded % tensor_parallel_size:
+            raise ValueError(f"padded vocabulary {padded} (model.make_vocab_size_divisible_by={multiple}) does not "
+                             f"split over {tensor_parallel_size} tensor-parallel ranks")
+        return padded
 
 
 def build_transformer_config(

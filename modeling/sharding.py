@@ -3,7 +3,8 @@
 megatron-core marks each TP-split parameter with ``partition_dim`` and ``partition_stride``: the
 full tensor is cut along ``partition_dim`` into ``tp * stride`` equal pieces and rank r holds
 pieces r, r + tp, ... (stride 2 is SwiGLU's fc1: [gate_r; up_r] per rank). Pipeline stages hold
-layers ``decoder.layers.{local}`` whose global index is ``layer.layer_number - 1``.
+layers ``decoder.layers.{local}`` whose global index is ``layer.layer_number - 1``; with tied
+embeddings, a last stage's ``output_layer.weight`` is a copy of ``embedding.word_embeddings.weight``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def global_names(model) -> Dict[str, str]:
         if match:
             layer = model.decoder.layers[int(match.group(1))]
             name_full = f"decoder.layers.{layer.layer_number - 1}." + name[match.end():]
+        elif name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+            # A last stage without the embedding holds a tied copy of it.
+            name_full = "embedding.word_embeddings.weight"
         else:
             name_full = name
         names[name] = name_full

@@ -51,7 +51,9 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     env = read_dist_env()
     if dist.is_initialized():
         return env
-    os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    # DeepSpeed and megatron read these from the environment too, whoever launched us.
+    os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
+                      WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         backend = "nccl"

@@ -1,0 +1,217 @@
+"""The run configuration: one structured schema, YAML files composed with CLI overrides.
+
+A run file may name presets to start from, ``defaults: {model: tiny}`` loads
+``configs/model/tiny.yaml`` under ``model``; the run file's own keys, then ``key=value`` overrides
+from the command line, are merged on top. Unknown keys and ill-typed values fail at load, naming
+their path; rules between fields fail in ``validate``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline import DataConfig
+from modeling.config import ModelConfig
+
+CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key path in the message."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0-1 with pipelines; 0-3 without."""
+    micro_batch_lanes: int = 1
+    """Lanes per microbatch; a rank's lanes (global_lanes / dp) run as that many / this microbatches."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    gate_lr: float = 1e-2
+    """Learning rate of the Infini-attention gates (no weight decay): they need their own."""
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = 200
+    warmup_steps: int = 20
+    decay: str = "cosine"
+    """'cosine', 'linear' or 'constant' after warmup, from lr down to min_lr at the last step."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Default: <run_dir>/checkpoints."""
+    interval: int = 0
+    """Save every N steps (0: only at the end and on request)."""
+    resume: Optional[str] = None
+    """None: start fresh; 'auto': the latest valid checkpoint if any; or a checkpoint path."""
+    keep_last: int = 3
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+    save_at_end: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: Optional[str] = None
+    """'online', 'offline' or 'disabled'; None: online with WANDB_API_KEY set, else offline."""
+    project: str = "infinitron"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    gate_heatmap_interval: int = 100
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    peak_tflops: Optional[float] = None
+    """Peak dense bf16 TFLOP/s per device for MFU; None: known GPUs by name (H100/H200: 989)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ValidationConfig:
+    interval: int = 0
+    """Validate every N steps (0: never)."""
+    batches: int = 4
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 1234
+    precision: str = "auto"
+    """'bf16' (fp32 master weights), 'fp32', or 'auto': bf16 on GPUs, fp32 on the CPU."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
+    inject_nonfinite_at_steps: List[int] = field(default_factory=list)
+    """Fault injection for tests and drills: these steps' losses are made NaN."""
+    build_stdlib_shards: bool = False
+    """Write the built-in python-stdlib shards to data.sources[0].path if that directory is missing."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+def _load_yaml(path: str) -> DictConfig:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as error:  # yaml's parser errors carry line and column
+        raise ConfigError(f"{path}: cannot parse: {error}") from error
+
+
+def _merge(schema: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, layer)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"{source}: bad key {key!r}: {error.msg if hasattr(error, 'msg') else error}") from error
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> TrainConfig:
+    """Schema <- presets named in ``defaults`` <- the YAML file <- CLI ``key=value`` overrides."""
+    cfg = OmegaConf.structured(TrainConfig)
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except Exception as error:
+        raise ConfigError(f"command line: cannot parse overrides {list(overrides)}: {error}") from error
+    run = _load_yaml(path) if path else OmegaConf.create({})
+    defaults = OmegaConf.to_container(run.pop("defaults", OmegaConf.create({})))
+    defaults.update(OmegaConf.to_container(cli.pop("defaults", OmegaConf.create({}))))
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: 'defaults' must map a group to a preset name, e.g. {{model: tiny}}")
+    for group, name in defaults.items():
+        preset = os.path.join(CONFIG_ROOT, group, f"{name}.yaml")
+        if group not in cfg:
+            raise ConfigError(f"{path}: defaults names unknown group {group!r}")
+        cfg = _merge(cfg, OmegaConf.create({group: _load_yaml(preset)}), preset)
+    cfg = _merge(cfg, run, path or "<no file>")
+    cfg = _merge(cfg, cli, "command line")
+    try:
+        config: TrainConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{path}: {error}") from error
+    validate(config)
+    return config
+
+
+def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
+    """Rules between fields. With world_size, also the parallel layout."""
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    cfg.model.validate("model")
+    need(cfg.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    par = cfg.parallel
+    need(par.tensor >= 1 and par.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")
+    need(par.micro_batch_lanes >= 1, "parallel.micro_batch_lanes must be >= 1")
+    need(par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0-3, got {par.zero_stage}")
+    need(par.pipeline == 1 or par.zero_stage <= 1,
+         f"parallel.zero_stage={par.zero_stage} with parallel.pipeline={par.pipeline}: ZeRO-2 and ZeRO-3 shard "
+         "gradients during backward, which pipeline schedules do not allow; use zero_stage 0 or 1 with pipelines")
+    need(cfg.model.num_layers % par.pipeline == 0,
+         f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.pipeline ({par.pipeline})")
+    need(cfg.model.num_attention_heads % par.tensor == 0,
+         f"model.num_attention_heads ({cfg.model.num_attention_heads}) must be divisible by parallel.tensor ({par.tensor})")
+    need(cfg.data.segment_length == cfg.model.segment_length,
+         f"data.segment_length ({cfg.data.segment_length}) must equal model.segment_length ({cfg.model.segment_length})")
+    need(cfg.data.vocab_size in (0, cfg.model.vocab_size),
+         f"data.vocab_size ({cfg.data.vocab_size}) must be 0 or model.vocab_size ({cfg.model.vocab_size})")
+    need(cfg.schedule.steps >= 1, "schedule.steps must be >= 1")
+    need(0 <= cfg.schedule.warmup_steps <= cfg.schedule.steps, "schedule.warmup_steps must be in [0, schedule.steps]")
+    need(cfg.schedule.decay in ("cosine", "linear", "constant"),
+         f"schedule.decay must be cosine, linear or constant, got {cfg.schedule.decay!r}")
+    need(cfg.optimizer.lr > 0 and cfg.optimizer.gate_lr > 0, "optimizer.lr and optimizer.gate_lr must be > 0")
+    need(0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr, "optimizer.min_lr must be in [0, optimizer.lr]")
+    need(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")
+    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+    mode = cfg.logging.wandb.mode
+    need(mode in (None, "online", "offline", "disabled"), f"logging.wandb.mode must be online, offline or disabled, got {mode!r}")
+    if world_size is not None:
+        model_parallel = par.tensor * par.pipeline
+        need(world_size % model_parallel == 0,
+             f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline ({model_parallel})")
+        dp = world_size // model_parallel
+        need(cfg.data.global_lanes % dp == 0,
+             f"data.global_lanes ({cfg.data.global_lanes}) must be divisible by the data-parallel size ({dp})")
+        need((cfg.data.global_lanes // dp) % par.micro_batch_lanes == 0,
+             f"lanes per data-parallel rank ({cfg.data.global_lanes // dp}) must be divisible by "
+             f"parallel.micro_batch_lanes ({par.micro_batch_lanes})")
+
+
+def save_resolved(cfg: TrainConfig, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    os.replace(tmp, path)

@@ -1,0 +1,126 @@
+"""One training or validation step: megatron-core's schedule over the microbatches of a batch.
+
+A batch holds this data-parallel rank's lanes; microbatch i is always the same group of lanes, so
+its carried memory (one per pipeline stage, ``CarriedMemory`` slot i) follows those lanes from
+step to step. Every rank of a TP/PP group reads the same lanes: the first stage uses the tokens,
+every stage the reset flags, the last stage the labels and loss mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, Iterator, List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from modeling.cpu_compat import megatron_on_cpu
+from training.memory_state import CarriedMemory
+
+
+@dataclass
+class Microbatch:
+    slot: int
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    reset: torch.Tensor
+
+
+def split_microbatches(batch: Dict[str, torch.Tensor], micro_batch_lanes: int, device) -> List[Microbatch]:
+    lanes = batch["tokens"].shape[0]
+    if lanes % micro_batch_lanes:
+        raise ValueError(f"{lanes} lanes do not split into microbatches of {micro_batch_lanes}")
+    out = []
+    for slot in range(lanes // micro_batch_lanes):
+        part = slice(slot * micro_batch_lanes, (slot + 1) * micro_batch_lanes)
+        out.append(Microbatch(slot, batch["tokens"][part].to(device, non_blocking=True),
+                              batch["labels"][part].to(device, non_blocking=True),
+                              batch["loss_mask"][part].to(device, non_blocking=True),
+                              batch["reset"][part].to(device, non_blocking=True)))
+    return out
+
+
+@dataclass
+class StepResult:
+    loss_sum: float
+    """Sum of per-token losses over the global batch's valid tokens."""
+    tokens: int
+    """Valid (loss-masked-in) tokens of the global batch."""
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+
+def _global_valid_tokens(microbatches: List[Microbatch], device) -> torch.Tensor:
+    local = sum(mb.loss_mask.sum() for mb in microbatches).to(device=device, dtype=torch.float64)
+    dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
+    return local
+
+
+def run_schedule(model, carried: CarriedMemory, microbatches: List[Microbatch], *, forward_only: bool,
+                 loss_scale: float = 1.0, engine=None) -> StepResult:
+    """Forward (and backward) over all microbatches; the loss is the global batch's per-token mean.
+
+    The forward calls go through the DeepSpeed engine when given: its hooks on the outputs drive
+    ZeRO-2/3's gradient partitioning during megatron's backward. loss_scale multiplies the loss used
+    for gradients (NaN injection uses it); the reported loss is unscaled.
+    """
+    forward_module = engine if engine is not None else model
+    config = model.config
+    device = microbatches[0].tokens.device
+    pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    dp = parallel_state.get_data_parallel_world_size()
+    global_tokens = _global_valid_tokens(microbatches, device)
+
+    def loss_func(mb: Microbatch, per_token_loss: torch.Tensor):
+        loss_sum = (per_token_loss.float() * mb.loss_mask).sum()
+        # DeepSpeed averages gradients over DP ranks; the schedule sums microbatches (per-token mode).
+        scaled = loss_sum * (dp / global_tokens.to(loss_sum.dtype)) * loss_scale
+        return scaled, mb.loss_mask.sum().int(), {"loss_sum": loss_sum.detach()}
+
+    def forward_step(data_iterator: Iterator[Microbatch], model):
+        mb = next(data_iterator)
+        output, memory = forward_module(mb.tokens if pre else None, mb.labels if post else None, carried.get(mb.slot), mb.reset)
+        carried.set(mb.slot, memory)
+        return output, partial(loss_func, mb)
+
+    config.calculate_per_token_loss = True
+    config.batch_p2p_sync = torch.cuda.is_available()
+    micro_lanes, window = microbatches[0].tokens.shape
+    with megatron_on_cpu():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(microbatches),
+            model=[model],
+            num_microbatches=len(microbatches),
+            seq_length=window,
+            micro_batch_size=micro_lanes,
+            forward_only=forward_only,
+        )
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    if post:
+        loss_sum += sum(out["loss_sum"].double() for out in outputs)
+    # The last stage's sum, over DP, reaches every rank (each decides alike whether to skip a step).
+    dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
+    dist.broadcast(loss_sum, parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return StepResult(loss_sum.item(), int(global_tokens.item()))
+
+
+def allreduce_tied_embedding_grads(model) -> None:
+    """With tied embeddings over several stages, the first and last stage each hold a copy."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1 or not model.share_embeddings_and_output_weights:
+        return
+    if parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage():
+        weight = model.shared_embedding_or_output_weight()
+        dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+
+
+def is_finite(value: float) -> bool:
+    return value is not None and math.isfinite(value)

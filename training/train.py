@@ -1,0 +1,247 @@
+"""Train an Infini-attention model: ``python -m training.train --config configs/<run>.yaml [key=value ...]``.
+
+Runs as one plain process, under torchrun, or under srun (ranks from SLURM_*). megatron-core holds
+the tensor/pipeline layout and runs the microbatch schedule; DeepSpeed reduces gradients over
+data-parallel ranks, clips, and steps the optimizer (ZeRO-sharded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from data_pipeline import build_train_loader, build_valid_loader
+from data_pipeline.make_shards import build_stdlib_shards
+from modeling.config import build_transformer_config
+from modeling.flops import model_cost
+from modeling.init import init_weights
+from modeling.model import build_model
+from training.config import ConfigError, TrainConfig, load_config, save_resolved, validate
+from training.distributed import device, init_distributed, init_model_parallel
+from training.memory_state import CarriedMemory
+from training.metrics import ConsoleSink, JsonlSink, device_peak_tflops, gate_values, max_over_world
+from training.optim import build_engine
+from training.step import StepResult, allreduce_tied_embedding_grads, is_finite, run_schedule, split_microbatches
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that is not a tensor of the model or optimizer."""
+
+    step: int = 0
+    consumed_tokens: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    history: List[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    if cfg.precision == "auto":
+        return torch.cuda.is_available()
+    if cfg.precision == "bf16" and not torch.cuda.is_available():
+        raise ConfigError("precision=bf16 needs a GPU; use precision=fp32 (or auto) on the CPU")
+    return cfg.precision == "bf16"
+
+
+def prepare_data(cfg: TrainConfig) -> None:
+    """The built-in python-stdlib shards, written once by global rank 0 when asked for and missing."""
+    if cfg.build_stdlib_shards:
+        path = cfg.data.sources[0].path
+        if dist.get_rank() == 0 and not os.path.exists(os.path.join(path, "index.json")):
+            build_stdlib_shards(path)
+        dist.barrier()
+
+
+def build_stage_model(cfg: TrainConfig, bf16: bool):
+    """This rank's pipeline stage of the model, its TP shard of every layer."""
+    transformer_config = build_transformer_config(
+        cfg.model,
+        tensor_parallel_size=cfg.parallel.tensor,
+        pipeline_parallel_size=cfg.parallel.pipeline,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        recompute_granularity="full" if cfg.model.recompute else None,
+        recompute_method="uniform" if cfg.model.recompute else None,
+        recompute_num_layers=1 if cfg.model.recompute else None,
+    )
+    model = build_model(
+        transformer_config,
+        cfg.model.padded_vocab_size(cfg.parallel.tensor),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        tie_embeddings=cfg.model.tie_embeddings,
+        rotary_base=cfg.model.rotary_base,
+    )
+    model = model.to(device())
+    init_weights(model, cfg.seed)
+    return model
+
+
+class Trainer:
+    """The pieces of a run, built in order; ``fit`` is the loop."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        env = init_distributed()
+        validate(cfg, env.world_size)
+        init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed)
+        seed_everything(cfg.seed)
+        self.rank = env.rank
+        self.world_size = env.world_size
+        self.bf16 = use_bf16(cfg)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.lanes_per_rank = cfg.data.global_lanes // self.dp_size
+        self.window = cfg.data.n_segments * cfg.data.segment_length
+
+        prepare_data(cfg)
+        self.model = build_stage_model(cfg, self.bf16)
+        self.engine = build_engine(self.model, cfg, self.lanes_per_rank, self.bf16)
+        self.train_loader = build_train_loader(cfg.data, self.dp_rank, self.dp_size)
+        if self.train_loader.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
+                              f"vocabulary ({self.train_loader.vocab_size})")
+        self.num_slots = self.lanes_per_rank // cfg.parallel.micro_batch_lanes
+        self.carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers))
+        self.state = TrainState()
+        self.flops_per_token = model_cost(cfg.model, cfg.parallel.tensor).flops_per_token
+        self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
+        self.sinks = []
+        if self.rank == 0:
+            save_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+            self.sinks = [ConsoleSink(cfg.logging.interval), JsonlSink(os.path.join(cfg.run_dir, "metrics.jsonl"))]
+
+    def train_step(self, batch) -> dict:
+        cfg = self.cfg
+        started = time.perf_counter()
+        microbatches = split_microbatches(batch, cfg.parallel.micro_batch_lanes, device())
+        self.model.train()
+        injected = self.state.step + 1 in cfg.inject_nonfinite_at_steps
+        result: StepResult = run_schedule(self.model, self.carried, microbatches, forward_only=False,
+                                          loss_scale=float("nan") if injected else 1.0, engine=self.engine)
+        allreduce_tied_embedding_grads(self.model)
+        self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        loss = float("nan") if injected else result.loss
+        applied = self.engine.was_step_applied() and is_finite(loss)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+
+        self.state.step += 1
+        tokens = cfg.data.global_lanes * self.window
+        self.state.consumed_tokens += tokens
+        if applied:
+            self.state.consecutive_nonfinite = 0
+        else:
+            self.state.skipped_steps += 1
+            self.state.consecutive_nonfinite += 1
+        tokens_per_s = tokens / elapsed
+        mfu = (self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.world_size)
+               if self.peak_tflops else None)
+        gates = gate_values(self.model)
+        metrics = {
+            "loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+            "mfu": mfu, "step_time_s": elapsed, "consumed_tokens": self.state.consumed_tokens,
+            "padding_fraction": 1.0 - result.tokens / tokens, "skipped_steps": self.state.skipped_steps,
+            "gate_mean": float(np.mean([v for values in gates.values() for v in values])),
+            **{f"gate/layer_{i}": float(np.mean(v)) for i, v in gates.items()},
+            "memory_max_norm": max_over_world(self.carried.max_norm()),
+        }
+        if torch.cuda.is_available():
+            metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        if self.state.consecutive_nonfinite >= cfg.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"stopping at step {self.state.step}: {self.state.consecutive_nonfinite} consecutive steps with a "
+                f"non-finite loss or gradient norm (max_nonfinite_steps={cfg.max_nonfinite_steps}); the weights "
+                "hold the last finite update")
+        return metrics
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        loader = build_valid_loader(self.cfg.data, self.dp_rank, self.dp_size)
+        carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers))
+        self.model.eval()
+        loss_sum, tokens = 0.0, 0
+        for index, batch in enumerate(loader):
+            if index >= self.cfg.validation.batches:
+                break
+            result = run_schedule(self.model, carried, split_microbatches(batch, self.cfg.parallel.micro_batch_lanes,
+                                                                          device()), forward_only=True)
+            loss_sum += result.loss_sum
+            tokens += result.tokens
+        self.model.train()
+        loss = loss_sum / max(tokens, 1)
+        return {"valid/loss": loss, "valid/ppl": float(np.exp(min(loss, 50.0))), "valid/tokens": tokens}
+
+    def log(self, metrics: dict) -> None:
+        self.state.history.append({"step": self.state.step, **metrics})
+        for sink in self.sinks:
+            sink.log(self.state.step, metrics)
+
+    def fit(self) -> TrainState:
+        cfg = self.cfg
+        batches = iter(self.train_loader)
+        while self.state.step < cfg.schedule.steps:
+            self.log(self.train_step(next(batches)))
+            if cfg.validation.interval and self.state.step % cfg.validation.interval == 0:
+                self.log(self.validate())
+        return self.state
+
+    def close(self) -> None:
+        self.train_loader.close()
+        for sink in self.sinks:
+            sink.close()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="run YAML (e.g. configs/tiny_cpu.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. schedule.steps=50")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        trainer = Trainer(load_config(args.config, args.overrides))
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    try:
+        trainer.fit()
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    finally:
+        trainer.close()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
