@@ -30,8 +30,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import webdataset as wds
 
-from .shards import (DOC_TOKENS_NAME, FORMAT, INDEX_NAME, TOKEN_EXT, VERSION, DataError, dataset_id, doc_key,
-                     shard_name, warn_limited)
+from .shards import (DOC_OFFSETS_NAME, DOC_TOKENS_NAME, FORMAT, INDEX_NAME, TOKEN_EXT, VERSION, DataError,
+                     dataset_id, doc_key, shard_name, warn_limited)
 from .tokenizer import load_tokenizer, token_dtype
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ class _ShardWriter:
         self.ext = TOKEN_EXT[dtype.name]
         self.shards: List[dict] = []
         self.doc_tokens: List[int] = []
+        self.doc_offsets: List[int] = []
         self._tar = None
 
     def add(self, ids: np.ndarray, label: str) -> None:
@@ -198,6 +199,7 @@ class _ShardWriter:
         if cur is None or (cur["n_documents"] and cur["n_bytes"] + size > self.max_bytes):
             self._roll()
             cur = self.shards[-1]
+        self.doc_offsets.append(self._tar.tarstream.offset)
         self._tar.write({"__key__": doc_key(cur["n_documents"]), self.ext: data, "json": meta})
         cur["n_documents"] += 1
         cur["n_tokens"] += len(ids)
@@ -221,7 +223,8 @@ class _ShardWriter:
 
 def _prepare_output(out: str, overwrite: bool) -> None:
     os.makedirs(out, exist_ok=True)
-    old = [n for n in os.listdir(out) if n in (INDEX_NAME, DOC_TOKENS_NAME) or re.fullmatch(r"shard-\d+\.tar", n)]
+    old = [n for n in os.listdir(out)
+           if n in (INDEX_NAME, DOC_TOKENS_NAME, DOC_OFFSETS_NAME) or re.fullmatch(r"shard-\d+\.tar", n)]
     if old and not overwrite:
         raise DataError(f"{out} already holds a shard set ({len(old)} files); pass --overwrite to replace it")
     # The index goes first, so that an interrupted overwrite never leaves a stale but valid set.
@@ -288,12 +291,14 @@ def write_shards(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *
     seconds = time.perf_counter() - t0
     doc_tokens = np.asarray(writer.doc_tokens, dtype=np.int64)
     np.save(os.path.join(output, DOC_TOKENS_NAME), doc_tokens)
+    np.save(os.path.join(output, DOC_OFFSETS_NAME), np.asarray(writer.doc_offsets, dtype=np.int64))
     spec = tok.spec()
     index = {
         "format": FORMAT, "version": VERSION, "tokenizer": spec, "dtype": dtype.name,
         "dataset_id": dataset_id([s["name"] for s in writer.shards], [s["n_documents"] for s in writer.shards],
                                  doc_tokens, {k: v for k, v in spec.items() if k != "path"}),
         "n_documents": len(doc_tokens), "n_tokens": int(doc_tokens.sum()), "doc_tokens": DOC_TOKENS_NAME,
+        "doc_offsets": DOC_OFFSETS_NAME,
         "shards": writer.shards,
         "created_by": {"inputs": list(inputs), "source": source, "text_field": text_field, "n_files": len(files),
                        "skipped": dict(skipped)},

@@ -5,6 +5,8 @@ A shard set is a directory holding
                          nine digits) has `KKKKKKKKK.tokens.u16` (or `.tokens.u32`): the token ids as
                          raw little-endian integers, and `KKKKKKKKK.json`: {"source": ..., "n_tokens": n}
   doc_tokens.npy         int64, the token count of every document, shard after shard
+  doc_offsets.npy        int64, where each document's first tar member starts in its shard, so a
+                         reader of a local shard seeks to its position instead of reading up to it
   index.json             format, tokenizer (kind, vocab_size, pad_id, eos_id), dtype, dataset_id,
                          and per shard: name, n_documents, n_tokens, n_bytes, first_document
 The index is written last, so a set without one is incomplete.
@@ -25,6 +27,7 @@ from urllib.parse import urlparse
 import braceexpand
 import numpy as np
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ FORMAT = "infinitron-shards"
 VERSION = 1
 INDEX_NAME = "index.json"
 DOC_TOKENS_NAME = "doc_tokens.npy"
+DOC_OFFSETS_NAME = "doc_offsets.npy"
 TOKEN_EXT = {"uint16": "tokens.u16", "uint32": "tokens.u32"}
 _KEY_DIGITS = 9
 
@@ -90,6 +94,7 @@ class ShardSet:
     n_docs: np.ndarray  # per shard
     first_doc: np.ndarray  # per shard, into doc_tokens
     doc_tokens: np.ndarray  # per document, all shards
+    doc_offsets: np.ndarray  # per document: byte offset in its shard
     tokenizer: dict
     dtype: str
     dataset_id: str
@@ -105,6 +110,9 @@ class ShardSet:
     def lengths(self, shard: int) -> np.ndarray:
         f = int(self.first_doc[shard])
         return self.doc_tokens[f : f + int(self.n_docs[shard])]
+
+    def offset(self, shard: int, doc: int) -> int:
+        return int(self.doc_offsets[int(self.first_doc[shard]) + doc])
 
     def missing_local_shards(self) -> List[str]:
         return [u for u in self.urls if _is_local(u) and not os.path.exists(_local_path(u))]
@@ -149,12 +157,15 @@ def open_shard_set(path: str, index: Optional[str] = None) -> ShardSet:
                 raise DataError(f"shard URL {u!r} does not match the index's shard {n!r} (order must match)")
     else:
         urls = [os.path.join(root, n) for n in names]
-    doc_tokens = np.load(os.path.join(root, meta["doc_tokens"]), mmap_mode="r")
     n_docs = np.array([s["n_documents"] for s in shards], dtype=np.int64)
     first = np.array([s["first_document"] for s in shards], dtype=np.int64)
-    if doc_tokens.shape != (int(n_docs.sum()),):
-        raise DataError(f"{index}: {meta['doc_tokens']} has {doc_tokens.shape[0]} entries, shards hold {n_docs.sum()}")
-    ss = ShardSet(index, urls, names, n_docs, first, doc_tokens, meta["tokenizer"], meta["dtype"], meta["dataset_id"])
+    arrays = []
+    for key in ("doc_tokens", "doc_offsets"):
+        a = np.load(os.path.join(root, meta[key]), mmap_mode="r")
+        if a.shape != (int(n_docs.sum()),):
+            raise DataError(f"{index}: {meta[key]} has {a.shape[0]} entries, the shards hold {n_docs.sum()} documents")
+        arrays.append(a)
+    ss = ShardSet(index, urls, names, n_docs, first, *arrays, meta["tokenizer"], meta["dtype"], meta["dataset_id"])
     for k, s in enumerate(shards):
         if int(ss.lengths(k).sum()) != s["n_tokens"]:
             raise DataError(f"{index}: shard {s['name']} n_tokens disagrees with {meta['doc_tokens']}")
@@ -196,16 +207,38 @@ class BadSamples:
         warn_limited(log, self.counts[category], f"skipping {where}: {reason}")
 
 
+def _open_at(data, offset: int, opened: list, handler):
+    """webdataset stage: open each url's stream, a local file positioned at `offset`."""
+    for sample in data:
+        url = sample["url"]
+        try:
+            if offset and _is_local(url):
+                stream = open(_local_path(url), "rb")
+                stream.seek(offset)
+            else:
+                stream = wds.gopen(url)
+        except Exception as exn:
+            if handler(exn):
+                continue
+            break
+        opened.append(stream)
+        yield {**sample, "stream": stream}
+
+
 def read_documents(ss: ShardSet, shard: int, wanted: np.ndarray, start: int,
                    bad: BadSamples) -> Iterator[Tuple[int, np.ndarray]]:
     """Yield (position in `wanted`, token ids) for documents wanted[start:] of one shard, in order.
 
     `wanted` is a sorted array of document indices within the shard. webdataset reads and decodes
-    the tar; files of unwanted documents are skipped unread. Every wanted document must arrive,
-    complete and consistent with the index, or it is reported to `bad` (error or skip-and-count):
-    a tar that ends early at a member boundary looks well-formed, so counting is the only guard."""
+    the tar, from the first wanted document's offset where the shard is a local file; files of
+    unwanted documents are skipped unread. Every wanted document must arrive, complete and
+    consistent with the index, or it is reported to `bad` (error or skip-and-count): a tar that
+    ends early at a member boundary looks well-formed, so counting is the only guard."""
     url = ss.urls[shard]
     n = int(ss.n_docs[shard])
+    if start >= len(wanted):
+        return
+    offset = ss.offset(shard, int(wanted[start]))
     want = np.zeros(n, dtype=bool)
     want[wanted[start:]] = True
     lengths = ss.lengths(shard)
@@ -220,7 +253,10 @@ def read_documents(ss: ShardSet, shard: int, wanted: np.ndarray, start: int,
 
     def on_exception(exn: Exception) -> bool:
         msg = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
-        after = f" after document {doc_key(int(wanted[pos - 1]))}" if pos > start else ""
+        if pos > start:
+            after = f" after document {doc_key(int(wanted[pos - 1]))}"
+        else:
+            after = f" from byte {offset} (does the index belong to this shard?)" if offset else ""
         if bad.mode == "error":
             raise DataError(f"shard {url}: cannot read{after}: {msg}") from exn
         last_error.append(msg)
@@ -229,9 +265,17 @@ def read_documents(ss: ShardSet, shard: int, wanted: np.ndarray, start: int,
     def where(i: int) -> str:
         return f"shard {url} document {doc_key(i)}"
 
-    ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
-                        select_files=select, handler=on_exception).decode(_decode_tokens, handler=on_exception)
-    it = iter(ds)
+    if _is_local(url) and os.path.exists(_local_path(url)) and offset >= os.path.getsize(_local_path(url)):
+        last_error.append(f"the shard ends at byte {os.path.getsize(_local_path(url))}, before this document")
+    opened: list = []
+    ds = wds.DataPipeline(
+        lambda: iter([{"url": url}]),
+        wds.pipelinefilter(_open_at)(offset, opened, on_exception),
+        wds.pipelinefilter(tar_file_expander)(handler=on_exception, select_files=select),
+        wds.pipelinefilter(group_by_keys)(handler=on_exception),
+        wds.decode(_decode_tokens, handler=on_exception),
+    )
+    it = iter(ds) if not last_error else iter(())
     try:
         for sample in it:
             i = int(sample["__key__"].rsplit("/", 1)[-1])
@@ -263,3 +307,5 @@ def read_documents(ss: ShardSet, shard: int, wanted: np.ndarray, start: int,
     finally:
         close: Callable[[], None] = getattr(it, "close", lambda: None)
         close()
+        for stream in opened:
+            stream.close()

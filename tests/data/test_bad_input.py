@@ -21,6 +21,8 @@ K = 2  # the document within it
 
 
 def rewrite(path, fn):
+    """Rewrite a shard's members through fn, keeping the index's document offsets true (so the
+    damage is in the content, not in a shard/index mismatch)."""
     with tarfile.open(path) as t:
         items = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
     with tarfile.open(path, "w") as t:
@@ -28,6 +30,13 @@ def rewrite(path, fn):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
+    d = os.path.dirname(path)
+    index = json.load(open(os.path.join(d, "index.json")))
+    shard = next(s for s in index["shards"] if s["name"] == os.path.basename(path))
+    offsets = np.load(os.path.join(d, "doc_offsets.npy"))
+    for k in range(shard["n_documents"]):
+        offsets[shard["first_document"] + k] = sample_offset(path, k)
+    np.save(os.path.join(d, "doc_offsets.npy"), offsets)
 
 
 def sample_offset(path, k):
@@ -70,16 +79,17 @@ def bad_id(data):
     return ids.tobytes()
 
 
-# name: (damage a shard file, the reason category, documents lost from K on (True) or K alone, error text)
+# name: (damage a shard file, the reason category, documents at risk: "from K" on (a lane that starts
+# reading past the damage seeks over it), "K" alone or "all" of the shard, error text)
 CASES = {
-    "corrupt header": (corrupt_header, "unreadable", True, "missing from the shard"),
-    "truncated at a member boundary": (truncate_at(0), "unreadable", True, r"missing from the shard \(shard ended early"),
-    "truncated inside a member": (truncate_at(700), "unreadable", True, "cannot read after document .*ReadError"),
-    "sample without tokens": (lambda p: rewrite(p, drop_tokens), "no_tokens", False, "has no token ids"),
-    "empty document": (lambda p: rewrite(p, replace_tokens(lambda d: b"")), "empty", False, "is an empty document"),
-    "token id >= vocab": (lambda p: rewrite(p, replace_tokens(bad_id)), "bad_token_id", False,
+    "corrupt header": (corrupt_header, "unreadable", "from K", "missing from the shard"),
+    "truncated at a member boundary": (truncate_at(0), "unreadable", "from K", "missing from the shard"),
+    "truncated inside a member": (truncate_at(700), "unreadable", "from K", "cannot read .*ReadError"),
+    "sample without tokens": (lambda p: rewrite(p, drop_tokens), "no_tokens", "K", "has no token ids"),
+    "empty document": (lambda p: rewrite(p, replace_tokens(lambda d: b"")), "empty", "K", "is an empty document"),
+    "token id >= vocab": (lambda p: rewrite(p, replace_tokens(bad_id)), "bad_token_id", "K",
                           "token id 300 >= vocab size 258"),
-    "length differs from index": (lambda p: rewrite(p, replace_tokens(lambda d: d[:-2])), "length_mismatch", False,
+    "length differs from index": (lambda p: rewrite(p, replace_tokens(lambda d: d[:-2])), "length_mismatch", "K",
                                   "tokens, the index says"),
     "missing shard": (os.remove, "unreadable", "all", "missing shard"),
 }
@@ -92,15 +102,29 @@ def damaged(corpus, tmp_path, request):
     index = json.load(open(os.path.join(d, "index.json")))
     shard = index["shards"][SHARD]
     assert shard["n_documents"] > K + 1
-    damage, category, lost_from, text = CASES[request.param]
+    damage, category, at_risk, text = CASES[request.param]
     damage(os.path.join(d, shard["name"]))
     first, n = shard["first_document"], shard["n_documents"]
-    lost = {"all": range(first, first + n), True: range(first + K, first + n), False: [first + K]}[lost_from]
-    return {"dir": d, "name": shard["name"], "category": category, "lost": list(lost), "text": text}
+    region = {"all": range(first, first + n), "from K": range(first + K, first + n), "K": [first + K]}[at_risk]
+    return {"dir": d, "name": shard["name"], "category": category, "region": list(region), "text": text,
+            "exact": at_risk != "from K"}
+
+
+def check_losses(delivered: Counter, ref, damaged) -> int:
+    """Every document read at most once; the lost ones are damaged ones (document K always).
+    Returns how many were lost."""
+    assert max(delivered.values()) == 1
+    missing = Counter(ref) - delivered
+    region = {ref[i] for i in damaged["region"]}
+    assert set(missing) <= region and ref[damaged["region"][0]] in missing
+    if damaged["exact"]:
+        assert set(missing) == region
+    return sum(missing.values())
 
 
 def cfg_for(d, on_bad, workers=0, **kw):
-    return DataConfig(sources=[SourceConfig(d)], global_lanes=4, segment_length=64, n_segments=4, num_workers=workers,
+    kw.setdefault("global_lanes", 4)
+    return DataConfig(sources=[SourceConfig(d)], segment_length=64, n_segments=4, num_workers=workers,
                       on_bad_sample=on_bad, **kw)
 
 
@@ -115,20 +139,22 @@ def test_error_names_shard_and_document(damaged):
         assert f"document {key(K)}" in str(e.value)
 
 
+@pytest.mark.parametrize("lanes", [4, 48])
 @pytest.mark.parametrize("damaged", list(CASES), indirect=True)
-def test_skip_counts_exactly_and_reads_everything_else_once(damaged, corpus):
-    cfg = cfg_for(damaged["dir"], "skip", valid_sources=[SourceConfig(damaged["dir"])])
+def test_skip_counts_exactly_and_reads_everything_else_once(damaged, corpus, lanes):
+    cfg = cfg_for(damaged["dir"], "skip", valid_sources=[SourceConfig(damaged["dir"])], global_lanes=lanes)
     valid = build_valid_loader(cfg, 0, 1)
-    batches = list(valid)
-    want = Counter(corpus["ref"]) - Counter(corpus["ref"][i] for i in damaged["lost"])
-    assert epoch_documents(batches, range(4), 0) == want
-    assert valid.stats()["skipped"] == {damaged["category"]: len(damaged["lost"])}
+    lost = check_losses(epoch_documents(list(valid), range(lanes), 0), corpus["ref"], damaged)
+    assert valid.stats()["skipped"] == {damaged["category"]: lost}
 
 
 @pytest.mark.parametrize("damaged", ["corrupt header"], indirect=True)
 def test_errors_cross_dataloader_workers_without_hanging(damaged):
     ld = build_train_loader(cfg_for(damaged["dir"], "error", workers=2, worker_timeout_s=60), 0, 1)
     with pytest.raises(DataError, match=damaged["name"]):
+        for _ in range(400):
+            next(ld)
+    with pytest.raises(DataError, match=damaged["name"]):  # a retry restarts and meets the same damage
         for _ in range(400):
             next(ld)
 
@@ -138,9 +164,8 @@ def test_skip_in_training_keeps_going_across_epochs(damaged, corpus):
     ld = build_train_loader(cfg_for(damaged["dir"], "skip", workers=2), 0, 1)
     batches = [next(ld) for _ in range(250)]
     assert int(max(b["epoch"].max() for b in batches)) >= 1
-    lost = Counter(corpus["ref"][i] for i in damaged["lost"])
-    assert epoch_documents(batches, range(4), 0) == Counter(corpus["ref"]) - lost
-    assert ld.stats()["skipped"]["unreadable"] >= len(damaged["lost"])
+    lost = check_losses(epoch_documents(batches, range(4), 0), corpus["ref"], damaged)
+    assert ld.stats()["skipped"]["unreadable"] >= lost
 
 
 def test_index_declaring_an_empty_document(corpus, tmp_path):
@@ -160,6 +185,18 @@ def test_index_declaring_an_empty_document(corpus, tmp_path):
     batches = list(valid)
     assert epoch_documents(batches, range(4), 0) == Counter(corpus["ref"]) - Counter([corpus["ref"][g]])
     assert valid.stats()["filtered"][0]["empty"] == 1
+
+
+def test_index_that_does_not_match_its_shard(corpus, tmp_path):
+    d = str(tmp_path / "set")
+    shutil.copytree(corpus["dir"], d)
+    offsets = np.load(os.path.join(d, "doc_offsets.npy"))
+    offsets[1:] += 100
+    np.save(os.path.join(d, "doc_offsets.npy"), offsets)
+    ld = build_train_loader(cfg_for(d, "error", global_lanes=48), 0, 1)
+    with pytest.raises(DataError, match="does the index belong to this shard"):
+        for _ in range(100):
+            next(ld)
 
 
 def test_missing_or_foreign_index(tmp_path, corpus):
