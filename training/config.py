@@ -68,6 +68,10 @@ class CheckpointConfig:
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""
     save_at_end: bool = True
+    init_from: Optional[str] = None
+    """An exported model directory (training.export) to start from, on any TP/PP layout; ignored on resume."""
+    inject_kill_during_save_at_steps: List[int] = field(default_factory=list)
+    """Fault injection for tests and drills: rank 0 kills itself (SIGKILL) midway through these saves."""
 
 
 @dataclass

@@ -81,3 +81,17 @@ def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, seed: int 
 
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_single_process(seed: int = 1234) -> None:
+    """A world of one process (evaluation, export loading, tools): TP = PP = DP = 1."""
+    if not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    init_model_parallel(1, 1, seed)

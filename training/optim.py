@@ -56,6 +56,10 @@ def parameter_groups(model, cfg: TrainConfig):
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr": cfg.optimizer.lr},
         {"name": "gates", "params": gates, "weight_decay": 0.0, "lr": cfg.optimizer.gate_lr},
     ]
+    for group in groups:
+        # DeepSpeed's elastic ZeRO checkpoints record a per-group "step" (its own Adam keeps one);
+        # torch's AdamW counts steps per parameter, restored with the rest of its state.
+        group["step"] = 0
     return [g for g in groups if g["params"]]
 
 
@@ -82,7 +86,8 @@ def deepspeed_config(cfg: TrainConfig, lanes_per_rank: int, bf16: bool) -> dict:
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.optimizer.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # Elastic ZeRO-1/2 checkpoints load on another data-parallel size.
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "elastic_checkpoint": cfg.parallel.zero_stage in (1, 2)},
         "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,8 +27,10 @@ from modeling.config import build_transformer_config
 from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
+from training.checkpoint import CheckpointManager, coordinates, rng_state, set_rng_state
 from training.config import ConfigError, TrainConfig, load_config, save_resolved, validate
 from training.distributed import device, init_distributed, init_model_parallel
+from training.export import load_weights_into
 from training.memory_state import CarriedMemory
 from training.metrics import ConsoleSink, JsonlSink, device_peak_tflops, gate_values, max_over_world
 from training.optim import build_engine
@@ -36,6 +39,10 @@ from training.step import StepResult, allreduce_tied_embedding_grads, is_finite,
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+# Exit status of a run that stopped on a signal after saving its checkpoint: "resume me".
+EXIT_STOPPED_TO_RESUME = 75
 
 
 @dataclass
@@ -125,12 +132,69 @@ class Trainer:
         self.num_slots = self.lanes_per_rank // cfg.parallel.micro_batch_lanes
         self.carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers))
         self.state = TrainState()
+        self.wandb_run_id: Optional[str] = None
+        self.stop_signal: Optional[int] = None
+        self.checkpoints = CheckpointManager(self)
+        resume = self.checkpoints.resolve(cfg.checkpoint.resume)
+        if resume:
+            self.checkpoints.load(resume)
+            self.print(f"resumed from {resume} at step {self.state.step}")
+        elif cfg.checkpoint.init_from:
+            load_weights_into(self.model, cfg.checkpoint.init_from)
+            self.print(f"initialised weights from {cfg.checkpoint.init_from}")
         self.flops_per_token = model_cost(cfg.model, cfg.parallel.tensor).flops_per_token
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
         self.sinks = []
         if self.rank == 0:
             save_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             self.sinks = [ConsoleSink(cfg.logging.interval), JsonlSink(os.path.join(cfg.run_dir, "metrics.jsonl"))]
+
+    def print(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def save_resolved_config(self, path: str) -> None:
+        save_resolved(self.cfg, path)
+
+    def rank_state(self) -> dict:
+        """This rank's part of a checkpoint beyond DeepSpeed's: memory, data position, RNG, progress."""
+        return {
+            "coordinates": coordinates(),
+            "lane_ids": list(self.train_loader.lane_ids),
+            "memory": self.carried.state_dict(),
+            "data": self.train_loader.state_dict(),
+            "rng": rng_state(),
+            "train_state": {k: v for k, v in vars(self.state).items() if k != "history"},
+            "wandb_run_id": self.wandb_run_id,
+        }
+
+    def load_rank_state(self, state: dict) -> None:
+        memory = state["memory"]
+        if memory["layers"] is not None and state["lane_ids"] != list(self.train_loader.lane_ids):
+            rows = [state["lane_ids"].index(lane) for lane in self.train_loader.lane_ids]
+            memory = {"layers": [{"M": m["M"][rows], "z": m["z"][rows]} for m in memory["layers"]]}
+        self.carried.load_state_dict(memory, device=device())
+        self.train_loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        for key, value in state["train_state"].items():
+            setattr(self.state, key, value)
+        self.wandb_run_id = state["wandb_run_id"]
+
+    def request_stop(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+    def stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (all ranks must stop at the same step)."""
+        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def save_checkpoint(self, reason: str) -> None:
+        path, seconds, size = self.checkpoints.save(reason)
+        self.print(f"saved checkpoint {path} ({reason}): {size / 1e9:.3f} GB in {seconds:.2f} s "
+                   f"({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+        if self.rank == 0:
+            self.log({"checkpoint/step": self.state.step, "checkpoint/seconds": seconds, "checkpoint/gb": size / 1e9})
 
     def train_step(self, batch) -> dict:
         cfg = self.cfg
@@ -201,14 +265,25 @@ class Trainer:
         for sink in self.sinks:
             sink.log(self.state.step, metrics)
 
-    def fit(self) -> TrainState:
+    def fit(self) -> bool:
+        """Train to schedule.steps; False when stopped early by a signal (after saving a checkpoint)."""
         cfg = self.cfg
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self.request_stop)
         batches = iter(self.train_loader)
         while self.state.step < cfg.schedule.steps:
             self.log(self.train_step(next(batches)))
             if cfg.validation.interval and self.state.step % cfg.validation.interval == 0:
                 self.log(self.validate())
-        return self.state
+            if self.stop_requested():
+                self.save_checkpoint("signal")
+                self.print(f"stopped at step {self.state.step} on a signal; resume with checkpoint.resume=auto")
+                return False
+            if cfg.checkpoint.interval and self.state.step % cfg.checkpoint.interval == 0:
+                self.save_checkpoint("interval")
+        if cfg.checkpoint.save_at_end and self.checkpoints.last_saved_step() != self.state.step:
+            self.save_checkpoint("end")
+        return True
 
     def close(self) -> None:
         self.train_loader.close()
@@ -231,7 +306,7 @@ def main(argv=None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     try:
-        trainer.fit()
+        finished = trainer.fit()
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
@@ -240,7 +315,7 @@ def main(argv=None) -> int:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return 0 if finished else EXIT_STOPPED_TO_RESUME
 
 
 if __name__ == "__main__":

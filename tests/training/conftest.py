@@ -35,6 +35,7 @@ def train_overrides(shards: str, run_dir: str, **extra) -> list:
         "optimizer.lr": 1e-2,
         "logging.interval": 1,
         "logging.wandb.mode": "disabled",
+        "checkpoint.save_at_end": False,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

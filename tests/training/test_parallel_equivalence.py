@@ -13,10 +13,10 @@ def train_worker(rank, world, overrides):
 
     trainer = Trainer(load_config(None, overrides))
     try:
-        state = trainer.fit()
+        trainer.fit()
     finally:
         trainer.close()
-    return [h["loss"] for h in state.history if "loss" in h]
+    return [h["loss"] for h in trainer.state.history if "loss" in h]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,156 @@
+"""Checkpoints: exact resume (bitwise, fp32), kill -9 during a save, elastic DP resume, corrupt shards, export."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.training.conftest import train_overrides
+
+
+def run_worker(rank, world, overrides):
+    from training.config import load_config
+    from training.train import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return [(h["step"], h["loss"]) for h in trainer.state.history if "loss" in h]
+
+
+def straight_and_resumed(shards, tmp_path, world, extra, steps=6, resume_world=None):
+    straight = run_distributed(run_worker, world, train_overrides(shards, str(tmp_path / "straight"),
+                                                                  **{"schedule.steps": steps, **extra}))[0]
+    run_dir = str(tmp_path / "resumed")
+    first = run_distributed(run_worker, world, train_overrides(shards, run_dir, **{
+        "schedule.steps": steps, "checkpoint.interval": steps // 2, **extra}) + [f"schedule.steps={steps}"])
+    # Stop halfway: the checkpoint at steps/2 is the resume point; drop the later one.
+    ckpts = os.path.join(run_dir, "checkpoints")
+    shutil.rmtree(os.path.join(ckpts, f"step_{steps:08d}"), ignore_errors=True)
+    with open(os.path.join(ckpts, "latest"), "w") as f:
+        f.write(f"step_{steps // 2:08d}")
+    second = run_distributed(run_worker, resume_world or world, train_overrides(shards, run_dir, **{
+        "schedule.steps": steps, "checkpoint.resume": "auto", **extra}))[0]
+    return straight, first[0], second
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, extra", [
+    (4, {"parallel.tensor": 2, "parallel.pipeline": 2, "parallel.zero_stage": 1}),
+    (2, {"parallel.zero_stage": 2}),
+], ids=["tp2xpp2-zero1", "dp2-zero2"])
+def test_resume_is_bitwise_identical(stdlib_shards, tmp_path, world, extra):
+    straight, first, second = straight_and_resumed(stdlib_shards, tmp_path, world, extra)
+    assert [s for s, _ in second] == [4, 5, 6]
+    assert first == straight  # the run that saved is itself undisturbed by saving
+    assert second == straight[3:]  # bitwise: memory, data, RNG, optimizer all continue
+
+
+@pytest.mark.slow
+def test_elastic_resume_dp2_to_dp1(stdlib_shards, tmp_path):
+    straight, _, second = straight_and_resumed(stdlib_shards, tmp_path, 2, {"parallel.zero_stage": 1},
+                                               resume_world=1)
+    assert [s for s, _ in second] == [4, 5, 6]
+    torch.testing.assert_close(torch.tensor([l for _, l in second]), torch.tensor([l for _, l in straight[3:]]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def kill_worker(rank, world, overrides):
+    return run_worker(rank, world, overrides)
+
+
+@pytest.mark.slow
+def test_kill_during_save_then_auto_resume(stdlib_shards, tmp_path):
+    run_dir = str(tmp_path / "run")
+    base = {"schedule.steps": 6, "checkpoint.interval": 2}
+    with pytest.raises(RuntimeError, match="exit code -9|rank 0"):
+        run_distributed(kill_worker, 2, train_overrides(stdlib_shards, run_dir, **base, **{
+            "checkpoint.inject_kill_during_save_at_steps": "[4]"}), timeout=180)
+    ckpts = os.path.join(run_dir, "checkpoints")
+    assert sorted(os.listdir(ckpts)) == [".tmp-step_00000004", "latest", "step_00000002"]
+    resumed = run_distributed(run_worker, 2, train_overrides(stdlib_shards, run_dir, **base,
+                                                             **{"checkpoint.resume": "auto"}))[0]
+    straight = run_distributed(run_worker, 2, train_overrides(stdlib_shards, str(tmp_path / "straight"),
+                                                              **{"schedule.steps": 6}))[0]
+    assert resumed == straight[2:]
+
+
+def load_worker(rank, world, overrides):
+    from training.checkpoint import CheckpointError
+    from training.config import load_config
+    from training.train import Trainer
+
+    try:
+        Trainer(load_config(None, overrides))
+    except CheckpointError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.slow
+def test_missing_or_truncated_shard_is_named(stdlib_shards, tmp_path):
+    run_dir = str(tmp_path / "run")
+    run_distributed(run_worker, 1, train_overrides(stdlib_shards, run_dir, **{"schedule.steps": 2,
+                                                                             "checkpoint.save_at_end": True}))
+    ckpt = os.path.join(run_dir, "checkpoints", "step_00000002")
+    rank_file = os.path.join(ckpt, "rank_00000.pt")
+    with open(rank_file, "r+b") as f:
+        f.truncate(100)
+    explicit = train_overrides(stdlib_shards, run_dir, **{"checkpoint.resume": ckpt})
+    message = run_distributed(load_worker, 1, explicit)[0]
+    assert message is not None and "truncated" in message and "rank_00000.pt" in message
+    os.remove(rank_file)
+    message = run_distributed(load_worker, 1, explicit)[0]
+    assert message is not None and "missing" in message and "rank_00000.pt" in message
+
+
+def export_worker(rank, world, overrides, out_dir):
+    from megatron.core import parallel_state
+
+    from modeling.cpu_compat import megatron_on_cpu
+    from training.config import load_config
+    from training.export import export_model
+    from training.train import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    trainer.fit()
+    export_model(trainer.model, trainer.cfg.model, out_dir)
+    ids = torch.arange(64).reshape(2, 32) % 250
+    with torch.no_grad(), megatron_on_cpu():
+        trainer.model.eval()
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            logits, _ = trainer.model(ids, None, None, None)
+            gathered = [torch.empty_like(logits) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+            torch.distributed.all_gather(gathered, logits.contiguous(),
+                                         group=parallel_state.get_tensor_model_parallel_group())
+            logits = torch.cat(gathered, dim=-1)
+        else:
+            logits = None
+    trainer.close()
+    return logits
+
+
+def reload_worker(rank, world, out_dir):
+    from modeling.cpu_compat import megatron_on_cpu
+    from training.distributed import init_single_process
+    from training.export import load_exported
+
+    init_single_process()
+    model, cfg = load_exported(out_dir)
+    ids = torch.arange(64).reshape(2, 32) % 250
+    with torch.no_grad(), megatron_on_cpu():
+        logits, _ = model(ids, None, None, None)
+    return logits
+
+
+@pytest.mark.slow
+def test_export_from_tp2_reloads_with_the_same_logits(stdlib_shards, tmp_path):
+    out_dir = str(tmp_path / "export")
+    logits = run_distributed(export_worker, 2, train_overrides(stdlib_shards, str(tmp_path / "run"), **{
+        "schedule.steps": 2, "parallel.tensor": 2}), out_dir)[0]
+    reloaded = run_distributed(reload_worker, 1, out_dir)[0]
+    torch.testing.assert_close(reloaded, logits, rtol=1e-5, atol=1e-5)
