@@ -245,10 +245,12 @@ class Lane:
         self.docs += 1
         return True
 
-    def fill(self, seg_len: int, tokens: np.ndarray, labels: np.ndarray, mask: np.ndarray, reset: np.ndarray,
-             epoch: np.ndarray, source: np.ndarray) -> None:
-        """Fill one lane's window. The rows come pre-filled with padding: tokens/labels = pad id,
-        mask 0, reset False, epoch/source -1."""
+    def fill(self, seg_len: int, tokens: np.ndarray, mask: np.ndarray, reset: np.ndarray, epoch: np.ndarray,
+             source: np.ndarray, pad_id: int) -> int:
+        """Fill one lane's window; returns the label of its last position (the document's next
+        token, when the document goes on into the next window; else pad_id). The rows come
+        pre-filled with padding: tokens = pad id, mask 0, reset False, epoch/source -1. Labels are
+        not stored: within a window they are the tokens shifted by one (see loader.py)."""
         if self._refetch:
             self._refetch = False
             self.cursors[self.cur_src].emitted -= 1
@@ -259,19 +261,18 @@ class Lane:
             if self._cur is None:
                 if not self._next_doc():
                     self.pad += (len(reset) - s) * seg_len
-                    return
+                    return pad_id
                 reset[s] = True
             cur, off, b = self._cur, self.off, s * seg_len
             n = len(cur)
             take = min(seg_len, n - off)
             tokens[b : b + take] = cur[off : off + take]
-            k = min(seg_len, n - off - 1)
-            if k > 0:
-                labels[b : b + k] = cur[off + 1 : off + 1 + k]
-                mask[b : b + k] = 1.0
+            # Every token but the document's last has a next token to predict.
+            mask[b : b + min(seg_len, n - off - 1)] = 1
             epoch[s], source[s] = self._cur_epoch, self.cur_src
             self.off = off + take
             self.tokens += take
             if self.off >= n:
                 self._cur, self.cur_src, self.off = None, -1, 0
                 self.pad += seg_len - take
+        return int(self._cur[self.off]) if self._cur is not None else pad_id

@@ -18,7 +18,6 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "infinitron-data-state"
 STATE_VERSION = 1
-_TENSOR_KEYS = ("tokens", "labels", "loss_mask", "reset", "lane_ids", "epoch", "source")
 
 
 class _Data:
@@ -36,6 +35,7 @@ class _Data:
             if other != tok:
                 raise DataError(f"{ss.index_path}: tokenizer {other} differs from {sets[0].index_path}'s {tok}")
         self.vocab_size, self.pad_id, self.eos_id = tok["vocab_size"], tok["pad_id"], tok["eos_id"]
+        self.token_dtype = np.dtype(sets[0].dtype)
         if cfg.vocab_size and cfg.vocab_size < self.vocab_size:
             raise DataError(f"DataConfig.vocab_size {cfg.vocab_size} is smaller than the tokenizer's {self.vocab_size}")
         if cfg.append_eos and self.eos_id is None:
@@ -125,10 +125,33 @@ class _Data:
         return out
 
 
+class _Packing:
+    """The layout of one worker item: a single uint8 buffer with typed views. A DataLoader worker
+    sends each tensor through its own shared-memory segment, at a fixed cost about that of a
+    megabyte of data, so one compact buffer (token ids in the shard dtype, a uint8 mask) beats
+    the seven int64/float32 tensors of a batch by far; the main process expands it."""
+
+    def __init__(self, n_lanes: int, seg_len: int, n_segments: int, token_dtype: np.dtype):
+        fields = [("epoch", np.int32, (n_lanes, n_segments)), ("source", np.int32, (n_lanes, n_segments)),
+                  ("tokens", token_dtype, (n_lanes, seg_len * n_segments)), ("carry", token_dtype, (n_lanes,)),
+                  ("mask", np.uint8, (n_lanes, seg_len * n_segments)), ("reset", np.bool_, (n_lanes, n_segments))]
+        self.fields, off = [], 0
+        for name, dtype, shape in fields:
+            dtype = np.dtype(dtype)
+            off = -(-off // dtype.alignment) * dtype.alignment
+            self.fields.append((name, off, dtype, shape))
+            off += dtype.itemsize * int(np.prod(shape))
+        self.size = off
+
+    def views(self, buf: np.ndarray) -> Dict[str, np.ndarray]:
+        return {name: buf[off : off + dtype.itemsize * int(np.prod(shape))].view(dtype).reshape(shape)
+                for name, off, dtype, shape in self.fields}
+
+
 class _LaneDataset(IterableDataset):
     """Yields, per step, the windows of one worker's share of the rank's lanes (a contiguous run,
-    so concatenating the workers' items in worker order gives the rank's lanes in order), with
-    every lane's state after the step attached."""
+    so the workers' items in worker order hold the rank's lanes in order), packed, with every
+    lane's state after the step attached."""
 
     def __init__(self, data: _Data, lanes: List[int], states: Dict[int, Optional[dict]], workers: int,
                  n_batches: Optional[int]):
@@ -139,23 +162,21 @@ class _LaneDataset(IterableDataset):
         mine = np.array_split(np.asarray(self.lanes, dtype=np.int64), max(self.workers, 1))[info.id if info else 0]
         lanes = [self.data.make_lane(int(i), self.states.get(int(i))) for i in mine]
         cfg, pad = self.data.cfg, self.data.pad_id
-        width = cfg.segment_length * cfg.n_segments
+        pack = _Packing(len(lanes), cfg.segment_length, cfg.n_segments, self.data.token_dtype)
         step = 0
         try:
             while self.n_batches is None or step < self.n_batches:
-                n = len(lanes)
-                tokens = np.full((n, width), pad, dtype=np.int64)
-                labels = np.full((n, width), pad, dtype=np.int64)
-                mask = np.zeros((n, width), dtype=np.float32)
-                reset = np.zeros((n, cfg.n_segments), dtype=bool)
-                epoch = np.full((n, cfg.n_segments), -1, dtype=np.int64)
-                source = np.full((n, cfg.n_segments), -1, dtype=np.int64)
+                buf = np.empty(pack.size, dtype=np.uint8)
+                v = pack.views(buf)
+                v["tokens"].fill(pad)
+                v["mask"].fill(0)
+                v["reset"].fill(False)
+                v["epoch"].fill(-1)
+                v["source"].fill(-1)
                 for r, lane in enumerate(lanes):
-                    lane.fill(cfg.segment_length, tokens[r], labels[r], mask[r], reset[r], epoch[r], source[r])
-                yield {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-                       "loss_mask": torch.from_numpy(mask), "reset": torch.from_numpy(reset),
-                       "lane_ids": torch.from_numpy(mine.copy()), "epoch": torch.from_numpy(epoch),
-                       "source": torch.from_numpy(source),
+                    v["carry"][r] = lane.fill(cfg.segment_length, v["tokens"][r], v["mask"][r], v["reset"][r],
+                                              v["epoch"][r], v["source"][r], pad)
+                yield {"packed": torch.from_numpy(buf), "n": len(lanes),
                        "_states": {int(l.lane_id): l.state() for l in lanes},
                        "_bad": {int(l.lane_id): l.bad_counts() for l in lanes}}
                 step += 1
@@ -177,12 +198,6 @@ def _close(it: Optional[Iterator[dict]]) -> None:
     close = getattr(it, "close", None)
     if close is not None:
         close()
-
-
-def _assemble(parts: List[dict]) -> dict:
-    if len(parts) == 1:
-        return {k: parts[0][k] for k in _TENSOR_KEYS}
-    return {k: torch.cat([p[k] for p in parts]) for k in _TENSOR_KEYS}
 
 
 class _RankLoader:
@@ -232,10 +247,34 @@ class _RankLoader:
                     self._states.update(p["_states"])
                     self._bad.update(p["_bad"])
                 self.step += 1
-                yield _assemble(parts)
+                yield self._assemble(parts)
         finally:
             _close(it)
             del it
+
+    def _assemble(self, parts: List[dict]) -> dict:
+        """The rank's batch from the workers' packed items (in lane order)."""
+        cfg = self.cfg
+        n, width, segs = sum(p["n"] for p in parts), cfg.segment_length * cfg.n_segments, cfg.n_segments
+        tokens, labels = np.empty((n, width), dtype=np.int64), np.empty((n, width), dtype=np.int64)
+        mask, reset = np.empty((n, width), dtype=np.float32), np.empty((n, segs), dtype=bool)
+        epoch, source = np.empty((n, segs), dtype=np.int64), np.empty((n, segs), dtype=np.int64)
+        r = 0
+        for p in parts:
+            v = _Packing(p["n"], cfg.segment_length, segs, self._data.token_dtype).views(p["packed"].numpy())
+            rows = slice(r, r + p["n"])
+            tokens[rows], mask[rows], reset[rows] = v["tokens"], v["mask"], v["reset"]
+            epoch[rows], source[rows] = v["epoch"], v["source"]
+            # Within a window the next token of a document is the next position (documents run on
+            # across segments); the window's last position carries its label separately.
+            labels[rows, :-1] = v["tokens"][:, 1:]
+            labels[rows, -1] = v["carry"]
+            r += p["n"]
+        labels[mask == 0] = self._data.pad_id
+        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+                "loss_mask": torch.from_numpy(mask), "reset": torch.from_numpy(reset),
+                "lane_ids": torch.tensor(self.lane_ids, dtype=torch.int64), "epoch": torch.from_numpy(epoch),
+                "source": torch.from_numpy(source)}
 
     def stats(self) -> dict:
         """Counts for this rank's lanes: documents started, tokens and padding delivered, samples

@@ -211,7 +211,9 @@ class _ShardWriter:
         name = shard_name(len(self.shards))
         self.shards.append({"name": name, "n_documents": 0, "n_tokens": 0, "n_bytes": 0,
                             "first_document": len(self.doc_tokens)})
-        self._tar = wds.TarWriter(os.path.join(self.out_dir, name))
+        # An integer mtime spares every member a PAX header (TarWriter's default is a float) and
+        # makes shards byte-for-byte reproducible.
+        self._tar = wds.TarWriter(os.path.join(self.out_dir, name), mtime=0)
 
     def close(self) -> None:
         if self._tar is not None:

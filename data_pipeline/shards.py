@@ -288,7 +288,10 @@ def read_documents(ss: ShardSet, shard: int, wanted: np.ndarray, start: int,
                 continue
             tokens = sample.get(ext)
             p, pos = pos, pos + 1
-            if not isinstance(tokens, np.ndarray):
+            if not isinstance(tokens, np.ndarray) and last_error:
+                # The read error came while this sample was being put together.
+                bad(where(i), f"is incomplete ({last_error[-1]})", "unreadable")
+            elif not isinstance(tokens, np.ndarray):
                 have = sorted(k for k in sample if not k.startswith("__"))
                 bad(where(i), f"has no token ids (expected a {ext} file, found {have})", "no_tokens")
             elif len(tokens) == 0:

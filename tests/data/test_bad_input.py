@@ -65,11 +65,16 @@ def corrupt_header(path):
         f.write(b"\xff" * 512)
 
 
-def truncate_at(delta):
+def truncate_at(member, delta):
+    """Cut the shard `delta` bytes into sample K's first member, or into its token ids' data."""
     def fn(path):
-        off = sample_offset(path, K) + delta
+        if member == "first":
+            off = sample_offset(path, K)
+        else:
+            with tarfile.open(path) as t:
+                off = t.getmember(f"{key(K)}.tokens.u16").offset_data
         with open(path, "r+b") as f:
-            f.truncate(off)
+            f.truncate(off + delta)
     return fn
 
 
@@ -83,8 +88,8 @@ def bad_id(data):
 # reading past the damage seeks over it), "K" alone or "all" of the shard, error text)
 CASES = {
     "corrupt header": (corrupt_header, "unreadable", "from K", "missing from the shard"),
-    "truncated at a member boundary": (truncate_at(0), "unreadable", "from K", "missing from the shard"),
-    "truncated inside a member": (truncate_at(700), "unreadable", "from K", "cannot read .*ReadError"),
+    "truncated at a member boundary": (truncate_at("first", 0), "unreadable", "from K", "missing from the shard"),
+    "truncated inside a member": (truncate_at("tokens", 64), "unreadable", "from K", "cannot read .*ReadError"),
     "sample without tokens": (lambda p: rewrite(p, drop_tokens), "no_tokens", "K", "has no token ids"),
     "empty document": (lambda p: rewrite(p, replace_tokens(lambda d: b"")), "empty", "K", "is an empty document"),
     "token id >= vocab": (lambda p: rewrite(p, replace_tokens(bad_id)), "bad_token_id", "K",
