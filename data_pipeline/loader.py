@@ -200,6 +200,65 @@ def _close(it: Optional[Iterator[dict]]) -> None:
         close()
 
 
+class _Progress:
+    """What the consumer has been handed: lane states after the last batch, skip counts, steps.
+    The batch generator updates it and holds no reference to its loader: a loader/generator
+    cycle would keep a dropped loader's DataLoader alive until a later garbage collection, which
+    may then run inside another loader's freshly forked worker."""
+
+    def __init__(self, states: Dict[int, dict], step: int):
+        self.states, self.step = states, step
+        self.bad: Dict[int, Dict[str, int]] = {}
+
+
+def _assemble(data: _Data, lane_ids: List[int], parts: List[dict]) -> dict:
+    """The rank's batch from the workers' packed items (in lane order)."""
+    cfg = data.cfg
+    n, width, segs = sum(p["n"] for p in parts), cfg.segment_length * cfg.n_segments, cfg.n_segments
+    tokens, labels = np.empty((n, width), dtype=np.int64), np.empty((n, width), dtype=np.int64)
+    mask, reset = np.empty((n, width), dtype=np.float32), np.empty((n, segs), dtype=bool)
+    epoch, source = np.empty((n, segs), dtype=np.int64), np.empty((n, segs), dtype=np.int64)
+    r = 0
+    for p in parts:
+        v = _Packing(p["n"], cfg.segment_length, segs, data.token_dtype).views(p["packed"].numpy())
+        rows = slice(r, r + p["n"])
+        tokens[rows], mask[rows], reset[rows] = v["tokens"], v["mask"], v["reset"]
+        epoch[rows], source[rows] = v["epoch"], v["source"]
+        # Within a window the next token of a document is the next position (documents run on
+        # across segments); the window's last position carries its label separately.
+        labels[rows, :-1] = v["tokens"][:, 1:]
+        labels[rows, -1] = v["carry"]
+        r += p["n"]
+    labels[mask == 0] = data.pad_id
+    return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(mask), "reset": torch.from_numpy(reset),
+            "lane_ids": torch.tensor(lane_ids, dtype=torch.int64), "epoch": torch.from_numpy(epoch),
+            "source": torch.from_numpy(source)}
+
+
+def _batches(data: _Data, lane_ids: List[int], workers: int, progress: _Progress,
+             n_batches: Optional[int]) -> Iterator[dict]:
+    """Batches from progress.states on; each batch's lane states are recorded as it is handed
+    out, so progress describes the batches consumed, whatever the workers prefetched."""
+    it = _start(_LaneDataset(data, lane_ids, dict(progress.states), workers, n_batches), workers, data.cfg)
+    try:
+        while True:
+            parts = []
+            for _ in range(max(workers, 1)):
+                part = next(it, None)
+                if part is None:
+                    return
+                parts.append(part)
+            for p in parts:
+                progress.states.update(p["_states"])
+                progress.bad.update(p["_bad"])
+            progress.step += 1
+            yield _assemble(data, lane_ids, parts)
+    finally:
+        _close(it)
+        del it
+
+
 class _RankLoader:
     def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int, split: str):
         if dp_size < 1 or cfg.global_lanes % dp_size:
@@ -211,12 +270,15 @@ class _RankLoader:
         per = cfg.global_lanes // dp_size
         self.lane_ids = list(range(dp_rank * per, (dp_rank + 1) * per))
         self._workers = min(cfg.num_workers, per)
-        self.step = 0
-        self._states: Dict[int, dict] = self._fresh_states()
-        self._bad: Dict[int, Dict[str, int]] = {}
+        self._progress = _Progress(self._fresh_states(), 0)
 
     def _fresh_states(self) -> Dict[int, dict]:
         return {i: self._data.make_lane(i, None).state() for i in self.lane_ids}
+
+    @property
+    def step(self) -> int:
+        """Batches handed out (since the start of training, or of this validation pass)."""
+        return self._progress.step
 
     @property
     def vocab_size(self) -> int:
@@ -230,62 +292,16 @@ class _RankLoader:
     def eos_id(self) -> Optional[int]:
         return self._data.eos_id
 
-    def _batches(self, n_batches: Optional[int]) -> Iterator[dict]:
-        """Batches from the current lane states; each one's lane states are kept as they arrive,
-        so the loader's state is that after the last batch handed out, whatever was prefetched."""
-        ds = _LaneDataset(self._data, self.lane_ids, dict(self._states), self._workers, n_batches)
-        it = _start(ds, self._workers, self.cfg)
-        try:
-            while True:
-                parts = []
-                for _ in range(max(self._workers, 1)):
-                    part = next(it, None)
-                    if part is None:
-                        return
-                    parts.append(part)
-                for p in parts:
-                    self._states.update(p["_states"])
-                    self._bad.update(p["_bad"])
-                self.step += 1
-                yield self._assemble(parts)
-        finally:
-            _close(it)
-            del it
-
-    def _assemble(self, parts: List[dict]) -> dict:
-        """The rank's batch from the workers' packed items (in lane order)."""
-        cfg = self.cfg
-        n, width, segs = sum(p["n"] for p in parts), cfg.segment_length * cfg.n_segments, cfg.n_segments
-        tokens, labels = np.empty((n, width), dtype=np.int64), np.empty((n, width), dtype=np.int64)
-        mask, reset = np.empty((n, width), dtype=np.float32), np.empty((n, segs), dtype=bool)
-        epoch, source = np.empty((n, segs), dtype=np.int64), np.empty((n, segs), dtype=np.int64)
-        r = 0
-        for p in parts:
-            v = _Packing(p["n"], cfg.segment_length, segs, self._data.token_dtype).views(p["packed"].numpy())
-            rows = slice(r, r + p["n"])
-            tokens[rows], mask[rows], reset[rows] = v["tokens"], v["mask"], v["reset"]
-            epoch[rows], source[rows] = v["epoch"], v["source"]
-            # Within a window the next token of a document is the next position (documents run on
-            # across segments); the window's last position carries its label separately.
-            labels[rows, :-1] = v["tokens"][:, 1:]
-            labels[rows, -1] = v["carry"]
-            r += p["n"]
-        labels[mask == 0] = self._data.pad_id
-        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-                "loss_mask": torch.from_numpy(mask), "reset": torch.from_numpy(reset),
-                "lane_ids": torch.tensor(self.lane_ids, dtype=torch.int64), "epoch": torch.from_numpy(epoch),
-                "source": torch.from_numpy(source)}
-
     def stats(self) -> dict:
         """Counts for this rank's lanes: documents started, tokens and padding delivered, samples
         skipped (by reason, on_bad_sample='skip'), per-source filter counts, epochs reached."""
+        prog = self._progress
         skipped: Dict[str, int] = {}
         for i in self.lane_ids:
-            counts = self._bad.get(i) or _snapshot_bad(self._states[i])
-            for k, v in counts.items():
+            for k, v in (prog.bad.get(i) or _snapshot_bad(prog.states[i])).items():
                 skipped[k] = skipped.get(k, 0) + v
-        states = [self._states[i] for i in self.lane_ids]
-        return {"step": self.step,
+        states = [prog.states[i] for i in self.lane_ids]
+        return {"step": prog.step,
                 "documents": sum(s["docs"] for s in states),
                 "tokens": sum(s["tokens"] for s in states),
                 "padding": sum(s["pad"] for s in states),
@@ -317,7 +333,7 @@ class TrainLoader(_RankLoader):
 
     def next_batch(self) -> dict:
         if self._it is None:
-            self._it = self._batches(None)
+            self._it = _batches(self._data, self.lane_ids, self._workers, self._progress, None)
         try:
             return next(self._it)
         except BaseException:
@@ -334,7 +350,7 @@ class TrainLoader(_RankLoader):
     def state_dict(self) -> dict:
         """The position after the last batch returned: plain python (picklable, torch.save-able)."""
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": self._data.fingerprint,
-                "step": self.step, "lanes": {i: self._states[i] for i in self.lane_ids}}
+                "step": self.step, "lanes": {i: self._progress.states[i] for i in self.lane_ids}}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`. It may come from another dp_size (same global_lanes); it must hold
@@ -348,9 +364,7 @@ class TrainLoader(_RankLoader):
                              f"{self.dp_rank}/{self.dp_size}; load the merged state of all ranks "
                              "(data_pipeline.gather_state_dict or merge_state_dicts)")
         self.close()
-        self._states = {i: lanes[i] for i in self.lane_ids}
-        self._bad = {}
-        self.step = int(state["step"])
+        self._progress = _Progress({i: lanes[i] for i in self.lane_ids}, int(state["step"]))
 
 
 class ValidLoader(_RankLoader):
@@ -370,8 +384,8 @@ class ValidLoader(_RankLoader):
         return self.n_batches
 
     def __iter__(self) -> Iterator[dict]:
-        self.step, self._states, self._bad = 0, self._fresh_states(), {}
-        return self._batches(self.n_batches)
+        self._progress = _Progress(self._fresh_states(), 0)
+        return _batches(self._data, self.lane_ids, self._workers, self._progress, self.n_batches)
 
 
 def _snapshot_bad(state: dict) -> Dict[str, int]:

@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import pickle
+import weakref
 from collections import Counter
 
 import pytest
@@ -243,3 +244,15 @@ def test_config_and_state_mismatches_are_clear_errors(corpus):
     state = build_train_loader(make_cfg(corpus), 0, 1).state_dict()
     with pytest.raises(ValueError, match="another data config.*seed"):
         build_train_loader(make_cfg(corpus, seed=8), 0, 1).load_state_dict(state)
+
+
+def test_a_dropped_loader_is_freed_at_once_with_its_workers(corpus):
+    ld = build_train_loader(make_cfg(corpus), 0, 1)
+    next(ld)
+    workers = [w for w in ld._it.gi_frame.f_locals["it"]._workers]
+    ref = weakref.ref(ld)
+    del ld
+    assert ref() is None, "no reference cycle may keep a loader (and its DataLoader workers) alive"
+    for w in workers:
+        w.join(timeout=10)
+        assert not w.is_alive()
