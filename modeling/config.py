@@ -25,6 +25,10 @@ class InfiniTransformerConfig(TransformerConfig):
     infini_gate_init: float = 0.0
     """Initial beta of every head's gate (sigmoid(0) = 0.5 mixes memory and local output equally)."""
 
+    infini_loss_chunk_tokens: int = 0
+    """Compute the output layer and cross-entropy this many tokens at a time, recomputing the
+    logits in backward, so a window's logits never exist whole in fp32 (0: all at once)."""
+
     def __post_init__(self):
         super().__post_init__()
         if self.infini_update not in UPDATE_RULES:

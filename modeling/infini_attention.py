@@ -21,8 +21,13 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 UPDATE_RULES = ("linear", "delta")
+
+# cuDNN attention runs ~1.7x the flash backend on H100 (../shared/device/README.md); the others are fallbacks.
+_CUDA_SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                       SDPBackend.MATH]
 
 
 class InfiniMemory(NamedTuple):
@@ -115,25 +120,33 @@ def _check_inputs(q, k, v, gate, memory, segment_length, update, reset):
         raise ValueError(f"reset must have shape ({b}, {n_segments}), got {tuple(reset.shape)}")
 
 
+def _causal_sdpa(q, k, v):
+    if q.is_cuda:
+        with sdpa_kernel(_CUDA_SDPA_PRIORITY, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 def local_attention(q, k, v, segment_length, rotary_pos_emb=None):
-    """Causal softmax attention inside each segment: all segments in one SDPA call."""
+    """Causal softmax attention inside each segment: all segments in one SDPA call.
+
+    Segments are folded into SDPA's batch: [b, h, t, d] -> [b * s, h, n, d]. For one sequence
+    (b = 1) that is a strided view of megatron's [t, b, h, d] activations, with no copy.
+    """
     b, h, t, d = q.shape
     g, dv = k.shape[1], v.shape[3]
-    s = t // segment_length
+    s, n = t // segment_length, segment_length
+    q, k, v = q.reshape(b, h, s, n, d), k.reshape(b, g, s, n, d), v.reshape(b, g, s, n, dv)
     if rotary_pos_emb is not None:
-        q = apply_rotary(q.reshape(b, h, s, segment_length, d), rotary_pos_emb)
-        k = apply_rotary(k.reshape(b, g, s, segment_length, d), rotary_pos_emb)
+        q, k = apply_rotary(q, rotary_pos_emb), apply_rotary(k, rotary_pos_emb)
     if g != h:
-        k = k.reshape(b, g, t, d).repeat_interleave(h // g, dim=1)
-        v = v.repeat_interleave(h // g, dim=1)
-    # Segments become extra "heads": [b, h * s, n, d] is a view of [b, h, t, d].
-    out = F.scaled_dot_product_attention(
-        q.reshape(b, h * s, segment_length, d),
-        k.reshape(b, h * s, segment_length, d),
-        v.reshape(b, h * s, segment_length, dv),
-        is_causal=True,
-    )
-    return out.reshape(b, h, t, dv)
+        k, v = k.repeat_interleave(h // g, dim=1), v.repeat_interleave(h // g, dim=1)
+
+    def fold(x):
+        return x.transpose(1, 2).reshape(b * s, h, n, x.shape[-1])
+
+    out = _causal_sdpa(fold(q), fold(k), fold(v))
+    return out.reshape(b, s, h, n, dv).transpose(1, 2).reshape(b, h, t, dv)
 
 
 def _memories_before_segments(sk, v, memory, reset, update):

@@ -78,11 +78,23 @@ class InfiniGPTModel(GPTModel):
         if not self.post_process:
             return hidden, new_memory
         hidden = self.decoder.final_layernorm(hidden)
+        if labels is None:
+            return self._logits(hidden).transpose(0, 1).contiguous(), new_memory
+        chunk = self.config.infini_loss_chunk_tokens
+        if not chunk or chunk >= hidden.shape[0]:
+            return self._loss(hidden, labels), new_memory
+        losses = [checkpoint(self._loss, hidden[i:i + chunk], labels[:, i:i + chunk], use_reentrant=False)
+                  for i in range(0, hidden.shape[0], chunk)]
+        return torch.cat(losses, dim=1), new_memory
+
+    def _logits(self, hidden):
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=weight)
-        if labels is None:
-            return logits.transpose(0, 1).contiguous(), new_memory
-        return self.compute_language_model_loss(labels, logits), new_memory
+        return logits
+
+    def _loss(self, hidden, labels):
+        """Per-token loss [b, t] of hidden states [t, b, h]."""
+        return self.compute_language_model_loss(labels, self._logits(hidden))
 
 
 def build_model(config: InfiniTransformerConfig, vocab_size: int, *, pre_process: bool = True,

@@ -36,6 +36,16 @@ class ParallelConfig:
 
 
 @dataclass
+class PerformanceConfig:
+    compile_layers: bool = False
+    """torch.compile each transformer layer (GPU runs)."""
+    loss_chunk_tokens: int = 0
+    """Output layer + cross-entropy in chunks of this many tokens (0: whole window)."""
+    tf32: bool = True
+    """TF32 for float32 matmuls (the Infini memory's reads and writes) on GPUs."""
+
+
+@dataclass
 class OptimizerConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -121,6 +131,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
 
 
 def _load_yaml(path: str) -> DictConfig:
@@ -198,6 +209,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
     need(cfg.optimizer.lr > 0 and cfg.optimizer.gate_lr > 0, "optimizer.lr and optimizer.gate_lr must be > 0")
     need(0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr, "optimizer.min_lr must be in [0, optimizer.lr]")
     need(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")
+    need(cfg.performance.loss_chunk_tokens >= 0, "performance.loss_chunk_tokens must be >= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
     mode = cfg.logging.wandb.mode
     need(mode in (None, "online", "offline", "disabled"), f"logging.wandb.mode must be online, offline or disabled, got {mode!r}")

@@ -56,7 +56,8 @@ class ConsoleSink:
                  f"grad {metrics['grad_norm']:.3f}", f"tok/s {metrics['tokens_per_s']:,.0f}"]
         if metrics.get("mfu") is not None:
             parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
-        parts.append(f"gate {metrics['gate_mean']:.3f}")
+        if "gate_mean" in metrics:
+            parts.append(f"gate {metrics['gate_mean']:.3f}")
         if metrics.get("skipped_steps"):
             parts.append(f"skipped {metrics['skipped_steps']}")
         print(" | ".join(parts), flush=True)

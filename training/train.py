@@ -91,6 +91,7 @@ def build_stage_model(cfg: TrainConfig, bf16: bool):
         recompute_granularity="full" if cfg.model.recompute else None,
         recompute_method="uniform" if cfg.model.recompute else None,
         recompute_num_layers=1 if cfg.model.recompute else None,
+        infini_loss_chunk_tokens=cfg.performance.loss_chunk_tokens,
     )
     model = build_model(
         transformer_config,
@@ -102,6 +103,9 @@ def build_stage_model(cfg: TrainConfig, bf16: bool):
     )
     model = model.to(device())
     init_weights(model, cfg.seed)
+    if cfg.performance.compile_layers:
+        for layer in model.decoder.layers:
+            layer.compile()
     return model
 
 
@@ -117,6 +121,8 @@ class Trainer:
         self.rank = env.rank
         self.world_size = env.world_size
         self.bf16 = use_bf16(cfg)
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = cfg.performance.tf32
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.lanes_per_rank = cfg.data.global_lanes // self.dp_size
@@ -225,15 +231,17 @@ class Trainer:
         tokens_per_s = tokens / elapsed
         mfu = (self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.world_size)
                if self.peak_tflops else None)
-        gates = gate_values(self.model)
         metrics = {
             "loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
             "mfu": mfu, "step_time_s": elapsed, "consumed_tokens": self.state.consumed_tokens,
             "padding_fraction": 1.0 - result.tokens / tokens, "skipped_steps": self.state.skipped_steps,
-            "gate_mean": float(np.mean([v for values in gates.values() for v in values])),
-            **{f"gate/layer_{i}": float(np.mean(v)) for i, v in gates.items()},
-            "memory_max_norm": max_over_world(self.carried.max_norm()),
         }
+        if self.state.step == 1 or self.state.step % cfg.logging.interval == 0:
+            # Collectives over the model-parallel group and the world: only on logging steps.
+            gates = gate_values(self.model)
+            metrics["gate_mean"] = float(np.mean([v for values in gates.values() for v in values]))
+            metrics.update({f"gate/layer_{i}": float(np.mean(v)) for i, v in gates.items()})
+            metrics["memory_max_norm"] = max_over_world(self.carried.max_norm())
         if torch.cuda.is_available():
             metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         if self.state.consecutive_nonfinite >= cfg.max_nonfinite_steps:

@@ -1,0 +1,190 @@
+"""Stream a token sequence of any length through an Infini-attention model with constant memory.
+
+``StreamingModel(model).feed(tokens)`` takes the next tokens of every row of a batch and returns
+their logits; it may be called any number of times with any number of tokens. Whole segments go
+through ``model.forward`` a window of ``window_segments`` segments at a time, carrying the
+compressive memory (detached, no autograd). A partial segment at the end of what was fed is run
+incrementally, without padding: its per-layer keys and values are cached (local attention of new
+tokens reads them; the memory is only read), and when later tokens complete the segment its cached
+keys and values are written into the memory exactly as the model would have. So one token at a
+time (generation) costs one token through the layers plus attention over at most one segment, and
+any split of a stream into ``feed`` calls gives the logits of one pass over the whole stream.
+
+``memory_ablated(model)`` forces every gate fully local for its duration: the model then sees
+nothing beyond the current segment (the control for "is it the memory that does it").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from modeling.cpu_compat import megatron_on_cpu
+from modeling.infini_attention import InfiniMemory, apply_rotary, empty_memory, memory_dtype, retrieve, sigma
+from modeling.layers import is_gate_parameter
+
+
+@contextlib.contextmanager
+def memory_ablated(model):
+    """Gates at -inf (sigmoid = 0, exactly): attention is the local softmax only; restored on exit."""
+    gates = [p for p in model.parameters() if is_gate_parameter(p)]
+    saved = [g.detach().clone() for g in gates]
+    with torch.no_grad():
+        for g in gates:
+            g.fill_(float("-inf"))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for g, s in zip(gates, saved):
+                g.copy_(s)
+
+
+class _SegmentCache(NamedTuple):
+    """One layer's keys (RoPE-rotated, and raw for the memory write) and values of the current
+    partial segment: [b, kv_heads, tokens so far, d]."""
+
+    k_rotated: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def write_segment(memory: InfiniMemory, k: torch.Tensor, v: torch.Tensor, update: str) -> InfiniMemory:
+    """The memory after one whole segment of raw keys k and values v [b, g, n, d] (the core's rule)."""
+    sk = sigma(k)
+    v = v.to(sk.dtype)
+    if update == "linear":
+        M = memory.M + sk.transpose(-1, -2) @ v
+    else:
+        M = memory.M + sk.transpose(-1, -2) @ (v - retrieve(sk, memory.M, memory.z))
+    return InfiniMemory(M, memory.z + sk.sum(dim=2))
+
+
+class StreamingModel:
+    """Feeds a stream window by window; holds the memory of whole segments and the partial one.
+
+    model: an ``InfiniGPTModel`` on one device holding every layer (TP = PP = 1). vocab_size: the
+    real vocabulary (logits are sliced to it; the model's is padded). Everything runs under
+    ``torch.no_grad()`` and ``megatron_on_cpu()``.
+    """
+
+    def __init__(self, model, vocab_size: Optional[int] = None, window_segments: int = 8):
+        if not (model.pre_process and model.post_process):
+            raise ValueError("StreamingModel needs the whole model on one device (one pipeline stage)")
+        if window_segments < 1:
+            raise ValueError(f"window_segments must be >= 1, got {window_segments}")
+        self.model = model
+        self.segment_length = model.config.infini_segment_length
+        self.window = window_segments * self.segment_length
+        self.vocab_size = vocab_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream: empty memory, no partial segment."""
+        self.memory: Optional[List[InfiniMemory]] = None
+        self.cache: Optional[List[_SegmentCache]] = None
+        self.position = 0
+
+    @property
+    def pending(self) -> int:
+        """Tokens of the current partial segment."""
+        return self.position % self.segment_length
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens [b, n] to every row's stream; returns their logits [b, n, vocab] in float32."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, n], got shape {tuple(tokens.shape)}")
+        L, n = self.segment_length, tokens.shape[1]
+        outputs, i = [], 0
+        with megatron_on_cpu():
+            if self.pending and n:
+                i = min(L - self.pending, n)
+                outputs.append(self._extend(tokens[:, :i]))
+            whole_end = i + (n - i) // L * L
+            for start in range(i, whole_end, self.window):
+                chunk = tokens[:, start:min(start + self.window, whole_end)]
+                logits, memory = self.model(chunk, memory=self.memory)
+                self.memory = [InfiniMemory(m.M.detach(), m.z.detach()) for m in memory]
+                self.position += chunk.shape[1]
+                outputs.append(logits)
+            if whole_end < n:
+                outputs.append(self._extend(tokens[:, whole_end:]))
+        if not outputs:
+            return torch.empty(tokens.shape[0], 0, self.vocab_size or 0)
+        logits = torch.cat(outputs, dim=1)
+        return logits[..., : self.vocab_size].float() if self.vocab_size else logits.float()
+
+    @torch.no_grad()
+    def score(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [b, n - 1] of tokens[:, 1:] given what precedes them (in this stream and
+        earlier feeds), fed a window at a time so no more than one window's logits exist."""
+        logprobs = []
+        for start in range(0, tokens.shape[1], self.window):
+            chunk = tokens[:, start:start + self.window]
+            logits = self.feed(chunk)
+            targets = tokens[:, start + 1:start + 1 + chunk.shape[1]]
+            step = torch.log_softmax(logits[:, : targets.shape[1]], dim=-1)
+            logprobs.append(step.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+        return torch.cat(logprobs, dim=1)
+
+    def _extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run tokens [b, n] of the current segment (pending + n <= segment_length) incrementally."""
+        model, L = self.model, self.segment_length
+        start = self.pending
+        b, n = tokens.shape
+        if self.memory is None:
+            dtype = memory_dtype(next(model.parameters()).dtype)
+            c = model.config
+            self.memory = [empty_memory(b, c.num_query_groups, c.kv_channels, c.kv_channels,
+                                        device=tokens.device, dtype=dtype) for _ in model.layers]
+        freqs = model.rotary_pos_emb(L)[start:start + n]
+        hidden = model.embedding(input_ids=tokens, position_ids=None)
+        cache = []
+        for index, layer in enumerate(model.layers):
+            previous = self.cache[index] if self.cache is not None and start else None
+            hidden, layer_cache = _layer_extend(layer, hidden, freqs, self.memory[index], previous)
+            cache.append(layer_cache)
+        self.position += n
+        if self.pending == 0:
+            update = model.config.infini_update
+            self.memory = [write_segment(m, c.k, c.v, update) for m, c in zip(self.memory, cache)]
+            self.cache = None
+        else:
+            self.cache = cache
+        hidden = model.decoder.final_layernorm(hidden)
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        logits, _ = model.output_layer(hidden, weight=weight)
+        return logits.transpose(0, 1)
+
+
+def _layer_extend(layer, hidden, freqs, memory: InfiniMemory, cache: Optional[_SegmentCache]):
+    """``InfiniTransformerLayer.forward`` for the next tokens of a segment whose earlier keys and
+    values are cached. hidden [n, b, H]; freqs: RoPE angles of the n positions in the segment."""
+    attention = layer.self_attention
+    residual = hidden
+    query, key, value = attention.get_query_key_value_tensors(layer.input_layernorm(hidden))
+    q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, n, d]
+    new = _SegmentCache(apply_rotary(k, freqs), k, v)
+    if cache is not None:
+        new = _SegmentCache(*(torch.cat([old, cur], dim=2) for old, cur in zip(cache, new)))
+    b, h, n, d = q.shape
+    g, total = new.k.shape[1], new.k.shape[2]
+    keys, values = new.k_rotated, new.v
+    if g != h:
+        keys, values = keys.repeat_interleave(h // g, dim=1), values.repeat_interleave(h // g, dim=1)
+    # New token i sits at position total - n + i of the segment and sees keys 0..that position.
+    visible = torch.arange(total, device=q.device)[None, :] <= torch.arange(total - n, total, device=q.device)[:, None]
+    local = F.scaled_dot_product_attention(apply_rotary(q, freqs), keys, values, attn_mask=visible)
+    sq = sigma(q).reshape(b, g, h // g, n, d)
+    from_memory = retrieve(sq, memory.M.unsqueeze(2), memory.z.unsqueeze(2)).reshape(b, h, n, -1)
+    weight = torch.sigmoid(attention.core_attention.gate.to(sq.dtype)).view(1, h, 1, 1)
+    context = (weight * from_memory + (1.0 - weight) * local.to(sq.dtype)).to(q.dtype)
+    output, bias = attention.linear_proj(context.permute(2, 0, 1, 3).reshape(n, b, -1))
+    with layer.bias_dropout_add_exec_handler():
+        hidden = layer.self_attn_bda(layer.training, layer.config.bias_dropout_fusion)(
+            (output, bias), residual, layer.hidden_dropout)
+    return layer._forward_mlp(hidden), new

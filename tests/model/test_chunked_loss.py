@@ -1,0 +1,32 @@
+"""Chunked output layer + cross-entropy gives the per-token losses and gradients of the whole-window loss."""
+
+import torch
+
+from tests.distributed import run_distributed
+
+
+def worker(rank, world, chunk):
+    from modeling.config import ModelConfig, build_transformer_config
+    from modeling.cpu_compat import megatron_on_cpu
+    from modeling.init import init_weights
+    from modeling.model import build_model
+    from training.distributed import init_distributed, init_model_parallel
+
+    init_distributed()
+    init_model_parallel(1, 1)
+    cfg = ModelConfig(segment_length=8)
+    model = build_model(build_transformer_config(cfg, infini_loss_chunk_tokens=chunk), cfg.padded_vocab_size())
+    init_weights(model, 3)
+    ids = torch.randint(0, 258, (2, 32), generator=torch.Generator().manual_seed(0))
+    with megatron_on_cpu():
+        loss, _ = model(ids, ids.roll(-1, 1), None, None)
+        loss.sum().backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_chunked_loss_equals_whole_window():
+    whole_loss, whole_grads = run_distributed(worker, 1, 0)[0]
+    chunk_loss, chunk_grads = run_distributed(worker, 1, 12)[0]
+    torch.testing.assert_close(chunk_loss, whole_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunk_grads[name], grad, rtol=1e-5, atol=1e-7)
