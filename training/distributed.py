@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -43,7 +44,14 @@ def read_dist_env(environ=None) -> DistEnv:
         port = int(env.get("MASTER_PORT", 20000 + job % 10000))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                        addr, port)
-    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    # One plain process: any free port will do (a fixed default would clash with other jobs).
+    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or free_port()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistEnv:
@@ -86,12 +94,7 @@ def device() -> torch.device:
 def init_single_process(seed: int = 1234) -> None:
     """A world of one process (evaluation, export loading, tools): TP = PP = DP = 1."""
     if not dist.is_initialized():
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
+        os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
     init_model_parallel(1, 1, seed)

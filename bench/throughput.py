@@ -1,0 +1,131 @@
+"""Training throughput of the Infini-attention model, side by side with full-attention baselines.
+
+Each case is a short real training run (``python -m training.train``: data pipeline, megatron-core
+schedule, DeepSpeed ZeRO-1 with fp32 master weights, bf16) in its own process; warm-up steps are
+excluded. Baselines, when ``--anchor`` points at ../shared/bench/anchor_bench.py, run in the same
+call: the compiled plain-PyTorch Llama (fp32 master weights + bf16 autocast) and megatron-core's
+local-spec GPT at sequence 2048.
+
+    python bench/throughput.py --cases infini-1.3b,infini-350m --anchor path/to/anchor_bench.py --out DIR
+
+MFU is reported two ways: ours (``modeling/flops.py``: matmul parameters, local attention over the
+segment, memory read/write) and the anchor's convention (6 x all parameters + 12 L H S, with S the
+attended span: the segment for Infini-attention), so the columns compare with the anchor's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from modeling.config import ModelConfig  # noqa: E402
+from modeling.flops import count_parameters  # noqa: E402
+
+PEAK = 989e12
+
+COMMON = [
+    "precision=bf16", "data.segment_length=2048", "model.segment_length=2048", "data.n_segments=8",
+    "data.num_workers=2", "parallel.micro_batch_lanes=1", "parallel.zero_stage=1", "schedule.warmup_steps=2",
+    "logging.interval=1", "logging.wandb.mode=disabled", "checkpoint.save_at_end=false", "optimizer.lr=3e-4",
+    "build_stdlib_shards=true", "data.sources=[{path: runs/data/python-stdlib}]",
+]
+
+CASES = {
+    # name: (model preset, extra overrides)
+    "infini-1.3b": ("1.3b", ["data.global_lanes=4", "performance.compile_layers=true",
+                             "performance.loss_chunk_tokens=4096"]),
+    "infini-1.3b-eager": ("1.3b", ["data.global_lanes=4", "performance.loss_chunk_tokens=4096"]),
+    "infini-350m": ("350m", ["data.global_lanes=8", "performance.compile_layers=true",
+                             "performance.loss_chunk_tokens=4096"]),
+    "infini-125m": ("125m", ["data.global_lanes=8", "performance.compile_layers=true",
+                             "performance.loss_chunk_tokens=4096"]),
+    "infini-tiny-cpu": ("tiny", ["precision=fp32", "data.segment_length=64", "model.segment_length=64",
+                                 "data.n_segments=4", "data.global_lanes=4"]),
+}
+
+
+def run_case(name: str, steps: int, warmup: int, out_dir: str) -> dict:
+    preset, extra = CASES[name]
+    run_dir = os.path.join(out_dir, name)
+    cmd = [sys.executable, "-m", "training.train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+           f"defaults.model={preset}", f"run_dir={run_dir}", f"schedule.steps={steps}", *COMMON, *extra]
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    with open(os.path.join(out_dir, f"{name}.log"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-1500:]
+        return {"case": name, "error": f"exit {proc.returncode}: {tail}"}
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    rows = [r for r in rows if "loss" in r]
+    steady = rows[warmup:]
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in steady)
+    cfg = ModelConfig(**_preset(preset))
+    segment = 64 if name.endswith("cpu") else 2048
+    cfg.segment_length = segment
+    total, _ = count_parameters(cfg)
+    anchor_flops = 6 * total + 12 * cfg.num_layers * cfg.hidden_size * segment
+    return {
+        "case": name, "tokens_per_s": tokens_per_s,
+        "mfu": statistics.median(r["mfu"] for r in steady) if steady[0].get("mfu") is not None else None,
+        "mfu_anchor_convention": tokens_per_s * anchor_flops / PEAK,
+        "peak_memory_gb": max(r.get("gpu_memory_gb", 0.0) for r in rows),
+        "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "steps": len(rows),
+        "wall_s": time.time() - started,
+    }
+
+
+def _preset(name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "configs", "model", f"{name}.yaml")))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="infini-1.3b,infini-350m")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--anchor", help="path of ../shared/bench/anchor_bench.py, to run its baselines here")
+    parser.add_argument("--anchor-modes", default="compiled amp megatron")
+    parser.add_argument("--out", default="runs/bench")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    results = []
+    for name in args.cases.split(","):
+        result = run_case(name, args.steps, args.warmup, args.out)
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    anchor_lines = []
+    if args.anchor:
+        proc = subprocess.run([sys.executable, args.anchor, *args.anchor_modes.split()], capture_output=True,
+                              text=True)
+        anchor_lines = [line for line in proc.stdout.splitlines() if "tok/s" in line or "OOM" in line]
+        if proc.returncode != 0:
+            anchor_lines.append(f"anchor exit {proc.returncode}: {proc.stderr[-800:]}")
+    with open(os.path.join(args.out, "throughput.json"), "w") as f:
+        json.dump({"results": results, "anchor": anchor_lines}, f, indent=1)
+    print("\n| case | tokens/s | MFU (ours) | MFU (anchor convention) | peak GiB | loss first -> last |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['case']} | error | | | | {r['error'][-200:]!r} |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"| {r['case']} | {r['tokens_per_s']:,.0f} | {mfu} | {100 * r['mfu_anchor_convention']:.1f}% | "
+              f"{r['peak_memory_gb']:.1f} | {r['loss_first']:.2f} -> {r['loss_last']:.2f} |")
+    for line in anchor_lines:
+        print("anchor:", line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
