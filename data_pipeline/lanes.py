@@ -69,7 +69,8 @@ class Source:
             # Give every lane at least one document (possible since n_docs >= lanes).
             steps = np.arange(lanes + 1)
             p = np.minimum(np.maximum.accumulate(p - steps) + steps, self.n_docs - lanes + steps)
-        self._bounds = {e: b for e, b in self._bounds.items() if e >= epoch - 1}
+        if len(self._bounds) >= 8:  # lanes of one worker are rarely more than an epoch apart
+            del self._bounds[min(self._bounds)]
         self._bounds[epoch] = (order, cnt_cum, p)
         return self._bounds[epoch]
 

@@ -81,7 +81,7 @@ def _is_local(url: str) -> bool:
 
 
 def _local_path(url: str) -> str:
-    return re.sub(r"^file://?", "/", url) if url.startswith("file:") else url
+    return urlparse(url).path if url.startswith("file:") else url
 
 
 @dataclass
@@ -241,6 +241,9 @@ def read_documents(ss: ShardSet, shard: int, wanted: np.ndarray, start: int,
     offset = ss.offset(shard, int(wanted[start]))
     want = np.zeros(n, dtype=bool)
     want[wanted[start:]] = True
+    # webdataset ends a sample when the next selected file shows up: selecting the document after
+    # the last wanted one stops the read there instead of at the end of the shard.
+    want[min(int(wanted[-1]) + 1, n - 1)] = True
     lengths = ss.lengths(shard)
     vocab = ss.vocab_size
     ext = ss.token_ext
@@ -273,7 +276,8 @@ def read_documents(ss: ShardSet, shard: int, wanted: np.ndarray, start: int,
         wds.pipelinefilter(_open_at)(offset, opened, on_exception),
         wds.pipelinefilter(tar_file_expander)(handler=on_exception, select_files=select),
         wds.pipelinefilter(group_by_keys)(handler=on_exception),
-        wds.decode(_decode_tokens, handler=on_exception),
+        # Only the token ids need decoding; the metadata is for people.
+        wds.decode(_decode_tokens, only=[ext], handler=on_exception),
     )
     it = iter(ds) if not last_error else iter(())
     try:
@@ -283,7 +287,9 @@ def read_documents(ss: ShardSet, shard: int, wanted: np.ndarray, start: int,
                 why = f" ({last_error[-1]})" if last_error else ""
                 bad(where(int(wanted[pos])), f"missing from the shard{why}", "unreadable")
                 pos += 1
-            if pos >= len(wanted) or wanted[pos] != i:
+            if pos == len(wanted):
+                return
+            if wanted[pos] != i:
                 bad(where(i), "duplicate or out-of-order key", "bad_key")
                 continue
             tokens = sample.get(ext)

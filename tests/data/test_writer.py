@@ -4,6 +4,7 @@ parallelism, the stdlib source, the CLI and bad input."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_pipeline import DataConfig, DataError, SourceConfig, build_train_loader
-from data_pipeline.make_shards import build_stdlib_shards, write_shards
+from data_pipeline.make_shards import build_stdlib_shards, tar_member, write_shards
 from tests.data.helpers import epoch_documents, make_texts, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -216,3 +217,14 @@ def test_cli(tmp_path):
     r = subprocess.run(cmd[:3] + [str(bad)] + cmd[4:] + ["--overwrite"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 1 and "bad.jsonl:1: not valid UTF-8" in r.stderr
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 5000])
+def test_tar_members_are_what_tarfile_reads(size):
+    data = bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8))
+    blob = tar_member("000000007.tokens.u16", data) + tar_member("000000007.json", b"{}") + bytes(1024)
+    with tarfile.open(fileobj=io.BytesIO(blob)) as t:
+        members = t.getmembers()
+        assert [(m.name, m.size, m.isreg()) for m in members] == [("000000007.tokens.u16", size, True),
+                                                                   ("000000007.json", 2, True)]
+        assert t.extractfile(members[0]).read() == data
