@@ -6,9 +6,11 @@ import copy
 import io
 import json
 import pickle
+import tarfile
 import weakref
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -256,3 +258,24 @@ def test_a_dropped_loader_is_freed_at_once_with_its_workers(corpus):
     for w in workers:
         w.join(timeout=10)
         assert not w.is_alive()
+
+
+def test_a_range_is_read_without_scanning_the_rest_of_its_shard(tmp_path, monkeypatch):
+    from data_pipeline.make_shards import write_shards
+    from data_pipeline.shards import BadSamples, open_shard_set, read_documents
+
+    src = tmp_path / "x.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(200)))
+    write_shards([str(src)], str(tmp_path / "s"), progress=False)
+    ss = open_shard_set(str(tmp_path / "s"))
+    headers = Counter()
+    real_next = tarfile.TarFile.next
+
+    def counting_next(self):
+        headers["n"] += 1
+        return real_next(self)
+
+    monkeypatch.setattr(tarfile.TarFile, "next", counting_next)
+    got = [p for p, _ in read_documents(ss, 0, np.arange(100, 103), 0, BadSamples("error"))]
+    assert got == [0, 1, 2]
+    assert headers["n"] <= 3 * 2 + 2, "seek to the range, stop right after it"
