@@ -1,0 +1,1 @@
+"""Launchers for training runs: SLURM (``python -m launch.slurm``)."""
