@@ -87,13 +87,15 @@ class CheckpointConfig:
 @dataclass
 class WandbConfig:
     mode: Optional[str] = None
-    """'online', 'offline' or 'disabled'; None: online with WANDB_API_KEY set, else offline."""
+    """'online', 'offline' (files in <run_dir>/wandb, for `wandb sync`) or 'disabled'; None: WANDB_MODE if set,
+    else online with WANDB_API_KEY set, else offline."""
     project: str = "infinitron"
     entity: Optional[str] = None
     group: Optional[str] = None
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     gate_heatmap_interval: int = 100
+    """Log the layers x heads image of sigmoid(gate) every N steps (0: never)."""
 
 
 @dataclass

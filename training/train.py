@@ -35,6 +35,7 @@ from training.memory_state import CarriedMemory
 from training.metrics import ConsoleSink, JsonlSink, device_peak_tflops, gate_values, max_over_world
 from training.optim import build_engine
 from training.step import StepResult, allreduce_tied_embedding_grads, is_finite, run_schedule, split_microbatches
+from training.wandb_sink import open_wandb
 
 
 class NonFiniteLossError(RuntimeError):
@@ -154,6 +155,11 @@ class Trainer:
         if self.rank == 0:
             save_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             self.sinks = [ConsoleSink(cfg.logging.interval), JsonlSink(os.path.join(cfg.run_dir, "metrics.jsonl"))]
+        # After loading a checkpoint: its run id makes a resumed job continue the same W&B run.
+        wandb_sink = open_wandb(cfg, self.rank, self.wandb_run_id, gates=lambda: gate_values(self.model))
+        if wandb_sink is not None:
+            self.sinks.append(wandb_sink)
+            self.wandb_run_id = wandb_sink.run_id
 
     def print(self, message: str) -> None:
         if self.rank == 0:
