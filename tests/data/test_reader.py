@@ -16,8 +16,9 @@ import torch
 from omegaconf import OmegaConf
 
 from data_pipeline import (DataConfig, DataError, SourceConfig, build_train_loader, build_valid_loader,
-                           merge_state_dicts)
+                           gather_state_dict, merge_state_dicts)
 from tests.data.helpers import assert_batches_equal, concat_ranks, epoch_documents, lane_documents
+from tests.distributed import run_distributed
 
 SEG, NSEG = 64, 4
 
@@ -279,3 +280,19 @@ def test_a_range_is_read_without_scanning_the_rest_of_its_shard(tmp_path, monkey
     got = [p for p, _ in read_documents(ss, 0, np.arange(100, 103), 0, BadSamples("error"))]
     assert got == [0, 1, 2]
     assert headers["n"] <= 3 * 2 + 2, "seek to the range, stop right after it"
+
+
+def _gather_on_rank(rank, world, corpus_dir):
+    torch.distributed.init_process_group("gloo")
+    ld = build_train_loader(make_cfg({"dir": corpus_dir}, num_workers=0), rank, world)
+    for _ in range(5):
+        next(ld)
+    return gather_state_dict(ld)
+
+
+def test_gather_state_dict_over_a_process_group_equals_a_single_rank_state(corpus):
+    states = run_distributed(_gather_on_rank, 2, corpus["dir"], timeout=300)
+    single = build_train_loader(make_cfg(corpus, num_workers=0), 0, 1)
+    for _ in range(5):
+        next(single)
+    assert states[0] == states[1] == single.state_dict()
