@@ -119,6 +119,16 @@ class StreamingModel:
         return logits[..., : self.vocab_size].float() if self.vocab_size else logits.float()
 
     @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [b, n] (n >= 1) a window at a time; only the last position's logits [b, vocab]
+        are kept, so a prompt of any length needs memory for one window."""
+        if tokens.shape[1] == 0:
+            raise ValueError("prefill needs at least one token")
+        for start in range(0, tokens.shape[1], self.window):
+            logits = self.feed(tokens[:, start:start + self.window])
+        return logits[:, -1]
+
+    @torch.no_grad()
     def score(self, tokens: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [b, n - 1] of tokens[:, 1:] given what precedes them (in this stream and
         earlier feeds), fed a window at a time so no more than one window's logits exist."""
