@@ -93,6 +93,7 @@ class WandbConfig:
     entity: Optional[str] = None
     group: Optional[str] = None
     name: Optional[str] = None
+    """Default: the run directory's name."""
     tags: List[str] = field(default_factory=list)
     gate_heatmap_interval: int = 100
     """Log the layers x heads image of sigmoid(gate) every N steps (0: never)."""

@@ -54,7 +54,8 @@ class WandbSink:
         settings = cfg.logging.wandb
         self.wandb = wandb
         self.run = wandb.init(
-            project=settings.project, entity=settings.entity, group=settings.group, name=settings.name,
+            project=settings.project, entity=settings.entity, group=settings.group,
+            name=settings.name or os.path.basename(os.path.abspath(cfg.run_dir)),
             tags=list(settings.tags) or None, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
             dir=cfg.run_dir, id=run_id, resume="allow",
             mode=resolve_mode(settings.mode))
