@@ -52,18 +52,21 @@ CASES = {
 }
 
 
-def run_case(name: str, steps: int, warmup: int, out_dir: str) -> dict:
+def run_case(name: str, steps: int, warmup: int, out_dir: str, overrides=(), tag: str = "") -> dict:
+    """One training run of CASES[name] (+ overrides, which win); medians over the steps after warmup."""
     preset, extra = CASES[name]
-    run_dir = os.path.join(out_dir, name)
+    label = f"{name}-{tag}" if tag else name
+    run_dir = os.path.join(out_dir, label)
     cmd = [sys.executable, "-m", "training.train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
-           f"defaults.model={preset}", f"run_dir={run_dir}", f"schedule.steps={steps}", *COMMON, *extra]
+           f"defaults.model={preset}", f"run_dir={run_dir}", f"schedule.steps={steps}", *COMMON, *extra,
+           *overrides]
     started = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    with open(os.path.join(out_dir, f"{name}.log"), "w") as f:
+    with open(os.path.join(out_dir, f"{label}.log"), "w") as f:
         f.write(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-1500:]
-        return {"case": name, "error": f"exit {proc.returncode}: {tail}"}
+        return {"case": label, "error": f"exit {proc.returncode}: {tail}"}
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     rows = [r for r in rows if "loss" in r]
     steady = rows[warmup:]
@@ -74,11 +77,12 @@ def run_case(name: str, steps: int, warmup: int, out_dir: str) -> dict:
     total, _ = count_parameters(cfg)
     anchor_flops = 6 * total + 12 * cfg.num_layers * cfg.hidden_size * segment
     return {
-        "case": name, "tokens_per_s": tokens_per_s,
+        "case": label, "tokens_per_s": tokens_per_s,
         "mfu": statistics.median(r["mfu"] for r in steady) if steady[0].get("mfu") is not None else None,
         "mfu_anchor_convention": tokens_per_s * anchor_flops / PEAK,
         "peak_memory_gb": max(r.get("gpu_memory_gb", 0.0) for r in rows),
         "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "steps": len(rows),
+        "padding_fraction": statistics.mean(r["padding_fraction"] for r in steady),
         "wall_s": time.time() - started,
     }
 
