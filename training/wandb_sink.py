@@ -8,6 +8,7 @@ checkpoint, so a resumed or requeued job passes it back here and continues the s
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -46,7 +47,7 @@ class WandbSink:
         self.gates = gates
         self.heatmap_interval = cfg.logging.wandb.gate_heatmap_interval
         self.run = None
-        self._run_id = run_id
+        self.run_id = run_id
         if rank != 0:
             return
         import wandb
@@ -59,10 +60,7 @@ class WandbSink:
             tags=list(settings.tags) or None, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
             dir=cfg.run_dir, id=run_id, resume="allow",
             mode=resolve_mode(settings.mode))
-
-    @property
-    def run_id(self) -> Optional[str]:
-        return self.run.id if self.run is not None else self._run_id
+        self.run_id = self.run.id
 
     def log(self, step: int, metrics: Dict[str, object]) -> None:
         # Only training steps ("loss") are logged on every rank, so only they may run the collective.
@@ -76,11 +74,20 @@ class WandbSink:
             data["gate/heatmap"] = self.wandb.Image(
                 heatmap_pixels(heatmap), caption=f"step {step}: sigmoid(gate), rows = layers 0-{len(heatmap) - 1}, "
                                                  "columns = heads, 0 (purple) to 1 (yellow)")
-        self.run.log(data, step=step)
+        self._guarded(self.run.log, data, step=step)
 
     def close(self) -> None:
         if self.run is not None:
-            self.run.finish()
+            self._guarded(self.run.finish)
+
+    def _guarded(self, call, *args, **kwargs) -> None:
+        """W&B is monitoring: when it fails, training goes on without it. SIGTERM to a SLURM step reaches
+        W&B's service process too and ends it, while the trainer still has its checkpoint to save."""
+        try:
+            call(*args, **kwargs)
+        except Exception as error:
+            print(f"W&B logging stopped: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            self.run = None
 
 
 def open_wandb(cfg: TrainConfig, rank: int, run_id: Optional[str],

@@ -254,7 +254,9 @@ def test_preemption_requeues_and_resumes_in_one_wandb_run(straight_job, stdlib_s
 
 def test_cancel_checkpoints_and_does_not_requeue(slurm_cluster, stdlib_shards, tiny_config, tmp_path):
     run_dir = str(tmp_path / "run")
-    job_id = submit(tiny_config, overrides(stdlib_shards, run_dir, **{"schedule.steps": 100000}))
+    # W&B on: SIGTERM reaches its service process too, and the checkpoint must not depend on it.
+    job_id = submit(tiny_config, overrides(stdlib_shards, run_dir, **{"schedule.steps": 100000,
+                                                                       "logging.wandb.mode": "offline"}))
     wait_until(lambda: metrics_steps(run_dir), 300, "the first training step", run_dir, job_id)
     assert launcher("cancel", job_id).returncode == 0
     fields = wait_for_end(run_dir, job_id)
