@@ -1,0 +1,36 @@
+"""Tiny random models for the evaluation tests (call inside a run_distributed worker)."""
+
+import torch
+
+
+def tiny_config(**overrides):
+    from modeling.config import ModelConfig
+
+    fields = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                  vocab_size=258, segment_length=8, update="linear", init_method_std=0.2)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def tiny_model(cfg, seed=0):
+    """A TP=1 model in eval mode with layout-independent random weights and gates spread over
+    (-2, 2) per head, so that both the memory and the local attention matter."""
+    from modeling.config import build_transformer_config
+    from modeling.init import init_weights
+    from modeling.model import build_model
+
+    model = build_model(build_transformer_config(cfg), cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings,
+                        rotary_base=cfg.rotary_base)
+    init_weights(model, seed)
+    with torch.no_grad():
+        for i, layer in enumerate(model.decoder.layers):
+            gate = layer.self_attention.core_attention.gate
+            gate.copy_(torch.linspace(-2.0, 2.0, gate.numel()) + 0.5 * i)
+    return model.eval()
+
+
+def full_state(model):
+    """A detached copy of the full state dict (the model's own tensors may change later)."""
+    from modeling.sharding import full_state_dict
+
+    return {name: tensor.clone() for name, tensor in full_state_dict(model).items()}

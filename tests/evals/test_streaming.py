@@ -1,0 +1,125 @@
+"""StreamingModel against one call over the whole sequence and an independent float64 reference."""
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+
+SEGMENT, WHOLE_SEGMENTS, TAIL = 8, 6, 5
+SPLITS = [[WHOLE_SEGMENTS * SEGMENT + TAIL], [3, 50], [1] * (WHOLE_SEGMENTS * SEGMENT + TAIL), [5, 11, 2, 30, 5],
+          [16, 37]]
+MODELS = {"linear, GQA": {}, "delta, tied embeddings": dict(update="delta", tie_embeddings=True, num_query_groups=4)}
+
+
+def _state_numel(stream):
+    tensors = [t for m in stream.memory for t in m] + [t for c in (stream.cache or []) for t in c]
+    return sum(t.numel() for t in tensors)
+
+
+def worker(rank, world):
+    from training.distributed import init_single_process
+
+    init_single_process()
+    from modeling.cpu_compat import megatron_on_cpu
+    from modeling.streaming import StreamingModel, memory_ablated
+    from tests.evals.models import full_state, tiny_config, tiny_model
+    from tests.evals.reference_model import reference_logits
+
+    results = {}
+    whole = WHOLE_SEGMENTS * SEGMENT
+    for name, overrides in MODELS.items():
+        cfg = tiny_config(segment_length=SEGMENT, **overrides)
+        model = tiny_model(cfg, seed=1)
+        tokens = torch.randint(0, cfg.vocab_size, (2, whole + TAIL), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad(), megatron_on_cpu():
+            one_call, one_call_memory = model(tokens[:, :whole])
+        split_logits = []
+        for splits in SPLITS:
+            stream = StreamingModel(model, window_segments=2)
+            pieces, start = [], 0
+            for n in splits:
+                pieces.append(stream.feed(tokens[:, start:start + n]))
+                start += n
+            split_logits.append(torch.cat(pieces, dim=1))
+
+        stream = StreamingModel(model, window_segments=2)
+        sizes = []
+        for t in range(whole):
+            stream.feed(tokens[:, t:t + 1])
+            if t in (2 * SEGMENT + 2, 5 * SEGMENT + 2):
+                sizes.append(_state_numel(stream))
+        token_by_token_memory = stream.memory
+
+        scored = StreamingModel(model, vocab_size=cfg.vocab_size, window_segments=1).score(tokens)
+        gate_before = full_state(model)
+        with memory_ablated(model):
+            ablated_stream = StreamingModel(model, window_segments=4).feed(tokens)
+            with torch.no_grad(), megatron_on_cpu():
+                per_segment = torch.cat([model(tokens[:, s:s + SEGMENT])[0] for s in range(0, whole, SEGMENT)], dim=1)
+            ablated_state = full_state(model)
+        results[name] = dict(
+            one_call=one_call, one_call_memory=one_call_memory, split_logits=split_logits,
+            token_by_token_memory=token_by_token_memory, sizes=sizes, scored=scored,
+            ablated_stream=ablated_stream, per_segment=per_segment,
+            reference=reference_logits(gate_before, cfg, tokens),
+            ablated_reference=reference_logits(ablated_state, cfg, tokens),
+            gates_restored=all(torch.equal(gate_before[k], v) for k, v in full_state(model).items()),
+            tokens=tokens, vocab=cfg.vocab_size)
+    return results
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(worker, 1)[0]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_any_split_of_the_stream_equals_one_call(results, name):
+    r = results[name]
+    whole = WHOLE_SEGMENTS * SEGMENT
+    for splits, logits in zip(SPLITS, r["split_logits"]):
+        assert logits.shape == (2, whole + TAIL, r["one_call"].shape[-1])
+        torch.testing.assert_close(logits[:, :whole], r["one_call"], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"splits {splits[:4]}: {m}")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_stream_equals_float64_reference_including_the_partial_tail(results, name):
+    r = results[name]
+    assert r["reference"].abs().max() > 1.0  # logits far from uniform: the comparison has teeth
+    for logits in r["split_logits"]:
+        torch.testing.assert_close(logits.double(), r["reference"], rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_memory_written_from_the_cache_equals_the_models_write(results, name):
+    r = results[name]
+    for got, want in zip(r["token_by_token_memory"], r["one_call_memory"]):
+        # Sums of 48 float32 outer products, accumulated in another order: relative to their scale.
+        for g, w in ((got.M, want.M), (got.z, want.z)):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_does_not_grow_with_the_stream(results, name):
+    early, late = results[name]["sizes"]
+    assert early == late
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_score_is_the_reference_log_probability_of_the_next_token(results, name):
+    r = results[name]
+    logprobs = torch.log_softmax(r["reference"][..., :r["vocab"]], dim=-1)
+    want = logprobs[:, :-1].gather(-1, r["tokens"][:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(r["scored"].double(), want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_ablated_memory_sees_one_segment_only(results, name):
+    r = results[name]
+    whole = WHOLE_SEGMENTS * SEGMENT
+    torch.testing.assert_close(r["ablated_stream"][:, :whole], r["per_segment"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r["ablated_stream"].double(), r["ablated_reference"], rtol=1e-5, atol=2e-5)
+    # Beyond the first segment the memory changed the output, and the gates came back afterwards.
+    assert (r["ablated_stream"][:, SEGMENT:] - r["split_logits"][0][:, SEGMENT:]).abs().max() > 1e-2
+    assert r["gates_restored"]
