@@ -1,0 +1,169 @@
+"""What the evaluation and generation CLIs share: loading a model on one device, tokenizers, arguments.
+
+A model is an exported directory (``training.export``: model.safetensors + model_config.yaml) or a
+trainer checkpoint: a ``step_N`` directory or the checkpoint root (its latest valid step). A
+checkpoint of any TP/PP layout is merged into one full state dict from DeepSpeed's per model-parallel
+rank module files (ZeRO-3 keeps no weights there: export such runs first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
+from modeling.config import ModelConfig, build_transformer_config
+from modeling.model import build_model
+from modeling.sharding import load_full_state_dict
+from training.export import CONFIG, WEIGHTS, read_export
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    config: ModelConfig
+    tokenizer: object
+    device: torch.device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", required=True, metavar="DIR",
+                    help="an exported model directory, a checkpoint step_N directory or a checkpoint root")
+    ap.add_argument("--tokenizer", default=None,
+                    help="'bytes' or a tokenizer.json (default: DIR/tokenizer.json if present, else bytes)")
+    ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="weights and activations (memory is float32 either way); auto: bf16 on a GPU")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--window-segments", type=int, default=16, help="segments per forward call when streaming")
+    ap.add_argument("--ablate-memory", action="store_true",
+                    help="force every gate fully local (the model sees one segment only)")
+
+
+def decode(tokenizer, ids) -> str:
+    """Text of token ids; bytes that are not valid UTF-8 (a cut multi-byte character) become U+FFFD."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+    return tokenizer.decode(ids)
+
+
+def _checkpoint_step_dir(path: str) -> Optional[str]:
+    from training.checkpoint import MANIFEST, find_latest_valid, verify
+
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        verify(path)
+        return path
+    if os.path.isdir(path) and any(n.startswith("step_") for n in os.listdir(path)):
+        latest = find_latest_valid(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path}: no complete checkpoint (every step_* lacks a valid manifest)")
+        return latest
+    return None
+
+
+def _partition_attributes(cfg: ModelConfig) -> Dict[str, tuple]:
+    """(partition_dim, stride) of every TP-split parameter, from a meta-device TP=1 model."""
+    with torch.device("meta"):
+        model = build_model(build_transformer_config(cfg),
+                            cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings,
+                            rotary_base=cfg.rotary_base)
+    return {name: (p.partition_dim, getattr(p, "partition_stride", 1)) for name, p in model.named_parameters()
+            if getattr(p, "tensor_model_parallel", False)}
+
+
+def read_checkpoint(step_dir: str):
+    """(ModelConfig, full state dict) of a trainer checkpoint of any TP/PP layout (ZeRO 0-2)."""
+    from training.config import TrainConfig
+
+    with open(os.path.join(step_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(
+        OmegaConf.structured(TrainConfig), OmegaConf.load(os.path.join(step_dir, "config.yaml")))).model
+    tp, pp = manifest["layout"]["tensor"], manifest["layout"]["pipeline"]
+    # DeepSpeed numbers model files by rank within the model-parallel group of data-parallel rank 0.
+    coordinates = []
+    for name in sorted(n for n in os.listdir(step_dir) if re.fullmatch(r"rank_\d+\.pt", n)):
+        state = torch.load(os.path.join(step_dir, name), map_location="cpu", weights_only=False)
+        if state["coordinates"]["data"] == 0:
+            coordinates.append(state["coordinates"])
+    coordinates.sort(key=lambda c: c["rank"])
+    if len(coordinates) != tp * pp:
+        raise ValueError(f"{step_dir}: found {len(coordinates)} data-parallel rank 0 states, expected {tp * pp}")
+    layers_per_stage = cfg.num_layers // pp
+    pieces: Dict[str, Dict[int, torch.Tensor]] = {}
+    for mp_rank, coord in enumerate(coordinates):
+        path = os.path.join(step_dir, "ds", f"mp_rank_{mp_rank:02d}_model_states.pt")
+        module = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        for name, tensor in module.items():
+            if tensor is None or name.endswith("_extra_state"):
+                continue
+            if name == "output_layer.weight" and cfg.tie_embeddings:
+                continue  # a last stage's copy of the tied embedding
+            match = _LAYER.match(name)
+            if match:
+                layer = coord["pipeline"] * layers_per_stage + int(match.group(1))
+                name = f"decoder.layers.{layer}." + name[match.end():]
+            pieces.setdefault(name, {})[coord["tensor"]] = tensor
+    split = _partition_attributes(cfg)
+    state = {}
+    for name, by_rank in pieces.items():
+        shards = [by_rank[r] for r in sorted(by_rank)]
+        if name in split and tp > 1:
+            dim, stride = split[name]
+            per_rank = [s.chunk(stride, dim=dim) for s in shards]
+            state[name] = torch.cat([per_rank[r][s] for s in range(stride) for r in range(tp)], dim=dim)
+        else:
+            state[name] = shards[0]
+    if any(t.numel() == 0 for t in state.values()):
+        raise ValueError(f"{step_dir}: the module files hold no weights (ZeRO-3); export the model with "
+                         "training.export.export_model and evaluate the export")
+    return cfg, state
+
+
+def load_model(path: str, device="cpu", dtype=torch.float32):
+    """(model in eval mode, ModelConfig) on one device from an export or a checkpoint. Needs megatron's
+    parallel state at TP = PP = 1 (``training.distributed.init_single_process``)."""
+    if os.path.exists(os.path.join(path, WEIGHTS)) and os.path.exists(os.path.join(path, CONFIG)):
+        cfg, state = read_export(path)
+    else:
+        step_dir = _checkpoint_step_dir(path)
+        if step_dir is None:
+            raise FileNotFoundError(f"{path} is neither an exported model ({WEIGHTS} + {CONFIG}) nor a checkpoint")
+        cfg, state = read_checkpoint(step_dir)
+    tc = build_transformer_config(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True)
+    model = build_model(tc, cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings, rotary_base=cfg.rotary_base)
+    load_full_state_dict(model, {k: v.to(dtype) for k, v in state.items()})
+    return model.to(device).eval(), cfg
+
+
+def load_for_eval(args: argparse.Namespace) -> Loaded:
+    """Parallel state for one process, then the model and tokenizer the arguments name."""
+    from training.distributed import init_single_process
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    init_single_process()
+    model, cfg = load_model(args.model, device, dtype)
+    spec = args.tokenizer
+    if spec is None:
+        bundled = os.path.join(args.model, "tokenizer.json")
+        spec = bundled if os.path.exists(bundled) else "bytes"
+    tokenizer = load_tokenizer(spec)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) exceeds the model's ({cfg.vocab_size})")
+    return Loaded(model, cfg, tokenizer, device)

@@ -1,0 +1,335 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023, the format of Infini-attention's Table 3), streamed.
+
+    python -m training.evals.passkey --model DIR [--lengths 1k,2k,4k,...,1m] [--depths 0,25,50,75,100]
+        [--trials N] [--out DIR] [--ablate-memory] [--batch-size B] [--seed S]
+        [--tokenizer T] [--dtype auto|fp32|bf16] [--device D] [--window-segments K]
+    python -m training.evals.passkey make-data --out DIR --docs N [--max-len 8192] [--min-len N] [--seed S]
+    python -m training.evals.passkey report --memory DIR --ablated DIR --model EXPORT --out FILE
+        [--train-dir RUN_DIR] [--train-seconds S] [--total-seconds S]
+
+A prompt of exactly L tokens: a task description, filler sentences repeated, the needle "The pass
+key is NNNNN. Remember it. NNNNN is the pass key." at depth d (the share of the filler before it),
+more filler, and "What is the pass key? The pass key is". The model streams the prompt a window at
+a time (memory is constant whatever L), then decodes greedily; a trial is correct when the
+continuation starts with exactly the key's digits. Keys depend only on (seed, L, d, trial), so a
+run with --ablate-memory sees the same prompts. Writes DIR/passkey.json (every trial),
+DIR/passkey.md (accuracy, depth x length) and DIR/passkey_heatmap.png.
+
+make-data writes training documents in the same format (random length, depth and key, the answer
+after the question) as DIR/passkey.jsonl and byte-level shards in DIR/shards. report puts a run
+with memory and one with --ablate-memory side by side (docs/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+HEADER = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+          "I will quiz you about the important information there.")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+DEFAULT_LENGTHS = "1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1m"
+DEFAULT_DEPTHS = "0,25,50,75,100"
+_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2}
+
+
+def parse_length(text: str) -> int:
+    """'4096', '4k' (4096) or '1m' (1048576)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
+    if not match:
+        raise ValueError(f"not a length: {text!r} (e.g. 4096, 4k, 1m)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def format_length(n: int) -> str:
+    for unit, size in (("M", 1024 ** 2), ("K", 1024)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _encode(tokenizer, text: str) -> np.ndarray:
+    return np.asarray(tokenizer.encode_batch([text])[0], dtype=np.int64)
+
+
+def random_key(rng: np.random.Generator) -> str:
+    return str(int(rng.integers(10000, 100000)))
+
+
+def make_prompt(tokenizer, length: int, depth: float, key: str) -> np.ndarray:
+    """Token ids of exactly `length` tokens; depth in [0, 1] places the needle in the filler."""
+    header, needle, question = (_encode(tokenizer, t) for t in (HEADER, NEEDLE.format(key=key), QUESTION))
+    fixed = len(header) + len(needle) + len(question)
+    if length < fixed:
+        raise ValueError(f"a passkey prompt needs at least {fixed} tokens, got length {length}")
+    sentences = [_encode(tokenizer, " " + t.strip() + ".") for t in FILLER.split(".") if t.strip()]
+    unit = np.concatenate(sentences)
+    filler = np.resize(unit, length - fixed)
+    # The needle goes before a filler sentence (or at the very end), at the start nearest the depth.
+    ends = np.cumsum([0] + [len(t) for t in sentences[:-1]])
+    starts = (np.arange(len(filler) // len(unit) + 1)[:, None] * len(unit) + ends[None, :]).ravel()
+    starts = np.append(starts[starts < len(filler)], len(filler))
+    before = int(starts[np.abs(starts - depth * len(filler)).argmin()])
+    return np.concatenate([header, filler[:before], needle, filler[before:], question])
+
+
+def read_answer(continuation: str) -> Optional[str]:
+    """The digits the continuation starts with (after spaces), or None."""
+    match = re.match(r"\s*(\d+)", continuation)
+    return match.group(1) if match else None
+
+
+def trial_key(seed: int, length: int, depth_percent: float, trial: int) -> str:
+    return random_key(np.random.default_rng([seed, length, int(round(depth_percent * 1000)), trial]))
+
+
+def evaluate(loaded, lengths: Sequence[int], depths: Sequence[float], trials: int, *, seed: int = 0,
+             batch_size: int = 16, window_segments: int = 16, log=print) -> dict:
+    """Accuracy per (length, depth percent) and every trial's continuation."""
+    from modeling.generate import generate
+    from modeling.streaming import StreamingModel
+    from training.evals.common import decode
+
+    stream = StreamingModel(loaded.model, loaded.vocab_size, window_segments)
+    # The answer's own tokens plus one, so "12345" cannot pass as a prefix of a longer number.
+    new_tokens = len(_encode(loaded.tokenizer, " 12345")) + 1
+    rows: List[dict] = []
+    started = time.perf_counter()
+    for length in lengths:
+        cases = [(d, t, trial_key(seed, length, d, t)) for d in depths for t in range(trials)]
+        t0 = time.perf_counter()
+        for i in range(0, len(cases), batch_size):
+            batch = cases[i:i + batch_size]
+            prompts = np.stack([make_prompt(loaded.tokenizer, length, d / 100.0, key) for d, _, key in batch])
+            out = generate(stream, torch.from_numpy(prompts).to(loaded.device), new_tokens)
+            for (depth, trial, key), ids in zip(batch, out.tolist()):
+                text = decode(loaded.tokenizer, ids)
+                rows.append({"length": length, "depth": depth, "trial": trial, "key": key, "output": text,
+                             "correct": read_answer(text) == key})
+        done = [r for r in rows if r["length"] == length]
+        log(f"length {format_length(length):>5}: accuracy {np.mean([r['correct'] for r in done]):6.1%} "
+            f"({len(done)} trials, {time.perf_counter() - t0:.1f} s)")
+    accuracy = {length: {depth: float(np.mean([r["correct"] for r in rows
+                                               if r["length"] == length and r["depth"] == depth]))
+                         for depth in depths} for length in lengths}
+    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed,
+            "accuracy": accuracy, "rows": rows, "seconds": time.perf_counter() - started}
+
+
+def markdown_table(result: dict) -> str:
+    """Accuracy in percent: a row per depth, a column per length, and the mean over depths."""
+    lengths, depths, acc = result["lengths"], result["depths"], result["accuracy"]
+    lines = ["| depth \\ length | " + " | ".join(format_length(n) for n in lengths) + " |",
+             "| --- |" + " ---: |" * len(lengths)]
+    for depth in depths:
+        lines.append(f"| {depth:g}% | " + " | ".join(f"{100 * acc[n][depth]:.1f}" for n in lengths) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{100 * np.mean(list(acc[n].values())):.1f}**" for n in lengths)
+                 + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_heatmap(result: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, depths = result["lengths"], result["depths"]
+    grid = np.array([[result["accuracy"][n][d] for n in lengths] for d in depths])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(lengths), 1.2 + 0.5 * len(depths)))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            ax.text(j, i, f"{100 * grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(result: dict, out_dir: str, title: str) -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "passkey.json"), "markdown": os.path.join(out_dir, "passkey.md"),
+             "heatmap": os.path.join(out_dir, "passkey_heatmap.png")}
+    serialisable = dict(result, accuracy={str(n): {f"{d:g}": a for d, a in by_depth.items()}
+                                          for n, by_depth in result["accuracy"].items()})
+    with open(paths["json"], "w") as f:
+        json.dump(serialisable, f, indent=1)
+    with open(paths["markdown"], "w") as f:
+        f.write(f"{title}\n\n{markdown_table(result)}")
+    save_heatmap(result, paths["heatmap"], title)
+    return paths
+
+
+def load_result(out_dir: str) -> dict:
+    """A passkey.json written by write_results, with numeric accuracy keys again."""
+    with open(os.path.join(out_dir, "passkey.json")) as f:
+        result = json.load(f)
+    result["accuracy"] = {n: {d: result["accuracy"][str(n)][f"{d:g}"] for d in result["depths"]}
+                          for n in result["lengths"]}
+    return result
+
+
+def report(memory_dir: str, ablated_dir: str, model_dir: str, train_dir: Optional[str] = None,
+           train_seconds: Optional[float] = None, total_seconds: Optional[float] = None) -> str:
+    """Markdown: setup, per-layer gates, accuracy with and without memory side by side, full tables."""
+    from training.export import read_export
+
+    with_memory, ablated = load_result(memory_dir), load_result(ablated_dir)
+    cfg, state = read_export(model_dir)
+    gates = [torch.sigmoid(state[f"decoder.layers.{i}.self_attention.core_attention.gate"].float())
+             for i in range(cfg.num_layers)]
+    lines = ["### Passkey retrieval", "",
+             f"Model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
+             f"segment {cfg.segment_length}, {cfg.update} memory, vocabulary {cfg.vocab_size}."]
+    if train_dir and os.path.exists(os.path.join(train_dir, "metrics.jsonl")):
+        with open(os.path.join(train_dir, "metrics.jsonl")) as f:
+            steps = [json.loads(line) for line in f if '"loss"' in line]
+        if steps:
+            lines.append(f"Training: {steps[-1]['step']} steps, {steps[-1].get('consumed_tokens', 0):,} "
+                         f"tokens, final loss {steps[-1]['loss']:.4f}.")
+    if torch.cuda.is_available():
+        lines.append(f"Device: {torch.cuda.get_device_name()}.")
+    if train_seconds is not None and total_seconds is not None:
+        lines.append(f"Wall time: {train_seconds / 60:.1f} min data + training + export, "
+                     f"{total_seconds / 60:.1f} min in all.")
+    lines += ["Gates sigmoid(beta), mean [min, max] over heads, per layer: "
+              + "; ".join(f"{i}: {g.mean():.3f} [{g.min():.3f}, {g.max():.3f}]" for i, g in enumerate(gates)) + ".",
+              "", f"Accuracy (%) over {with_memory['trials']} trials x {len(with_memory['depths'])} depths per length; "
+              "'worst depth' is the lowest accuracy at any single depth. Chance is 0.001%.", "",
+              "| length | segments | with memory: mean | worst depth | memory ablated: mean | worst depth |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for n in with_memory["lengths"]:
+        mem, abl = list(with_memory["accuracy"][n].values()), list(ablated["accuracy"][n].values())
+        lines.append(f"| {format_length(n)} | {-(-n // cfg.segment_length)} | {100 * np.mean(mem):.1f} | "
+                     f"{100 * min(mem):.1f} | {100 * np.mean(abl):.1f} | {100 * min(abl):.1f} |")
+    lines += ["", "With memory, by depth:", "", markdown_table(with_memory),
+              "Memory ablated (gates forced local), by depth:", "", markdown_table(ablated)]
+    return "\n".join(lines)
+
+
+def make_documents(n_docs: int, min_len: int, max_len: int, seed: int) -> List[str]:
+    """Training documents of min_len..max_len - 1 bytes (the reader's <eos> makes max_len): a
+    passkey prompt of random length, depth and key, then " KEY." answering it."""
+    from data_pipeline.tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        key = random_key(rng)
+        answer = f" {key}."
+        length = int(rng.integers(min_len, max_len)) - len(answer)
+        prompt = make_prompt(tokenizer, length, float(rng.random()), key)
+        docs.append(prompt.astype(np.uint8).tobytes().decode("ascii") + answer)
+    return docs
+
+
+def make_data(out: str, n_docs: int, max_len: int, min_len: Optional[int], seed: int) -> dict:
+    from data_pipeline.make_shards import write_shards
+    from data_pipeline.tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    shortest = sum(len(_encode(tokenizer, t)) for t in (HEADER, NEEDLE.format(key="12345"), QUESTION, " 12345."))
+    min_len = max(max_len // 8, shortest) if min_len is None else min_len
+    if not shortest <= min_len < max_len:
+        raise ValueError(f"need {shortest} <= --min-len ({min_len}) < --max-len ({max_len})")
+    os.makedirs(out, exist_ok=True)
+    jsonl = os.path.join(out, "passkey.jsonl")
+    with open(jsonl, "w") as f:
+        for text in make_documents(n_docs, min_len, max_len, seed):
+            f.write(json.dumps({"text": text}) + "\n")
+    return write_shards([jsonl], os.path.join(out, "shards"), "bytes", overwrite=True, progress=False)
+
+
+def _report_main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.evals.passkey report",
+                                 description="the with-memory and ablated passkey runs side by side, in markdown")
+    ap.add_argument("--memory", required=True, metavar="DIR", help="--out of the run with memory")
+    ap.add_argument("--ablated", required=True, metavar="DIR", help="--out of the --ablate-memory run")
+    ap.add_argument("--model", required=True, metavar="DIR", help="the exported model both evaluated")
+    ap.add_argument("--train-dir", default=None, help="the training run_dir (for steps and final loss)")
+    ap.add_argument("--train-seconds", type=float, default=None)
+    ap.add_argument("--total-seconds", type=float, default=None)
+    ap.add_argument("--out", required=True, metavar="FILE")
+    a = ap.parse_args(argv)
+    text = report(a.memory, a.ablated, a.model, a.train_dir, a.train_seconds, a.total_seconds)
+    with open(a.out, "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+def _make_data_main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.evals.passkey make-data",
+                                 description="passkey training documents as byte-level shards")
+    ap.add_argument("--out", required=True, metavar="DIR")
+    ap.add_argument("--docs", type=int, required=True)
+    ap.add_argument("--max-len", type=int, default=8192, help="tokens per document, <eos> included")
+    ap.add_argument("--min-len", type=int, default=None, help="default: max-len / 8")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    try:
+        summary = make_data(a.out, a.docs, a.max_len, a.min_len, a.seed)
+    except ValueError as error:
+        ap.error(str(error))
+    print(f"wrote {summary['documents']} documents, {summary['tokens']} tokens: {summary['index']}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["make-data"]:
+        return _make_data_main(argv[1:])
+    if argv[:1] == ["report"]:
+        return _report_main(argv[1:])
+    from modeling.streaming import memory_ablated
+    from training.evals.common import add_model_arguments, load_for_eval
+
+    ap = argparse.ArgumentParser(prog="python -m training.evals.passkey", description=__doc__.split("\n\n")[0])
+    add_model_arguments(ap)
+    ap.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"comma-separated (default {DEFAULT_LENGTHS})")
+    ap.add_argument("--depths", default=DEFAULT_DEPTHS, help="needle depths in percent")
+    ap.add_argument("--trials", type=int, default=10, help="prompts per (length, depth)")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts streamed together")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, metavar="DIR", help="default: <model>/passkey[_ablated]")
+    a = ap.parse_args(argv)
+    try:
+        lengths = [parse_length(x) for x in a.lengths.split(",")]
+        depths = [float(x) for x in a.depths.split(",")]
+    except ValueError as error:
+        ap.error(str(error))
+    if any(not 0 <= d <= 100 for d in depths):
+        ap.error("--depths are percentages in [0, 100]")
+    loaded = load_for_eval(a)
+    title = f"passkey retrieval, {a.model}" + (" (memory ablated: gates forced local)" if a.ablate_memory else "")
+    with memory_ablated(loaded.model) if a.ablate_memory else contextlib.nullcontext():
+        result = evaluate(loaded, lengths, depths, a.trials, seed=a.seed, batch_size=a.batch_size,
+                          window_segments=a.window_segments)
+    result.update(model=a.model, ablate_memory=a.ablate_memory, segment_length=loaded.config.segment_length)
+    out = a.out or os.path.join(a.model, "passkey_ablated" if a.ablate_memory else "passkey")
+    paths = write_results(result, out, title)
+    print(markdown_table(result))
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['heatmap']} ({result['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
