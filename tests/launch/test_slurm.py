@@ -169,14 +169,16 @@ def test_dry_run_renders_a_4x8_gpu_job(tmp_path):
 
 
 def test_dry_run_rejects_a_layout_the_config_cannot_split():
-    result = launcher("submit", "--config", "configs/gpu_125m.yaml", "--nodes", "4", "--gpus-per-node", "8", "--dry-run")
+    result = launcher("submit", "--config", "configs/gpu_125m.yaml", "--nodes", "4", "--gpus-per-node", "8",
+                      "--dry-run")
     assert result.returncode == 2
     assert "data.global_lanes (8) must be divisible by the data-parallel size (32)" in result.stderr
 
 
 def test_two_node_gloo_job_completes(straight_job, stdlib_shards, tiny_config, tmp_path):
     run_dir, job_id, fields = straight_job
-    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "0"), log_of(run_dir, job_id)
+    state = (fields["JobState"], fields["ExitCode"], fields["Restarts"])
+    assert state == ("COMPLETED", "0:0", "0"), log_of(run_dir, job_id)
     assert (fields["NumNodes"], fields["NumTasks"], fields["NodeList"]) == ("2", "2", "node[1-2]")
     assert fields["Command"] == os.path.join(run_dir, "sbatch.sh")
     log = log_of(run_dir, job_id)
