@@ -48,10 +48,6 @@ class Layout:
     signal_seconds: int = 300
     job_name: str = "infinitron"
 
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.tasks_per_node
-
 
 def sbatch_directives(layout: Layout, run_dir: str) -> List[str]:
     lines = [f"--job-name={layout.job_name}", f"--nodes={layout.nodes}", f"--ntasks-per-node={layout.tasks_per_node}"]
@@ -107,6 +103,7 @@ def render_script(config: str, overrides: Sequence[str], run_dir: str, layout: L
 
 def resolve_run(config: str, overrides: Sequence[str], world_size: int) -> str:
     """Load and check the config as the trainer will (so errors show now, not after queueing); its run_dir."""
+    # Imported here: training.config pulls in megatron-core (seconds), which status/cancel/logs do not need.
     from training.config import load_config, validate
 
     cfg = load_config(config, overrides)
