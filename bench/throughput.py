@@ -43,6 +43,11 @@ CASES = {
     "infini-1.3b": ("1.3b", ["data.global_lanes=4", "performance.compile_layers=true",
                              "performance.loss_chunk_tokens=4096"]),
     "infini-1.3b-eager": ("1.3b", ["data.global_lanes=4", "performance.loss_chunk_tokens=4096"]),
+    # Two GPUs: data parallel (twice the lanes, ZeRO-1) and tensor parallel (same lanes).
+    "infini-1.3b-dp2": ("1.3b", ["data.global_lanes=8", "performance.compile_layers=true",
+                                 "performance.loss_chunk_tokens=4096"]),
+    "infini-1.3b-tp2": ("1.3b", ["data.global_lanes=4", "parallel.tensor=2", "performance.compile_layers=true",
+                                 "performance.loss_chunk_tokens=4096"]),
     "infini-350m": ("350m", ["data.global_lanes=8", "performance.compile_layers=true",
                              "performance.loss_chunk_tokens=4096"]),
     "infini-125m": ("125m", ["data.global_lanes=8", "performance.compile_layers=true",
@@ -57,7 +62,10 @@ def run_case(name: str, steps: int, warmup: int, out_dir: str, overrides=(), tag
     preset, extra = CASES[name]
     label = f"{name}-{tag}" if tag else name
     run_dir = os.path.join(out_dir, label)
-    cmd = [sys.executable, "-m", "training.train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+    nproc = 2 if name.endswith(("-dp2", "-tp2")) else 1
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else \
+        [sys.executable]
+    cmd = [*launcher, "-m", "training.train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
            f"defaults.model={preset}", f"run_dir={run_dir}", f"schedule.steps={steps}", *COMMON, *extra,
            *overrides]
     started = time.time()
@@ -77,9 +85,9 @@ def run_case(name: str, steps: int, warmup: int, out_dir: str, overrides=(), tag
     total, _ = count_parameters(cfg)
     anchor_flops = 6 * total + 12 * cfg.num_layers * cfg.hidden_size * segment
     return {
-        "case": label, "tokens_per_s": tokens_per_s,
+        "case": label, "gpus": nproc, "tokens_per_s": tokens_per_s,
         "mfu": statistics.median(r["mfu"] for r in steady) if steady[0].get("mfu") is not None else None,
-        "mfu_anchor_convention": tokens_per_s * anchor_flops / PEAK,
+        "mfu_anchor_convention": tokens_per_s * anchor_flops / (PEAK * nproc),
         "peak_memory_gb": max(r.get("gpu_memory_gb", 0.0) for r in rows),
         "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "steps": len(rows),
         "padding_fraction": statistics.mean(r["padding_fraction"] for r in steady),
@@ -117,14 +125,14 @@ def main(argv=None) -> int:
             anchor_lines.append(f"anchor exit {proc.returncode}: {proc.stderr[-800:]}")
     with open(os.path.join(args.out, "throughput.json"), "w") as f:
         json.dump({"results": results, "anchor": anchor_lines}, f, indent=1)
-    print("\n| case | tokens/s | MFU (ours) | MFU (anchor convention) | peak GiB | loss first -> last |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| case | GPUs | tokens/s | MFU (ours) | MFU (anchor convention) | peak GiB | loss first -> last |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "error" in r:
-            print(f"| {r['case']} | error | | | | {r['error'][-200:]!r} |")
+            print(f"| {r['case']} | | error | | | | {r['error'][-200:]!r} |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"| {r['case']} | {r['tokens_per_s']:,.0f} | {mfu} | {100 * r['mfu_anchor_convention']:.1f}% | "
+        print(f"| {r['case']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {mfu} | {100 * r['mfu_anchor_convention']:.1f}% | "
               f"{r['peak_memory_gb']:.1f} | {r['loss_first']:.2f} -> {r['loss_last']:.2f} |")
     for line in anchor_lines:
         print("anchor:", line)
