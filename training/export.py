@@ -62,3 +62,32 @@ def load_exported(path: str, device="cpu", dtype=torch.float32):
     model = build_model(tc, cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings, rotary_base=cfg.rotary_base)
     load_full_state_dict(model, {k: v.to(dtype) for k, v in state.items()})
     return model.to(device).eval(), cfg
+
+
+def main(argv=None) -> int:
+    """Export a checkpoint: run under the checkpoint's own layout (torchrun / srun with its world size)."""
+    import argparse
+    import sys
+
+    from training.config import load_config
+    from training.train import Trainer
+
+    parser = argparse.ArgumentParser(description="Export a checkpoint to model.safetensors + model_config.yaml")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory (step_<N>)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--config", help="run config (default: the checkpoint's config.yaml)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    config = args.config or os.path.join(args.checkpoint, "config.yaml")
+    trainer = Trainer(load_config(config, [*args.overrides, f"checkpoint.resume={args.checkpoint}"]))
+    try:
+        export_model(trainer.model, trainer.cfg.model, args.out)
+    finally:
+        trainer.close()
+    if trainer.rank == 0:
+        print(f"exported {args.checkpoint} to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,12 +2,16 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from tests.distributed import run_distributed
 from tests.training.conftest import train_overrides
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_worker(rank, world, overrides):
@@ -154,3 +158,29 @@ def test_export_from_tp2_reloads_with_the_same_logits(stdlib_shards, tmp_path):
         "schedule.steps": 2, "parallel.tensor": 2}), out_dir)[0]
     reloaded = run_distributed(reload_worker, 1, out_dir)[0]
     torch.testing.assert_close(reloaded, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_other_tp_pp_layout_fails_clearly_and_init_from_export_moves_weights(stdlib_shards, tmp_path):
+    run_dir = str(tmp_path / "tp1")
+    out_dir = str(tmp_path / "export")
+    run_distributed(run_worker, 1, train_overrides(stdlib_shards, run_dir, **{
+        "schedule.steps": 2, "checkpoint.save_at_end": True}))
+    export = subprocess.run([sys.executable, "-m", "training.export", "--checkpoint",
+                             os.path.join(run_dir, "checkpoints", "step_00000002"), "--out", out_dir],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True)
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert sorted(os.listdir(out_dir)) == ["model.safetensors", "model_config.yaml"]
+    message = run_distributed(load_worker, 2, train_overrides(stdlib_shards, run_dir, **{
+        "checkpoint.resume": "auto", "parallel.tensor": 2}))[0]
+    assert message is not None and "tensor=1 pipeline=1" in message and "tensor=2" in message
+    assert "init_from" in message
+    # The exported weights start a run on any layout: the first loss is the same on TP1 and TP2xPP2.
+    first = {}
+    for world, extra in ((1, {}), (4, {"parallel.tensor": 2, "parallel.pipeline": 2})):
+        first[world] = run_distributed(run_worker, world, train_overrides(stdlib_shards, str(tmp_path / f"new{world}"), **{
+            "schedule.steps": 1, "checkpoint.init_from": out_dir, "seed": 99, **extra}))[0][0][1]
+    assert first[1] == pytest.approx(first[4], rel=1e-5)
+    untrained = run_distributed(run_worker, 1, train_overrides(stdlib_shards, str(tmp_path / "fresh"), **{
+        "schedule.steps": 1, "seed": 99}))[0][0][1]
+    assert abs(untrained - first[1]) > 1e-3  # the export, not the seed, set the weights
