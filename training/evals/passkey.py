@@ -54,7 +54,7 @@ def parse_length(text: str) -> int:
 
 def format_length(n: int) -> str:
     for unit, size in (("M", 1024 ** 2), ("K", 1024)):
-        if n % size == 0:
+        if n and n % size == 0:
             return f"{n // size}{unit}"
     return str(n)
 
@@ -116,7 +116,7 @@ def evaluate(loaded, lengths: Sequence[int], depths: Sequence[float], trials: in
             for (depth, trial, key), ids in zip(batch, out.tolist()):
                 text = decode(loaded.tokenizer, ids)
                 rows.append({"length": length, "depth": depth, "trial": trial, "key": key, "output": text,
-                             "correct": read_answer(text) == key})
+                             "output_ids": ids, "correct": read_answer(text) == key})
         done = [r for r in rows if r["length"] == length]
         log(f"length {format_length(length):>5}: accuracy {np.mean([r['correct'] for r in done]):6.1%} "
             f"({len(done)} trials, {time.perf_counter() - t0:.1f} s)")

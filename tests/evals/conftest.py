@@ -1,0 +1,56 @@
+import json
+import os
+
+import pytest
+
+from tests.distributed import run_distributed
+
+SEGMENT = 32
+PASSKEY_ARGS = ["--lengths", "256,320", "--depths", "0,50,100", "--trials", "2", "--batch-size", "4",
+                "--window-segments", "2"]
+PPL_BUCKETS = "64,128,256"
+TEXTS = ["The memory of an Infini-attention layer is a matrix and a vector per head. " * 5,
+         "Streaming keeps them, and nothing else, from one segment to the next. " * 2]
+
+
+def cli_worker(rank, world, root):
+    """A tiny exported model evaluated by the passkey (with and without memory) and perplexity CLIs."""
+    from data_pipeline.make_shards import write_shards
+    from tests.evals.models import tiny_config, tiny_model
+    from training.distributed import init_single_process
+    from training.evals import passkey, perplexity
+    from training.export import export_model
+
+    init_single_process()
+    cfg = tiny_config(segment_length=SEGMENT, update="delta")
+    export = os.path.join(root, "export")
+    export_model(tiny_model(cfg, seed=4), cfg, export)
+    assert passkey.main(["--model", export, "--out", os.path.join(root, "passkey")] + PASSKEY_ARGS) == 0
+    assert passkey.main(["--model", export, "--out", os.path.join(root, "ablated"), "--ablate-memory"]
+                        + PASSKEY_ARGS) == 0
+    texts = []
+    for i, text in enumerate(TEXTS):
+        texts.append(os.path.join(root, f"doc{i}.txt"))
+        with open(texts[-1], "w") as f:
+            f.write(text)
+    with open(os.path.join(root, "docs.jsonl"), "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in TEXTS)
+    write_shards([os.path.join(root, "docs.jsonl")], os.path.join(root, "shards"), "bytes", progress=False)
+    common = ["--model", export, "--buckets", PPL_BUCKETS, "--window-segments", "1"]
+    assert perplexity.main(common + ["--text"] + texts + ["--out", os.path.join(root, "ppl_text")]) == 0
+    assert perplexity.main(common + ["--shards", os.path.join(root, "shards"), "--out",
+                                     os.path.join(root, "ppl_shards")]) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def eval_runs(tmp_path_factory):
+    """The directory holding export/, passkey/, ablated/, ppl_text/, ppl_shards/."""
+    return run_distributed(cli_worker, 1, str(tmp_path_factory.mktemp("eval_runs")))[0]
+
+
+def exported_reference(export_dir):
+    """(ModelConfig, full state) of an export, for tests/evals/reference_model.py."""
+    from training.export import read_export
+
+    return read_export(export_dir)

@@ -1,0 +1,118 @@
+"""Passkey prompts, answers, training data, and the CLI against an independent float64 greedy decode."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tests.evals.conftest import exported_reference
+from training.evals.passkey import (FILLER, HEADER, NEEDLE, QUESTION, format_length, make_data, make_prompt,
+                                    parse_length, read_answer)
+
+from data_pipeline.tokenizer import ByteTokenizer
+
+
+def text_of(ids):
+    return np.asarray(ids, dtype=np.uint8).tobytes().decode("ascii")
+
+
+def test_lengths_parse_and_print():
+    assert [parse_length(x) for x in ("4096", "4k", "1M", " 32K ")] == [4096, 4096, 1 << 20, 32768]
+    assert [format_length(n) for n in (1024, 1 << 20, 1000, 0)] == ["1K", "1M", "1000", "0"]
+    with pytest.raises(ValueError):
+        parse_length("4 kb")
+
+
+@pytest.mark.parametrize("length", [300, 1000, 4096])
+def test_prompt_has_the_papers_format_at_the_exact_length(length):
+    needle = NEEDLE.format(key="40213")
+    positions = []
+    for depth in (0.0, 0.25, 0.5, 0.75, 1.0):
+        text = text_of(make_prompt(ByteTokenizer(), length, depth, "40213"))
+        assert len(text) == length
+        assert text.startswith(HEADER) and text.endswith(QUESTION) and text.count(needle) == 1
+        assert text.count("40213") == 2
+        at = text.index(needle)
+        filler = text[len(HEADER):at] + text[at + len(needle):-len(QUESTION)]
+        assert filler == (FILLER * (len(filler) // len(FILLER) + 1))[:len(filler)]
+        # The needle starts a sentence of the filler, or ends the filler.
+        assert text[len(HEADER):at] == "" or text[:at].endswith(".") or at + len(needle) == length - len(QUESTION)
+        positions.append((at - len(HEADER)) / len(filler))
+    assert positions[0] == 0.0 and positions[-1] == 1.0
+    assert positions == sorted(positions)
+    assert all(abs(p - d) <= 30 / len(filler) for p, d in zip(positions, (0.0, 0.25, 0.5, 0.75, 1.0)))
+
+
+def test_prompt_shorter_than_its_fixed_parts_is_refused():
+    with pytest.raises(ValueError, match="at least"):
+        make_prompt(ByteTokenizer(), 100, 0.5, "12345")
+
+
+def test_answers_must_start_with_the_key():
+    assert read_answer(" 40213.") == "40213"
+    assert read_answer("40213") == "40213"
+    assert read_answer(" 402135") == "402135"
+    assert read_answer(" key 40213") is None
+    assert read_answer("") is None
+
+
+def test_make_data_writes_documents_within_the_length_bounds(tmp_path):
+    summary = make_data(str(tmp_path), n_docs=40, max_len=1024, min_len=400, seed=3)
+    assert summary["documents"] == 40
+    with open(tmp_path / "passkey.jsonl") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    lengths = np.load(tmp_path / "shards" / "doc_tokens.npy")
+    assert lengths.tolist() == [len(d) for d in docs]
+    assert lengths.min() >= 400 and lengths.max() <= 1023  # + the reader's <eos> <= 1024
+    for doc in docs:
+        key = doc[-6:-1]
+        assert doc.endswith(f"{QUESTION} {key}.") and NEEDLE.format(key=key) in doc
+    assert len({d[-6:-1] for d in docs}) > 30
+    with pytest.raises(ValueError):
+        make_data(str(tmp_path / "bad"), n_docs=1, max_len=1024, min_len=100, seed=0)
+
+
+def assert_reference_greedy(state, cfg, prompt, continuation):
+    """Each continuation token is the float64 reference's argmax given the prompt and the tokens before it."""
+    from tests.evals.reference_model import reference_logits
+
+    seq = torch.as_tensor(np.concatenate([prompt, continuation]), dtype=torch.long)[None]
+    logits = reference_logits(state, cfg, seq)[0, len(prompt) - 1:-1, :cfg.vocab_size]
+    assert logits.argmax(-1).tolist() == list(continuation)
+
+
+@pytest.mark.parametrize("run", ["passkey", "ablated"])
+def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
+    cfg, state = exported_reference(os.path.join(eval_runs, "export"))
+    if run == "ablated":
+        state = {k: torch.full_like(v, float("-inf")) if k.endswith("core_attention.gate") else v
+                 for k, v in state.items()}
+    with open(os.path.join(eval_runs, run, "passkey.json")) as f:
+        result = json.load(f)
+    assert result["lengths"] == [256, 320] and result["depths"] == [0, 50, 100] and result["trials"] == 2
+    assert result["ablate_memory"] == (run == "ablated")
+    assert len(result["rows"]) == 12
+    for row in result["rows"]:
+        prompt = make_prompt(ByteTokenizer(), row["length"], row["depth"] / 100, row["key"])
+        assert len(row["output_ids"]) == 7  # " NNNNN" and one more
+        assert_reference_greedy(state, cfg, prompt, row["output_ids"])
+        assert row["output"] == bytes(t for t in row["output_ids"] if t < 256).decode("utf-8", errors="replace")
+        assert row["correct"] == (read_answer(row["output"]) == row["key"])
+    for length in ("256", "320"):
+        for depth in ("0", "50", "100"):
+            rows = [r for r in result["rows"] if str(r["length"]) == length and f"{r['depth']:g}" == depth]
+            assert result["accuracy"][length][depth] == np.mean([r["correct"] for r in rows])
+    table = open(os.path.join(eval_runs, run, "passkey.md")).read()
+    assert "| depth \\ length | 256 | 320 |" in table and table.count("\n|") == 6  # header, rule, 3 depths, mean
+    with open(os.path.join(eval_runs, run, "passkey_heatmap.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablated_run_sees_the_same_prompts(eval_runs):
+    rows = {}
+    for run in ("passkey", "ablated"):
+        with open(os.path.join(eval_runs, run, "passkey.json")) as f:
+            rows[run] = [(r["length"], r["depth"], r["trial"], r["key"]) for r in json.load(f)["rows"]]
+    assert rows["passkey"] == rows["ablated"]

@@ -1,0 +1,47 @@
+"""Loss by position bucket from the CLI against float64 reference losses, text files and shards."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tests.evals.conftest import PPL_BUCKETS, TEXTS, exported_reference
+from tests.evals.reference_model import reference_logits
+
+
+def reference_buckets(state, cfg, edges):
+    sums, counts = np.zeros(len(edges) + 1), np.zeros(len(edges) + 1)
+    for text in TEXTS:
+        tokens = torch.tensor([list(text.encode())])
+        logprobs = torch.log_softmax(reference_logits(state, cfg, tokens)[0, :, :cfg.vocab_size], dim=-1)
+        for position in range(1, tokens.shape[1]):
+            bucket = sum(position >= e for e in edges)
+            sums[bucket] -= logprobs[position - 1, tokens[0, position]].item()
+            counts[bucket] += 1
+    return sums / np.maximum(counts, 1), counts
+
+
+@pytest.mark.parametrize("source", ["ppl_text", "ppl_shards"])
+def test_bucket_losses_equal_the_reference(eval_runs, source):
+    cfg, state = exported_reference(os.path.join(eval_runs, "export"))
+    ablated = {k: torch.full_like(v, float("-inf")) if k.endswith("core_attention.gate") else v for k, v in state.items()}
+    edges = [int(e) for e in PPL_BUCKETS.split(",")]
+    with open(os.path.join(eval_runs, source, "perplexity.json")) as f:
+        result = json.load(f)
+    assert result["documents"] == len(TEXTS)
+    buckets = result["buckets"]
+    assert [b["bucket"] for b in buckets] == ["[0, 64)", "[64, 128)", "[128, 256)", "[256, end)"]
+    for variant, weights in (("memory", state), ("ablated", ablated)):
+        want, counts = reference_buckets(weights, cfg, edges)
+        assert [b["tokens"] for b in buckets] == counts.astype(int).tolist()
+        for b, loss in zip(buckets, want):
+            if b["tokens"]:
+                assert b[f"loss_{variant}"] == pytest.approx(loss, rel=1e-5)
+                assert b[f"ppl_{variant}"] == pytest.approx(math.exp(loss), rel=1e-4)
+    # Past the first segment the memory changes the loss.
+    assert buckets[2]["loss_memory"] != pytest.approx(buckets[2]["loss_ablated"], rel=1e-3)
+    table = open(os.path.join(eval_runs, source, "perplexity.md")).read()
+    assert "| [256, end) |" in table and "ppl, memory ablated" in table

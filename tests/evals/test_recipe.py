@@ -1,0 +1,57 @@
+"""The passkey recipe script end to end at CPU size: data, TP2 x PP2 training under torchrun, export,
+passkey with and without memory, the report; and the checkpoint merged on one device equals the export."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = ("model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 model.num_query_groups=2 "
+        "model.ffn_hidden_size=128 model.segment_length=64 data.segment_length=64 data.n_segments=8 "
+        "data.global_lanes=4 data.num_workers=0 parallel.micro_batch_lanes=2 parallel.tensor=2 parallel.pipeline=2 "
+        "schedule.steps=4 schedule.warmup_steps=1 checkpoint.interval=0 logging.interval=1")
+
+
+def checkpoint_worker(rank, world, out):
+    from training.distributed import init_single_process
+    from training.evals.common import load_model
+    from training.export import read_export
+
+    init_single_process()
+    _, exported = read_export(os.path.join(out, "export"))
+    model, cfg = load_model(os.path.join(out, "train", "checkpoints"))
+    merged = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return dict(exported=exported, merged=merged, cfg=cfg)
+
+
+@pytest.mark.slow
+def test_passkey_recipe_runs_end_to_end(tmp_path):
+    out = str(tmp_path / "passkey")
+    env = dict(os.environ, DOCS="64", MAX_LEN="512", TRAIN_MINUTES="10", LENGTHS="256,1k", DEPTHS="0,100",
+               TRIALS="2", BATCH="4", TRAIN_OVERRIDES=TINY,
+               LAUNCH=f"{sys.executable} -m torch.distributed.run --nproc-per-node 4")
+    proc = subprocess.run(["bash", "configs/experiments/passkey_run.sh", out], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    with open(os.path.join(out, "train", "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2, 3, 4]
+    for run in ("passkey", "passkey_ablated"):
+        with open(os.path.join(out, run, "passkey.json")) as f:
+            result = json.load(f)
+        assert result["lengths"] == [256, 1024] and len(result["rows"]) == 8
+        assert result["ablate_memory"] == (run == "passkey_ablated")
+    report = open(os.path.join(out, "RESULTS.md")).read()
+    assert "Training: 4 steps" in report and "Memory ablated (gates forced local), by depth:" in report
+    assert "| 1K | 16 |" in report  # 1024 tokens are 16 segments of 64
+
+    result = run_distributed(checkpoint_worker, 1, out)[0]
+    assert result["cfg"].segment_length == 64 and set(result["merged"]) == set(result["exported"])
+    for name, tensor in result["exported"].items():
+        assert torch.equal(result["merged"][name], tensor), name
