@@ -95,8 +95,9 @@ def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
     assert result["ablate_memory"] == (run == "ablated")
     assert len(result["rows"]) == 12
     for row in result["rows"]:
-        prompt = make_prompt(ByteTokenizer(), row["length"], row["depth"] / 100, row["key"])
-        assert len(row["output_ids"]) == 7  # " NNNNN" and one more
+        # The prompt and the decoded " NNNNN" plus one token make the trial's length.
+        assert len(row["output_ids"]) == 7
+        prompt = make_prompt(ByteTokenizer(), row["length"] - 7, row["depth"] / 100, row["key"])
         assert_reference_greedy(state, cfg, prompt, row["output_ids"])
         assert row["output"] == bytes(t for t in row["output_ids"] if t < 256).decode("utf-8", errors="replace")
         assert row["correct"] == (read_answer(row["output"]) == row["key"])

@@ -7,11 +7,11 @@
     python -m training.evals.passkey report --memory DIR --ablated DIR --model EXPORT --out FILE
         [--train-dir RUN_DIR] [--train-seconds S] [--total-seconds S]
 
-A prompt of exactly L tokens: a task description, filler sentences repeated, the needle "The pass
-key is NNNNN. Remember it. NNNNN is the pass key." at depth d (the share of the filler before it),
-more filler, and "What is the pass key? The pass key is". The model streams the prompt a window at
-a time (memory is constant whatever L), then decodes greedily; a trial is correct when the
-continuation starts with exactly the key's digits. Keys depend only on (seed, L, d, trial), so a
+A trial is L tokens: the prompt (a task description, filler sentences repeated, the needle "The
+pass key is NNNNN. Remember it. NNNNN is the pass key." at depth d, the share of the filler before
+it, more filler, and "What is the pass key? The pass key is") and the answer decoded greedily (the
+key's tokens and one more). The model streams the prompt a window at a time (memory is constant
+whatever L); a trial is correct when the continuation starts with exactly the key's digits. Keys depend only on (seed, L, d, trial), so a
 run with --ablate-memory sees the same prompts. Writes DIR/passkey.json (every trial),
 DIR/passkey.md (accuracy, depth x length) and DIR/passkey_heatmap.png.
 
@@ -102,7 +102,9 @@ def evaluate(loaded, lengths: Sequence[int], depths: Sequence[float], trials: in
     from training.evals.common import decode
 
     stream = StreamingModel(loaded.model, loaded.vocab_size, window_segments)
-    # The answer's own tokens plus one, so "12345" cannot pass as a prefix of a longer number.
+    # The answer's own tokens plus one, so "12345" cannot pass as a prefix of a longer number. The
+    # prompt and these make `length` tokens: were the answer to start a segment (as a prompt of
+    # whole segments would make it), local attention could never see the question while answering.
     new_tokens = len(_encode(loaded.tokenizer, " 12345")) + 1
     rows: List[dict] = []
     started = time.perf_counter()
@@ -111,7 +113,8 @@ def evaluate(loaded, lengths: Sequence[int], depths: Sequence[float], trials: in
         t0 = time.perf_counter()
         for i in range(0, len(cases), batch_size):
             batch = cases[i:i + batch_size]
-            prompts = np.stack([make_prompt(loaded.tokenizer, length, d / 100.0, key) for d, _, key in batch])
+            prompts = np.stack([make_prompt(loaded.tokenizer, length - new_tokens, d / 100.0, key)
+                                for d, _, key in batch])
             out = generate(stream, torch.from_numpy(prompts).to(loaded.device), new_tokens)
             for (depth, trial, key), ids in zip(batch, out.tolist()):
                 text = decode(loaded.tokenizer, ids)
