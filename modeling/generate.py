@@ -6,7 +6,7 @@
 
 The prompt is prefilled through ``StreamingModel`` a window at a time; each new token then costs one
 token through the layers plus local attention over the current segment's cached keys (see
-modeling/streaming.py). Greedy unless --top-p is given (or --temperature > 0 with sampling).
+modeling/streaming.py). Greedy unless --top-p or a --temperature above 0 asks for sampling.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def generate(stream: StreamingModel, prompt: torch.Tensor, max_new_tokens: int, 
     logits = stream.prefill(prompt)
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     out = []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
+        if step:
+            logits = stream.feed(out[-1][:, None])[:, -1]
         token = next_token(logits, temperature, top_p, generator)
         if eos_id is not None:
             token = torch.where(done, torch.full_like(token, eos_id), token)
@@ -55,7 +57,6 @@ def generate(stream: StreamingModel, prompt: torch.Tensor, max_new_tokens: int, 
         out.append(token)
         if eos_id is not None and bool(done.all()):
             break
-        logits = stream.feed(token[:, None])[:, -1]
     return torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)
 
 

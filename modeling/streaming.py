@@ -96,12 +96,12 @@ class StreamingModel:
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append tokens [b, n] to every row's stream; returns their logits [b, n, vocab] in float32."""
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be [batch, n], got shape {tuple(tokens.shape)}")
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be [batch, n >= 1], got shape {tuple(tokens.shape)}")
         L, n = self.segment_length, tokens.shape[1]
         outputs, i = [], 0
         with megatron_on_cpu():
-            if self.pending and n:
+            if self.pending:
                 i = min(L - self.pending, n)
                 outputs.append(self._extend(tokens[:, :i]))
             whole_end = i + (n - i) // L * L
@@ -113,8 +113,6 @@ class StreamingModel:
                 outputs.append(logits)
             if whole_end < n:
                 outputs.append(self._extend(tokens[:, whole_end:]))
-        if not outputs:
-            return torch.empty(tokens.shape[0], 0, self.vocab_size or 0)
         logits = torch.cat(outputs, dim=1)
         return logits[..., : self.vocab_size].float() if self.vocab_size else logits.float()
 
