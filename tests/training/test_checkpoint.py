@@ -179,8 +179,8 @@ def test_other_tp_pp_layout_fails_clearly_and_init_from_export_moves_weights(std
     first = {}
     for world, extra in ((1, {}), (4, {"parallel.tensor": 2, "parallel.pipeline": 2})):
         first[world] = run_distributed(run_worker, world, train_overrides(stdlib_shards, str(tmp_path / f"new{world}"), **{
-            "schedule.steps": 1, "checkpoint.init_from": out_dir, "seed": 99, **extra}))[0][0][1]
+            "schedule.steps": 1, "schedule.warmup_steps": 0, "checkpoint.init_from": out_dir, "seed": 99, **extra}))[0][0][1]
     assert first[1] == pytest.approx(first[4], rel=1e-5)
     untrained = run_distributed(run_worker, 1, train_overrides(stdlib_shards, str(tmp_path / "fresh"), **{
-        "schedule.steps": 1, "seed": 99}))[0][0][1]
+        "schedule.steps": 1, "schedule.warmup_steps": 0, "seed": 99}))[0][0][1]
     assert abs(untrained - first[1]) > 1e-3  # the export, not the seed, set the weights
