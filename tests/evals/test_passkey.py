@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.tokenizer import ByteTokenizer
 from tests.evals.conftest import exported_reference
 from training.evals.passkey import (FILLER, HEADER, NEEDLE, QUESTION, format_length, make_data, make_prompt,
                                     parse_length, read_answer)
-
-from data_pipeline.tokenizer import ByteTokenizer
 
 
 def text_of(ids):
