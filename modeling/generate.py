@@ -36,16 +36,22 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
 
 
 @torch.no_grad()
-def generate(stream: StreamingModel, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-             eos_id: Optional[int] = None) -> torch.Tensor:
+def generate(stream: StreamingModel, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
     """New token ids [b, <= max_new_tokens] continuing prompt [b, n] (n >= 1) on a fresh stream.
+    sampling: temperature, top_p, generator, eos_id (see ``continue_stream``)."""
+    stream.reset()
+    return continue_stream(stream, stream.prefill(prompt), max_new_tokens, **sampling)
+
+
+@torch.no_grad()
+def continue_stream(stream: StreamingModel, logits: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                    top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+                    eos_id: Optional[int] = None) -> torch.Tensor:
+    """New token ids [b, <= max_new_tokens] after a stream whose last logits [b, vocab] are given.
 
     Stops early once every row has produced eos_id; rows that finished earlier repeat eos_id.
     """
-    stream.reset()
-    logits = stream.prefill(prompt)
-    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     out = []
     for step in range(max_new_tokens):
         if step:
@@ -57,7 +63,7 @@ def generate(stream: StreamingModel, prompt: torch.Tensor, max_new_tokens: int, 
         out.append(token)
         if eos_id is not None and bool(done.all()):
             break
-    return torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)
+    return torch.stack(out, dim=1) if out else logits.new_zeros(logits.shape[0], 0, dtype=torch.long)
 
 
 def main(argv=None) -> int:

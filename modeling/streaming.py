@@ -88,6 +88,14 @@ class StreamingModel:
         self.cache: Optional[List[_SegmentCache]] = None
         self.position = 0
 
+    def snapshot(self) -> tuple:
+        """The stream's state. Its tensors are never changed in place, so ``restore`` continues from
+        here whatever was fed in between (e.g. to score and to decode after one prefill)."""
+        return self.memory, self.cache, self.position
+
+    def restore(self, state: tuple) -> None:
+        self.memory, self.cache, self.position = state
+
     @property
     def pending(self) -> int:
         """Tokens of the current partial segment."""
