@@ -82,6 +82,31 @@ def assert_reference_greedy(state, cfg, prompt, continuation):
     assert logits.argmax(-1).tolist() == list(continuation)
 
 
+def test_make_data_can_ask_several_times_after_the_needle(tmp_path):
+    make_data(str(tmp_path), n_docs=30, max_len=2048, min_len=800, seed=4, questions=3)
+    with open(tmp_path / "passkey.jsonl") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    for doc in docs:
+        key = doc[-6:-1]
+        qa = f"{QUESTION} {key}."
+        assert 800 <= len(doc) < 2048 and doc.endswith(qa) and doc.count(qa) == 3
+        assert doc.count(QUESTION) == 3 and doc.index(qa) > doc.index(NEEDLE.format(key=key))
+        # With the questions taken out, what is left is a one-question passkey prompt.
+        assert (doc.replace(qa, "", 2)[:-len(f" {key}.")]).endswith(QUESTION)
+    with pytest.raises(ValueError, match="min-len"):
+        make_data(str(tmp_path / "bad"), n_docs=1, max_len=2048, min_len=300, seed=0, questions=3)
+
+
+def reference_answer_nll(state, cfg, prompt, answer):
+    """Teacher-forced negative log-likelihood (nats) of the answer tokens after the prompt."""
+    from tests.evals.reference_model import reference_logits
+
+    seq = torch.as_tensor(np.concatenate([prompt, answer]), dtype=torch.long)[None]
+    logits = reference_logits(state, cfg, seq)[0, len(prompt) - 1:-1, :cfg.vocab_size]
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.as_tensor(answer, dtype=torch.long)[:, None])
+    return -logprobs.sum().item()
+
+
 @pytest.mark.parametrize("run", ["passkey", "ablated"])
 def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
     cfg, state = exported_reference(os.path.join(eval_runs, "export"))
@@ -99,13 +124,17 @@ def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
         prompt = make_prompt(ByteTokenizer(), row["length"] - 7, row["depth"] / 100, row["key"])
         assert_reference_greedy(state, cfg, prompt, row["output_ids"])
         assert row["output"] == bytes(t for t in row["output_ids"] if t < 256).decode("utf-8", errors="replace")
+        answer = np.frombuffer(f" {row['key']}".encode(), dtype=np.uint8)
+        assert row["answer_nll"] == pytest.approx(reference_answer_nll(state, cfg, prompt, answer) / 5, rel=1e-5)
         assert row["correct"] == (read_answer(row["output"]) == row["key"])
     for length in ("256", "320"):
         for depth in ("0", "50", "100"):
             rows = [r for r in result["rows"] if str(r["length"]) == length and f"{r['depth']:g}" == depth]
             assert result["accuracy"][length][depth] == np.mean([r["correct"] for r in rows])
+            assert result["answer_nll"][length][depth] == pytest.approx(np.mean([r["answer_nll"] for r in rows]))
     table = open(os.path.join(eval_runs, run, "passkey.md")).read()
-    assert "| depth \\ length | 256 | 320 |" in table and table.count("\n|") == 6  # header, rule, 3 depths, mean
+    # Accuracy and answer loss: header, rule, 3 depths and the mean each.
+    assert table.count("| depth \\ length | 256 | 320 |") == 2 and table.count("\n|") == 12
     with open(os.path.join(eval_runs, run, "passkey_heatmap.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -3,7 +3,8 @@
     python -m training.evals.passkey --model DIR [--lengths 1k,2k,4k,...,1m] [--depths 0,25,50,75,100]
         [--trials N] [--out DIR] [--ablate-memory] [--batch-size B] [--seed S]
         [--tokenizer T] [--dtype auto|fp32|bf16] [--device D] [--window-segments K]
-    python -m training.evals.passkey make-data --out DIR --docs N [--max-len 8192] [--min-len N] [--seed S]
+    python -m training.evals.passkey make-data --out DIR --docs N [--max-len 8192] [--min-len N]
+        [--questions Q] [--seed S]
     python -m training.evals.passkey report --memory DIR --ablated DIR --model EXPORT --out FILE
         [--train-dir RUN_DIR] [--train-seconds S] [--total-seconds S]
 
@@ -11,12 +12,14 @@ A trial is L tokens: the prompt (a task description, filler sentences repeated, 
 pass key is NNNNN. Remember it. NNNNN is the pass key." at depth d, the share of the filler before
 it, more filler, and "What is the pass key? The pass key is") and the answer decoded greedily (the
 key's tokens and one more). The model streams the prompt a window at a time (memory is constant
-whatever L); a trial is correct when the continuation starts with exactly the key's digits. Keys depend only on (seed, L, d, trial), so a
-run with --ablate-memory sees the same prompts. Writes DIR/passkey.json (every trial),
-DIR/passkey.md (accuracy, depth x length) and DIR/passkey_heatmap.png.
+whatever L); a trial is correct when the continuation starts with exactly the key's digits. Beside
+the accuracy: the answer's loss, teacher-forced, in nats per key digit (ln 10 = 2.30 at chance),
+which shows retrieval emerging before greedy decoding gets all five digits right. Keys depend only
+on (seed, L, d, trial), so a run with --ablate-memory sees the same prompts. Writes DIR/passkey.json (every trial),
+DIR/passkey.md (accuracy and answer loss, depth x length) and DIR/passkey_heatmap.png (accuracy).
 
 make-data writes training documents in the same format (random length, depth and key, the answer
-after the question) as DIR/passkey.jsonl and byte-level shards in DIR/shards. report puts a run
+after the question; --questions Q asks Q times, at random places after the needle and at the end) as DIR/passkey.jsonl and byte-level shards in DIR/shards. report puts a run
 with memory and one with --ablate-memory side by side (docs/RESULTS.md).
 """
 
@@ -94,10 +97,24 @@ def trial_key(seed: int, length: int, depth_percent: float, trial: int) -> str:
     return random_key(np.random.default_rng([seed, length, int(round(depth_percent * 1000)), trial]))
 
 
+def answer_losses(stream, last_logits: torch.Tensor, answers: List[np.ndarray]) -> List[float]:
+    """Per row, the negative log-likelihood (nats) of its answer tokens after the prompt the stream
+    holds (whose last logits are given), teacher-forced. The stream is left after the answers."""
+    longest = max(len(a) for a in answers)
+    # Rows are padded at the end; a position's logits never depend on the tokens after it.
+    ids = torch.zeros(len(answers), longest, dtype=torch.long, device=last_logits.device)
+    for row, answer in enumerate(answers):
+        ids[row, :len(answer)] = torch.from_numpy(answer)
+    logits = torch.cat([last_logits[:, None], stream.feed(ids)[:, :-1]], dim=1)
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None])[..., 0]
+    return [-float(logprobs[row, :len(answer)].sum()) for row, answer in enumerate(answers)]
+
+
 def evaluate(loaded, lengths: Sequence[int], depths: Sequence[float], trials: int, *, seed: int = 0,
              batch_size: int = 16, window_segments: int = 16, log=print) -> dict:
-    """Accuracy per (length, depth percent) and every trial's continuation."""
-    from modeling.generate import generate
+    """Per (length, depth percent): accuracy of greedy decoding and the answer's loss (nats per key
+    digit, teacher-forced: a graded measure, ln 10 = 2.30 at chance), and every trial."""
+    from modeling.generate import continue_stream
     from modeling.streaming import StreamingModel
     from training.evals.common import decode
 
@@ -115,31 +132,51 @@ def evaluate(loaded, lengths: Sequence[int], depths: Sequence[float], trials: in
             batch = cases[i:i + batch_size]
             prompts = np.stack([make_prompt(loaded.tokenizer, length - new_tokens, d / 100.0, key)
                                 for d, _, key in batch])
-            out = generate(stream, torch.from_numpy(prompts).to(loaded.device), new_tokens)
-            for (depth, trial, key), ids in zip(batch, out.tolist()):
+            stream.reset()
+            last = stream.prefill(torch.from_numpy(prompts).to(loaded.device))
+            prompted = stream.snapshot()
+            losses = answer_losses(stream, last, [_encode(loaded.tokenizer, f" {key}") for _, _, key in batch])
+            stream.restore(prompted)
+            out = continue_stream(stream, last, new_tokens)
+            for (depth, trial, key), ids, loss in zip(batch, out.tolist(), losses):
                 text = decode(loaded.tokenizer, ids)
                 rows.append({"length": length, "depth": depth, "trial": trial, "key": key, "output": text,
-                             "output_ids": ids, "correct": read_answer(text) == key})
+                             "output_ids": ids, "correct": read_answer(text) == key,
+                             "answer_nll": loss / len(key)})
         done = [r for r in rows if r["length"] == length]
-        log(f"length {format_length(length):>5}: accuracy {np.mean([r['correct'] for r in done]):6.1%} "
+        log(f"length {format_length(length):>5}: accuracy {np.mean([r['correct'] for r in done]):6.1%}, "
+            f"answer {np.mean([r['answer_nll'] for r in done]):.3f} nats/digit "
             f"({len(done)} trials, {time.perf_counter() - t0:.1f} s)")
-    accuracy = {length: {depth: float(np.mean([r["correct"] for r in rows
-                                               if r["length"] == length and r["depth"] == depth]))
+
+    def mean_of(field):
+        return {length: {depth: float(np.mean([r[field] for r in rows if r["length"] == length and r["depth"] == depth]))
                          for depth in depths} for length in lengths}
+
     return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed,
-            "accuracy": accuracy, "rows": rows, "seconds": time.perf_counter() - started}
+            "accuracy": mean_of("correct"), "answer_nll": mean_of("answer_nll"), "rows": rows,
+            "seconds": time.perf_counter() - started}
 
 
-def markdown_table(result: dict) -> str:
-    """Accuracy in percent: a row per depth, a column per length, and the mean over depths."""
-    lengths, depths, acc = result["lengths"], result["depths"], result["accuracy"]
+def markdown_table(result: dict, field: str = "accuracy") -> str:
+    """A row per depth, a column per length, and the mean over depths: accuracy in percent, or
+    (field "answer_nll") the answer's loss in nats per key digit."""
+    lengths, depths, values = result["lengths"], result["depths"], result[field]
+
+    def cell(v):
+        return f"{100 * v:.1f}" if field == "accuracy" else f"{v:.3f}"
+
     lines = ["| depth \\ length | " + " | ".join(format_length(n) for n in lengths) + " |",
              "| --- |" + " ---: |" * len(lengths)]
     for depth in depths:
-        lines.append(f"| {depth:g}% | " + " | ".join(f"{100 * acc[n][depth]:.1f}" for n in lengths) + " |")
-    lines.append("| **mean** | " + " | ".join(f"**{100 * np.mean(list(acc[n].values())):.1f}**" for n in lengths)
+        lines.append(f"| {depth:g}% | " + " | ".join(cell(values[n][depth]) for n in lengths) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{cell(np.mean(list(values[n].values())))}**" for n in lengths)
                  + " |")
     return "\n".join(lines) + "\n"
+
+
+def markdown_tables(result: dict) -> str:
+    return ("Accuracy (%):\n\n" + markdown_table(result) + "\nAnswer loss (nats per key digit, teacher-forced; "
+            "chance ln 10 = 2.30):\n\n" + markdown_table(result, "answer_nll"))
 
 
 def save_heatmap(result: dict, path: str, title: str) -> None:
@@ -170,12 +207,13 @@ def write_results(result: dict, out_dir: str, title: str) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "passkey.json"), "markdown": os.path.join(out_dir, "passkey.md"),
              "heatmap": os.path.join(out_dir, "passkey_heatmap.png")}
-    serialisable = dict(result, accuracy={str(n): {f"{d:g}": a for d, a in by_depth.items()}
-                                          for n, by_depth in result["accuracy"].items()})
+    serialisable = dict(result, **{field: {str(n): {f"{d:g}": v for d, v in by_depth.items()}
+                                           for n, by_depth in result[field].items()}
+                                   for field in ("accuracy", "answer_nll")})
     with open(paths["json"], "w") as f:
         json.dump(serialisable, f, indent=1)
     with open(paths["markdown"], "w") as f:
-        f.write(f"{title}\n\n{markdown_table(result)}")
+        f.write(f"{title}\n\n{markdown_tables(result)}")
     save_heatmap(result, paths["heatmap"], title)
     return paths
 
@@ -184,8 +222,8 @@ def load_result(out_dir: str) -> dict:
     """A passkey.json written by write_results, with numeric accuracy keys again."""
     with open(os.path.join(out_dir, "passkey.json")) as f:
         result = json.load(f)
-    result["accuracy"] = {n: {d: result["accuracy"][str(n)][f"{d:g}"] for d in result["depths"]}
-                          for n in result["lengths"]}
+    for field in ("accuracy", "answer_nll"):
+        result[field] = {n: {d: result[field][str(n)][f"{d:g}"] for d in result["depths"]} for n in result["lengths"]}
     return result
 
 
@@ -215,21 +253,28 @@ def report(memory_dir: str, ablated_dir: str, model_dir: str, train_dir: Optiona
     lines += ["Gates sigmoid(beta), mean [min, max] over heads, per layer: "
               + "; ".join(f"{i}: {g.mean():.3f} [{g.min():.3f}, {g.max():.3f}]" for i, g in enumerate(gates)) + ".",
               "", f"Accuracy (%) over {with_memory['trials']} trials x {len(with_memory['depths'])} depths per length; "
-              "'worst depth' is the lowest accuracy at any single depth. Chance is 0.001%.", "",
-              "| length | segments | with memory: mean | worst depth | memory ablated: mean | worst depth |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+              "'worst depth' is the lowest accuracy at any single depth; chance is 0.001%. Answer loss: nats per "
+              "key digit, teacher-forced, mean over depths (chance ln 10 = 2.30).", "",
+              "| length | segments | with memory: mean | worst depth | answer loss | memory ablated: mean | "
+              "worst depth | answer loss |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n in with_memory["lengths"]:
-        mem, abl = list(with_memory["accuracy"][n].values()), list(ablated["accuracy"][n].values())
-        lines.append(f"| {format_length(n)} | {-(-n // cfg.segment_length)} | {100 * np.mean(mem):.1f} | "
-                     f"{100 * min(mem):.1f} | {100 * np.mean(abl):.1f} | {100 * min(abl):.1f} |")
-    lines += ["", "With memory, by depth:", "", markdown_table(with_memory),
-              "Memory ablated (gates forced local), by depth:", "", markdown_table(ablated)]
+        cells = [format_length(n), str(-(-n // cfg.segment_length))]
+        for result in (with_memory, ablated):
+            accuracy = list(result["accuracy"][n].values())
+            cells += [f"{100 * np.mean(accuracy):.1f}", f"{100 * min(accuracy):.1f}",
+                      f"{np.mean(list(result['answer_nll'][n].values())):.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "With memory, by depth:", "", markdown_tables(with_memory), "",
+              "Memory ablated (gates forced local), by depth:", "", markdown_tables(ablated)]
     return "\n".join(lines)
 
 
-def make_documents(n_docs: int, min_len: int, max_len: int, seed: int) -> List[str]:
+def make_documents(n_docs: int, min_len: int, max_len: int, seed: int, questions: int = 1) -> List[str]:
     """Training documents of min_len..max_len - 1 bytes (the reader's <eos> makes max_len): a
-    passkey prompt of random length, depth and key, then " KEY." answering it."""
+    passkey prompt of random length, depth and key, then " KEY." answering it. With questions > 1,
+    that many - 1 more answered questions sit at random sentence starts after the needle: more of the
+    loss on retrieving the key, the one part of a document that needs the memory."""
     from data_pipeline.tokenizer import ByteTokenizer
 
     tokenizer = ByteTokenizer()
@@ -237,26 +282,31 @@ def make_documents(n_docs: int, min_len: int, max_len: int, seed: int) -> List[s
     docs = []
     for _ in range(n_docs):
         key = random_key(rng)
-        answer = f" {key}."
-        length = int(rng.integers(min_len, max_len)) - len(answer)
-        prompt = make_prompt(tokenizer, length, float(rng.random()), key)
-        docs.append(prompt.astype(np.uint8).tobytes().decode("ascii") + answer)
+        answer, needle = f" {key}.", NEEDLE.format(key=key)
+        extra = (questions - 1) * len(QUESTION + answer)
+        length = int(rng.integers(min_len, max_len)) - len(answer) - extra
+        text = make_prompt(tokenizer, length, float(rng.random()), key).astype(np.uint8).tobytes().decode("ascii")
+        end = len(text) - len(QUESTION)
+        starts = [i for i in range(text.index(needle) + len(needle), end) if text[i - 1] == "."] or [end]
+        for at in sorted(rng.choice(starts, size=questions - 1), reverse=True):
+            text = text[:at] + QUESTION + answer + text[at:]
+        docs.append(text + answer)
     return docs
 
 
-def make_data(out: str, n_docs: int, max_len: int, min_len: Optional[int], seed: int) -> dict:
+def make_data(out: str, n_docs: int, max_len: int, min_len: Optional[int], seed: int, questions: int = 1) -> dict:
     from data_pipeline.make_shards import write_shards
-    from data_pipeline.tokenizer import ByteTokenizer
 
-    tokenizer = ByteTokenizer()
-    shortest = sum(len(_encode(tokenizer, t)) for t in (HEADER, NEEDLE.format(key="12345"), QUESTION, " 12345."))
+    if questions < 1:
+        raise ValueError(f"--questions must be >= 1, got {questions}")
+    shortest = len(HEADER + NEEDLE.format(key="12345")) + questions * len(QUESTION + " 12345.")
     min_len = max(max_len // 8, shortest) if min_len is None else min_len
     if not shortest <= min_len < max_len:
         raise ValueError(f"need {shortest} <= --min-len ({min_len}) < --max-len ({max_len})")
     os.makedirs(out, exist_ok=True)
     jsonl = os.path.join(out, "passkey.jsonl")
     with open(jsonl, "w") as f:
-        for text in make_documents(n_docs, min_len, max_len, seed):
+        for text in make_documents(n_docs, min_len, max_len, seed, questions):
             f.write(json.dumps({"text": text}) + "\n")
     return write_shards([jsonl], os.path.join(out, "shards"), "bytes", overwrite=True, progress=False)
 
@@ -286,10 +336,11 @@ def _make_data_main(argv: Sequence[str]) -> int:
     ap.add_argument("--docs", type=int, required=True)
     ap.add_argument("--max-len", type=int, default=8192, help="tokens per document, <eos> included")
     ap.add_argument("--min-len", type=int, default=None, help="default: max-len / 8")
+    ap.add_argument("--questions", type=int, default=1, help="answered questions per document (the last at the end)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     try:
-        summary = make_data(a.out, a.docs, a.max_len, a.min_len, a.seed)
+        summary = make_data(a.out, a.docs, a.max_len, a.min_len, a.seed, a.questions)
     except ValueError as error:
         ap.error(str(error))
     print(f"wrote {summary['documents']} documents, {summary['tokens']} tokens: {summary['index']}")
@@ -329,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result.update(model=a.model, ablate_memory=a.ablate_memory, segment_length=loaded.config.segment_length)
     out = a.out or os.path.join(a.model, "passkey_ablated" if a.ablate_memory else "passkey")
     paths = write_results(result, out, title)
-    print(markdown_table(result))
+    print(markdown_tables(result))
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['heatmap']} ({result['seconds']:.0f} s)")
     return 0
 
