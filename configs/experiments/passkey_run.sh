@@ -3,7 +3,8 @@
 #
 #     bash configs/experiments/passkey_run.sh [OUT_DIR]        (default runs/passkey)
 #
-# 1. DOCS synthetic passkey documents of <= MAX_LEN tokens as byte-level shards (OUT/data);
+# 1. DOCS synthetic passkey documents of <= MAX_LEN tokens, each asking QUESTIONS times for its key
+#    (the last question at the end), as byte-level shards (OUT/data);
 # 2. train configs/experiments/passkey.yaml for at most TRAIN_MINUTES (its schedule, or fewer steps
 #    if the budget runs out) and export the model (OUT/export);
 # 3. passkey retrieval at LENGTHS x DEPTHS, TRIALS prompts each, with the memory and with the gates
@@ -18,6 +19,7 @@ OUT=${1:-runs/passkey}
 CONFIG=${CONFIG:-configs/experiments/passkey.yaml}
 DOCS=${DOCS:-40000}
 MAX_LEN=${MAX_LEN:-8192}
+QUESTIONS=${QUESTIONS:-4}
 TRAIN_MINUTES=${TRAIN_MINUTES:-15}
 TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
 LAUNCH=${LAUNCH:-python}
@@ -28,7 +30,8 @@ BATCH=${BATCH:-16}
 EVAL_ARGS=${EVAL_ARGS:-}
 
 started=$(date +%s)
-python -m training.evals.passkey make-data --out "$OUT/data" --docs "$DOCS" --max-len "$MAX_LEN" --seed 1
+python -m training.evals.passkey make-data --out "$OUT/data" --docs "$DOCS" --max-len "$MAX_LEN" \
+    --questions "$QUESTIONS" --seed 1
 # shellcheck disable=SC2086  # LAUNCH and TRAIN_OVERRIDES are word lists
 $LAUNCH -m training.evals.train_export --config "$CONFIG" --export "$OUT/export" --max-minutes "$TRAIN_MINUTES" \
     "run_dir=$OUT/train" "data.sources=[{path: $OUT/data/shards}]" $TRAIN_OVERRIDES
