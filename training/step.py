@@ -72,7 +72,6 @@ def run_schedule(model, carried: CarriedMemory, microbatches: List[Microbatch], 
     for gradients (NaN injection uses it); the reported loss is unscaled.
     """
     forward_module = engine if engine is not None else model
-    config = model.config
     device = microbatches[0].tokens.device
     pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     dp = parallel_state.get_data_parallel_world_size()
@@ -90,8 +89,6 @@ def run_schedule(model, carried: CarriedMemory, microbatches: List[Microbatch], 
         carried.set(mb.slot, memory)
         return output, partial(loss_func, mb)
 
-    config.calculate_per_token_loss = True
-    config.batch_p2p_sync = torch.cuda.is_available()
     micro_lanes, window = microbatches[0].tokens.shape
     with megatron_on_cpu():
         outputs = get_forward_backward_func()(

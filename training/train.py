@@ -93,6 +93,10 @@ def build_stage_model(cfg: TrainConfig, bf16: bool):
         recompute_method="uniform" if cfg.model.recompute else None,
         recompute_num_layers=1 if cfg.model.recompute else None,
         infini_loss_chunk_tokens=cfg.performance.loss_chunk_tokens,
+        # The step's loss function returns per-token sums; the schedule must not average them.
+        calculate_per_token_loss=True,
+        # p2p's CUDA synchronisation is megatron's default; there is nothing to synchronise on the CPU.
+        batch_p2p_sync=torch.cuda.is_available(),
     )
     model = build_model(
         transformer_config,
