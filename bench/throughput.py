@@ -7,6 +7,7 @@ call: the compiled plain-PyTorch Llama (fp32 master weights + bf16 autocast) and
 local-spec GPT at sequence 2048.
 
     python bench/throughput.py --cases infini-1.3b,infini-350m --anchor path/to/anchor_bench.py --out DIR
+    python bench/throughput.py --cases infini-1.3b --tag lanes16 data.global_lanes=16   (overrides win)
 
 MFU is reported two ways: ours (``modeling/flops.py``: matmul parameters, local attention over the
 segment, memory read/write) and the anchor's convention (6 x all parameters + 12 L H S, with S the
@@ -109,11 +110,13 @@ def main(argv=None) -> int:
     parser.add_argument("--anchor", help="path of ../shared/bench/anchor_bench.py, to run its baselines here")
     parser.add_argument("--anchor-modes", default="compiled amp megatron")
     parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--tag", default="", help="suffix of the case labels (runs with overrides)")
+    parser.add_argument("overrides", nargs="*", help="key=value run-config overrides for every case")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results = []
     for name in args.cases.split(","):
-        result = run_case(name, args.steps, args.warmup, args.out)
+        result = run_case(name, args.steps, args.warmup, args.out, args.overrides, args.tag)
         results.append(result)
         print(json.dumps(result), flush=True)
     anchor_lines = []

@@ -1,0 +1,99 @@
+"""Where a training step's GPU time goes: torch.profiler over a few steps of the real trainer.
+
+    python bench/profile_step.py --preset 1.3b [--warmup 3] [--steps 2] [--out DIR] [key=value ...]
+
+Builds the trainer in-process with bench/throughput.py's settings (segment 2048, 8 segments a window,
+compiled layers, chunked loss, ZeRO-1, bf16), runs warm-up steps, then profiles the next steps and
+prints two tables: GPU time by kernel category (matmul, attention, memory read/write math, optimizer,
+copies, communication...) with the share of the step's wall time the GPU sat idle, and the top
+kernels. The chrome trace goes to DIR/trace.json. Overrides (key=value) go to the run config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from bench.throughput import CASES, COMMON  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.train import Trainer  # noqa: E402
+
+# First matching pattern names a kernel's category (kernel names are lower-cased first).
+CATEGORIES = [
+    ("communication", r"nccl|allreduce|all_reduce|reduce_scatter|allgather"),
+    ("attention (SDPA)", r"cudnn|flash|fmha|attention|sdpa|efficient_attention"),
+    ("matmul", r"gemm|cutlass|sm90_xmma|nvjet|cublas|wgmma|matmul|splitk"),
+    ("optimizer", r"adam|multi_tensor|foreach|fused_adamw"),
+    ("copy / cast", r"memcpy|memset|copy_|cast|to_copy|convert"),
+    ("reduction", r"reduce|sum|cumsum|scan|softmax|norm"),
+    ("elementwise (compiled)", r"triton"),
+    ("elementwise (eager)", r"elementwise|vectorized|unrolled|pointwise"),
+]
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    for label, pattern in CATEGORIES:
+        if re.search(pattern, lowered):
+            return label
+    return "other"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="infini-1.3b", choices=sorted(CASES))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--out", default="runs/profile")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    preset, extra = CASES[args.case]
+    os.makedirs(args.out, exist_ok=True)
+    overrides = [f"defaults.model={preset}", f"run_dir={args.out}/run", f"schedule.steps={args.warmup + args.steps}",
+                 *COMMON, *extra, *args.overrides]
+    trainer = Trainer(load_config(os.path.join(REPO, "configs", "tiny_cpu.yaml"), overrides))
+    batches = iter(trainer.train_loader)
+    for _ in range(args.warmup):
+        trainer.train_step(next(batches))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            metrics = trainer.train_step(next(batches))
+    wall_us = (time.perf_counter() - started) * 1e6
+    trainer.close()
+    prof.export_chrome_trace(os.path.join(args.out, "trace.json"))
+
+    device_events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name != "CPU"]
+    by_category = defaultdict(float)
+    for event in device_events:
+        by_category[category(event.key)] += event.self_device_time_total
+    busy = sum(by_category.values())
+    print(f"\n{args.case}: {args.steps} profiled steps, wall {wall_us / 1e6:.2f} s, last step "
+          f"{metrics['tokens_per_s']:,.0f} tokens/s, MFU {100 * (metrics['mfu'] or 0):.1f}%")
+    print("\n| category | GPU ms per step | share of wall |")
+    print("| --- | ---: | ---: |")
+    for label, total in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        print(f"| {label} | {total / 1e3 / args.steps:,.1f} | {100 * total / wall_us:.1f}% |")
+    print(f"| GPU idle | {(wall_us - busy) / 1e3 / args.steps:,.1f} | {100 * (wall_us - busy) / wall_us:.1f}% |")
+    print(f"\n| top kernels | calls per step | GPU ms per step | category |")
+    print("| --- | ---: | ---: | --- |")
+    for event in sorted(device_events, key=lambda e: -e.self_device_time_total)[:args.top]:
+        print(f"| {event.key[:90]} | {event.count // args.steps} | {event.self_device_time_total / 1e3 / args.steps:,.2f} | "
+              f"{category(event.key)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
