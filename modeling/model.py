@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.utils import make_viewless_tensor
 from torch.utils.checkpoint import checkpoint
@@ -94,7 +95,21 @@ class InfiniGPTModel(GPTModel):
 
     def _loss(self, hidden, labels):
         """Per-token loss [b, t] of hidden states [t, b, h]."""
+        if self.config.infini_compile_loss:
+            return _compiled_token_cross_entropy(self._logits(hidden), labels)
         return self.compute_language_model_loss(labels, self._logits(hidden))
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [b, t] in float32 of full-vocabulary logits [t, b, v] and labels [b, t]."""
+    t, b, v = logits.shape
+    losses = F.cross_entropy(logits.float().reshape(t * b, v), labels.t().reshape(t * b), reduction="none")
+    return losses.view(t, b).t()
+
+
+# Compiled on first call; inductor fuses the upcast into the softmax reductions, so no fp32 copy of
+# the logits is ever written.
+_compiled_token_cross_entropy = torch.compile(token_cross_entropy)
 
 
 def build_model(config: InfiniTransformerConfig, vocab_size: int, *, pre_process: bool = True,

@@ -41,6 +41,8 @@ class PerformanceConfig:
     """torch.compile each transformer layer (GPU runs)."""
     loss_chunk_tokens: int = 0
     """Output layer + cross-entropy in chunks of this many tokens (0: whole window)."""
+    compile_loss: bool = False
+    """torch.compile the cross-entropy (fused with the logits' upcast); parallel.tensor = 1 only."""
     tf32: bool = True
     """TF32 for float32 matmuls (the Infini memory's reads and writes) on GPUs."""
 
@@ -213,6 +215,9 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
     need(0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr, "optimizer.min_lr must be in [0, optimizer.lr]")
     need(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")
     need(cfg.performance.loss_chunk_tokens >= 0, "performance.loss_chunk_tokens must be >= 0")
+    need(not (cfg.performance.compile_loss and cfg.parallel.tensor > 1),
+         f"performance.compile_loss needs parallel.tensor = 1 (got {cfg.parallel.tensor}): with tensor parallelism "
+         "the vocabulary is split and megatron's vocab-parallel cross-entropy is used")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
     mode = cfg.logging.wandb.mode
     need(mode in (None, "online", "offline", "disabled"), f"logging.wandb.mode must be online, offline or disabled, got {mode!r}")

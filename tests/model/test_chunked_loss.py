@@ -1,11 +1,12 @@
-"""Chunked output layer + cross-entropy gives the per-token losses and gradients of the whole-window loss."""
+"""Chunked output layer + cross-entropy (megatron's, or our compiled one) gives the per-token losses and
+gradients of megatron's whole-window loss."""
 
 import torch
 
 from tests.distributed import run_distributed
 
 
-def worker(rank, world, chunk):
+def worker(rank, world, chunk, compile_loss=False):
     from modeling.config import ModelConfig, build_transformer_config
     from modeling.cpu_compat import megatron_on_cpu
     from modeling.init import init_weights
@@ -15,7 +16,8 @@ def worker(rank, world, chunk):
     init_distributed()
     init_model_parallel(1, 1)
     cfg = ModelConfig(segment_length=8)
-    model = build_model(build_transformer_config(cfg, infini_loss_chunk_tokens=chunk), cfg.padded_vocab_size())
+    model = build_model(build_transformer_config(cfg, infini_loss_chunk_tokens=chunk,
+                                                   infini_compile_loss=compile_loss), cfg.padded_vocab_size())
     init_weights(model, 3)
     ids = torch.randint(0, 258, (2, 32), generator=torch.Generator().manual_seed(0))
     with megatron_on_cpu():
@@ -30,3 +32,11 @@ def test_chunked_loss_equals_whole_window():
     torch.testing.assert_close(chunk_loss, whole_loss, rtol=1e-6, atol=1e-6)
     for name, grad in whole_grads.items():
         torch.testing.assert_close(chunk_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_loss_equals_megatron_cross_entropy():
+    whole_loss, whole_grads = run_distributed(worker, 1, 0)[0]
+    compiled_loss, compiled_grads = run_distributed(worker, 1, 12, True)[0]
+    torch.testing.assert_close(compiled_loss, whole_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6)

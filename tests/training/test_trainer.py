@@ -129,6 +129,7 @@ def run_cli(*args, timeout=600):
     (["schedule.steps=many"], "schedule.steps"),
     (["parallel.pipeline=2", "parallel.zero_stage=2", "model.num_layers=2"], "zero_stage=2 with parallel.pipeline=2"),
     (["data.segment_length=32"], "data.segment_length (32) must equal model.segment_length (64)"),
+    (["performance.compile_loss=true", "parallel.tensor=2"], "performance.compile_loss needs parallel.tensor = 1"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     from training.config import ConfigError, load_config
