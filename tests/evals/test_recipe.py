@@ -33,8 +33,8 @@ def checkpoint_worker(rank, world, out):
 @pytest.mark.slow
 def test_passkey_recipe_runs_end_to_end(tmp_path):
     out = str(tmp_path / "passkey")
-    env = dict(os.environ, DOCS="64", MAX_LEN="512", TRAIN_MINUTES="10", LENGTHS="256,1k", DEPTHS="0,100",
-               TRIALS="2", BATCH="4", TRAIN_OVERRIDES=TINY,
+    env = dict(os.environ, DOCS="64", MAX_LEN="512", QUESTIONS="2", TRAIN_MINUTES="10", LENGTHS="256,1k",
+               DEPTHS="0,100", TRIALS="2", BATCH="4", TRAIN_OVERRIDES=TINY,
                LAUNCH=f"{sys.executable} -m torch.distributed.run --nproc-per-node 4")
     proc = subprocess.run(["bash", "configs/experiments/passkey_run.sh", out], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
