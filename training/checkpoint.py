@@ -12,6 +12,12 @@ Saving is atomic: everything goes to ``.tmp-step_<N>/``, is flushed, and the dir
 the ``latest`` pointer is replaced afterwards. A process killed at any moment leaves the previous
 checkpoint loadable, and ``resume: auto`` skips anything without a complete manifest.
 
+An asynchronous save (``checkpoint.async_save``) pauses training only to snapshot the state to host
+memory (training/async_checkpoint.py); a background thread per rank writes and flushes the files.
+At each step boundary while it is pending, the ranks agree (one small all-reduce on a gloo group)
+whether every writer is done; then the checkpoint is finalized as above. A writer's failure stops
+training with an error naming the file, and that checkpoint is never finalized.
+
 Resuming on another data-parallel size is supported with ZeRO-1/2 (DeepSpeed's elastic ZeRO
 checkpoints; lanes, their memory and data positions are re-assigned). Another TP or PP size is not:
 it fails with a message; ``export_model`` + ``checkpoint.init_from`` start a new layout from the
@@ -24,8 +30,12 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
-from typing import Dict, List, Optional
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +43,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from data_pipeline import merge_state_dicts
+from training.async_checkpoint import SnapshottingCheckpointEngine, snapshot_to_host
 
 STEP_PREFIX = "step_"
 MANIFEST = "manifest.json"
@@ -163,6 +174,73 @@ def find_latest_valid(root: str) -> Optional[str]:
     return None
 
 
+@dataclass
+class SaveReport:
+    """A finalized save, as the run logs it."""
+
+    path: str
+    step: int
+    reason: str
+    asynchronous: bool
+    blocking_seconds: float
+    """Training was paused this long (including waiting for the previous save to finish)."""
+    write_seconds: float
+    """Until every rank's files were written and flushed."""
+    seconds: float
+    """Until the checkpoint was finalized (manifest, rename, ``latest``)."""
+    size_bytes: int
+    """The whole checkpoint; counted on rank 0 only (0 elsewhere)."""
+
+    def metrics(self) -> dict:
+        gigabytes = self.size_bytes / 1e9
+        return {"checkpoint/step": self.step, "checkpoint/async": int(self.asynchronous),
+                "checkpoint/blocking_seconds": self.blocking_seconds, "checkpoint/write_seconds": self.write_seconds,
+                "checkpoint/seconds": self.seconds, "checkpoint/gb": gigabytes,
+                "checkpoint/gb_per_s": gigabytes / max(self.write_seconds, 1e-9)}
+
+
+@dataclass
+class _SaveInProgress:
+    step: int
+    reason: str
+    tmp: str
+    final: str
+    started: float
+    asynchronous: bool
+    blocking_seconds: float = 0.0
+    writing: Optional[Future] = None
+    """The background writer's job: resolves to the time its last file was flushed."""
+
+
+@dataclass
+class _InjectedWriterFaults:
+    delay_seconds: float = 0.0
+    kill_after_first_file: bool = False
+    fail_first_file: bool = False
+
+
+def _write_snapshots(files: List[Tuple[str, object]], zipfile_serialization: bool, step: int,
+                     faults: _InjectedWriterFaults) -> float:
+    """The background writer: torch.save and fsync each file; returns when the last one was flushed."""
+    time.sleep(faults.delay_seconds)
+    for index, (path, state) in enumerate(files):
+        try:
+            if faults.fail_first_file and index == 0:
+                raise OSError("injected writer failure (checkpoint.inject_writer_failure_at_steps)")
+            torch.save(state, path, _use_new_zipfile_serialization=zipfile_serialization)
+            _fsync_file(path)
+        except Exception as error:
+            raise CheckpointError(f"checkpoint writer failed writing {path}: {error!r}; the checkpoint of step {step} "
+                                  "was not finalized (the previous one stays the latest)") from error
+        if faults.kill_after_first_file:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return time.perf_counter()
+
+
+# Writer states, all-reduced with MIN: one failure or one writer still busy decides for all ranks.
+_WRITER_FAILED, _WRITER_BUSY, _WRITER_DONE = -1.0, 0.0, 1.0
+
+
 class CheckpointManager:
     """Saves and restores a Trainer; every rank calls save/load (they are collective)."""
 
@@ -172,49 +250,143 @@ class CheckpointManager:
         self.root = cfg.dir or os.path.join(trainer.cfg.run_dir, "checkpoints")
         self.keep_last = cfg.keep_last
         self.keep_every = cfg.keep_every
+        # Created by the first asynchronous save.
+        self._writer: Optional[ThreadPoolExecutor] = None
+        self._writer_status_group = None
+        self._snapshotting_engine: Optional[SnapshottingCheckpointEngine] = None
+        self._pending: Optional[_SaveInProgress] = None
 
     def last_saved_step(self) -> Optional[int]:
         paths = list_checkpoints(self.root)
         return int(os.path.basename(paths[-1])[len(STEP_PREFIX):]) if paths else None
 
     # -- saving -------------------------------------------------------------------------------
-    def save(self, reason: str = "interval"):
-        """Returns (path, seconds, bytes written) - the byte count on rank 0 only."""
+    def save(self, reason: str = "interval", asynchronous: bool = False) -> None:
+        """Collective. Waits for a pending asynchronous save first. A synchronous save is finalized
+        on return; an asynchronous one returns once the state is snapshotted, and ``poll``/``wait``
+        finalize it. Each finalized save goes to ``trainer.report_checkpoint``."""
         trainer = self.trainer
-        step = trainer.state.step
-        final = os.path.join(self.root, step_dir_name(step))
-        tmp = os.path.join(self.root, ".tmp-" + step_dir_name(step))
-        rank = dist.get_rank()
         started = time.perf_counter()
+        self.wait()
+        step = trainer.state.step
+        save = _SaveInProgress(step, reason, os.path.join(self.root, ".tmp-" + step_dir_name(step)),
+                               os.path.join(self.root, step_dir_name(step)), started, asynchronous)
+        rank = dist.get_rank()
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            trainer.save_resolved_config(os.path.join(tmp, "config.yaml"))
+            shutil.rmtree(save.tmp, ignore_errors=True)
+            os.makedirs(save.tmp)
+            trainer.save_resolved_config(os.path.join(save.tmp, "config.yaml"))
         dist.barrier()
-        trainer.engine.save_checkpoint(tmp, tag="ds", save_latest=False)
-        _save_torch(trainer.rank_state(), os.path.join(tmp, f"rank_{rank:05d}.pt"))
-        if step in trainer.cfg.checkpoint.inject_kill_during_save_at_steps and rank == 0:
-            os.kill(os.getpid(), 9)
+        rank_file = os.path.join(save.tmp, f"rank_{rank:05d}.pt")
+        kill_midway = step in trainer.cfg.checkpoint.inject_kill_during_save_at_steps and rank == 0
+        if asynchronous:
+            self._start_writing(save, rank_file, kill_midway)
+            return
+        trainer.engine.save_checkpoint(save.tmp, tag="ds", save_latest=False)
+        _save_torch(trainer.rank_state(), rank_file)
+        if kill_midway:
+            os.kill(os.getpid(), signal.SIGKILL)
         dist.barrier()
+        self._finalize(save)
+
+    def _start_writing(self, save: _SaveInProgress, rank_file: str, kill_midway: bool) -> None:
+        """Snapshot DeepSpeed's files and the rank state on this thread; write them on the writer's."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+            # gloo: a CPU flag needs no device synchronisation, whatever the training backend.
+            self._writer_status_group = dist.new_group(backend="gloo")
+            # DeepSpeed builds its own engine from this config: the files get the same serialization.
+            self._snapshotting_engine = SnapshottingCheckpointEngine(self.trainer.engine._config)
+        engine = self.trainer.engine
+        live_engine = engine.checkpoint_engine
+        engine.checkpoint_engine = self._snapshotting_engine
+        try:
+            engine.save_checkpoint(save.tmp, tag="ds", save_latest=False)
+        finally:
+            engine.checkpoint_engine = live_engine
+        files = self._snapshotting_engine.take_files()
+        files.append((rank_file, snapshot_to_host(self.trainer.rank_state())))
+        cfg = self.trainer.cfg.checkpoint
+        first_rank = dist.get_rank() == 0
+        faults = _InjectedWriterFaults(
+            delay_seconds=cfg.inject_writer_delay_s, kill_after_first_file=kill_midway,
+            fail_first_file=first_rank and save.step in cfg.inject_writer_failure_at_steps)
+        save.writing = self._writer.submit(_write_snapshots, files, self._snapshotting_engine.zipfile_serialization,
+                                           save.step, faults)
+        save.blocking_seconds = time.perf_counter() - save.started
+        self._pending = save
+
+    def poll(self) -> None:
+        """At a step boundary: finalize the pending save if every rank's writer is done.
+
+        Collective while a save is pending (a small all-reduce); nothing at all otherwise."""
+        if self._pending is not None:
+            self._settle(block=False)
+
+    def wait(self) -> None:
+        """Finalize the pending save, if any, once every rank's writer is done (collective)."""
+        if self._pending is not None:
+            self._settle(block=True)
+
+    def _settle(self, block: bool) -> None:
+        save = self._pending
+        if block:
+            wait_for_futures([save.writing])
+        if not save.writing.done():
+            local = (_WRITER_BUSY, 0.0)
+        elif save.writing.exception() is not None:
+            local = (_WRITER_FAILED, 0.0)
+        else:
+            local = (_WRITER_DONE, save.writing.result() - save.started)
+        # MIN over (state, -write seconds): the worst state and the slowest writer.
+        status = torch.tensor([local[0], -local[1]], dtype=torch.float64)
+        dist.all_reduce(status, op=dist.ReduceOp.MIN, group=self._writer_status_group)
+        state, write_seconds = status[0].item(), -status[1].item()
+        if state == _WRITER_BUSY:
+            return
+        self._pending = None
+        if state == _WRITER_FAILED:
+            if local[0] == _WRITER_FAILED:
+                save.writing.result()  # raises the writer's CheckpointError, which names the file
+            raise CheckpointError(f"another rank's checkpoint writer failed (see its error); the checkpoint of step "
+                                  f"{save.step} in {save.tmp} was not finalized")
+        self._finalize(save, write_seconds)
+
+    def _finalize(self, save: _SaveInProgress, write_seconds: Optional[float] = None) -> None:
+        """Once every rank's files are written: rank 0 flushes, writes the manifest, renames, points
+        ``latest`` at it and prunes; all ranks wait for that. ``write_seconds``: how long every rank's
+        writer took to flush its files (asynchronous saves); a synchronous save's are flushed here."""
+        trainer = self.trainer
+        rank = dist.get_rank()
         if rank == 0:
-            for base, _, names in os.walk(tmp):
+            for base, _, names in os.walk(save.tmp):
                 for name in names:
                     _fsync_file(os.path.join(base, name))
-            files = _list_files(tmp)
-            manifest = {"format": FORMAT_VERSION, "step": step, "reason": reason, "layout": layout(),
+        if write_seconds is None:
+            write_seconds = time.perf_counter() - save.started
+        if rank == 0:
+            files = _list_files(save.tmp)
+            manifest = {"format": FORMAT_VERSION, "step": save.step, "reason": save.reason, "layout": layout(),
                         "zero_stage": trainer.cfg.parallel.zero_stage, "global_lanes": trainer.cfg.data.global_lanes,
                         "files": files, "saved_at": time.time()}
-            _write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1).encode())
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _write_atomic(os.path.join(save.tmp, MANIFEST), json.dumps(manifest, indent=1).encode())
+            if os.path.exists(save.final):
+                shutil.rmtree(save.final)
+            os.replace(save.tmp, save.final)
             _fsync_dir(self.root)
-            _write_atomic(os.path.join(self.root, "latest"), step_dir_name(step).encode())
+            _write_atomic(os.path.join(self.root, "latest"), step_dir_name(save.step).encode())
             self._prune()
         dist.barrier()
-        elapsed = time.perf_counter() - started
-        size = sum(_list_files(final).values()) if rank == 0 else 0
-        return final, elapsed, size
+        seconds = time.perf_counter() - save.started
+        trainer.report_checkpoint(SaveReport(
+            path=save.final, step=save.step, reason=save.reason, asynchronous=save.asynchronous,
+            blocking_seconds=save.blocking_seconds if save.asynchronous else seconds, write_seconds=write_seconds,
+            seconds=seconds, size_bytes=sum(_list_files(save.final).values()) if rank == 0 else 0))
+
+    def close(self) -> None:
+        """Stop the writer thread once it has written the save in hand; a pending save stays unfinalized."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True, cancel_futures=True)
 
     def _prune(self) -> None:
         paths = list_checkpoints(self.root)

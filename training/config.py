@@ -82,8 +82,19 @@ class CheckpointConfig:
     save_at_end: bool = True
     init_from: Optional[str] = None
     """An exported model directory (training.export) to start from, on any TP/PP layout; ignored on resume."""
+    async_save: bool = False
+    """Interval saves pause training only to copy the state to host memory (pinned, on GPUs); a background
+    thread per rank writes the files while training continues, and the checkpoint is finalized at the first
+    step boundary after every rank's writer is done. Needs host memory for one checkpoint's shards of the rank.
+    Saves at the end and on a signal stay synchronous (nothing runs after them); any save first waits for a
+    pending one."""
     inject_kill_during_save_at_steps: List[int] = field(default_factory=list)
-    """Fault injection for tests and drills: rank 0 kills itself (SIGKILL) midway through these saves."""
+    """Fault injection for tests and drills: rank 0 kills itself (SIGKILL) midway through these saves (with
+    async_save, its background writer does, after writing its first file)."""
+    inject_writer_delay_s: float = 0.0
+    """Fault injection for tests and drills: the background writer sleeps this long before each save."""
+    inject_writer_failure_at_steps: List[int] = field(default_factory=list)
+    """Fault injection for tests and drills: rank 0's background writer fails on its first file of these saves."""
 
 
 @dataclass
@@ -219,6 +230,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
          f"performance.compile_loss needs parallel.tensor = 1 (got {cfg.parallel.tensor}): with tensor parallelism "
          "the vocabulary is split and megatron's vocab-parallel cross-entropy is used")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+    need(cfg.checkpoint.inject_writer_delay_s >= 0, "checkpoint.inject_writer_delay_s must be >= 0")
     mode = cfg.logging.wandb.mode
     need(mode in (None, "online", "offline", "disabled"), f"logging.wandb.mode must be online, offline or disabled, got {mode!r}")
     if world_size is not None:

@@ -27,7 +27,7 @@ from modeling.config import build_transformer_config
 from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
-from training.checkpoint import CheckpointManager, coordinates, rng_state, set_rng_state
+from training.checkpoint import CheckpointManager, SaveReport, coordinates, rng_state, set_rng_state
 from training.config import ConfigError, TrainConfig, load_config, save_resolved, validate
 from training.distributed import device, init_distributed, init_model_parallel
 from training.export import load_weights_into
@@ -207,11 +207,19 @@ class Trainer:
         return flag.item() > 0
 
     def save_checkpoint(self, reason: str) -> None:
-        path, seconds, size = self.checkpoints.save(reason)
-        self.print(f"saved checkpoint {path} ({reason}): {size / 1e9:.3f} GB in {seconds:.2f} s "
-                   f"({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+        # Only interval saves are asynchronous: the run stops after the others, so a snapshot would
+        # only add its copy.
+        self.checkpoints.save(reason, asynchronous=self.cfg.checkpoint.async_save and reason == "interval")
+
+    def report_checkpoint(self, report: SaveReport) -> None:
+        """Called by CheckpointManager when a save is finalized (at a later step, for an asynchronous one)."""
+        metrics = report.metrics()
+        self.print(f"saved checkpoint {report.path} ({report.reason}{', async' if report.asynchronous else ''}): "
+                   f"{metrics['checkpoint/gb']:.3f} GB written in {report.write_seconds:.2f} s "
+                   f"({metrics['checkpoint/gb_per_s']:.2f} GB/s), training paused {report.blocking_seconds:.2f} s, "
+                   f"finalized after {report.seconds:.2f} s")
         if self.rank == 0:
-            self.log({"checkpoint/step": self.state.step, "checkpoint/seconds": seconds, "checkpoint/gb": size / 1e9})
+            self.log(metrics)
 
     def train_step(self, batch) -> dict:
         cfg = self.cfg
@@ -292,6 +300,7 @@ class Trainer:
         batches = iter(self.train_loader)
         while self.state.step < cfg.schedule.steps:
             self.log(self.train_step(next(batches)))
+            self.checkpoints.poll()
             if cfg.validation.interval and self.state.step % cfg.validation.interval == 0:
                 self.log(self.validate())
             if self.stop_requested():
@@ -300,11 +309,13 @@ class Trainer:
                 return False
             if cfg.checkpoint.interval and self.state.step % cfg.checkpoint.interval == 0:
                 self.save_checkpoint("interval")
+        self.checkpoints.wait()
         if cfg.checkpoint.save_at_end and self.checkpoints.last_saved_step() != self.state.step:
             self.save_checkpoint("end")
         return True
 
     def close(self) -> None:
+        self.checkpoints.close()
         self.train_loader.close()
         for sink in self.sinks:
             sink.close()

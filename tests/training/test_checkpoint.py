@@ -1,4 +1,5 @@
-"""Checkpoints: exact resume (bitwise, fp32), kill -9 during a save, elastic DP resume, corrupt shards, export."""
+"""Checkpoints: exact resume (bitwise, fp32), kill -9 during a save, elastic DP resume, corrupt shards, export;
+asynchronous saves (training continues while a background writer writes; its failure is an error)."""
 
 import os
 import shutil
@@ -46,7 +47,9 @@ def straight_and_resumed(shards, tmp_path, world, extra, steps=6, resume_world=N
 @pytest.mark.parametrize("world, extra", [
     (4, {"parallel.tensor": 2, "parallel.pipeline": 2, "parallel.zero_stage": 1}),
     (2, {"parallel.zero_stage": 2}),
-], ids=["tp2xpp2-zero1", "dp2-zero2"])
+    # The delayed writer writes after later steps changed the live state: only a true snapshot resumes exactly.
+    (2, {"parallel.zero_stage": 1, "checkpoint.async_save": True, "checkpoint.inject_writer_delay_s": 1.0}),
+], ids=["tp2xpp2-zero1", "dp2-zero2", "dp2-zero1-async"])
 def test_resume_is_bitwise_identical(stdlib_shards, tmp_path, world, extra):
     straight, first, second = straight_and_resumed(stdlib_shards, tmp_path, world, extra)
     assert [s for s, _ in second] == [4, 5, 6]
@@ -68,9 +71,13 @@ def kill_worker(rank, world, overrides):
 
 
 @pytest.mark.slow
-def test_kill_during_save_then_auto_resume(stdlib_shards, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_kill_during_save_then_auto_resume(stdlib_shards, tmp_path, async_save):
     run_dir = str(tmp_path / "run")
-    base = {"schedule.steps": 6, "checkpoint.interval": 2}
+    # Asynchronous: rank 0's background writer kills the process after its first file, the delay keeping the
+    # write pending over the next step boundaries (where nothing may finalize it).
+    base = {"schedule.steps": 6, "checkpoint.interval": 2, "checkpoint.async_save": async_save,
+            "checkpoint.inject_writer_delay_s": 0.5 if async_save else 0.0}
     with pytest.raises(RuntimeError, match="exit code -9|rank 0"):
         run_distributed(kill_worker, 2, train_overrides(stdlib_shards, run_dir, **base, **{
             "checkpoint.inject_kill_during_save_at_steps": "[4]"}), timeout=180)
@@ -81,6 +88,76 @@ def test_kill_during_save_then_auto_resume(stdlib_shards, tmp_path):
     straight = run_distributed(run_worker, 2, train_overrides(stdlib_shards, str(tmp_path / "straight"),
                                                               **{"schedule.steps": 6}))[0]
     assert resumed == straight[2:]
+
+
+def history_worker(rank, world, overrides):
+    from training.config import load_config
+    from training.train import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer.state.history
+
+
+@pytest.mark.slow
+def test_training_continues_while_the_writer_writes(stdlib_shards, tmp_path):
+    from training.checkpoint import verify
+
+    run_dir = str(tmp_path / "run")
+    delay = 1.0
+    history = run_distributed(history_worker, 1, train_overrides(stdlib_shards, run_dir, **{
+        "schedule.steps": 5, "checkpoint.interval": 2, "checkpoint.async_save": True,
+        "checkpoint.inject_writer_delay_s": delay}))[0]
+    reports = {row["checkpoint/step"]: row for row in history if "checkpoint/step" in row}
+    assert sorted(reports) == [2, 4]
+    first = reports[2]
+    # Logged at the step boundary where it was finalized: steps 3 and 4 ran while the writer slept and wrote.
+    assert first["step"] == 4
+    assert [row["step"] for row in history[:history.index(first)] if "loss" in row] == [1, 2, 3, 4]
+    assert first["checkpoint/async"] == 1 and first["checkpoint/blocking_seconds"] < delay / 2
+    assert first["checkpoint/seconds"] >= first["checkpoint/write_seconds"] >= delay
+    assert first["checkpoint/gb"] > 0 and first["checkpoint/gb_per_s"] > 0
+    # The save at step 4 waited for the end of training; both checkpoints are complete.
+    assert reports[4]["step"] == 5
+    for step in (2, 4):
+        path = os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
+        verify(path)
+        assert torch.load(os.path.join(path, "rank_00000.pt"), weights_only=False)["train_state"]["step"] == step
+
+
+def failing_save_worker(rank, world, overrides):
+    from training.checkpoint import CheckpointError
+    from training.config import load_config
+    from training.train import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    try:
+        trainer.fit()
+    except CheckpointError as error:
+        return str(error)
+    finally:
+        trainer.close()
+    return None
+
+
+@pytest.mark.slow
+def test_writer_failure_is_an_error_and_never_finalized(stdlib_shards, tmp_path):
+    from training.checkpoint import find_latest_valid
+
+    run_dir = str(tmp_path / "run")
+    messages = run_distributed(failing_save_worker, 2, train_overrides(stdlib_shards, run_dir, **{
+        "schedule.steps": 6, "checkpoint.interval": 2, "checkpoint.async_save": True,
+        "checkpoint.inject_writer_failure_at_steps": "[4]"}))
+    ckpts = os.path.join(run_dir, "checkpoints")
+    failed_file = os.path.join(ckpts, ".tmp-step_00000004", "ds", "mp_rank_00_model_states.pt")
+    assert messages[0] is not None and f"checkpoint writer failed writing {failed_file}" in messages[0]
+    assert "injected writer failure" in messages[0] and "step 4 was not finalized" in messages[0]
+    assert messages[1] is not None and "another rank's checkpoint writer failed" in messages[1]
+    assert sorted(os.listdir(ckpts)) == [".tmp-step_00000004", "latest", "step_00000002"]
+    assert find_latest_valid(ckpts) == os.path.join(ckpts, "step_00000002")
 
 
 def load_worker(rank, world, overrides):
