@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 from data_pipeline import build_train_loader, build_valid_loader
 from data_pipeline.make_shards import build_stdlib_shards
 from modeling.config import build_transformer_config
+from modeling.cpu_compat import megatron_on_cpu
 from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
@@ -98,14 +99,16 @@ def build_stage_model(cfg: TrainConfig, bf16: bool):
         # p2p's CUDA synchronisation is megatron's default; there is nothing to synchronise on the CPU.
         batch_p2p_sync=torch.cuda.is_available(),
     )
-    model = build_model(
-        transformer_config,
-        cfg.model.padded_vocab_size(cfg.parallel.tensor),
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        tie_embeddings=cfg.model.tie_embeddings,
-        rotary_base=cfg.model.rotary_base,
-    )
+    # With tied embeddings over several stages, megatron moves the last stage's copy to CUDA to sync it.
+    with megatron_on_cpu():
+        model = build_model(
+            transformer_config,
+            cfg.model.padded_vocab_size(cfg.parallel.tensor),
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            tie_embeddings=cfg.model.tie_embeddings,
+            rotary_base=cfg.model.rotary_base,
+        )
     model = model.to(device())
     init_weights(model, cfg.seed)
     if cfg.performance.compile_layers:
