@@ -109,6 +109,9 @@ def build_stage_model(cfg: TrainConfig, bf16: bool):
             tie_embeddings=cfg.model.tie_embeddings,
             rotary_base=cfg.model.rotary_base,
         )
+    if model.share_embeddings_and_output_weights and model.post_process and not model.pre_process:
+        # This stage's output weight is the first stage's embedding: DeepSpeed's gradient norm skips the copy.
+        model.output_layer.weight.ds_pipe_replicated = True
     model = model.to(device())
     init_weights(model, cfg.seed)
     if cfg.performance.compile_layers:
