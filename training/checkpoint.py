@@ -13,9 +13,9 @@ the ``latest`` pointer is replaced afterwards. A process killed at any moment le
 checkpoint loadable, and ``resume: auto`` skips anything without a complete manifest.
 
 Resuming on another data-parallel size is supported with ZeRO-1/2 (DeepSpeed's elastic ZeRO
-checkpoints; lanes, their memory and data positions are re-assigned). Another TP or PP size is not:
-it fails with a message; ``export_model`` + ``checkpoint.init_from`` start a new layout from the
-weights.
+checkpoints; lanes, their memory and data positions are re-assigned). Another TP or PP size (with
+any DP size) is ``training.reshard``'s: weights, optimizer state and carried memory are mapped
+through global names (ZeRO-1/2; ZeRO-3 fails with a message).
 """
 
 from __future__ import annotations
@@ -237,14 +237,24 @@ class CheckpointManager:
         trainer = self.trainer
         manifest = verify(path)
         saved, now = manifest["layout"], layout()
-        if (saved["tensor"], saved["pipeline"]) != (now["tensor"], now["pipeline"]):
-            raise CheckpointError(
-                f"{path} was saved with tensor={saved['tensor']} pipeline={saved['pipeline']}; this run has "
-                f"tensor={now['tensor']} pipeline={now['pipeline']}. Changing TP/PP on resume is not supported: "
-                "export the model (training.export) and start the new layout with checkpoint.init_from")
         if manifest["global_lanes"] != trainer.cfg.data.global_lanes:
             raise CheckpointError(f"{path} was saved with data.global_lanes={manifest['global_lanes']}; this run has "
                                   f"{trainer.cfg.data.global_lanes}: the lanes (and their memory) would not continue")
+        if (saved["tensor"], saved["pipeline"]) != (now["tensor"], now["pipeline"]):
+            from training.reshard import load_resharded  # it builds on this module
+
+            rank_state = load_resharded(trainer, path, manifest)
+        else:
+            rank_state = self._load_same_model_parallel_layout(path, saved, now)
+        # ZeRO restores the optimizer's state but not its groups' current LR; the scheduler knows it.
+        scheduler = trainer.engine.lr_scheduler
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+        trainer.load_rank_state(rank_state)
+
+    def _load_same_model_parallel_layout(self, path: str, saved: dict, now: dict) -> dict:
+        """DeepSpeed's own load, elastic over the data-parallel size; returns this rank's state."""
+        trainer = self.trainer
         elastic = saved["data"] != now["data"]
         if elastic and trainer.cfg.parallel.zero_stage == 3:
             raise CheckpointError(f"{path} was saved with data-parallel size {saved['data']}, this run has "
@@ -260,11 +270,7 @@ class CheckpointManager:
             engine.optimizer.load_state_dict(state_dict_list=engine._get_all_zero_checkpoints(path, "ds"),
                                              load_optimizer_states=True, load_from_fp32_weights=True,
                                              param_shapes=engine._get_zero_param_shapes())
-        # ZeRO restores the optimizer's state but not its groups' current LR; the scheduler knows it.
-        scheduler = trainer.engine.lr_scheduler
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
-        trainer.load_rank_state(self._rank_state(path, saved, elastic))
+        return self._rank_state(path, saved, elastic)
 
     def _rank_state(self, path: str, saved: dict, elastic: bool) -> dict:
         me = coordinates()
