@@ -12,10 +12,9 @@ Saving is atomic: everything goes to ``.tmp-step_<N>/``, is flushed, and the dir
 the ``latest`` pointer is replaced afterwards. A process killed at any moment leaves the previous
 checkpoint loadable, and ``resume: auto`` skips anything without a complete manifest.
 
-Resuming on another data-parallel size is supported with ZeRO-1/2 (DeepSpeed's elastic ZeRO
-checkpoints; lanes, their memory and data positions are re-assigned). Another TP or PP size (with
-any DP size) is ``training.reshard``'s: weights, optimizer state and carried memory are mapped
-through global names (ZeRO-1/2; ZeRO-3 fails with a message).
+Resuming on another layout (tensor, pipeline and/or data-parallel size) is ``training.reshard``'s:
+weights, optimizer state, carried memory and data positions are mapped through global names
+(ZeRO-1/2; ZeRO-3 fails with a message).
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from data_pipeline import merge_state_dicts
 
 STEP_PREFIX = "step_"
 MANIFEST = "manifest.json"
@@ -240,64 +238,18 @@ class CheckpointManager:
         if manifest["global_lanes"] != trainer.cfg.data.global_lanes:
             raise CheckpointError(f"{path} was saved with data.global_lanes={manifest['global_lanes']}; this run has "
                                   f"{trainer.cfg.data.global_lanes}: the lanes (and their memory) would not continue")
-        if (saved["tensor"], saved["pipeline"]) != (now["tensor"], now["pipeline"]):
+        if (saved["tensor"], saved["pipeline"], saved["data"]) != (now["tensor"], now["pipeline"], now["data"]):
             from training.reshard import load_resharded  # it builds on this module
 
             rank_state = load_resharded(trainer, path, manifest)
         else:
-            rank_state = self._load_same_model_parallel_layout(path, saved, now)
+            load_path, _ = trainer.engine.load_checkpoint(path, tag="ds", load_optimizer_states=True,
+                                                          load_lr_scheduler_states=True)
+            if load_path is None:
+                raise CheckpointError(f"DeepSpeed could not load {os.path.join(path, 'ds')}")
+            rank_state = torch.load(os.path.join(path, f"rank_{dist.get_rank():05d}.pt"), weights_only=False)
         # ZeRO restores the optimizer's state but not its groups' current LR; the scheduler knows it.
         scheduler = trainer.engine.lr_scheduler
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
         trainer.load_rank_state(rank_state)
-
-    def _load_same_model_parallel_layout(self, path: str, saved: dict, now: dict) -> dict:
-        """DeepSpeed's own load, elastic over the data-parallel size; returns this rank's state."""
-        trainer = self.trainer
-        elastic = saved["data"] != now["data"]
-        if elastic and trainer.cfg.parallel.zero_stage == 3:
-            raise CheckpointError(f"{path} was saved with data-parallel size {saved['data']}, this run has "
-                                  f"{now['data']}: resharding ZeRO-3 checkpoints is not supported (ZeRO-1/2 are)")
-        engine = trainer.engine
-        load_path, _ = engine.load_checkpoint(path, tag="ds", load_optimizer_states=not elastic,
-                                              load_lr_scheduler_states=True)
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {os.path.join(path, 'ds')}")
-        if elastic:
-            # DeepSpeed's engine refuses optimizer state from another DP size, though its ZeRO-1/2
-            # optimizer re-partitions elastic checkpoints: hand it all the old partitions directly.
-            engine.optimizer.load_state_dict(state_dict_list=engine._get_all_zero_checkpoints(path, "ds"),
-                                             load_optimizer_states=True, load_from_fp32_weights=True,
-                                             param_shapes=engine._get_zero_param_shapes())
-        return self._rank_state(path, saved, elastic)
-
-    def _rank_state(self, path: str, saved: dict, elastic: bool) -> dict:
-        me = coordinates()
-        if not elastic:
-            return torch.load(os.path.join(path, f"rank_{me['rank']:05d}.pt"), weights_only=False)
-        # Same TP/PP coordinates, any old DP rank: merge their lanes, then keep ours.
-        peers = []
-        for old_rank in range(saved["world_size"]):
-            state = torch.load(os.path.join(path, f"rank_{old_rank:05d}.pt"), weights_only=False)
-            if (state["coordinates"]["tensor"], state["coordinates"]["pipeline"]) == (me["tensor"], me["pipeline"]):
-                peers.append(state)
-        peers.sort(key=lambda s: s["coordinates"]["data"])
-        merged = dict(next((s for s in peers if s["coordinates"]["data"] == me["data"]), peers[0]))
-        merged["data"] = merge_state_dicts([s["data"] for s in peers])
-        merged["memory"] = _merge_memory([s["memory"] for s in peers], [s["lane_ids"] for s in peers])
-        merged["lane_ids"] = sorted(lane for s in peers for lane in s["lane_ids"])
-        return merged
-
-
-def _merge_memory(states: List[dict], lane_ids: List[List[int]]) -> dict:
-    """One memory state over the union of lanes, in global lane order."""
-    if any(s["layers"] is None for s in states):
-        return {"layers": None}
-    order = np.argsort([lane for ids in lane_ids for lane in ids])
-    layers = []
-    for index in range(len(states[0]["layers"])):
-        M = torch.cat([s["layers"][index]["M"] for s in states])[order]
-        z = torch.cat([s["layers"][index]["z"] for s in states])[order]
-        layers.append({"M": M, "z": z})
-    return {"layers": layers}

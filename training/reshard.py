@@ -1,4 +1,4 @@
-"""Resume a checkpoint on another tensor/pipeline-parallel layout (any data-parallel size), optimizer included.
+"""Resume a checkpoint on another layout (tensor, pipeline and/or data-parallel size), optimizer state included.
 
 Why not DeepSpeed's universal checkpoint (``ds_to_universal`` + ``checkpoint.load_universal``): it
 keys every tensor by DeepSpeed's parameter name, and megatron-core stages name their layers locally
@@ -237,7 +237,7 @@ def resharded_rank_state(trainer, saved: SavedCheckpoint) -> dict:
 
 
 def load_resharded(trainer, path: str, manifest: dict) -> dict:
-    """Load ``path``, saved on another TP/PP layout, into the trainer's engine and model (collective).
+    """Load ``path``, saved on another layout, into the trainer's engine and model (collective).
 
     Returns this rank's state for ``Trainer.load_rank_state``.
     """
@@ -245,9 +245,9 @@ def load_resharded(trainer, path: str, manifest: dict) -> dict:
     was, now = describe(manifest["layout"], saved_stage), describe(layout(), zero_stage)
     if saved_stage not in RESHARDABLE_ZERO_STAGES or zero_stage not in RESHARDABLE_ZERO_STAGES:
         raise CheckpointError(
-            f"{path} was saved with {was}; this run has {now}. Changing the tensor/pipeline layout is supported "
-            "from and to ZeRO-1/2 only: resume a ZeRO-3 checkpoint on its own tensor/pipeline layout, or export "
-            "the model (training.export) and start the new layout with checkpoint.init_from (fresh optimizer)")
+            f"{path} was saved with {was}; this run has {now}. Changing the layout is supported from and to "
+            "ZeRO-1/2 only: resume a ZeRO-3 checkpoint on its own tensor, pipeline and data-parallel sizes, or "
+            "export the model (training.export) and start the new layout with checkpoint.init_from (fresh optimizer)")
     saved = SavedCheckpoint(path, manifest, trainer.cfg.model.num_layers, trainer.cfg.model.tie_embeddings)
     states, scalars, zero_state = resharded_optimizer_states(trainer.model, saved)
     write_into_engine(trainer.engine, trainer.model, states, scalars, zero_state)

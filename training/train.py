@@ -191,11 +191,9 @@ class Trainer:
         }
 
     def load_rank_state(self, state: dict) -> None:
-        memory = state["memory"]
-        if memory["layers"] is not None and state["lane_ids"] != list(self.train_loader.lane_ids):
-            rows = [state["lane_ids"].index(lane) for lane in self.train_loader.lane_ids]
-            memory = {"layers": [{"M": m["M"][rows], "z": m["z"][rows]} for m in memory["layers"]]}
-        self.carried.load_state_dict(memory, device=device())
+        if state["lane_ids"] != list(self.train_loader.lane_ids):
+            raise ValueError(f"rank state holds lanes {state['lane_ids']}, this rank runs {self.train_loader.lane_ids}")
+        self.carried.load_state_dict(state["memory"], device=device())
         self.train_loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         for key, value in state["train_state"].items():
