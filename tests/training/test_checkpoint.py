@@ -58,9 +58,10 @@ def test_resume_is_bitwise_identical(stdlib_shards, tmp_path, world, extra):
 
 
 @pytest.mark.slow
-def test_elastic_resume_dp2_to_dp1(stdlib_shards, tmp_path):
-    straight, _, second = straight_and_resumed(stdlib_shards, tmp_path, 2, {"parallel.zero_stage": 1},
-                                               resume_world=1)
+@pytest.mark.parametrize("world, resume_world", [(2, 1), (1, 2)], ids=["dp2-to-dp1", "dp1-to-dp2"])
+def test_elastic_resume_on_another_dp_size(stdlib_shards, tmp_path, world, resume_world):
+    straight, _, second = straight_and_resumed(stdlib_shards, tmp_path, world, {"parallel.zero_stage": 1},
+                                               resume_world=resume_world)
     assert [s for s, _ in second] == [4, 5, 6]
     torch.testing.assert_close(torch.tensor([l for _, l in second]), torch.tensor([l for _, l in straight[3:]]),
                                rtol=1e-4, atol=1e-4)
