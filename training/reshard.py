@@ -118,7 +118,7 @@ class SavedCheckpoint:
         for group in self.model_states(tensor, pipeline)["param_shapes"]:
             for name, shape in group.items():
                 states[name] = {key: torch.cat(parts) for key, parts in fragments[name].items()}
-                if any(t.numel() != shape.numel() for t in states[name].values()):
+                if "fp32" not in states[name] or any(t.numel() != shape.numel() for t in states[name].values()):
                     raise CheckpointError(f"{self.path}: the ZeRO partitions of tensor={tensor} pipeline={pipeline} "
                                           f"do not add up to parameter {name} {tuple(shape)}")
                 states[name] = {key: t.view(shape) for key, t in states[name].items()}
