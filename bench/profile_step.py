@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     for label, total in sorted(by_category.items(), key=lambda kv: -kv[1]):
         print(f"| {label} | {total / 1e3 / args.steps:,.1f} | {100 * total / wall_us:.1f}% |")
     print(f"| GPU idle | {(wall_us - busy) / 1e3 / args.steps:,.1f} | {100 * (wall_us - busy) / wall_us:.1f}% |")
-    print(f"\n| top kernels | calls per step | GPU ms per step | category |")
+    print("\n| top kernels | calls per step | GPU ms per step | category |")
     print("| --- | ---: | ---: | --- |")
     for event in sorted(device_events, key=lambda e: -e.self_device_time_total)[:args.top]:
         print(f"| {event.key[:90]} | {event.count // args.steps} | {event.self_device_time_total / 1e3 / args.steps:,.2f} | "

@@ -10,7 +10,7 @@ embeddings, a last stage's ``output_layer.weight`` is a copy of ``embedding.word
 from __future__ import annotations
 
 import re
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -19,21 +19,34 @@ from megatron.core import parallel_state
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
+def global_name(local_name: str, first_layer: int, tied_output: bool) -> str:
+    """The full-model name of a stage's parameter: its layers start at global index ``first_layer``;
+    ``tied_output``: the stage's ``output_layer.weight`` is a copy of the tied embedding."""
+    match = _LAYER.match(local_name)
+    if match:
+        return f"decoder.layers.{first_layer + int(match.group(1))}." + local_name[match.end():]
+    if local_name == "output_layer.weight" and tied_output:
+        return "embedding.word_embeddings.weight"
+    return local_name
+
+
 def global_names(model) -> Dict[str, str]:
     """Local parameter name -> name in the full (single-stage) model."""
-    names = {}
-    for name, _ in model.named_parameters():
-        match = _LAYER.match(name)
-        if match:
-            layer = model.decoder.layers[int(match.group(1))]
-            name_full = f"decoder.layers.{layer.layer_number - 1}." + name[match.end():]
-        elif name == "output_layer.weight" and model.share_embeddings_and_output_weights:
-            # A last stage without the embedding holds a tied copy of it.
-            name_full = "embedding.word_embeddings.weight"
-        else:
-            name_full = name
-        names[name] = name_full
-    return names
+    first_layer = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else 0
+    return {name: global_name(name, first_layer, model.share_embeddings_and_output_weights)
+            for name, _ in model.named_parameters()}
+
+
+def split_tensor_parallel(full: torch.Tensor, tp: int, rank: int, dim: int, stride: int = 1) -> torch.Tensor:
+    """TP rank ``rank``'s shard of a full tensor cut along ``dim`` (pieces rank, rank + tp, ... of tp * stride)."""
+    pieces = full.chunk(tp * stride, dim=dim)
+    return torch.cat(pieces[rank::tp], dim=dim)
+
+
+def merge_tensor_parallel(shards: List[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """Inverse of split_tensor_parallel: the full tensor from every TP rank's shard, in rank order."""
+    per_rank = [shard.chunk(stride, dim=dim) for shard in shards]
+    return torch.cat([per_rank[r][s] for s in range(stride) for r in range(len(shards))], dim=dim)
 
 
 def _is_split(param) -> bool:
@@ -43,24 +56,18 @@ def _is_split(param) -> bool:
 def shard_for_this_rank(full: torch.Tensor, param) -> torch.Tensor:
     if not _is_split(param):
         return full
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    stride = getattr(param, "partition_stride", 1)
-    pieces = full.chunk(tp * stride, dim=param.partition_dim)
-    return torch.cat(pieces[rank::tp], dim=param.partition_dim)
+    return split_tensor_parallel(full, parallel_state.get_tensor_model_parallel_world_size(),
+                                 parallel_state.get_tensor_model_parallel_rank(), param.partition_dim,
+                                 getattr(param, "partition_stride", 1))
 
 
 def gather_from_tensor_parallel(local: torch.Tensor, param) -> torch.Tensor:
     """Inverse of shard_for_this_rank: the full tensor, on every TP rank."""
     if not _is_split(param):
         return local
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    stride = getattr(param, "partition_stride", 1)
-    shards = [torch.empty_like(local) for _ in range(tp)]
+    shards = [torch.empty_like(local) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
     dist.all_gather(shards, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    per_rank = [shard.chunk(stride, dim=param.partition_dim) for shard in shards]
-    pieces = [per_rank[r][s] for s in range(stride) for r in range(tp)]
-    return torch.cat(pieces, dim=param.partition_dim)
+    return merge_tensor_parallel(shards, param.partition_dim, getattr(param, "partition_stride", 1))
 
 
 @torch.no_grad()

@@ -18,10 +18,9 @@ At each step boundary while it is pending, the ranks agree (one small all-reduce
 whether every writer is done; then the checkpoint is finalized as above. A writer's failure stops
 training with an error naming the file, and that checkpoint is never finalized.
 
-Resuming on another data-parallel size is supported with ZeRO-1/2 (DeepSpeed's elastic ZeRO
-checkpoints; lanes, their memory and data positions are re-assigned). Another TP or PP size is not:
-it fails with a message; ``export_model`` + ``checkpoint.init_from`` start a new layout from the
-weights.
+Resuming on another layout (tensor, pipeline and/or data-parallel size) is ``training.reshard``'s:
+weights, optimizer state, carried memory and data positions are mapped through global names
+(ZeRO-1/2; ZeRO-3 fails with a message).
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from data_pipeline import merge_state_dicts
 from training.async_checkpoint import SnapshottingCheckpointEngine, snapshot_to_host
 
 STEP_PREFIX = "step_"
@@ -409,61 +407,21 @@ class CheckpointManager:
         trainer = self.trainer
         manifest = verify(path)
         saved, now = manifest["layout"], layout()
-        if (saved["tensor"], saved["pipeline"]) != (now["tensor"], now["pipeline"]):
-            raise CheckpointError(
-                f"{path} was saved with tensor={saved['tensor']} pipeline={saved['pipeline']}; this run has "
-                f"tensor={now['tensor']} pipeline={now['pipeline']}. Changing TP/PP on resume is not supported: "
-                "export the model (training.export) and start the new layout with checkpoint.init_from")
         if manifest["global_lanes"] != trainer.cfg.data.global_lanes:
             raise CheckpointError(f"{path} was saved with data.global_lanes={manifest['global_lanes']}; this run has "
                                   f"{trainer.cfg.data.global_lanes}: the lanes (and their memory) would not continue")
-        elastic = saved["data"] != now["data"]
-        if elastic and trainer.cfg.parallel.zero_stage == 3:
-            raise CheckpointError(f"{path} was saved with data-parallel size {saved['data']}, this run has "
-                                  f"{now['data']}: resharding ZeRO-3 checkpoints is not supported (ZeRO-1/2 are)")
-        engine = trainer.engine
-        load_path, _ = engine.load_checkpoint(path, tag="ds", load_optimizer_states=not elastic,
-                                              load_lr_scheduler_states=True)
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {os.path.join(path, 'ds')}")
-        if elastic:
-            # DeepSpeed's engine refuses optimizer state from another DP size, though its ZeRO-1/2
-            # optimizer re-partitions elastic checkpoints: hand it all the old partitions directly.
-            engine.optimizer.load_state_dict(state_dict_list=engine._get_all_zero_checkpoints(path, "ds"),
-                                             load_optimizer_states=True, load_from_fp32_weights=True,
-                                             param_shapes=engine._get_zero_param_shapes())
+        if (saved["tensor"], saved["pipeline"], saved["data"]) != (now["tensor"], now["pipeline"], now["data"]):
+            from training.reshard import load_resharded  # it builds on this module
+
+            rank_state = load_resharded(trainer, path, manifest)
+        else:
+            load_path, _ = trainer.engine.load_checkpoint(path, tag="ds", load_optimizer_states=True,
+                                                          load_lr_scheduler_states=True)
+            if load_path is None:
+                raise CheckpointError(f"DeepSpeed could not load {os.path.join(path, 'ds')}")
+            rank_state = torch.load(os.path.join(path, f"rank_{dist.get_rank():05d}.pt"), weights_only=False)
         # ZeRO restores the optimizer's state but not its groups' current LR; the scheduler knows it.
         scheduler = trainer.engine.lr_scheduler
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
-        trainer.load_rank_state(self._rank_state(path, saved, elastic))
-
-    def _rank_state(self, path: str, saved: dict, elastic: bool) -> dict:
-        me = coordinates()
-        if not elastic:
-            return torch.load(os.path.join(path, f"rank_{me['rank']:05d}.pt"), weights_only=False)
-        # Same TP/PP coordinates, any old DP rank: merge their lanes, then keep ours.
-        peers = []
-        for old_rank in range(saved["world_size"]):
-            state = torch.load(os.path.join(path, f"rank_{old_rank:05d}.pt"), weights_only=False)
-            if (state["coordinates"]["tensor"], state["coordinates"]["pipeline"]) == (me["tensor"], me["pipeline"]):
-                peers.append(state)
-        peers.sort(key=lambda s: s["coordinates"]["data"])
-        merged = dict(next((s for s in peers if s["coordinates"]["data"] == me["data"]), peers[0]))
-        merged["data"] = merge_state_dicts([s["data"] for s in peers])
-        merged["memory"] = _merge_memory([s["memory"] for s in peers], [s["lane_ids"] for s in peers])
-        merged["lane_ids"] = sorted(lane for s in peers for lane in s["lane_ids"])
-        return merged
-
-
-def _merge_memory(states: List[dict], lane_ids: List[List[int]]) -> dict:
-    """One memory state over the union of lanes, in global lane order."""
-    if any(s["layers"] is None for s in states):
-        return {"layers": None}
-    order = np.argsort([lane for ids in lane_ids for lane in ids])
-    layers = []
-    for index in range(len(states[0]["layers"])):
-        M = torch.cat([s["layers"][index]["M"] for s in states])[order]
-        z = torch.cat([s["layers"][index]["z"] for s in states])[order]
-        layers.append({"M": M, "z": z})
-    return {"layers": layers}
+        trainer.load_rank_state(rank_state)

@@ -75,7 +75,8 @@ class CheckpointConfig:
     interval: int = 0
     """Save every N steps (0: only at the end and on request)."""
     resume: Optional[str] = None
-    """None: start fresh; 'auto': the latest valid checkpoint if any; or a checkpoint path."""
+    """None: start fresh; 'auto': the latest valid checkpoint if any; or a checkpoint path. It may have been
+    saved on another TP/PP/DP layout (README: Checkpoints)."""
     keep_last: int = 3
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""

@@ -62,3 +62,43 @@ class CarriedMemory:
                           layer["z"][s * per_slot:(s + 1) * per_slot].to(device)) for layer in layers]
             for s in range(self.num_slots)
         ]
+
+
+def regather_memory(saved: List[dict], saved_tensor_size: int, saved_layers_per_stage: int, global_lanes: int,
+                    layers: List[int], lanes: List[int], tensor_rank: int, tensor_size: int) -> Dict[str, object]:
+    """The carried memory of one rank of another layout, from the memory every rank of a checkpoint saved.
+
+    ``saved``: per old rank, ``{"coordinates", "lane_ids", "memory"}`` (as in its rank state): the
+    memory of its lanes, of its pipeline stage's layers, of the KV groups its TP rank owns (contiguous,
+    ``groups / tp`` each). Returns, in ``CarriedMemory.state_dict`` form, global ``layers`` for
+    ``lanes`` (in that order) and the KV groups of ``tensor_rank`` of ``tensor_size``. Every
+    (layer, lane, group) must be saved exactly once.
+    """
+    if any(s["memory"]["layers"] is None for s in saved):
+        return {"layers": None}
+    saved_groups = saved[0]["memory"]["layers"][0]["M"].shape[1]
+    groups = saved_groups * saved_tensor_size
+    if groups % tensor_size:
+        raise ValueError(f"the memory's {groups} KV groups do not split over {tensor_size} tensor-parallel ranks")
+    mine = slice(tensor_rank * groups // tensor_size, (tensor_rank + 1) * groups // tensor_size)
+    out = []
+    for layer in layers:
+        stage, local = divmod(layer, saved_layers_per_stage)
+        holders = [s for s in saved if s["coordinates"]["pipeline"] == stage]
+        sample = holders[0]["memory"]["layers"][local]["M"]
+        M = torch.zeros(global_lanes, groups, *sample.shape[2:], dtype=sample.dtype)
+        z = torch.zeros(global_lanes, groups, sample.shape[2], dtype=sample.dtype)
+        covered = torch.zeros(global_lanes, groups, dtype=torch.int64)
+        for s in holders:
+            rows = torch.tensor(s["lane_ids"])
+            cols = slice(s["coordinates"]["tensor"] * saved_groups, (s["coordinates"]["tensor"] + 1) * saved_groups)
+            M[rows, cols] = s["memory"]["layers"][local]["M"]
+            z[rows, cols] = s["memory"]["layers"][local]["z"]
+            covered[rows, cols] += 1
+        if not bool((covered == 1).all()):
+            lane, group = (covered != 1).nonzero()[0].tolist()
+            raise ValueError(f"the saved memory of layer {layer} holds lane {lane}, KV group {group} "
+                             f"{int(covered[lane, group])} times, not once")
+        rows = torch.tensor(lanes)
+        out.append({"M": M[rows, mine].clone(), "z": z[rows, mine].clone()})
+    return {"layers": out}

@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 from data_pipeline import build_train_loader, build_valid_loader
 from data_pipeline.make_shards import build_stdlib_shards
 from modeling.config import build_transformer_config
+from modeling.cpu_compat import megatron_on_cpu
 from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
@@ -99,14 +100,19 @@ def build_stage_model(cfg: TrainConfig, bf16: bool):
         # p2p's CUDA synchronisation is megatron's default; there is nothing to synchronise on the CPU.
         batch_p2p_sync=torch.cuda.is_available(),
     )
-    model = build_model(
-        transformer_config,
-        cfg.model.padded_vocab_size(cfg.parallel.tensor),
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        tie_embeddings=cfg.model.tie_embeddings,
-        rotary_base=cfg.model.rotary_base,
-    )
+    # With tied embeddings over several stages, megatron moves the last stage's copy to CUDA to sync it.
+    with megatron_on_cpu():
+        model = build_model(
+            transformer_config,
+            cfg.model.padded_vocab_size(cfg.parallel.tensor),
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            tie_embeddings=cfg.model.tie_embeddings,
+            rotary_base=cfg.model.rotary_base,
+        )
+    if model.share_embeddings_and_output_weights and model.post_process and not model.pre_process:
+        # This stage's output weight is the first stage's embedding: DeepSpeed's gradient norm skips the copy.
+        model.output_layer.weight.ds_pipe_replicated = True
     model = model.to(device())
     init_weights(model, cfg.seed)
     if cfg.performance.compile_layers:
@@ -186,11 +192,9 @@ class Trainer:
         }
 
     def load_rank_state(self, state: dict) -> None:
-        memory = state["memory"]
-        if memory["layers"] is not None and state["lane_ids"] != list(self.train_loader.lane_ids):
-            rows = [state["lane_ids"].index(lane) for lane in self.train_loader.lane_ids]
-            memory = {"layers": [{"M": m["M"][rows], "z": m["z"][rows]} for m in memory["layers"]]}
-        self.carried.load_state_dict(memory, device=device())
+        if state["lane_ids"] != list(self.train_loader.lane_ids):
+            raise ValueError(f"rank state holds lanes {state['lane_ids']}, this rank runs {self.train_loader.lane_ids}")
+        self.carried.load_state_dict(state["memory"], device=device())
         self.train_loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         for key, value in state["train_state"].items():

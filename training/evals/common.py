@@ -21,10 +21,8 @@ from omegaconf import OmegaConf
 from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
 from modeling.config import ModelConfig, build_transformer_config
 from modeling.model import build_model
-from modeling.sharding import load_full_state_dict
+from modeling.sharding import global_name, load_full_state_dict, merge_tensor_parallel
 from training.export import CONFIG, WEIGHTS, read_export
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -111,19 +109,14 @@ def read_checkpoint(step_dir: str):
                 continue
             if name == "output_layer.weight" and cfg.tie_embeddings:
                 continue  # a last stage's copy of the tied embedding
-            match = _LAYER.match(name)
-            if match:
-                layer = coord["pipeline"] * layers_per_stage + int(match.group(1))
-                name = f"decoder.layers.{layer}." + name[match.end():]
+            name = global_name(name, coord["pipeline"] * layers_per_stage, cfg.tie_embeddings)
             pieces.setdefault(name, {})[coord["tensor"]] = tensor
     split = _partition_attributes(cfg)
     state = {}
     for name, by_rank in pieces.items():
         shards = [by_rank[r] for r in sorted(by_rank)]
         if name in split and tp > 1:
-            dim, stride = split[name]
-            per_rank = [s.chunk(stride, dim=dim) for s in shards]
-            state[name] = torch.cat([per_rank[r][s] for s in range(stride) for r in range(tp)], dim=dim)
+            state[name] = merge_tensor_parallel(shards, *split[name])
         else:
             state[name] = shards[0]
     if any(t.numel() == 0 for t in state.values()):
