@@ -13,6 +13,9 @@ import numpy as np
 
 from .shards import BadSamples, DataError, ShardSet, read_documents
 
+# A document's token ids and its float32 loss weight per token (None: every token weighs 1).
+Document = Tuple[np.ndarray, Optional[np.ndarray]]
+
 
 class Source:
     """One shard set as the lanes see it: the documents that take part (`mask`) and, per epoch,
@@ -109,7 +112,7 @@ class Cursor:
         self._pieces_epoch = -1
         self._pieces: List[Tuple[int, np.ndarray]] = []
         self._reader = None
-        self._docs: Optional[List[np.ndarray]] = None
+        self._docs: Optional[List[Document]] = None
         self._perm = np.zeros(0, dtype=np.int64)
         self._fill_end = 0
 
@@ -117,8 +120,8 @@ class Cursor:
         return {"epoch": self.epoch, "piece": self.piece, "block_start": self.block_start,
                 "emitted": self.emitted, "bad": dict(self._bad_at_block), "done": self.done}
 
-    def next_doc(self) -> Optional[np.ndarray]:
-        """The next document's token ids (None once a one-pass cursor is through)."""
+    def next_doc(self) -> Optional[Document]:
+        """The next document's token ids and weights (None once a one-pass cursor is through)."""
         while True:
             if self._docs is not None:
                 if self.emitted < len(self._docs):
@@ -163,8 +166,8 @@ class Cursor:
             if self._reader is None:
                 self._reader = read_documents(self.source.ss, shard, wanted, self.block_start, self.bad)
             docs, last = [], -1
-            for p, tokens in self._reader:
-                docs.append(tokens)
+            for p, tokens, weights in self._reader:
+                docs.append((tokens, weights))
                 last = p
                 if len(docs) == self.block:
                     break
@@ -194,6 +197,7 @@ class Lane:
         self.mix = [int(x) for x in st["mix"]]
         self.docs, self.tokens, self.pad = int(st["docs"]), int(st["tokens"]), int(st["pad"])
         self._cur: Optional[np.ndarray] = None
+        self._cur_weights: Optional[np.ndarray] = None
         self._cur_epoch = -1
         # A resumed lane re-fetches its current document from its cursor (counted once already).
         self._refetch = self.cur_src >= 0
@@ -213,12 +217,13 @@ class Lane:
         for c in self.cursors:
             c.close()
 
-    def _with_eos(self, doc: np.ndarray) -> np.ndarray:
+    def _with_eos(self, values: np.ndarray, at_eos) -> np.ndarray:
+        """A document's per-token values, plus `at_eos` for the <eos> appended (if any)."""
         if self.eos_id is None:
-            return doc
-        out = np.empty(len(doc) + 1, dtype=doc.dtype)
-        out[:-1] = doc
-        out[-1] = self.eos_id
+            return values
+        out = np.empty(len(values) + 1, dtype=values.dtype)
+        out[:-1] = values
+        out[-1] = at_eos
         return out
 
     def _fetch(self, s: int) -> bool:
@@ -226,8 +231,11 @@ class Lane:
         doc = c.next_doc()
         if doc is None:
             return False
+        tokens, weights = doc
         # Read the epoch after the call: the cursor may have moved on to find this document.
-        self._cur, self._cur_epoch, self.cur_src = self._with_eos(doc), c.epoch, s
+        self._cur, self._cur_epoch, self.cur_src = self._with_eos(tokens, self.eos_id), c.epoch, s
+        # The appended <eos> weighs 1, as every token outside a weighted span.
+        self._cur_weights = None if weights is None else self._with_eos(weights, 1.0)
         return True
 
     def _next_doc(self) -> bool:
@@ -246,12 +254,14 @@ class Lane:
         self.docs += 1
         return True
 
-    def fill(self, seg_len: int, tokens: np.ndarray, mask: np.ndarray, reset: np.ndarray, epoch: np.ndarray,
-             source: np.ndarray, pad_id: int) -> int:
+    def fill(self, seg_len: int, tokens: np.ndarray, mask: np.ndarray, weight: Optional[np.ndarray],
+             reset: np.ndarray, epoch: np.ndarray, source: np.ndarray, pad_id: int) -> int:
         """Fill one lane's window; returns the label of its last position (the document's next
-        token, when the document goes on into the next window; else pad_id). The rows come
-        pre-filled with padding: tokens = pad id, mask 0, reset False, epoch/source -1. Labels are
-        not stored: within a window they are the tokens shifted by one (see loader.py)."""
+        token, when the document goes on into the next window; else pad_id). mask is 1 where a
+        position has a label, weight (None: the data has no weights) the label token's loss
+        weight there. The rows come
+        pre-filled with padding: tokens = pad id, mask and weight 0, reset False, epoch/source -1.
+        Labels are not stored: within a window they are the tokens shifted by one (see loader.py)."""
         if self._refetch:
             self._refetch = False
             self.cursors[self.cur_src].emitted -= 1
@@ -268,12 +278,17 @@ class Lane:
             n = len(cur)
             take = min(seg_len, n - off)
             tokens[b : b + take] = cur[off : off + take]
-            # Every token but the document's last has a next token to predict.
-            mask[b : b + min(seg_len, n - off - 1)] = 1
+            # Every token but the document's last has a next token to predict: the one after it,
+            # whose weight the position's loss takes.
+            labelled = min(seg_len, n - off - 1)
+            mask[b : b + labelled] = 1
+            if weight is not None:
+                w = self._cur_weights
+                weight[b : b + labelled] = 1.0 if w is None else w[off + 1 : off + 1 + labelled]
             epoch[s], source[s] = self._cur_epoch, self.cur_src
             self.off = off + take
             self.tokens += take
             if self.off >= n:
-                self._cur, self.cur_src, self.off = None, -1, 0
+                self._cur, self._cur_weights, self.cur_src, self.off = None, None, -1, 0
                 self.pad += seg_len - take
         return int(self._cur[self.off]) if self._cur is not None else pad_id

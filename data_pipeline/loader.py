@@ -36,6 +36,8 @@ class _Data:
                 raise DataError(f"{ss.index_path}: tokenizer {other} differs from {sets[0].index_path}'s {tok}")
         self.vocab_size, self.pad_id, self.eos_id = tok["vocab_size"], tok["pad_id"], tok["eos_id"]
         self.token_dtype = np.dtype(sets[0].dtype)
+        # Batches carry loss weights only when some source has weighted documents.
+        self.weighted = any(ss.weighted_documents for ss in sets + valid_sets)
         if cfg.vocab_size and cfg.vocab_size < self.vocab_size:
             raise DataError(f"DataConfig.vocab_size {cfg.vocab_size} is smaller than the tokenizer's {self.vocab_size}")
         if cfg.append_eos and self.eos_id is None:
@@ -128,13 +130,16 @@ class _Data:
 class _Packing:
     """The layout of one worker item: a single uint8 buffer with typed views. A DataLoader worker
     sends each tensor through its own shared-memory segment, at a fixed cost about that of a
-    megabyte of data, so one compact buffer (token ids in the shard dtype, a uint8 mask) beats
-    the seven int64/float32 tensors of a batch by far; the main process expands it."""
+    megabyte of data, so one compact buffer (token ids in the shard dtype, a uint8 mask, float32
+    loss weights only when the data has any) beats the seven int64/float32 tensors of a batch by
+    far; the main process expands it."""
 
-    def __init__(self, n_lanes: int, seg_len: int, n_segments: int, token_dtype: np.dtype):
+    def __init__(self, n_lanes: int, seg_len: int, n_segments: int, token_dtype: np.dtype, weighted: bool):
+        width = seg_len * n_segments
         fields = [("epoch", np.int32, (n_lanes, n_segments)), ("source", np.int32, (n_lanes, n_segments)),
-                  ("tokens", token_dtype, (n_lanes, seg_len * n_segments)), ("carry", token_dtype, (n_lanes,)),
-                  ("mask", np.uint8, (n_lanes, seg_len * n_segments)), ("reset", np.bool_, (n_lanes, n_segments))]
+                  ("tokens", token_dtype, (n_lanes, width)), ("carry", token_dtype, (n_lanes,)),
+                  ("weight", np.float32, (n_lanes, width if weighted else 0)),
+                  ("mask", np.uint8, (n_lanes, width)), ("reset", np.bool_, (n_lanes, n_segments))]
         self.fields, off = [], 0
         for name, dtype, shape in fields:
             dtype = np.dtype(dtype)
@@ -162,7 +167,7 @@ class _LaneDataset(IterableDataset):
         mine = np.array_split(np.asarray(self.lanes, dtype=np.int64), max(self.workers, 1))[info.id if info else 0]
         lanes = [self.data.make_lane(int(i), self.states.get(int(i))) for i in mine]
         cfg, pad = self.data.cfg, self.data.pad_id
-        pack = _Packing(len(lanes), cfg.segment_length, cfg.n_segments, self.data.token_dtype)
+        pack = _Packing(len(lanes), cfg.segment_length, cfg.n_segments, self.data.token_dtype, self.data.weighted)
         step = 0
         try:
             while self.n_batches is None or step < self.n_batches:
@@ -170,11 +175,13 @@ class _LaneDataset(IterableDataset):
                 v = pack.views(buf)
                 v["tokens"].fill(pad)
                 v["mask"].fill(0)
+                v["weight"].fill(0)
                 v["reset"].fill(False)
                 v["epoch"].fill(-1)
                 v["source"].fill(-1)
                 for r, lane in enumerate(lanes):
-                    v["carry"][r] = lane.fill(cfg.segment_length, v["tokens"][r], v["mask"][r], v["reset"][r],
+                    weight = v["weight"][r] if self.data.weighted else None
+                    v["carry"][r] = lane.fill(cfg.segment_length, v["tokens"][r], v["mask"][r], weight, v["reset"][r],
                                               v["epoch"][r], v["source"][r], pad)
                 yield {"packed": torch.from_numpy(buf), "n": len(lanes),
                        "_states": {int(l.lane_id): l.state() for l in lanes},
@@ -216,20 +223,23 @@ def _assemble(data: _Data, lane_ids: List[int], parts: List[dict]) -> dict:
     cfg = data.cfg
     n, width, segs = sum(p["n"] for p in parts), cfg.segment_length * cfg.n_segments, cfg.n_segments
     tokens, labels = np.empty((n, width), dtype=np.int64), np.empty((n, width), dtype=np.int64)
-    mask, reset = np.empty((n, width), dtype=np.float32), np.empty((n, segs), dtype=bool)
+    labelled, reset = np.empty((n, width), dtype=bool), np.empty((n, segs), dtype=bool)
+    mask = np.empty((n, width), dtype=np.float32)
     epoch, source = np.empty((n, segs), dtype=np.int64), np.empty((n, segs), dtype=np.int64)
     r = 0
     for p in parts:
-        v = _Packing(p["n"], cfg.segment_length, segs, data.token_dtype).views(p["packed"].numpy())
+        v = _Packing(p["n"], cfg.segment_length, segs, data.token_dtype, data.weighted).views(p["packed"].numpy())
         rows = slice(r, r + p["n"])
-        tokens[rows], mask[rows], reset[rows] = v["tokens"], v["mask"], v["reset"]
+        tokens[rows], labelled[rows], reset[rows] = v["tokens"], v["mask"], v["reset"]
+        mask[rows] = v["weight"] if data.weighted else v["mask"]
         epoch[rows], source[rows] = v["epoch"], v["source"]
         # Within a window the next token of a document is the next position (documents run on
         # across segments); the window's last position carries its label separately.
         labels[rows, :-1] = v["tokens"][:, 1:]
         labels[rows, -1] = v["carry"]
         r += p["n"]
-    labels[mask == 0] = data.pad_id
+    # By whether a label exists, not by its weight: a token of weight 0 keeps its label.
+    labels[~labelled] = data.pad_id
     return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(mask), "reset": torch.from_numpy(reset),
             "lane_ids": torch.tensor(lane_ids, dtype=torch.int64), "epoch": torch.from_numpy(epoch),

@@ -1,11 +1,13 @@
 """Shard writer: text documents in, WebDataset token shards plus an index out (format: shards.py).
 
     python -m data_pipeline.make_shards INPUT... --output DIR --tokenizer TOK [--shard-size 256MB]
-        [--workers N] [--text-field text] [--on-bad error|skip] [--max-files N] [--overwrite]
+        [--workers N] [--text-field text] [--weights-field loss_weights] [--on-bad error|skip]
+        [--max-files N] [--overwrite]
     python -m data_pipeline.make_shards --source python-stdlib --output DIR --tokenizer bytes
 
 INPUT: .txt files (one file, one document), .jsonl / .jsonl.gz (one JSON object a line, the text
-under --text-field), .parquet (the --text-field column), directories (searched recursively for
+under --text-field, optionally per-token loss weights under --weights-field as weighted character
+spans: weights.py), .parquet (the --text-field column), directories (searched recursively for
 those) and globs. TOK: `bytes` or the path of a HF tokenizer.json. Documents keep the input order
 whatever --workers is; workers tokenize, the main process writes.
 """
@@ -29,9 +31,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .shards import (DOC_OFFSETS_NAME, DOC_TOKENS_NAME, FORMAT, INDEX_NAME, TOKEN_EXT, VERSION, DataError,
-                     dataset_id, doc_key, shard_name, warn_limited)
+from .shards import (DOC_OFFSETS_NAME, DOC_TOKENS_NAME, FORMAT, INDEX_NAME, TOKEN_EXT, VERSION, WEIGHTS_EXT,
+                     DataError, dataset_id, doc_key, shard_name, warn_limited)
 from .tokenizer import load_tokenizer, token_dtype
+from .weights import check_spans, token_weights, weight_runs
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ _CHUNK_DOCS = 2048
 
 # (label, kind, payload): kind "txt" (file bytes), "json" (one line's bytes) or "text" (parquet value)
 RawDoc = Tuple[str, str, object]
+# (label, token ids or None if bad, token weight runs or None, bad category, message)
+Tokenized = Tuple[str, Optional[np.ndarray], Optional[list], str, str]
 
 
 def parse_size(text: str) -> int:
@@ -131,30 +136,36 @@ def _chunks(raw: Iterator[Tuple[RawDoc, int]]) -> Iterator[Tuple[List[RawDoc], i
         yield chunk, size
 
 
-def _text_of(kind: str, payload, field: str) -> Tuple[Optional[str], str, str]:
-    """(text, bad category, message)."""
+def _text_of(kind: str, payload, field: str, weights_field: str) -> Tuple[Optional[str], Optional[list], str, str]:
+    """(text, its weighted character spans or None, bad category, message)."""
+    spans = None
     if kind == "json":
         try:
             obj = json.loads(payload.decode("utf-8"))
         except UnicodeDecodeError as e:
-            return None, "not_utf8", f"not valid UTF-8 ({e.reason} at byte {e.start})"
+            return None, None, "not_utf8", f"not valid UTF-8 ({e.reason} at byte {e.start})"
         except json.JSONDecodeError as e:
-            return None, "bad_json", f"not valid JSON ({e.msg})"
+            return None, None, "bad_json", f"not valid JSON ({e.msg})"
         if not isinstance(obj, dict) or field not in obj:
-            return None, "no_text", f"no {field!r} field"
+            return None, None, "no_text", f"no {field!r} field"
         payload = obj[field]
         if not isinstance(payload, str):
-            return None, "no_text", f"field {field!r} is not a string"
+            return None, None, "no_text", f"field {field!r} is not a string"
+        if obj.get(weights_field) is not None:
+            try:
+                spans = check_spans(obj[weights_field], len(payload), "character")
+            except ValueError as e:
+                return None, None, "bad_weights", f"field {weights_field!r}: {e}"
     elif payload is None:
-        return None, "no_text", f"{field!r} is null"
+        return None, None, "no_text", f"{field!r} is null"
     if isinstance(payload, bytes):
         try:
             payload = payload.decode("utf-8")
         except UnicodeDecodeError as e:
-            return None, "not_utf8", f"not valid UTF-8 ({e.reason} at byte {e.start})"
+            return None, None, "not_utf8", f"not valid UTF-8 ({e.reason} at byte {e.start})"
     if not payload:
-        return None, "empty", "empty document"
-    return payload, "", ""
+        return None, None, "empty", "empty document"
+    return payload, spans or None, "", ""
 
 
 _WORKER_TOKENIZER = None
@@ -167,18 +178,23 @@ def _init_worker(spec: str) -> None:
     _WORKER_TOKENIZER = load_tokenizer(spec)
 
 
-def _tokenize(chunk: List[RawDoc], field: str, tok=None) -> List[Tuple[str, Optional[np.ndarray], str, str]]:
+def _tokenize(chunk: List[RawDoc], field: str, weights_field: str, tok=None) -> List[Tokenized]:
     tok = tok or _WORKER_TOKENIZER
-    out: List[Tuple[str, Optional[np.ndarray], str, str]] = []
-    texts, where = [], []
+    out: List[Tokenized] = []
+    plain, weighted = [], []  # (position in out, text[, spans])
     for label, kind, payload in chunk:
-        text, cat, msg = _text_of(kind, payload, field)
-        if text is not None:
-            texts.append(text)
-            where.append(len(out))
-        out.append((label, None, cat, msg))
-    for j, ids in zip(where, tok.encode_batch(texts)):
-        out[j] = (out[j][0], ids, "", "") if len(ids) else (out[j][0], None, "empty", "no tokens")
+        text, spans, cat, msg = _text_of(kind, payload, field, weights_field)
+        if spans:
+            weighted.append((len(out), text, spans))
+        elif text is not None:
+            plain.append((len(out), text))
+        out.append((label, None, None, cat, msg))
+    encoded = [(j, ids, None) for (j, _), ids in zip(plain, tok.encode_batch([t for _, t in plain]))]
+    # Only weighted documents need the tokens' character offsets.
+    for (j, text, spans), (ids, offsets) in zip(weighted, tok.encode_with_offsets([t for _, t, _ in weighted])):
+        encoded.append((j, ids, weight_runs(token_weights(spans, offsets, len(text))) or None))
+    for j, ids, runs in encoded:
+        out[j] = (out[j][0], ids, runs, "", "") if len(ids) else (out[j][0], None, None, "empty", "no tokens")
     return out
 
 
@@ -210,12 +226,15 @@ class _ShardWriter:
         self.shards: List[dict] = []
         self.doc_tokens: List[int] = []
         self.doc_offsets: List[int] = []
+        self.weighted_documents = 0
         self._file = None
 
-    def add(self, ids: np.ndarray, label: str) -> None:
+    def add(self, ids: np.ndarray, label: str, weight_runs: Optional[list]) -> None:
         meta = json.dumps({"source": label, "n_tokens": len(ids)}).encode()
         tokens = ids.astype(self.dtype, copy=False).tobytes()
+        weights = json.dumps(weight_runs).encode() if weight_runs else b""
         size = sum(512 + n + (-n % 512) for n in (len(meta), len(tokens)))
+        size += 512 + len(weights) + (-len(weights) % 512) if weights else 0
         cur = self.shards[-1] if self.shards else None
         if cur is None or (cur["n_documents"] and cur["n_bytes"] + size > self.max_bytes):
             self._roll()
@@ -224,6 +243,9 @@ class _ShardWriter:
         self.doc_offsets.append(cur["n_bytes"])
         self._file.write(tar_member(f"{key}.json", meta))
         self._file.write(tar_member(f"{key}.{self.ext}", tokens))
+        if weights:
+            self._file.write(tar_member(f"{key}.{WEIGHTS_EXT}", weights))
+            self.weighted_documents += 1
         cur["n_documents"] += 1
         cur["n_tokens"] += len(ids)
         cur["n_bytes"] += size
@@ -255,16 +277,17 @@ def _prepare_output(out: str, overwrite: bool) -> None:
         os.remove(os.path.join(out, n))
 
 
-def _tokenized(chunks: Iterator[Tuple[List[RawDoc], int]], tokenizer: str, tok, workers: int, field: str):
+def _tokenized(chunks: Iterator[Tuple[List[RawDoc], int]], tokenizer: str, tok, workers: int, field: str,
+               weights_field: str):
     if workers <= 1:
         for chunk, n in chunks:
-            yield _tokenize(chunk, field, tok), n
+            yield _tokenize(chunk, field, weights_field, tok), n
         return
     with multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer,)) as pool:
         # A bounded number of chunks in flight keeps memory flat and the output in input order.
         pending: collections.deque = collections.deque()
         for chunk, n in chunks:
-            pending.append((pool.apply_async(_tokenize, (chunk, field)), n))
+            pending.append((pool.apply_async(_tokenize, (chunk, field, weights_field)), n))
             if len(pending) >= 2 * workers:
                 res, m = pending.popleft()
                 yield res.get(), m
@@ -274,10 +297,12 @@ def _tokenized(chunks: Iterator[Tuple[List[RawDoc], int]], tokenizer: str, tok, 
 
 
 def write_shards(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *, shard_size="256MB",
-                 workers: int = 1, text_field: str = "text", on_bad: str = "error", overwrite: bool = False,
-                 progress: bool = True, source: Optional[str] = None, max_files: Optional[int] = None) -> dict:
+                 workers: int = 1, text_field: str = "text", weights_field: str = "loss_weights", on_bad: str = "error",
+                 overwrite: bool = False, progress: bool = True, source: Optional[str] = None,
+                 max_files: Optional[int] = None) -> dict:
     """Write the shard set; returns a summary (index path, counts, throughput, skipped by reason).
-    on_bad: "error" raises on the first bad document (naming file and line/row), "skip" counts it."""
+    on_bad: "error" raises on the first bad document (naming file and line/row), "skip" counts it.
+    weights_field: the .jsonl field of a document's weighted character spans (weights.py)."""
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', not {on_bad!r}")
     if source not in (None, "python-stdlib"):
@@ -297,15 +322,16 @@ def write_shards(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *
     t0 = time.perf_counter()
     in_bytes = 0
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
-        for results, n in _tokenized(_chunks(_iter_raw(files, text_field)), tokenizer, tok, workers, text_field):
-            for label, ids, cat, msg in results:
+        for results, n in _tokenized(_chunks(_iter_raw(files, text_field)), tokenizer, tok, workers, text_field,
+                                     weights_field):
+            for label, ids, runs, cat, msg in results:
                 if ids is None:
                     if on_bad == "error":
                         raise DataError(f"{label}: {msg} (pass --on-bad skip to skip and count such documents)")
                     skipped[cat] += 1
                     warn_limited(log, skipped[cat], f"skipping {label}: {msg}")
                 else:
-                    writer.add(ids, label)
+                    writer.add(ids, label, runs)
             in_bytes += n
             bar.update(n)
     writer.close()
@@ -326,6 +352,10 @@ def write_shards(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *
         "created_by": {"inputs": list(inputs), "source": source, "text_field": text_field, "n_files": len(files),
                        "skipped": dict(skipped)},
     }
+    if writer.weighted_documents:
+        # Only then: a set without weights keeps the index it always had.
+        index["weighted_documents"] = writer.weighted_documents
+        index["created_by"]["weights_field"] = weights_field
     fd, tmp = tempfile.mkstemp(dir=output, suffix=".json.tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(index, f, indent=1)
@@ -335,7 +365,7 @@ def write_shards(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *
     return {"index": os.path.join(output, INDEX_NAME), "documents": len(doc_tokens), "tokens": index["n_tokens"],
             "shards": len(writer.shards), "files": len(files), "input_bytes": in_bytes, "output_bytes": out_bytes,
             "seconds": seconds, "input_mb_per_s": in_bytes / 1e6 / seconds, "tokens_per_s": index["n_tokens"] / seconds,
-            "skipped": dict(skipped)}
+            "weighted_documents": writer.weighted_documents, "skipped": dict(skipped)}
 
 
 def build_stdlib_shards(output_dir: str, tokenizer: str = "bytes", max_files: Optional[int] = None,
@@ -361,6 +391,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--shard-size", default="256MB")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--text-field", default="text")
+    ap.add_argument("--weights-field", default="loss_weights",
+                    help="optional .jsonl field: [[start_char, end_char, weight], ...] per-token loss weights")
     ap.add_argument("--on-bad", choices=("error", "skip"), default="error")
     ap.add_argument("--source", choices=("python-stdlib",))
     ap.add_argument("--max-files", type=int)
@@ -372,7 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         s = write_shards(a.inputs, a.output, a.tokenizer, shard_size=a.shard_size, workers=a.workers,
-                         text_field=a.text_field, on_bad=a.on_bad, overwrite=a.overwrite,
+                         text_field=a.text_field, weights_field=a.weights_field, on_bad=a.on_bad, overwrite=a.overwrite,
                          progress=not a.no_progress, source=a.source, max_files=a.max_files)
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)

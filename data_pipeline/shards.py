@@ -3,12 +3,15 @@
 A shard set is a directory holding
   shard-000000.tar ...   WebDataset tars; sample `KKKKKKKKK` (the document's index within its shard,
                          nine digits) has `KKKKKKKKK.tokens.u16` (or `.tokens.u32`): the token ids as
-                         raw little-endian integers, and `KKKKKKKKK.json`: {"source": ..., "n_tokens": n}
+                         raw little-endian integers, and `KKKKKKKKK.json`: {"source": ..., "n_tokens": n};
+                         a document with loss weights also has `KKKKKKKKK.weights.json`: the runs of
+                         tokens whose weight is not 1, [[start, end, weight], ...] (weights.py)
   doc_tokens.npy         int64, the token count of every document, shard after shard
   doc_offsets.npy        int64, where each document's first tar member starts in its shard, so a
                          reader of a local shard seeks to its position instead of reading up to it
   index.json             format, tokenizer (kind, vocab_size, pad_id, eos_id), dtype, dataset_id,
-                         and per shard: name, n_documents, n_tokens, n_bytes, first_document
+                         per shard: name, n_documents, n_tokens, n_bytes, first_document; and
+                         weighted_documents (their count) where there are any
 The index is written last, so a set without one is incomplete.
 """
 
@@ -29,6 +32,8 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from .weights import check_spans, expand_runs
+
 log = logging.getLogger(__name__)
 
 FORMAT = "infinitron-shards"
@@ -37,6 +42,7 @@ INDEX_NAME = "index.json"
 DOC_TOKENS_NAME = "doc_tokens.npy"
 DOC_OFFSETS_NAME = "doc_offsets.npy"
 TOKEN_EXT = {"uint16": "tokens.u16", "uint32": "tokens.u32"}
+WEIGHTS_EXT = "weights.json"
 _KEY_DIGITS = 9
 
 
@@ -98,6 +104,7 @@ class ShardSet:
     tokenizer: dict
     dtype: str
     dataset_id: str
+    weighted_documents: int
 
     @property
     def token_ext(self) -> str:
@@ -165,7 +172,8 @@ def open_shard_set(path: str, index: Optional[str] = None) -> ShardSet:
         if a.shape != (int(n_docs.sum()),):
             raise DataError(f"{index}: {meta[key]} has {a.shape[0]} entries, the shards hold {n_docs.sum()} documents")
         arrays.append(a)
-    ss = ShardSet(index, urls, names, n_docs, first, *arrays, meta["tokenizer"], meta["dtype"], meta["dataset_id"])
+    ss = ShardSet(index, urls, names, n_docs, first, *arrays, meta["tokenizer"], meta["dtype"], meta["dataset_id"],
+                  int(meta.get("weighted_documents", 0)))
     for k, s in enumerate(shards):
         if int(ss.lengths(k).sum()) != s["n_tokens"]:
             raise DataError(f"{index}: shard {s['name']} n_tokens disagrees with {meta['doc_tokens']}")
@@ -225,9 +233,19 @@ def _open_at(data, offset: int, opened: list, handler):
         yield {**sample, "stream": stream}
 
 
+def _token_weights(data: bytes, n_tokens: int) -> np.ndarray:
+    """A weights member's runs as one float32 weight per token; ValueError when malformed."""
+    try:
+        runs = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    return expand_runs(check_spans(runs, n_tokens, "token"), n_tokens)
+
+
 def read_documents(ss: ShardSet, shard: int, wanted: np.ndarray, start: int,
-                   bad: BadSamples) -> Iterator[Tuple[int, np.ndarray]]:
-    """Yield (position in `wanted`, token ids) for documents wanted[start:] of one shard, in order.
+                   bad: BadSamples) -> Iterator[Tuple[int, np.ndarray, Optional[np.ndarray]]]:
+    """Yield (position in `wanted`, token ids, float32 weight per token or None when the document
+    has none) for documents wanted[start:] of one shard, in order.
 
     `wanted` is a sorted array of document indices within the shard. webdataset reads and decodes
     the tar, from the first wanted document's offset where the shard is a local file; files of
@@ -307,7 +325,12 @@ def read_documents(ss: ShardSet, shard: int, wanted: np.ndarray, start: int,
             elif int(tokens.max()) >= vocab:
                 bad(where(i), f"has token id {int(tokens.max())} >= vocab size {vocab}", "bad_token_id")
             else:
-                yield p, tokens
+                try:
+                    weights = _token_weights(sample[WEIGHTS_EXT], len(tokens)) if WEIGHTS_EXT in sample else None
+                except ValueError as e:
+                    bad(where(i), f"has bad loss weights ({WEIGHTS_EXT}: {e})", "bad_weights")
+                    continue
+                yield p, tokens, weights
                 if pos == len(wanted):
                     return
         why = last_error[-1] if last_error else "shard ended early (truncated?)"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,6 +39,16 @@ class ByteTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint16) for t in texts]
+
+    def encode_with_offsets(self, texts: Sequence[str]) -> List[Tuple[np.ndarray, np.ndarray]]:
+        """(ids, [n, 2] character range of each token): every byte of a character maps to it."""
+        out = []
+        for text, ids in zip(texts, self.encode_batch(texts)):
+            code_points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+            utf8_lengths = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+            char_of_byte = np.repeat(np.arange(len(code_points)), utf8_lengths)
+            out.append((ids, np.stack([char_of_byte, char_of_byte + 1], axis=1)))
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = np.asarray(ids)
@@ -82,6 +92,12 @@ class HFTokenizer:
         dtype = token_dtype(self.vocab_size)
         encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=dtype) for e in encs]
+
+    def encode_with_offsets(self, texts: Sequence[str]) -> List[Tuple[np.ndarray, np.ndarray]]:
+        """(ids, [n, 2] character range of each token, from the tokenizer's own offsets)."""
+        dtype = token_dtype(self.vocab_size)
+        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [(np.asarray(e.ids, dtype=dtype), np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)) for e in encs]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

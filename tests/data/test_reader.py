@@ -277,7 +277,7 @@ def test_a_range_is_read_without_scanning_the_rest_of_its_shard(tmp_path, monkey
         return real_next(self)
 
     monkeypatch.setattr(tarfile.TarFile, "next", counting_next)
-    got = [p for p, _ in read_documents(ss, 0, np.arange(100, 103), 0, BadSamples("error"))]
+    got = [p for p, _, _ in read_documents(ss, 0, np.arange(100, 103), 0, BadSamples("error"))]
     assert got == [0, 1, 2]
     assert headers["n"] <= 3 * 2 + 2, "seek to the range, stop right after it"
 
