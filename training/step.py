@@ -48,24 +48,29 @@ def split_microbatches(batch: Dict[str, torch.Tensor], micro_batch_lanes: int, d
 @dataclass
 class StepResult:
     loss_sum: float
-    """Sum of per-token losses over the global batch's valid tokens."""
+    """Sum of per-token losses times loss_mask (the tokens' loss weights) over the global batch."""
+    weight: float
+    """Sum of loss_mask over the global batch: the valid tokens' count when no token is weighted."""
     tokens: int
-    """Valid (loss-masked-in) tokens of the global batch."""
+    """Valid tokens (loss_mask > 0) of the global batch."""
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / max(self.tokens, 1)
+        """The weighted mean per-token loss (the plain mean when the data has no loss weights)."""
+        return self.loss_sum / self.weight if self.weight > 0 else 0.0
 
 
-def _global_valid_tokens(microbatches: List[Microbatch], device) -> torch.Tensor:
-    local = sum(mb.loss_mask.sum() for mb in microbatches).to(device=device, dtype=torch.float64)
+def _global_weight_and_tokens(microbatches: List[Microbatch], device) -> torch.Tensor:
+    local = torch.stack([sum(mb.loss_mask.sum() for mb in microbatches).double(),
+                         sum((mb.loss_mask > 0).sum() for mb in microbatches).double()]).to(device)
     dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
     return local
 
 
 def run_schedule(model, carried: CarriedMemory, microbatches: List[Microbatch], *, forward_only: bool,
                  loss_scale: float = 1.0, engine=None) -> StepResult:
-    """Forward (and backward) over all microbatches; the loss is the global batch's per-token mean.
+    """Forward (and backward) over all microbatches; the loss is the global batch's per-token mean,
+    weighted by loss_mask: sum(loss * loss_mask) / sum(loss_mask).
 
     The forward calls go through the DeepSpeed engine when given: its hooks on the outputs drive
     ZeRO-2/3's gradient partitioning during megatron's backward. loss_scale multiplies the loss used
@@ -75,13 +80,13 @@ def run_schedule(model, carried: CarriedMemory, microbatches: List[Microbatch], 
     device = microbatches[0].tokens.device
     pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     dp = parallel_state.get_data_parallel_world_size()
-    global_tokens = _global_valid_tokens(microbatches, device)
+    global_weight, global_tokens = _global_weight_and_tokens(microbatches, device)
 
     def loss_func(mb: Microbatch, per_token_loss: torch.Tensor):
         loss_sum = (per_token_loss.float() * mb.loss_mask).sum()
         # DeepSpeed averages gradients over DP ranks; the schedule sums microbatches (per-token mode).
-        scaled = loss_sum * (dp / global_tokens.to(loss_sum.dtype)) * loss_scale
-        return scaled, mb.loss_mask.sum().int(), {"loss_sum": loss_sum.detach()}
+        scaled = loss_sum * (dp / global_weight.to(loss_sum.dtype)) * loss_scale
+        return scaled, (mb.loss_mask > 0).sum().int(), {"loss_sum": loss_sum.detach()}
 
     def forward_step(data_iterator: Iterator[Microbatch], model):
         mb = next(data_iterator)
@@ -107,7 +112,7 @@ def run_schedule(model, carried: CarriedMemory, microbatches: List[Microbatch], 
     dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
     dist.broadcast(loss_sum, parallel_state.get_pipeline_model_parallel_last_rank(),
                    group=parallel_state.get_pipeline_model_parallel_group())
-    return StepResult(loss_sum.item(), int(global_tokens.item()))
+    return StepResult(loss_sum.item(), global_weight.item(), int(global_tokens.item()))
 
 
 def allreduce_tied_embedding_grads(model) -> None:

@@ -279,16 +279,17 @@ class Trainer:
         loader = build_valid_loader(self.cfg.data, self.dp_rank, self.dp_size)
         carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers))
         self.model.eval()
-        loss_sum, tokens = 0.0, 0
+        loss_sum, weight, tokens = 0.0, 0.0, 0
         for index, batch in enumerate(loader):
             if index >= self.cfg.validation.batches:
                 break
             result = run_schedule(self.model, carried, split_microbatches(batch, self.cfg.parallel.micro_batch_lanes,
                                                                           device()), forward_only=True)
             loss_sum += result.loss_sum
+            weight += result.weight
             tokens += result.tokens
         self.model.train()
-        loss = loss_sum / max(tokens, 1)
+        loss = loss_sum / weight if weight > 0 else 0.0
         return {"valid/loss": loss, "valid/ppl": float(np.exp(min(loss, 50.0))), "valid/tokens": tokens}
 
     def log(self, metrics: dict) -> None:

@@ -4,7 +4,8 @@
 #     bash configs/experiments/passkey_run.sh [OUT_DIR]        (default runs/passkey)
 #
 # 1. DOCS synthetic passkey documents of <= MAX_LEN tokens, each asking QUESTIONS times for its key
-#    (the last question at the end), as byte-level shards (OUT/data);
+#    (the last question at the end), as byte-level shards (OUT/data); the key digits of every answer
+#    weigh ANSWER_WEIGHT in the loss (1: unweighted, the shards of the runs in docs/RESULTS.md);
 # 2. train configs/experiments/passkey.yaml for at most TRAIN_MINUTES (its schedule, or fewer steps
 #    if the budget runs out) and export the model (OUT/export);
 # 3. passkey retrieval at LENGTHS x DEPTHS, TRIALS prompts each, with the memory and with the gates
@@ -20,6 +21,7 @@ CONFIG=${CONFIG:-configs/experiments/passkey.yaml}
 DOCS=${DOCS:-24000}
 MAX_LEN=${MAX_LEN:-8192}
 QUESTIONS=${QUESTIONS:-24}
+ANSWER_WEIGHT=${ANSWER_WEIGHT:-10}
 TRAIN_MINUTES=${TRAIN_MINUTES:-10}
 TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
 LAUNCH=${LAUNCH:-python}
@@ -31,7 +33,7 @@ EVAL_ARGS=${EVAL_ARGS:-}
 
 started=$(date +%s)
 python -m training.evals.passkey make-data --out "$OUT/data" --docs "$DOCS" --max-len "$MAX_LEN" \
-    --questions "$QUESTIONS" --seed 1
+    --questions "$QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 1
 # shellcheck disable=SC2086  # LAUNCH and TRAIN_OVERRIDES are word lists
 $LAUNCH -m training.evals.train_export --config "$CONFIG" --export "$OUT/export" --max-minutes "$TRAIN_MINUTES" \
     "run_dir=$OUT/train" "data.sources=[{path: $OUT/data/shards}]" $TRAIN_OVERRIDES

@@ -4,7 +4,7 @@
         [--trials N] [--out DIR] [--ablate-memory] [--batch-size B] [--seed S]
         [--tokenizer T] [--dtype auto|fp32|bf16] [--device D] [--window-segments K]
     python -m training.evals.passkey make-data --out DIR --docs N [--max-len 8192] [--min-len N]
-        [--questions Q] [--seed S]
+        [--questions Q] [--answer-weight W] [--seed S]
     python -m training.evals.passkey report --memory DIR --ablated DIR --model EXPORT --out FILE
         [--train-dir RUN_DIR] [--train-seconds S] [--total-seconds S]
 
@@ -19,7 +19,8 @@ on (seed, L, d, trial), so a run with --ablate-memory sees the same prompts. Wri
 DIR/passkey.md (accuracy and answer loss, depth x length) and DIR/passkey_heatmap.png (accuracy).
 
 make-data writes training documents in the same format (random length, depth and key, the answer
-after the question; --questions Q asks Q times, at random places after the needle and at the end) as DIR/passkey.jsonl and byte-level shards in DIR/shards. report puts a run
+after the question; --questions Q asks Q times, at random places after the needle and at the end) as DIR/passkey.jsonl and byte-level shards in DIR/shards;
+--answer-weight W gives the key digits of every answer loss weight W (default 1: no weights). report puts a run
 with memory and one with --ablate-memory side by side (docs/RESULTS.md).
 """
 
@@ -294,11 +295,20 @@ def make_documents(n_docs: int, min_len: int, max_len: int, seed: int, questions
     return docs
 
 
-def make_data(out: str, n_docs: int, max_len: int, min_len: Optional[int], seed: int, questions: int = 1) -> dict:
+def answer_digit_spans(text: str) -> List[List[int]]:
+    """[start, end) of the key's digits in every answer " KEY." that follows a question. Only the
+    digits need the memory: the space before them and the period after follow from the question."""
+    return [list(m.span(1)) for m in re.finditer(re.escape(QUESTION) + r" (\d+)\.", text)]
+
+
+def make_data(out: str, n_docs: int, max_len: int, min_len: Optional[int], seed: int, questions: int = 1,
+              answer_weight: float = 1.0) -> dict:
     from data_pipeline.make_shards import write_shards
 
     if questions < 1:
         raise ValueError(f"--questions must be >= 1, got {questions}")
+    if not (np.isfinite(answer_weight) and answer_weight >= 0):
+        raise ValueError(f"--answer-weight must be a finite number >= 0, got {answer_weight}")
     shortest = len(HEADER + NEEDLE.format(key="12345")) + questions * len(QUESTION + " 12345.")
     min_len = max(max_len // 8, shortest) if min_len is None else min_len
     if not shortest <= min_len < max_len:
@@ -307,7 +317,10 @@ def make_data(out: str, n_docs: int, max_len: int, min_len: Optional[int], seed:
     jsonl = os.path.join(out, "passkey.jsonl")
     with open(jsonl, "w") as f:
         for text in make_documents(n_docs, min_len, max_len, seed, questions):
-            f.write(json.dumps({"text": text}) + "\n")
+            doc = {"text": text}
+            if answer_weight != 1:
+                doc["loss_weights"] = [[start, end, answer_weight] for start, end in answer_digit_spans(text)]
+            f.write(json.dumps(doc) + "\n")
     return write_shards([jsonl], os.path.join(out, "shards"), "bytes", overwrite=True, progress=False)
 
 
@@ -337,10 +350,12 @@ def _make_data_main(argv: Sequence[str]) -> int:
     ap.add_argument("--max-len", type=int, default=8192, help="tokens per document, <eos> included")
     ap.add_argument("--min-len", type=int, default=None, help="default: max-len / 8")
     ap.add_argument("--questions", type=int, default=1, help="answered questions per document (the last at the end)")
+    ap.add_argument("--answer-weight", type=float, default=1.0,
+                    help="loss weight of every answer's key digits (1: unweighted shards)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     try:
-        summary = make_data(a.out, a.docs, a.max_len, a.min_len, a.seed, a.questions)
+        summary = make_data(a.out, a.docs, a.max_len, a.min_len, a.seed, a.questions, a.answer_weight)
     except ValueError as error:
         ap.error(str(error))
     print(f"wrote {summary['documents']} documents, {summary['tokens']} tokens: {summary['index']}")
