@@ -97,6 +97,41 @@ def test_make_data_can_ask_several_times_after_the_needle(tmp_path):
         make_data(str(tmp_path / "bad"), n_docs=1, max_len=2048, min_len=300, seed=0, questions=3)
 
 
+def test_make_data_answer_weight_weighs_exactly_the_answers_key_digits(tmp_path):
+    from data_pipeline import DataConfig, SourceConfig, build_train_loader
+    from tests.data.test_loss_weights import lane_documents_with_weights
+    from tests.data.test_reader import run_until_epoch
+
+    make_data(str(tmp_path / "w"), n_docs=6, max_len=2048, min_len=800, seed=5, questions=3, answer_weight=10)
+    with open(tmp_path / "w" / "passkey.jsonl") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    want = {}
+    for doc in docs:
+        key = doc[-6:-1]
+        qa = f"{QUESTION} {key}."
+        # The key's bytes after each question, as label positions: position i predicts byte i + 1.
+        digits = {at + len(QUESTION) + 1 + j for at in range(len(doc)) if doc.startswith(qa, at) for j in range(5)}
+        assert len(digits) == 15
+        want[tuple(doc.encode("ascii"))] = [10.0 if i + 1 in digits else 1.0 for i in range(len(doc))]
+    cfg = DataConfig(sources=[SourceConfig(str(tmp_path / "w" / "shards"))], global_lanes=2, segment_length=256,
+                     n_segments=8, num_workers=0, shuffle_buffer=1)
+    batches = run_until_epoch([build_train_loader(cfg, 0, 1)], 1)
+    seen = set()
+    for lane in range(2):
+        for doc in lane_documents_with_weights(batches, lane):
+            assert doc["weights"] == want[doc["tokens"]]
+            seen.add(doc["tokens"])
+    assert seen == set(want)
+
+    make_data(str(tmp_path / "plain"), n_docs=6, max_len=2048, min_len=800, seed=5, questions=3)
+    with open(tmp_path / "plain" / "passkey.jsonl") as f:
+        assert [json.loads(line) for line in f] == [{"text": doc} for doc in docs]
+    with open(tmp_path / "plain" / "shards" / "index.json") as f:
+        assert "weighted_documents" not in json.load(f)
+    with pytest.raises(ValueError, match="answer-weight"):
+        make_data(str(tmp_path / "bad"), n_docs=1, max_len=2048, min_len=800, seed=0, answer_weight=-1)
+
+
 def reference_answer_nll(state, cfg, prompt, answer):
     """Teacher-forced negative log-likelihood (nats) of the answer tokens after the prompt."""
     from tests.evals.reference_model import reference_logits
