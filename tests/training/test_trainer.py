@@ -64,6 +64,23 @@ def test_memory_carries_per_lane_across_steps(stdlib_shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_loss_is_the_weighted_mean_with_loss_weights(tmp_path):
+    from data_pipeline.make_shards import write_shards
+    from tests.data.test_loss_weights import weighted_corpus, write_docs
+
+    shards = str(tmp_path / "weighted")
+    docs = weighted_corpus(40, seed=5)
+    assert write_shards([write_docs(tmp_path / "docs.jsonl", docs)], shards, progress=False)["weighted_documents"]
+    overrides = train_overrides(shards, str(tmp_path / "run"), **{
+        "schedule.steps": 3, "optimizer.lr": 1e-12, "optimizer.min_lr": 0.0, "optimizer.gate_lr": 1e-12,
+        "data.shuffle_buffer": 1})
+    trained = run_distributed(train_worker, 2, overrides + ["parallel.micro_batch_lanes=2"])[0]
+    # The reference sums loss x loss_mask and divides by the sum of loss_mask itself.
+    weighted_mean = run_distributed(reference_worker, 1, overrides, True)[0]
+    torch.testing.assert_close(torch.tensor(trained), torch.tensor(weighted_mean), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_recomputation_gives_identical_losses(stdlib_shards, tmp_path):
     plain = run_distributed(train_worker, 1, train_overrides(stdlib_shards, str(tmp_path / "a")))[0]
     recomputed = run_distributed(train_worker, 1, train_overrides(stdlib_shards, str(tmp_path / "b"),
