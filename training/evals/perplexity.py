@@ -38,7 +38,7 @@ def shard_documents(path: str) -> Iterator[np.ndarray]:
     shard_set = open_shard_set(path)
     for shard in range(len(shard_set.names)):
         wanted = np.arange(int(shard_set.n_docs[shard]))
-        for _, tokens in read_documents(shard_set, shard, wanted, 0, BadSamples("error")):
+        for _, tokens, _weights in read_documents(shard_set, shard, wanted, 0, BadSamples("error")):
             yield np.asarray(tokens, dtype=np.int64)
 
 
