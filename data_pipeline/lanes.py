@@ -258,10 +258,10 @@ class Lane:
              reset: np.ndarray, epoch: np.ndarray, source: np.ndarray, pad_id: int) -> int:
         """Fill one lane's window; returns the label of its last position (the document's next
         token, when the document goes on into the next window; else pad_id). mask is 1 where a
-        position has a label, weight (None: the data has no weights) the label token's loss
-        weight there. The rows come
-        pre-filled with padding: tokens = pad id, mask and weight 0, reset False, epoch/source -1.
-        Labels are not stored: within a window they are the tokens shifted by one (see loader.py)."""
+        position has a label, weight (None: the data has no weights) the label token's loss weight
+        there. The rows come pre-filled with padding: tokens = pad id, mask and weight 0, reset
+        False, epoch/source -1. Labels are not stored: within a window they are the tokens shifted
+        by one (see loader.py)."""
         if self._refetch:
             self._refetch = False
             self.cursors[self.cur_src].emitted -= 1

@@ -3,8 +3,9 @@
 megatron-core 0.16.1 hard-codes CUDA in places no config reaches: ``torch.cuda.current_device()``
 as the device of communication buffers (tensor-parallel mappings, pipeline p2p), ``device="cuda"``
 token counters in the pipeline schedules, ``torch.cuda.synchronize()`` after p2p, RoPE moving
-its frequencies to the GPU, and the last stage's tied output weight moved there to sync at construction. Inside ``megatron_on_cpu()`` those resolve to the CPU. On a machine
-with a GPU the context does nothing. It is the only place the project bends megatron this way.
+its frequencies to the GPU, and the last stage's tied output weight moved there to sync at
+construction. Inside ``megatron_on_cpu()`` those resolve to the CPU. On a machine with a GPU the
+context does nothing. It is the only place the project bends megatron this way.
 """
 
 from __future__ import annotations

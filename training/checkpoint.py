@@ -356,11 +356,12 @@ class CheckpointManager:
         writer took to flush its files (asynchronous saves); a synchronous save's are flushed here."""
         trainer = self.trainer
         rank = dist.get_rank()
-        if rank == 0:
-            for base, _, names in os.walk(save.tmp):
-                for name in names:
-                    _fsync_file(os.path.join(base, name))
         if write_seconds is None:
+            # A synchronous save's files went through torch.save unflushed; the writers flush their own.
+            if rank == 0:
+                for base, _, names in os.walk(save.tmp):
+                    for name in names:
+                        _fsync_file(os.path.join(base, name))
             write_seconds = time.perf_counter() - save.started
         if rank == 0:
             files = _list_files(save.tmp)

@@ -15,13 +15,15 @@ key's tokens and one more). The model streams the prompt a window at a time (mem
 whatever L); a trial is correct when the continuation starts with exactly the key's digits. Beside
 the accuracy: the answer's loss, teacher-forced, in nats per key digit (ln 10 = 2.30 at chance),
 which shows retrieval emerging before greedy decoding gets all five digits right. Keys depend only
-on (seed, L, d, trial), so a run with --ablate-memory sees the same prompts. Writes DIR/passkey.json (every trial),
-DIR/passkey.md (accuracy and answer loss, depth x length) and DIR/passkey_heatmap.png (accuracy).
+on (seed, L, d, trial), so a run with --ablate-memory sees the same prompts. Writes
+DIR/passkey.json (every trial), DIR/passkey.md (accuracy and answer loss, depth x length) and
+DIR/passkey_heatmap.png (accuracy).
 
 make-data writes training documents in the same format (random length, depth and key, the answer
-after the question; --questions Q asks Q times, at random places after the needle and at the end) as DIR/passkey.jsonl and byte-level shards in DIR/shards;
---answer-weight W gives the key digits of every answer loss weight W (default 1: no weights). report puts a run
-with memory and one with --ablate-memory side by side (docs/RESULTS.md).
+after the question; --questions Q asks Q times, at random places after the needle and at the end)
+as DIR/passkey.jsonl and byte-level shards in DIR/shards; --answer-weight W gives the key digits of
+every answer loss weight W (default 1: no weights). report puts a run with memory and one with
+--ablate-memory side by side (docs/RESULTS.md).
 """
 
 from __future__ import annotations
