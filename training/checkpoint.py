@@ -239,13 +239,28 @@ def _write_snapshots(files: List[Tuple[str, object]], zipfile_serialization: boo
 _WRITER_FAILED, _WRITER_BUSY, _WRITER_DONE = -1.0, 0.0, 1.0
 
 
+def checkpoints_root(cfg) -> str:
+    return cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
+
+
+def resume_path(cfg) -> Optional[str]:
+    """The checkpoint a run resumes from: none, the latest valid one ('auto'), or the verified path given."""
+    resume = cfg.checkpoint.resume
+    if resume is None:
+        return None
+    if resume == "auto":
+        return find_latest_valid(checkpoints_root(cfg))
+    verify(resume)
+    return resume
+
+
 class CheckpointManager:
     """Saves and restores a Trainer; every rank calls save/load (they are collective)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
         cfg = trainer.cfg.checkpoint
-        self.root = cfg.dir or os.path.join(trainer.cfg.run_dir, "checkpoints")
+        self.root = checkpoints_root(trainer.cfg)
         self.keep_last = cfg.keep_last
         self.keep_every = cfg.keep_every
         # Created by the first asynchronous save.
@@ -396,14 +411,6 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- loading ------------------------------------------------------------------------------
-    def resolve(self, resume: Optional[str]) -> Optional[str]:
-        if resume is None:
-            return None
-        if resume == "auto":
-            return find_latest_valid(self.root)
-        verify(resume)
-        return resume
-
     def load(self, path: str) -> None:
         trainer = self.trainer
         manifest = verify(path)

@@ -28,7 +28,7 @@ from modeling.cpu_compat import megatron_on_cpu
 from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
-from training.checkpoint import CheckpointManager, SaveReport, coordinates, rng_state, set_rng_state
+from training.checkpoint import CheckpointManager, SaveReport, coordinates, resume_path, rng_state, set_rng_state
 from training.config import ConfigError, TrainConfig, load_config, save_resolved, validate
 from training.distributed import device, init_distributed, init_model_parallel
 from training.export import load_weights_into
@@ -142,6 +142,12 @@ class Trainer:
 
         prepare_data(cfg)
         self.model = build_stage_model(cfg, self.bf16)
+        resume = resume_path(cfg)
+        if not resume and cfg.checkpoint.init_from:
+            # Before the engine: DeepSpeed copies the weights into its fp32 master weights, and its first
+            # step writes those back; weights loaded after it would be lost at step 1.
+            load_weights_into(self.model, cfg.checkpoint.init_from)
+            self.print(f"initialised weights from {cfg.checkpoint.init_from}")
         self.engine = build_engine(self.model, cfg, self.lanes_per_rank, self.bf16)
         self.train_loader = build_train_loader(cfg.data, self.dp_rank, self.dp_size)
         if self.train_loader.vocab_size > cfg.model.vocab_size:
@@ -153,13 +159,9 @@ class Trainer:
         self.wandb_run_id: Optional[str] = None
         self.stop_signal: Optional[int] = None
         self.checkpoints = CheckpointManager(self)
-        resume = self.checkpoints.resolve(cfg.checkpoint.resume)
         if resume:
             self.checkpoints.load(resume)
             self.print(f"resumed from {resume} at step {self.state.step}")
-        elif cfg.checkpoint.init_from:
-            load_weights_into(self.model, cfg.checkpoint.init_from)
-            self.print(f"initialised weights from {cfg.checkpoint.init_from}")
         self.flops_per_token = model_cost(cfg.model, cfg.parallel.tensor).flops_per_token
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
         self.sinks = []

@@ -14,6 +14,7 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.training.conftest import train_overrides
+from training.export import read_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,6 +29,19 @@ def run_worker(rank, world, overrides):
     finally:
         trainer.close()
     return [(h["step"], h["loss"]) for h in trainer.state.history if "loss" in h]
+
+
+def export_worker(rank, world, overrides, out_dir):
+    from training.config import load_config
+    from training.export import export_model
+    from training.train import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    try:
+        trainer.fit()
+        export_model(trainer.model, trainer.cfg.model, out_dir)
+    finally:
+        trainer.close()
 
 
 def straight_and_resumed(shards, tmp_path, world, extra, steps=6, resume_world=None):
@@ -261,3 +275,14 @@ def test_export_cli_and_init_from_export_moves_weights_to_any_layout(stdlib_shar
     untrained = run_distributed(run_worker, 1, train_overrides(stdlib_shards, str(tmp_path / "fresh"), **{
         "schedule.steps": 1, "schedule.warmup_steps": 0, "seed": 99}))[0][0][1]
     assert abs(untrained - first[1]) > 1e-3  # the export, not the seed, set the weights
+    # And they are what trains: at a vanishing LR two steps later the weights are still the export's
+    # (DeepSpeed's fp32 master weights must have been taken from them, not from the fresh init).
+    after = str(tmp_path / "after")
+    run_distributed(export_worker, 1, train_overrides(stdlib_shards, str(tmp_path / "tiny_lr"), **{
+        "schedule.steps": 2, "schedule.warmup_steps": 0, "checkpoint.init_from": out_dir, "seed": 99,
+        "optimizer.lr": 1e-12, "optimizer.min_lr": 1e-12, "optimizer.gate_lr": 1e-12}), after)
+    _, want = read_export(out_dir)
+    _, got = read_export(after)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-7, msg=name)
