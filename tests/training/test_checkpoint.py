@@ -31,19 +31,6 @@ def run_worker(rank, world, overrides):
     return [(h["step"], h["loss"]) for h in trainer.state.history if "loss" in h]
 
 
-def export_worker(rank, world, overrides, out_dir):
-    from training.config import load_config
-    from training.export import export_model
-    from training.train import Trainer
-
-    trainer = Trainer(load_config(None, overrides))
-    try:
-        trainer.fit()
-        export_model(trainer.model, trainer.cfg.model, out_dir)
-    finally:
-        trainer.close()
-
-
 def straight_and_resumed(shards, tmp_path, world, extra, steps=6, resume_world=None):
     straight = run_distributed(run_worker, world, train_overrides(shards, str(tmp_path / "straight"),
                                                                   **{"schedule.steps": steps, **extra}))[0]
