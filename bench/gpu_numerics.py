@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     reset = torch.zeros(b, s, dtype=torch.bool)
     reset[1, s // 2] = True
     out_grad = torch.randn(b, h, t, d, dtype=torch.float64)
-    print(f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}, torch {torch.__version__}; b={b} h={h} segments={s}x{n} d={d}")
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
+    print(f"{card}, torch {torch.__version__}; b={b} h={h} segments={s}x{n} d={d}")
     print("| update | dtype | SDPA backend | output | dq | dk | dv | dgate |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for update in ("linear", "delta"):
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
         ref_out.backward(out_grad)
         want = [ref_out.detach()] + [x.grad for x in leaves]
         for dtype in (torch.float32, torch.bfloat16):
+            dtype_name = str(dtype).replace("torch.", "")
             for name, backend in BACKENDS.items():
                 ia._CUDA_SDPA_PRIORITY = [backend]
                 xs = [x.to(dev, dtype).requires_grad_() for x in (q, k, v)]
@@ -75,11 +77,11 @@ def main(argv=None) -> int:
                                                  update=update, reset=reset.to(dev), rotary_pos_emb=rope.to(dev))
                     out.backward(out_grad.to(dev, out.dtype))
                 except RuntimeError as error:
-                    print(f"| {update} | {dtype} | {name} | not available: {str(error).splitlines()[0][:60]} |")
+                    print(f"| {update} | {dtype_name} | {name} | not available: {str(error).splitlines()[0][:60]} |")
                     continue
                 got = [out.detach()] + [x.grad.permute(1, 2, 0, 3) for x in xs] + [g.grad]
                 errors = " | ".join(f"{relative_error(x, w):.1e}" for x, w in zip(got, want))
-                print(f"| {update} | {str(dtype).replace('torch.', '')} | {name} | {errors} |")
+                print(f"| {update} | {dtype_name} | {name} | {errors} |")
     return 0
 
 
