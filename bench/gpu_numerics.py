@@ -6,7 +6,9 @@ The CPU tests check the math backend only; on a GPU the local attention runs on 
 memory-efficient) SDPA over strided views of megatron's [s, b, h, d] activations. For each backend
 and dtype this prints the relative error (max |diff| / max |reference|) of the output and of the
 gradients of q, k, v and the gates against tests/model/reference.py in float64, with inputs laid
-out as InfiniSelfAttention passes them (permuted, not contiguous) and with a reset in one row.
+out as InfiniSelfAttention passes them (permuted, not contiguous) and with a reset in one row. In
+bf16 it does so twice: with the memory's matmuls on float32 operands (the default) and on bf16 ones
+(`performance.half_memory_products`).
 """
 
 from __future__ import annotations
@@ -58,30 +60,32 @@ def main(argv=None) -> int:
     out_grad = torch.randn(b, h, t, d, dtype=torch.float64)
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
     print(f"{card}, torch {torch.__version__}; b={b} h={h} segments={s}x{n} d={d}")
-    print("| update | dtype | SDPA backend | output | dq | dk | dv | dgate |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| update | dtype | memory products | SDPA backend | output | dq | dk | dv | dgate |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for update in ("linear", "delta"):
         leaves = [x.permute(1, 2, 0, 3).clone().requires_grad_() for x in (q, k, v)] + [gate.clone().requires_grad_()]
         ref_out, _ = reference_infini_attention(*leaves, segment_length=n, update=update, reset=reset,
                                                 rotary_pos_emb=rope)
         ref_out.backward(out_grad)
         want = [ref_out.detach()] + [x.grad for x in leaves]
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype, half_products in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
             dtype_name = str(dtype).replace("torch.", "")
+            products = dtype_name if half_products else "float32"
             for name, backend in BACKENDS.items():
                 ia._CUDA_SDPA_PRIORITY = [backend]
                 xs = [x.to(dev, dtype).requires_grad_() for x in (q, k, v)]
                 g = gate.to(dev, torch.float32).requires_grad_()
                 try:
                     out, _ = ia.infini_attention(*(x.permute(1, 2, 0, 3) for x in xs), g, segment_length=n,
-                                                 update=update, reset=reset.to(dev), rotary_pos_emb=rope.to(dev))
+                                                 update=update, reset=reset.to(dev), rotary_pos_emb=rope.to(dev),
+                                                 half_memory_products=half_products)
                     out.backward(out_grad.to(dev, out.dtype))
                 except RuntimeError as error:
-                    print(f"| {update} | {dtype_name} | {name} | not available: {str(error).splitlines()[0][:60]} |")
+                    print(f"| {update} | {dtype_name} | {products} | {name} | not available: {str(error).splitlines()[0][:60]} |")
                     continue
                 got = [out.detach()] + [x.grad.permute(1, 2, 0, 3) for x in xs] + [g.grad]
                 errors = " | ".join(f"{relative_error(x, w):.1e}" for x, w in zip(got, want))
-                print(f"| {update} | {dtype_name} | {name} | {errors} |")
+                print(f"| {update} | {dtype_name} | {products} | {name} | {errors} |")
     return 0
 
 

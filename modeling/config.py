@@ -33,6 +33,10 @@ class InfiniTransformerConfig(TransformerConfig):
     """Cross-entropy as one torch.compile'd function of the bf16 logits (fused upcast, log-softmax
     and gather) instead of megatron's unfused vocab-parallel one; tensor-parallel size 1 only."""
 
+    infini_half_memory_products: bool = False
+    """For bf16/fp16 activations, the memory's matmuls take half-precision operands (float32
+    accumulation); the memory state stays float32 either way."""
+
     def __post_init__(self):
         super().__post_init__()
         if self.infini_update not in UPDATE_RULES:

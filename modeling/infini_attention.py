@@ -49,19 +49,21 @@ def empty_memory(batch, kv_heads, head_dim, head_dim_v, device=None, dtype=torch
     )
 
 
-def sigma(x: torch.Tensor) -> torch.Tensor:
-    """The paper's non-negative feature map ELU + 1, in the memory dtype."""
-    return F.elu(x.to(memory_dtype(x.dtype))) + 1.0
+def sigma(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The paper's non-negative feature map ELU + 1, in `dtype` (default: the memory dtype)."""
+    return F.elu(x.to(dtype or memory_dtype(x.dtype))) + 1.0
 
 
 def retrieve(sigma_q: torch.Tensor, M: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """sigma(q) M / (sigma(q) z) over the last two dims; zeros where the memory is empty.
+    """sigma(q) M / (sigma(q) z) over the last two dims, in M's dtype; zeros where the memory is empty.
 
+    With sigma_q in a half dtype the two products take half operands (M and z rounded to it) and
+    accumulate in float32 (cuBLAS); the memory itself stays in its float32.
     sigma > 0, so the denominator is 0 exactly when z is (nothing written yet); a safe denominator
     of 1 there keeps values and gradients finite while the numerator is exactly 0.
     """
-    numerator = sigma_q @ M
-    denominator = (sigma_q @ z.unsqueeze(-1))
+    numerator = (sigma_q @ M.to(sigma_q.dtype)).to(M.dtype)
+    denominator = (sigma_q @ z.to(sigma_q.dtype).unsqueeze(-1)).to(M.dtype)
     denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     return numerator / denominator
 
@@ -149,21 +151,22 @@ def local_attention(q, k, v, segment_length, rotary_pos_emb=None):
     return out.reshape(b, s, h, n, dv).transpose(1, 2).reshape(b, h, t, dv)
 
 
-def _memories_before_segments(sk, v, memory, reset, update):
+def _memories_before_segments(sk, v, memory, reset, update, state_dtype):
     """M_{s-1}, z_{s-1} for every segment s, and the memory after the last one.
 
-    sk: sigma(K) [b, g, s, n, d] float32; v: [b, g, s, n, dv] float32.
+    sk: sigma(K) [b, g, s, n, d]; v: [b, g, s, n, dv], both in the products' operand dtype; the
+    memory and its updates are summed in state_dtype.
     Returns M_before [b, g, s, d, dv], z_before [b, g, s, d], final InfiniMemory.
     """
     b, g, s, n, d = sk.shape
     dv = v.shape[-1]
     if memory is None:
-        memory = empty_memory(b, g, d, dv, device=sk.device, dtype=sk.dtype)
+        memory = empty_memory(b, g, d, dv, device=sk.device, dtype=state_dtype)
     M0, z0 = memory
-    z_updates = sk.sum(dim=3)  # [b, g, s, d]
+    z_updates = sk.sum(dim=3, dtype=state_dtype)  # [b, g, s, d]
 
     if update == "linear":
-        M_updates = sk.transpose(-1, -2) @ v  # [b, g, s, d, dv]
+        M_updates = (sk.transpose(-1, -2) @ v).to(state_dtype)  # [b, g, s, d, dv]
         M_before = _exclusive_cumsum_with_resets(M_updates, M0, reset, extra_dims=2)
         z_before = _exclusive_cumsum_with_resets(z_updates, z0, reset, extra_dims=1)
         final = InfiniMemory(M_before[:, :, -1] + M_updates[:, :, -1], z_before[:, :, -1] + z_updates[:, :, -1])
@@ -178,7 +181,7 @@ def _memories_before_segments(sk, v, memory, reset, update):
         M_list.append(M)
         z_list.append(z)
         sk_i = sk[:, :, i]
-        M = M + sk_i.transpose(-1, -2) @ (v[:, :, i] - retrieve(sk_i, M, z))
+        M = M + (sk_i.transpose(-1, -2) @ (v[:, :, i] - retrieve(sk_i, M, z)).to(sk.dtype)).to(state_dtype)
         z = z + z_updates[:, :, i]
     return torch.stack(M_list, dim=2), torch.stack(z_list, dim=2), InfiniMemory(M, z)
 
@@ -214,6 +217,7 @@ def infini_attention(
     update: str = "linear",
     reset: Optional[torch.Tensor] = None,
     rotary_pos_emb: Optional[torch.Tensor] = None,
+    half_memory_products: bool = False,
 ):
     """Infini-attention over ``tokens = n_segments * segment_length`` tokens.
 
@@ -221,6 +225,9 @@ def infini_attention(
     per KV group). gate: [h] raw beta. memory: None (empty) or (M [b, g, d, dv], z [b, g, d]) in
     float32 (float64 for float64 inputs). reset: bool [b, n_segments], True empties that row's memory before that segment.
     rotary_pos_emb: RoPE angles for positions 0..segment_length-1, applied to local attention only.
+    half_memory_products: for half-precision inputs, the memory's matmuls take sigma(q), sigma(k), v
+    and the memory rounded to the input dtype (float32 accumulation); the memory is still summed
+    and kept in float32. Otherwise every operand is float32.
 
     Returns (out [b, h, t, dv] in q's dtype, InfiniMemory after the last segment). Gradients flow
     through the memory across all segments (and into the given memory).
@@ -232,11 +239,14 @@ def infini_attention(
 
     local = local_attention(q, k, v, segment_length, rotary_pos_emb)
 
-    sk = sigma(k).reshape(b, g, s, n, d)
-    M_before, z_before, final = _memories_before_segments(sk, v.to(sk.dtype).reshape(b, g, s, n, dv), memory, reset, update)
-    sq = sigma(q).reshape(b, g, h // g, s, n, d)
+    state_dtype = memory_dtype(q.dtype)
+    operand_dtype = q.dtype if half_memory_products else state_dtype
+    sk = sigma(k, operand_dtype).reshape(b, g, s, n, d)
+    M_before, z_before, final = _memories_before_segments(sk, v.to(operand_dtype).reshape(b, g, s, n, dv), memory,
+                                                          reset, update, state_dtype)
+    sq = sigma(q, operand_dtype).reshape(b, g, h // g, s, n, d)
     from_memory = retrieve(sq, M_before.unsqueeze(2), z_before.unsqueeze(2)).reshape(b, h, t, dv)
 
-    weight = torch.sigmoid(gate.to(sk.dtype)).view(1, h, 1, 1)
-    out = weight * from_memory + (1.0 - weight) * local.to(sk.dtype)
+    weight = torch.sigmoid(gate.to(state_dtype)).view(1, h, 1, 1)
+    out = weight * from_memory + (1.0 - weight) * local.to(state_dtype)
     return out.to(q.dtype), final

@@ -51,6 +51,7 @@ class InfiniCoreAttention(MegatronModule):
         self.layer_number = layer_number
         self.segment_length = config.infini_segment_length
         self.update = config.infini_update
+        self.half_memory_products = config.infini_half_memory_products
         self.gate = torch.nn.Parameter(
             torch.full((heads // tp_size,), float(config.infini_gate_init), dtype=torch.float32)
         )
@@ -63,7 +64,8 @@ class InfiniCoreAttention(MegatronModule):
     def forward(self, query, key, value, memory=None, reset=None, rotary_pos_emb=None):
         """query [b, h, t, d], key/value [b, g, t, d]: returns ([b, h, t, d], InfiniMemory)."""
         return infini_attention(query, key, value, self.gate, memory, segment_length=self.segment_length,
-                                update=self.update, reset=reset, rotary_pos_emb=rotary_pos_emb)
+                                update=self.update, reset=reset, rotary_pos_emb=rotary_pos_emb,
+                                half_memory_products=self.half_memory_products)
 
 
 class InfiniSelfAttention(SelfAttention):

@@ -45,6 +45,9 @@ class PerformanceConfig:
     """torch.compile the cross-entropy (fused with the logits' upcast); parallel.tensor = 1 only."""
     tf32: bool = True
     """TF32 for float32 matmuls (the Infini memory's reads and writes) on GPUs."""
+    half_memory_products: bool = False
+    """In bf16 runs the Infini memory's reads and writes take bf16 operands (float32 accumulation);
+    the memory is still summed and kept in float32."""
 
 
 @dataclass
