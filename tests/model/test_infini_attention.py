@@ -215,3 +215,21 @@ def test_bad_shapes_raise_value_error():
         infini_attention(q, k, v, gate[:2], segment_length=N)
     with pytest.raises(ValueError, match="head_dim"):
         infini_attention(q[0], k, v, gate, segment_length=N)
+
+
+@pytest.mark.parametrize("half_products", [False, True])
+def test_core_attention_module_passes_the_products_setting(half_products):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from modeling.config import ModelConfig, build_transformer_config
+    from modeling.layers import InfiniCoreAttention
+
+    config = build_transformer_config(ModelConfig(num_attention_heads=H, num_query_groups=G, segment_length=N),
+                                      infini_half_memory_products=half_products)
+    module = InfiniCoreAttention(config, 1, AttnMaskType.causal, "self")
+    q, k, v, _ = make_inputs(3)
+    q, k, v = (x.bfloat16() for x in (q, k, v))
+    got, _ = module(q, k, v)
+    want, _ = infini_attention(q, k, v, module.gate, segment_length=N, half_memory_products=half_products)
+    other, _ = infini_attention(q, k, v, module.gate, segment_length=N, half_memory_products=not half_products)
+    assert torch.equal(got, want) and not torch.equal(got, other)
