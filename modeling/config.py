@@ -72,6 +72,9 @@ class ModelConfig:
     init_method_std: float = 0.02
     recompute: bool = False
     """Recompute each layer's activations in backward (from the same input memory)."""
+    recompute_attention: bool = False
+    """Selective recompute: only each layer's Infini-attention (local attention, memory reads and
+    writes) is recomputed in backward; its inputs q, k, v are kept. Not with `recompute`."""
 
     def validate(self, where: str = "model") -> None:
         positive = ["num_layers", "hidden_size", "num_attention_heads", "vocab_size", "segment_length",
@@ -81,6 +84,9 @@ class ModelConfig:
                 raise ValueError(f"{where}.{name} must be positive, got {getattr(self, name)}")
         if self.update not in UPDATE_RULES:
             raise ValueError(f"{where}.update must be one of {UPDATE_RULES}, got {self.update!r}")
+        if self.recompute and self.recompute_attention:
+            raise ValueError(f"{where}.recompute (whole layers) and {where}.recompute_attention (attention only) "
+                             "exclude each other; set one")
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_attention_heads % groups:
             raise ValueError(

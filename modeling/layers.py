@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -76,8 +77,14 @@ class InfiniSelfAttention(SelfAttention):
         query, key, value = self.get_query_key_value_tensors(hidden_states)
         # [s, b, heads, d] -> [b, heads, s, d]
         query, key, value = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        context, memory = self.core_attention(query, key, value, memory=memory, reset=reset,
-                                              rotary_pos_emb=rotary_pos_emb)
+        if self.checkpoint_core_attention and self.training:
+            # Selective recompute: keep q, k, v and the memory; recompute the local attention and the
+            # memory's reads and writes in backward.
+            context, memory = checkpoint(self.core_attention, query, key, value, memory=memory, reset=reset,
+                                         rotary_pos_emb=rotary_pos_emb, use_reentrant=False)
+        else:
+            context, memory = self.core_attention(query, key, value, memory=memory, reset=reset,
+                                                  rotary_pos_emb=rotary_pos_emb)
         s, b = hidden_states.shape[0], hidden_states.shape[1]
         context = context.permute(2, 0, 1, 3).reshape(s, b, -1)
         output, bias = self.linear_proj(context)

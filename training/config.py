@@ -205,7 +205,10 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
         if not condition:
             raise ConfigError(message)
 
-    cfg.model.validate("model")
+    try:
+        cfg.model.validate("model")
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     need(cfg.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     par = cfg.parallel
     need(par.tensor >= 1 and par.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")

@@ -90,7 +90,8 @@ def build_stage_model(cfg: TrainConfig, bf16: bool):
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
         use_cpu_initialization=not torch.cuda.is_available(),
-        recompute_granularity="full" if cfg.model.recompute else None,
+        # "selective" recomputes megatron's default recompute_modules, ["core_attn"]: the Infini-attention.
+        recompute_granularity="full" if cfg.model.recompute else "selective" if cfg.model.recompute_attention else None,
         recompute_method="uniform" if cfg.model.recompute else None,
         recompute_num_layers=1 if cfg.model.recompute else None,
         infini_loss_chunk_tokens=cfg.performance.loss_chunk_tokens,

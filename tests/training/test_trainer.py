@@ -81,11 +81,42 @@ def test_loss_is_the_weighted_mean_with_loss_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_recomputation_gives_identical_losses(stdlib_shards, tmp_path):
+@pytest.mark.parametrize("setting", ["model.recompute", "model.recompute_attention"])
+def test_recomputation_gives_identical_losses(stdlib_shards, tmp_path, setting):
     plain = run_distributed(train_worker, 1, train_overrides(stdlib_shards, str(tmp_path / "a")))[0]
     recomputed = run_distributed(train_worker, 1, train_overrides(stdlib_shards, str(tmp_path / "b"),
-                                                                   **{"model.recompute": True}))[0]
+                                                                   **{setting: True}))[0]
     assert plain == recomputed
+
+
+def attention_calls_worker(rank, world, overrides):
+    """Forward and backward calls of every layer's Infini-attention in one training forward + backward."""
+    from modeling.cpu_compat import megatron_on_cpu
+    from training.config import load_config
+    from training.distributed import init_distributed, init_model_parallel
+    from training.train import build_stage_model
+
+    cfg = load_config(None, overrides)
+    init_distributed()
+    init_model_parallel(1, 1)
+    model = build_stage_model(cfg, bf16=False)
+    calls = []
+    for layer in model.decoder.layers:
+        layer.self_attention.core_attention.register_forward_pre_hook(lambda *_: calls.append(1))
+    tokens = torch.randint(0, 256, (1, 32))
+    with megatron_on_cpu():
+        loss, _ = model(tokens, tokens)
+        forward_calls = len(calls)
+        loss.sum().backward()
+    return forward_calls, len(calls)
+
+
+@pytest.mark.parametrize("selective", [False, True])
+def test_selective_recompute_reruns_only_the_attention_in_backward(stdlib_shards, tmp_path, selective):
+    overrides = train_overrides(stdlib_shards, str(tmp_path), **{"model.recompute_attention": selective})
+    forward_calls, all_calls = run_distributed(attention_calls_worker, 1, overrides)[0]
+    assert forward_calls == 4  # one per layer
+    assert all_calls == (8 if selective else 4)
 
 
 def nonfinite_worker(rank, world, overrides):
@@ -147,6 +178,8 @@ def run_cli(*args, timeout=600):
     (["parallel.pipeline=2", "parallel.zero_stage=2", "model.num_layers=2"], "zero_stage=2 with parallel.pipeline=2"),
     (["data.segment_length=32"], "data.segment_length (32) must equal model.segment_length (64)"),
     (["performance.compile_loss=true", "parallel.tensor=2"], "performance.compile_loss needs parallel.tensor = 1"),
+    (["model.recompute=true", "model.recompute_attention=true"], "model.recompute (whole layers) and model.recompute_attention"),
+    (["model.update=hebbian"], "model.update must be one of"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     from training.config import ConfigError, load_config
