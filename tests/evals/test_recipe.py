@@ -1,4 +1,5 @@
-"""The passkey recipe script end to end at CPU size: data, TP2 x PP2 training under torchrun, export,
+"""The passkey recipe script end to end at CPU size: data, TP2 x PP2 training under torchrun (a short-document
+phase, then the long documents from its export), export,
 passkey with and without memory, the report; and the checkpoint merged on one device equals the export."""
 
 import json
@@ -33,15 +34,18 @@ def checkpoint_worker(rank, world, out):
 @pytest.mark.slow
 def test_passkey_recipe_runs_end_to_end(tmp_path):
     out = str(tmp_path / "passkey")
-    env = dict(os.environ, DOCS="64", MAX_LEN="512", QUESTIONS="2", TRAIN_MINUTES="10", LENGTHS="256,1k",
+    env = dict(os.environ, DOCS="64", MAX_LEN="512", QUESTIONS="2", TRAIN_MINUTES="10", SHORT_MINUTES="5",
+               SHORT_MIN_LEN="300", SHORT_MAX_LEN="400", LENGTHS="256,1k",
                DEPTHS="0,100", TRIALS="2", BATCH="4", TRAIN_OVERRIDES=TINY,
                LAUNCH=f"{sys.executable} -m torch.distributed.run --nproc-per-node 4")
     proc = subprocess.run(["bash", "configs/experiments/passkey_run.sh", out], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    with open(os.path.join(out, "train", "metrics.jsonl")) as f:
-        assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2, 3, 4]
+    for phase in ("train_short", "train"):
+        with open(os.path.join(out, phase, "metrics.jsonl")) as f:
+            assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2, 3, 4]
+    assert f"initialised weights from {out}/export_short" in proc.stdout
     for run in ("passkey", "passkey_ablated"):
         with open(os.path.join(out, run, "passkey.json")) as f:
             result = json.load(f)
