@@ -46,7 +46,9 @@ started=$(date +%s)
 python -m training.evals.passkey make-data --out "$OUT/data" --docs "$DOCS" --max-len "$MAX_LEN" \
     --questions "$QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 1
 init_from=""
+long_minutes=$TRAIN_MINUTES
 if [ "$SHORT_MINUTES" != 0 ]; then
+    short_started=$(date +%s)
     python -m training.evals.passkey make-data --out "$OUT/data_short" --docs "$DOCS" --min-len "$SHORT_MIN_LEN" \
         --max-len "$SHORT_MAX_LEN" --questions "$SHORT_QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 2
     # shellcheck disable=SC2086  # LAUNCH and TRAIN_OVERRIDES are word lists
@@ -54,8 +56,8 @@ if [ "$SHORT_MINUTES" != 0 ]; then
         --max-minutes "$SHORT_MINUTES" "run_dir=$OUT/train_short" "data.sources=[{path: $OUT/data_short/shards}]" \
         "schedule.steps=$SHORT_STEPS" $TRAIN_OVERRIDES
     init_from="checkpoint.init_from=$OUT/export_short"
+    long_minutes=$(python -c "print(max($TRAIN_MINUTES - ($(date +%s) - $short_started) / 60, 0.5))")
 fi
-long_minutes=$(python -c "print(max($TRAIN_MINUTES - ($(date +%s) - $started) / 60, 0.5))")
 # shellcheck disable=SC2086
 $LAUNCH -m training.evals.train_export --config "$CONFIG" --export "$OUT/export" --max-minutes "$long_minutes" \
     "run_dir=$OUT/train" "data.sources=[{path: $OUT/data/shards}]" $init_from $TRAIN_OVERRIDES
