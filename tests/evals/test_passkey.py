@@ -73,6 +73,17 @@ def test_make_data_writes_documents_within_the_length_bounds(tmp_path):
         make_data(str(tmp_path / "bad"), n_docs=1, max_len=1024, min_len=100, seed=0)
 
 
+def test_make_data_without_header_starts_in_the_filler_and_can_be_shorter(tmp_path):
+    text = text_of(make_prompt(ByteTokenizer(), 120, 0.0, "40213", header=False))
+    assert len(text) == 120 and text.startswith(NEEDLE.format(key="40213")) and text.endswith(QUESTION)
+    make_data(str(tmp_path), n_docs=20, max_len=300, min_len=150, seed=4, questions=2, header=False)
+    with open(tmp_path / "passkey.jsonl") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    assert all(HEADER not in d and 150 <= len(d) < 300 and d.count(QUESTION) == 2 for d in docs)
+    with pytest.raises(ValueError, match="min-len"):
+        make_data(str(tmp_path / "bad"), n_docs=1, max_len=300, min_len=150, seed=0, questions=2)
+
+
 def assert_reference_greedy(state, cfg, prompt, continuation):
     """Each continuation token is the float64 reference's argmax given the prompt and the tokens before it."""
     from tests.evals.reference_model import reference_logits

@@ -73,9 +73,11 @@ def random_key(rng: np.random.Generator) -> str:
     return str(int(rng.integers(10000, 100000)))
 
 
-def make_prompt(tokenizer, length: int, depth: float, key: str) -> np.ndarray:
-    """Token ids of exactly `length` tokens; depth in [0, 1] places the needle in the filler."""
-    header, needle, question = (_encode(tokenizer, t) for t in (HEADER, NEEDLE.format(key=key), QUESTION))
+def make_prompt(tokenizer, length: int, depth: float, key: str, header: bool = True) -> np.ndarray:
+    """Token ids of exactly `length` tokens; depth in [0, 1] places the needle in the filler. Without
+    the header, the prompt is filler, needle and question alone."""
+    header, needle, question = (_encode(tokenizer, t) for t in (HEADER if header else "", NEEDLE.format(key=key),
+                                                                 QUESTION))
     fixed = len(header) + len(needle) + len(question)
     if length < fixed:
         raise ValueError(f"a passkey prompt needs at least {fixed} tokens, got length {length}")
@@ -273,11 +275,13 @@ def report(memory_dir: str, ablated_dir: str, model_dir: str, train_dir: Optiona
     return "\n".join(lines)
 
 
-def make_documents(n_docs: int, min_len: int, max_len: int, seed: int, questions: int = 1) -> List[str]:
+def make_documents(n_docs: int, min_len: int, max_len: int, seed: int, questions: int = 1,
+                   header: bool = True) -> List[str]:
     """Training documents of min_len..max_len - 1 bytes (the reader's <eos> makes max_len): a
     passkey prompt of random length, depth and key, then " KEY." answering it. With questions > 1,
     that many - 1 more answered questions sit at random sentence starts after the needle: more of the
-    loss on retrieving the key, the one part of a document that needs the memory."""
+    loss on retrieving the key, the one part of a document that needs the memory. Without the header
+    a document can be short enough that the memory holds little more than the needle when asked."""
     from data_pipeline.tokenizer import ByteTokenizer
 
     tokenizer = ByteTokenizer()
@@ -288,7 +292,7 @@ def make_documents(n_docs: int, min_len: int, max_len: int, seed: int, questions
         answer, needle = f" {key}.", NEEDLE.format(key=key)
         extra = (questions - 1) * len(QUESTION + answer)
         length = int(rng.integers(min_len, max_len)) - len(answer) - extra
-        text = make_prompt(tokenizer, length, float(rng.random()), key).astype(np.uint8).tobytes().decode("ascii")
+        text = make_prompt(tokenizer, length, float(rng.random()), key, header).astype(np.uint8).tobytes().decode("ascii")
         end = len(text) - len(QUESTION)
         starts = [i for i in range(text.index(needle) + len(needle), end) if text[i - 1] == "."] or [end]
         for at in sorted(rng.choice(starts, size=questions - 1), reverse=True):
@@ -304,21 +308,21 @@ def answer_digit_spans(text: str) -> List[List[int]]:
 
 
 def make_data(out: str, n_docs: int, max_len: int, min_len: Optional[int], seed: int, questions: int = 1,
-              answer_weight: float = 1.0) -> dict:
+              answer_weight: float = 1.0, header: bool = True) -> dict:
     from data_pipeline.make_shards import write_shards
 
     if questions < 1:
         raise ValueError(f"--questions must be >= 1, got {questions}")
     if not (np.isfinite(answer_weight) and answer_weight >= 0):
         raise ValueError(f"--answer-weight must be a finite number >= 0, got {answer_weight}")
-    shortest = len(HEADER + NEEDLE.format(key="12345")) + questions * len(QUESTION + " 12345.")
+    shortest = len((HEADER if header else "") + NEEDLE.format(key="12345")) + questions * len(QUESTION + " 12345.")
     min_len = max(max_len // 8, shortest) if min_len is None else min_len
     if not shortest <= min_len < max_len:
         raise ValueError(f"need {shortest} <= --min-len ({min_len}) < --max-len ({max_len})")
     os.makedirs(out, exist_ok=True)
     jsonl = os.path.join(out, "passkey.jsonl")
     with open(jsonl, "w") as f:
-        for text in make_documents(n_docs, min_len, max_len, seed, questions):
+        for text in make_documents(n_docs, min_len, max_len, seed, questions, header):
             doc = {"text": text}
             if answer_weight != 1:
                 doc["loss_weights"] = [[start, end, answer_weight] for start, end in answer_digit_spans(text)]
@@ -354,10 +358,12 @@ def _make_data_main(argv: Sequence[str]) -> int:
     ap.add_argument("--questions", type=int, default=1, help="answered questions per document (the last at the end)")
     ap.add_argument("--answer-weight", type=float, default=1.0,
                     help="loss weight of every answer's key digits (1: unweighted shards)")
+    ap.add_argument("--no-header", dest="header", action="store_false",
+                    help="leave out the evaluation prompt's header (documents can then be shorter)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     try:
-        summary = make_data(a.out, a.docs, a.max_len, a.min_len, a.seed, a.questions, a.answer_weight)
+        summary = make_data(a.out, a.docs, a.max_len, a.min_len, a.seed, a.questions, a.answer_weight, a.header)
     except ValueError as error:
         ap.error(str(error))
     print(f"wrote {summary['documents']} documents, {summary['tokens']} tokens: {summary['index']}")
