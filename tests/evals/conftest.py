@@ -28,6 +28,12 @@ def cli_worker(rank, world, root):
     assert passkey.main(["--model", export, "--out", os.path.join(root, "passkey")] + PASSKEY_ARGS) == 0
     assert passkey.main(["--model", export, "--out", os.path.join(root, "ablated"), "--ablate-memory"]
                         + PASSKEY_ARGS) == 0
+    for run, flags in (("bf16", []), ("half", ["--half-memory-products"])):
+        assert passkey.main(["--model", export, "--out", os.path.join(root, run), "--dtype", "bf16"] + flags
+                            + PASSKEY_ARGS) == 0
+    with pytest.raises(SystemExit, match="--half-memory-products needs bf16"):
+        passkey.main(["--model", export, "--out", os.path.join(root, "refused"), "--half-memory-products"]
+                     + PASSKEY_ARGS)
     texts = []
     for i, text in enumerate(TEXTS):
         texts.append(os.path.join(root, f"doc{i}.txt"))
@@ -45,7 +51,8 @@ def cli_worker(rank, world, root):
 
 @pytest.fixture(scope="session")
 def eval_runs(tmp_path_factory):
-    """The directory holding export/, passkey/, ablated/, ppl_text/, ppl_shards/."""
+    """The directory holding export/, passkey/, ablated/, bf16/, half/ (bf16 memory products too), ppl_text/,
+    ppl_shards/."""
     return run_distributed(cli_worker, 1, str(tmp_path_factory.mktemp("eval_runs")))[0]
 
 

@@ -185,6 +185,20 @@ def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_half_memory_products_evaluate_in_bf16_close_to_float32(eval_runs):
+    runs = {}
+    for run in ("passkey", "bf16", "half"):
+        with open(os.path.join(eval_runs, run, "passkey.json")) as f:
+            runs[run] = json.load(f)["rows"]
+    assert [(r["length"], r["depth"], r["key"]) for r in runs["half"]] == [
+        (r["length"], r["depth"], r["key"]) for r in runs["passkey"]]
+    half, bf16, full = (np.array([r["answer_nll"] for r in runs[run]]) for run in ("half", "bf16", "passkey"))
+    # The flag reaches the memory: its products round differently from bf16 weights alone.
+    assert not np.array_equal(half, bf16)
+    np.testing.assert_allclose(half, full, rtol=0.03)
+    assert not os.path.exists(os.path.join(eval_runs, "refused"))
+
+
 def test_ablated_run_sees_the_same_prompts(eval_runs):
     rows = {}
     for run in ("passkey", "ablated"):

@@ -46,6 +46,9 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                     help="weights and activations (memory is float32 either way); auto: bf16 on a GPU")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--window-segments", type=int, default=16, help="segments per forward call when streaming")
+    ap.add_argument("--half-memory-products", action="store_true",
+                    help="the memory's matmuls on bf16 operands as in training with performance.half_memory_products "
+                         "(needs --dtype bf16; the memory itself stays float32)")
     ap.add_argument("--ablate-memory", action="store_true",
                     help="force every gate fully local (the model sees one segment only)")
 
@@ -125,7 +128,7 @@ def read_checkpoint(step_dir: str):
     return cfg, state
 
 
-def load_model(path: str, device="cpu", dtype=torch.float32):
+def load_model(path: str, device="cpu", dtype=torch.float32, half_memory_products: bool = False):
     """(model in eval mode, ModelConfig) on one device from an export or a checkpoint. Needs megatron's
     parallel state at TP = PP = 1 (``training.distributed.init_single_process``)."""
     if os.path.exists(os.path.join(path, WEIGHTS)) and os.path.exists(os.path.join(path, CONFIG)):
@@ -135,7 +138,8 @@ def load_model(path: str, device="cpu", dtype=torch.float32):
         if step_dir is None:
             raise FileNotFoundError(f"{path} is neither an exported model ({WEIGHTS} + {CONFIG}) nor a checkpoint")
         cfg, state = read_checkpoint(step_dir)
-    tc = build_transformer_config(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True)
+    tc = build_transformer_config(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True,
+                                  infini_half_memory_products=half_memory_products)
     model = build_model(tc, cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings, rotary_base=cfg.rotary_base)
     load_full_state_dict(model, {k: v.to(dtype) for k, v in state.items()})
     return model.to(device).eval(), cfg
@@ -151,8 +155,11 @@ def load_for_eval(args: argparse.Namespace) -> Loaded:
         torch.cuda.set_device(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.half_memory_products and dtype != torch.bfloat16:
+        raise SystemExit(f"error: --half-memory-products needs bf16 weights and activations, got --dtype {args.dtype} "
+                         f"on {device}")
     init_single_process()
-    model, cfg = load_model(args.model, device, dtype)
+    model, cfg = load_model(args.model, device, dtype, args.half_memory_products)
     spec = args.tokenizer
     if spec is None:
         bundled = os.path.join(args.model, "tokenizer.json")
