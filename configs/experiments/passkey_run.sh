@@ -1,39 +1,46 @@
 #!/usr/bin/env bash
-# The passkey recipe in one command on one GPU (about 18 minutes on an H100):
+# The passkey recipe in one command on one GPU (about 20 minutes on an H100 or H200):
 #
 #     bash configs/experiments/passkey_run.sh [OUT_DIR]        (default runs/passkey)
 #
-# 1. DOCS synthetic passkey documents of <= MAX_LEN tokens, each asking QUESTIONS times for its key
-#    (the last question at the end), as byte-level shards (OUT/data); the key digits of every answer
-#    weigh ANSWER_WEIGHT in the loss (1: unweighted, the shards of the runs in docs/RESULTS.md);
-#    with SHORT_MINUTES > 0, as many short ones too, SHORT_MIN_LEN..SHORT_MAX_LEN tokens asking
-#    SHORT_QUESTIONS times (OUT/data_short);
-# 2. with SHORT_MINUTES > 0, train configs/experiments/passkey.yaml on the short documents for
-#    SHORT_STEPS steps or SHORT_MINUTES (OUT/train_short, exported to OUT/export_short) and start
-#    the next phase from those weights (checkpoint.init_from); then train on the long documents for
-#    the rest of TRAIN_MINUTES (its schedule, or fewer steps if the budget runs out) and export the
-#    model (OUT/export). The short phase is off by default: with documents of 1-4 segments first
-#    (attempt 6 in docs/RESULTS.md) the model retrieved no better than without;
-# 3. passkey retrieval at LENGTHS x DEPTHS, TRIALS prompts each, with the memory and with the gates
-#    forced local (OUT/passkey, OUT/passkey_ablated: JSON, markdown, heatmap);
+# 1. Data: DOCS synthetic passkey documents of MIN_LEN..MAX_LEN tokens (default MAX_LEN / 8 ..
+#    8192), each asking QUESTIONS times for its key (the last at the end), as byte-level shards (OUT/data);
+#    the key digits of every answer weigh ANSWER_WEIGHT in the loss (1: unweighted). With
+#    SHORT_MINUTES > 0 (the default), as many short ones too: SHORT_MIN_LEN..SHORT_MAX_LEN tokens
+#    asking SHORT_QUESTIONS times, made with SHORT_DATA_ARGS (default --no-header: without the
+#    prompt's 150-byte header), in OUT/data_short.
+# 2. A first phase on the short documents (SHORT_STEPS steps or SHORT_MINUTES, OUT/train_short,
+#    exported to OUT/export_short) with SHORT_OVERRIDES after TRAIN_OVERRIDES (default: segments of
+#    64, 64 lanes of 8 segments, LR 1e-3). Documents this short leave the memory a few hundred tokens
+#    when the question is read, few enough for retrieval through it to be learned from scratch in a
+#    few hundred steps (docs/RESULTS.md). The weights do not depend on the segment length, so the
+#    second phase, on the long documents at the config's segment of 512, starts from them
+#    (checkpoint.init_from) for the rest of TRAIN_MINUTES (its schedule, or fewer steps if the
+#    budget runs out) and exports the model (OUT/export).
+# 3. Passkey retrieval at LENGTHS x DEPTHS, TRIALS prompts each, with the memory and with the gates
+#    forced local (OUT/passkey, OUT/passkey_ablated: JSON, markdown, heatmap); EVAL_ARGS go to both.
 # 4. OUT/RESULTS.md: both side by side, ready for docs/RESULTS.md.
 #
 # Every setting is an environment variable; TRAIN_OVERRIDES takes key=value overrides of the run
-# config and LAUNCH the launcher (e.g. "torchrun --nproc-per-node 2").
+# config (both phases) and LAUNCH the launcher (e.g. "torchrun --nproc-per-node 2").
 set -euo pipefail
 
 OUT=${1:-runs/passkey}
 CONFIG=${CONFIG:-configs/experiments/passkey.yaml}
 DOCS=${DOCS:-24000}
 MAX_LEN=${MAX_LEN:-8192}
+MIN_LEN=${MIN_LEN:-}
 QUESTIONS=${QUESTIONS:-8}
 ANSWER_WEIGHT=${ANSWER_WEIGHT:-20}
-TRAIN_MINUTES=${TRAIN_MINUTES:-15}
-SHORT_MINUTES=${SHORT_MINUTES:-0}
-SHORT_STEPS=${SHORT_STEPS:-1200}
-SHORT_MIN_LEN=${SHORT_MIN_LEN:-600}
-SHORT_MAX_LEN=${SHORT_MAX_LEN:-2048}
+TRAIN_MINUTES=${TRAIN_MINUTES:-14}
+SHORT_MINUTES=${SHORT_MINUTES:-4}
+SHORT_STEPS=${SHORT_STEPS:-1500}
+SHORT_MIN_LEN=${SHORT_MIN_LEN:-150}
+SHORT_MAX_LEN=${SHORT_MAX_LEN:-512}
 SHORT_QUESTIONS=${SHORT_QUESTIONS:-2}
+SHORT_DATA_ARGS=${SHORT_DATA_ARGS:---no-header}
+SHORT_OVERRIDES=${SHORT_OVERRIDES:-model.segment_length=64 data.segment_length=64 data.n_segments=8 \
+data.global_lanes=64 parallel.micro_batch_lanes=64 optimizer.lr=1e-3 schedule.warmup_steps=50}
 TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
 LAUNCH=${LAUNCH:-python}
 LENGTHS=${LENGTHS:-1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1m}
@@ -43,18 +50,20 @@ BATCH=${BATCH:-16}
 EVAL_ARGS=${EVAL_ARGS:-}
 
 started=$(date +%s)
-python -m training.evals.passkey make-data --out "$OUT/data" --docs "$DOCS" --max-len "$MAX_LEN" \
-    --questions "$QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 1
+python -m training.evals.passkey make-data --out "$OUT/data" --docs "$DOCS" ${MIN_LEN:+--min-len "$MIN_LEN"} \
+    --max-len "$MAX_LEN" --questions "$QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 1
 init_from=""
 long_minutes=$TRAIN_MINUTES
 if [ "$SHORT_MINUTES" != 0 ]; then
     short_started=$(date +%s)
+    # shellcheck disable=SC2086  # SHORT_DATA_ARGS, LAUNCH and the overrides are word lists
     python -m training.evals.passkey make-data --out "$OUT/data_short" --docs "$DOCS" --min-len "$SHORT_MIN_LEN" \
-        --max-len "$SHORT_MAX_LEN" --questions "$SHORT_QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 2
-    # shellcheck disable=SC2086  # LAUNCH and TRAIN_OVERRIDES are word lists
+        --max-len "$SHORT_MAX_LEN" --questions "$SHORT_QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 2 \
+        $SHORT_DATA_ARGS
+    # shellcheck disable=SC2086
     $LAUNCH -m training.evals.train_export --config "$CONFIG" --export "$OUT/export_short" \
         --max-minutes "$SHORT_MINUTES" "run_dir=$OUT/train_short" "data.sources=[{path: $OUT/data_short/shards}]" \
-        "schedule.steps=$SHORT_STEPS" $TRAIN_OVERRIDES
+        "schedule.steps=$SHORT_STEPS" $TRAIN_OVERRIDES $SHORT_OVERRIDES
     init_from="checkpoint.init_from=$OUT/export_short"
     long_minutes=$(python -c "print(max($TRAIN_MINUTES - ($(date +%s) - $short_started) / 60, 0.5))")
 fi

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from training.evals.passkey import HEADER
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ("model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 model.num_query_groups=2 "
@@ -35,7 +36,8 @@ def checkpoint_worker(rank, world, out):
 def test_passkey_recipe_runs_end_to_end(tmp_path):
     out = str(tmp_path / "passkey")
     env = dict(os.environ, DOCS="64", MAX_LEN="512", QUESTIONS="2", TRAIN_MINUTES="10", SHORT_MINUTES="5",
-               SHORT_MIN_LEN="300", SHORT_MAX_LEN="400", LENGTHS="256,1k",
+               SHORT_MIN_LEN="150", SHORT_MAX_LEN="300", SHORT_DATA_ARGS="--no-header",
+               SHORT_OVERRIDES="model.segment_length=32 data.segment_length=32", LENGTHS="256,1k",
                DEPTHS="0,100", TRIALS="2", BATCH="4", TRAIN_OVERRIDES=TINY,
                LAUNCH=f"{sys.executable} -m torch.distributed.run --nproc-per-node 4")
     proc = subprocess.run(["bash", "configs/experiments/passkey_run.sh", out], cwd=REPO, env=env,
@@ -46,6 +48,10 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
         with open(os.path.join(out, phase, "metrics.jsonl")) as f:
             assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2, 3, 4]
     assert f"initialised weights from {out}/export_short" in proc.stdout
+    with open(os.path.join(out, "data_short", "passkey.jsonl")) as f:
+        assert not any(HEADER in json.loads(line)["text"] for line in f)
+    with open(os.path.join(out, "export_short", "model_config.yaml")) as f:
+        assert "segment_length: 32" in f.read()
     for run in ("passkey", "passkey_ablated"):
         with open(os.path.join(out, run, "passkey.json")) as f:
             result = json.load(f)
