@@ -28,6 +28,8 @@ def cli_worker(rank, world, root):
     assert passkey.main(["--model", export, "--out", os.path.join(root, "passkey")] + PASSKEY_ARGS) == 0
     assert passkey.main(["--model", export, "--out", os.path.join(root, "ablated"), "--ablate-memory"]
                         + PASSKEY_ARGS) == 0
+    assert passkey.main(["--model", export, "--out", os.path.join(root, "no_header"), "--no-header"]
+                        + PASSKEY_ARGS) == 0
     for run, flags in (("bf16", []), ("half", ["--half-memory-products"])):
         assert passkey.main(["--model", export, "--out", os.path.join(root, run), "--dtype", "bf16"] + flags
                             + PASSKEY_ARGS) == 0
@@ -51,7 +53,7 @@ def cli_worker(rank, world, root):
 
 @pytest.fixture(scope="session")
 def eval_runs(tmp_path_factory):
-    """The directory holding export/, passkey/, ablated/, bf16/, half/ (bf16 memory products too), ppl_text/,
+    """The directory holding export/, passkey/, ablated/, no_header/, bf16/, half/ (bf16 memory products too), ppl_text/,
     ppl_shards/."""
     return run_distributed(cli_worker, 1, str(tmp_path_factory.mktemp("eval_runs")))[0]
 

@@ -153,7 +153,7 @@ def reference_answer_nll(state, cfg, prompt, answer):
     return -logprobs.sum().item()
 
 
-@pytest.mark.parametrize("run", ["passkey", "ablated"])
+@pytest.mark.parametrize("run", ["passkey", "ablated", "no_header"])
 def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
     cfg, state = exported_reference(os.path.join(eval_runs, "export"))
     if run == "ablated":
@@ -162,12 +162,12 @@ def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
     with open(os.path.join(eval_runs, run, "passkey.json")) as f:
         result = json.load(f)
     assert result["lengths"] == [256, 320] and result["depths"] == [0, 50, 100] and result["trials"] == 2
-    assert result["ablate_memory"] == (run == "ablated")
+    assert result["ablate_memory"] == (run == "ablated") and result["header"] == (run != "no_header")
     assert len(result["rows"]) == 12
     for row in result["rows"]:
         # The prompt and the decoded " NNNNN" plus one token make the trial's length.
         assert len(row["output_ids"]) == 7
-        prompt = make_prompt(ByteTokenizer(), row["length"] - 7, row["depth"] / 100, row["key"])
+        prompt = make_prompt(ByteTokenizer(), row["length"] - 7, row["depth"] / 100, row["key"], run != "no_header")
         assert_reference_greedy(state, cfg, prompt, row["output_ids"])
         assert row["output"] == bytes(t for t in row["output_ids"] if t < 256).decode("utf-8", errors="replace")
         answer = np.frombuffer(f" {row['key']}".encode(), dtype=np.uint8)

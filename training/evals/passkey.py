@@ -116,7 +116,7 @@ def answer_losses(stream, last_logits: torch.Tensor, answers: List[np.ndarray]) 
 
 
 def evaluate(loaded, lengths: Sequence[int], depths: Sequence[float], trials: int, *, seed: int = 0,
-             batch_size: int = 16, window_segments: int = 16, log=print) -> dict:
+             batch_size: int = 16, window_segments: int = 16, header: bool = True, log=print) -> dict:
     """Per (length, depth percent): accuracy of greedy decoding and the answer's loss (nats per key
     digit, teacher-forced: a graded measure, ln 10 = 2.30 at chance), and every trial."""
     from modeling.generate import continue_stream
@@ -135,7 +135,7 @@ def evaluate(loaded, lengths: Sequence[int], depths: Sequence[float], trials: in
         t0 = time.perf_counter()
         for i in range(0, len(cases), batch_size):
             batch = cases[i:i + batch_size]
-            prompts = np.stack([make_prompt(loaded.tokenizer, length - new_tokens, d / 100.0, key)
+            prompts = np.stack([make_prompt(loaded.tokenizer, length - new_tokens, d / 100.0, key, header)
                                 for d, _, key in batch])
             stream.reset()
             last = stream.prefill(torch.from_numpy(prompts).to(loaded.device))
@@ -387,6 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16, help="prompts streamed together")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, metavar="DIR", help="default: <model>/passkey[_ablated]")
+    ap.add_argument("--no-header", dest="header", action="store_false",
+                    help="prompts without the header, as in documents from make-data --no-header")
     a = ap.parse_args(argv)
     try:
         lengths = [parse_length(x) for x in a.lengths.split(",")]
@@ -399,8 +401,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     title = f"passkey retrieval, {a.model}" + (" (memory ablated: gates forced local)" if a.ablate_memory else "")
     with memory_ablated(loaded.model) if a.ablate_memory else contextlib.nullcontext():
         result = evaluate(loaded, lengths, depths, a.trials, seed=a.seed, batch_size=a.batch_size,
-                          window_segments=a.window_segments)
-    result.update(model=a.model, ablate_memory=a.ablate_memory, segment_length=loaded.config.segment_length)
+                          window_segments=a.window_segments, header=a.header)
+    result.update(model=a.model, ablate_memory=a.ablate_memory, segment_length=loaded.config.segment_length,
+                  header=a.header)
     out = a.out or os.path.join(a.model, "passkey_ablated" if a.ablate_memory else "passkey")
     paths = write_results(result, out, title)
     print(markdown_tables(result))
