@@ -76,9 +76,9 @@ def random_key(rng: np.random.Generator) -> str:
 def make_prompt(tokenizer, length: int, depth: float, key: str, header: bool = True) -> np.ndarray:
     """Token ids of exactly `length` tokens; depth in [0, 1] places the needle in the filler. Without
     the header, the prompt is filler, needle and question alone."""
-    header, needle, question = (_encode(tokenizer, t) for t in (HEADER if header else "", NEEDLE.format(key=key),
-                                                                 QUESTION))
-    fixed = len(header) + len(needle) + len(question)
+    intro, needle, question = (_encode(tokenizer, t) for t in (HEADER if header else "", NEEDLE.format(key=key),
+                                                                QUESTION))
+    fixed = len(intro) + len(needle) + len(question)
     if length < fixed:
         raise ValueError(f"a passkey prompt needs at least {fixed} tokens, got length {length}")
     sentences = [_encode(tokenizer, " " + t.strip() + ".") for t in FILLER.split(".") if t.strip()]
@@ -89,7 +89,7 @@ def make_prompt(tokenizer, length: int, depth: float, key: str, header: bool = T
     starts = (np.arange(len(filler) // len(unit) + 1)[:, None] * len(unit) + ends[None, :]).ravel()
     starts = np.append(starts[starts < len(filler)], len(filler))
     before = int(starts[np.abs(starts - depth * len(filler)).argmin()])
-    return np.concatenate([header, filler[:before], needle, filler[before:], question])
+    return np.concatenate([intro, filler[:before], needle, filler[before:], question])
 
 
 def read_answer(continuation: str) -> Optional[str]:
