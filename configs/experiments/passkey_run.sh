@@ -5,7 +5,8 @@
 #
 # 1. Data: DOCS synthetic passkey documents of MIN_LEN..MAX_LEN tokens (default MAX_LEN / 8 ..
 #    8192), each asking QUESTIONS times for its key (the last at the end), as byte-level shards (OUT/data);
-#    the key digits of every answer weigh ANSWER_WEIGHT in the loss (1: unweighted). With
+#    the key digits of every answer weigh ANSWER_WEIGHT in the loss (1: unweighted); DATA_ARGS: more
+#    make-data options (e.g. --distractors 3). With
 #    SHORT_MINUTES > 0 (the default), as many short ones too: SHORT_MIN_LEN..SHORT_MAX_LEN tokens
 #    asking SHORT_QUESTIONS times, made with SHORT_DATA_ARGS (default --no-header: without the
 #    prompt's 150-byte header), in OUT/data_short.
@@ -32,6 +33,7 @@ MAX_LEN=${MAX_LEN:-8192}
 MIN_LEN=${MIN_LEN:-}
 QUESTIONS=${QUESTIONS:-8}
 ANSWER_WEIGHT=${ANSWER_WEIGHT:-20}
+DATA_ARGS=${DATA_ARGS:-}
 TRAIN_MINUTES=${TRAIN_MINUTES:-14}
 SHORT_MINUTES=${SHORT_MINUTES:-4}
 SHORT_STEPS=${SHORT_STEPS:-1500}
@@ -50,8 +52,9 @@ BATCH=${BATCH:-16}
 EVAL_ARGS=${EVAL_ARGS:-}
 
 started=$(date +%s)
+# shellcheck disable=SC2086  # DATA_ARGS is a word list
 python -m training.evals.passkey make-data --out "$OUT/data" --docs "$DOCS" ${MIN_LEN:+--min-len "$MIN_LEN"} \
-    --max-len "$MAX_LEN" --questions "$QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 1
+    --max-len "$MAX_LEN" --questions "$QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 1 $DATA_ARGS
 init_from=""
 long_minutes=$TRAIN_MINUTES
 if [ "$SHORT_MINUTES" != 0 ]; then

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -82,6 +83,23 @@ def test_make_data_without_header_starts_in_the_filler_and_can_be_shorter(tmp_pa
     assert all(HEADER not in d and 150 <= len(d) < 300 and d.count(QUESTION) == 2 for d in docs)
     with pytest.raises(ValueError, match="min-len"):
         make_data(str(tmp_path / "bad"), n_docs=1, max_len=300, min_len=150, seed=0, questions=2)
+
+
+def test_make_data_distractors_are_other_numbers_outside_the_needle_and_never_weighted(tmp_path):
+    make_data(str(tmp_path), n_docs=30, max_len=400, min_len=250, seed=5, questions=2, answer_weight=20,
+              header=False, distractors=3)
+    with open(tmp_path / "passkey.jsonl") as f:
+        docs = [json.loads(line) for line in f]
+    for doc in docs:
+        text, key = doc["text"], doc["text"][-6:-1]
+        numbers = re.findall(r" The room number is (\d{5})\.", text)
+        assert len(numbers) == 3 and key not in numbers and 250 <= len(text) < 400
+        assert NEEDLE.format(key=key) in text and text.count(QUESTION + f" {key}.") == 2
+        # Only the answers' key digits weigh 20; distractor digits are ordinary tokens.
+        weighted = "".join(text[start:end] for start, end, _ in doc["loss_weights"])
+        assert weighted == key * 2
+    with pytest.raises(ValueError, match="distractors"):
+        make_data(str(tmp_path / "bad"), n_docs=1, max_len=400, min_len=250, seed=0, distractors=-1)
 
 
 def assert_reference_greedy(state, cfg, prompt, continuation):

@@ -45,6 +45,7 @@ HEADER = ("There is an important info hidden inside a lot of irrelevant text. Fi
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
+DISTRACTOR = " The room number is {number}."
 DEFAULT_LENGTHS = "1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1m"
 DEFAULT_DEPTHS = "0,25,50,75,100"
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2}
@@ -276,12 +277,14 @@ def report(memory_dir: str, ablated_dir: str, model_dir: str, train_dir: Optiona
 
 
 def make_documents(n_docs: int, min_len: int, max_len: int, seed: int, questions: int = 1,
-                   header: bool = True) -> List[str]:
+                   header: bool = True, distractors: int = 0) -> List[str]:
     """Training documents of min_len..max_len - 1 bytes (the reader's <eos> makes max_len): a
     passkey prompt of random length, depth and key, then " KEY." answering it. With questions > 1,
     that many - 1 more answered questions sit at random sentence starts after the needle: more of the
     loss on retrieving the key, the one part of a document that needs the memory. Without the header
-    a document can be short enough that the memory holds little more than the needle when asked."""
+    a document can be short enough that the memory holds little more than the needle when asked.
+    Distractors are other 5-digit numbers (DISTRACTOR sentences, never asked for) at random sentence
+    starts anywhere: a memory read that mixes in their values answers wrong digits."""
     from data_pipeline.tokenizer import ByteTokenizer
 
     tokenizer = ByteTokenizer()
@@ -290,13 +293,22 @@ def make_documents(n_docs: int, min_len: int, max_len: int, seed: int, questions
     for _ in range(n_docs):
         key = random_key(rng)
         answer, needle = f" {key}.", NEEDLE.format(key=key)
-        extra = (questions - 1) * len(QUESTION + answer)
+        extra = (questions - 1) * len(QUESTION + answer) + distractors * len(DISTRACTOR.format(number=key))
         length = int(rng.integers(min_len, max_len)) - len(answer) - extra
         text = make_prompt(tokenizer, length, float(rng.random()), key, header).astype(np.uint8).tobytes().decode("ascii")
         end = len(text) - len(QUESTION)
         starts = [i for i in range(text.index(needle) + len(needle), end) if text[i - 1] == "."] or [end]
         for at in sorted(rng.choice(starts, size=questions - 1), reverse=True):
             text = text[:at] + QUESTION + answer + text[at:]
+        if distractors:
+            # Anywhere a sentence ends, but not inside the needle.
+            inside = range(text.index(needle) + 1, text.index(needle) + len(needle))
+            ends = [i for i in range(1, len(text)) if text[i - 1] == "." and i not in inside] or [len(text)]
+            for at in sorted(rng.choice(ends, size=distractors), reverse=True):
+                number = random_key(rng)
+                while number == key:
+                    number = random_key(rng)
+                text = text[:at] + DISTRACTOR.format(number=number) + text[at:]
         docs.append(text + answer)
     return docs
 
@@ -308,21 +320,24 @@ def answer_digit_spans(text: str) -> List[List[int]]:
 
 
 def make_data(out: str, n_docs: int, max_len: int, min_len: Optional[int], seed: int, questions: int = 1,
-              answer_weight: float = 1.0, header: bool = True) -> dict:
+              answer_weight: float = 1.0, header: bool = True, distractors: int = 0) -> dict:
     from data_pipeline.make_shards import write_shards
 
     if questions < 1:
         raise ValueError(f"--questions must be >= 1, got {questions}")
     if not (np.isfinite(answer_weight) and answer_weight >= 0):
         raise ValueError(f"--answer-weight must be a finite number >= 0, got {answer_weight}")
-    shortest = len((HEADER if header else "") + NEEDLE.format(key="12345")) + questions * len(QUESTION + " 12345.")
+    if distractors < 0:
+        raise ValueError(f"--distractors must be >= 0, got {distractors}")
+    shortest = (len((HEADER if header else "") + NEEDLE.format(key="12345")) + questions * len(QUESTION + " 12345.")
+                + distractors * len(DISTRACTOR.format(number="12345")))
     min_len = max(max_len // 8, shortest) if min_len is None else min_len
     if not shortest <= min_len < max_len:
         raise ValueError(f"need {shortest} <= --min-len ({min_len}) < --max-len ({max_len})")
     os.makedirs(out, exist_ok=True)
     jsonl = os.path.join(out, "passkey.jsonl")
     with open(jsonl, "w") as f:
-        for text in make_documents(n_docs, min_len, max_len, seed, questions, header):
+        for text in make_documents(n_docs, min_len, max_len, seed, questions, header, distractors):
             doc = {"text": text}
             if answer_weight != 1:
                 doc["loss_weights"] = [[start, end, answer_weight] for start, end in answer_digit_spans(text)]
@@ -360,10 +375,13 @@ def _make_data_main(argv: Sequence[str]) -> int:
                     help="loss weight of every answer's key digits (1: unweighted shards)")
     ap.add_argument("--no-header", dest="header", action="store_false",
                     help="leave out the evaluation prompt's header (documents can then be shorter)")
+    ap.add_argument("--distractors", type=int, default=0,
+                    help="other 5-digit numbers per document, in sentences never asked for")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     try:
-        summary = make_data(a.out, a.docs, a.max_len, a.min_len, a.seed, a.questions, a.answer_weight, a.header)
+        summary = make_data(a.out, a.docs, a.max_len, a.min_len, a.seed, a.questions, a.answer_weight, a.header,
+                            a.distractors)
     except ValueError as error:
         ap.error(str(error))
     print(f"wrote {summary['documents']} documents, {summary['tokens']} tokens: {summary['index']}")
