@@ -53,8 +53,8 @@ def cli_worker(rank, world, root):
 
 @pytest.fixture(scope="session")
 def eval_runs(tmp_path_factory):
-    """The directory holding export/, passkey/, ablated/, no_header/, bf16/, half/ (bf16 memory products too), ppl_text/,
-    ppl_shards/."""
+    """The directory holding export/, passkey/, ablated/, no_header/, bf16/, half/ (bf16 memory products
+    too), ppl_text/, ppl_shards/."""
     return run_distributed(cli_worker, 1, str(tmp_path_factory.mktemp("eval_runs")))[0]
 
 

@@ -1,6 +1,6 @@
-"""The passkey recipe script end to end at CPU size: data, TP2 x PP2 training under torchrun (a short-document
-phase, then the long documents from its export), export,
-passkey with and without memory, the report; and the checkpoint merged on one device equals the export."""
+"""The passkey recipe script end to end at CPU size: data, TP2 x PP2 training under torchrun (a
+short-document phase, then the long documents from its export), export, passkey with and without
+memory, the report; and the checkpoint merged on one device equals the export."""
 
 import json
 import os

@@ -178,7 +178,8 @@ def run_cli(*args, timeout=600):
     (["parallel.pipeline=2", "parallel.zero_stage=2", "model.num_layers=2"], "zero_stage=2 with parallel.pipeline=2"),
     (["data.segment_length=32"], "data.segment_length (32) must equal model.segment_length (64)"),
     (["performance.compile_loss=true", "parallel.tensor=2"], "performance.compile_loss needs parallel.tensor = 1"),
-    (["model.recompute=true", "model.recompute_attention=true"], "model.recompute (whole layers) and model.recompute_attention"),
+    (["model.recompute=true", "model.recompute_attention=true"],
+     "model.recompute (whole layers) and model.recompute_attention"),
     (["model.update=hebbian"], "model.update must be one of"),
 ])
 def test_config_errors_name_the_key(overrides, message):

@@ -295,15 +295,17 @@ def make_documents(n_docs: int, min_len: int, max_len: int, seed: int, questions
         answer, needle = f" {key}.", NEEDLE.format(key=key)
         extra = (questions - 1) * len(QUESTION + answer) + distractors * len(DISTRACTOR.format(number=key))
         length = int(rng.integers(min_len, max_len)) - len(answer) - extra
-        text = make_prompt(tokenizer, length, float(rng.random()), key, header).astype(np.uint8).tobytes().decode("ascii")
+        prompt = make_prompt(tokenizer, length, float(rng.random()), key, header)
+        text = prompt.astype(np.uint8).tobytes().decode("ascii")
         end = len(text) - len(QUESTION)
         starts = [i for i in range(text.index(needle) + len(needle), end) if text[i - 1] == "."] or [end]
         for at in sorted(rng.choice(starts, size=questions - 1), reverse=True):
             text = text[:at] + QUESTION + answer + text[at:]
         if distractors:
             # Anywhere a sentence ends, but not inside the needle.
-            inside = range(text.index(needle) + 1, text.index(needle) + len(needle))
-            ends = [i for i in range(1, len(text)) if text[i - 1] == "." and i not in inside] or [len(text)]
+            at_needle = text.index(needle)
+            inside = range(at_needle + 1, at_needle + len(needle))
+            ends = [m.end() for m in re.finditer(r"\.", text) if m.end() not in inside] or [len(text)]
             for at in sorted(rng.choice(ends, size=distractors), reverse=True):
                 number = random_key(rng)
                 while number == key:
