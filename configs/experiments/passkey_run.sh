@@ -6,10 +6,12 @@
 # 1. Data: DOCS synthetic passkey documents of MIN_LEN..MAX_LEN tokens (default MAX_LEN / 8 ..
 #    8192), each asking QUESTIONS times for its key (the last at the end), as byte-level shards (OUT/data);
 #    the key digits of every answer weigh ANSWER_WEIGHT in the loss (1: unweighted); DATA_ARGS: more
-#    make-data options (e.g. --distractors 3). With
+#    make-data options (default --distractors 20: other 5-digit numbers, never asked for). With
 #    SHORT_MINUTES > 0 (the default), as many short ones too: SHORT_MIN_LEN..SHORT_MAX_LEN tokens
-#    asking SHORT_QUESTIONS times, made with SHORT_DATA_ARGS (default --no-header: without the
-#    prompt's 150-byte header), in OUT/data_short.
+#    asking SHORT_QUESTIONS times, made with SHORT_DATA_ARGS (default --no-header --distractors 3:
+#    without the prompt's 150-byte header, three other numbers each), in OUT/data_short. Distractors
+#    make a read that mixes in anything but the needle answer wrong digits, which carries retrieval
+#    to 2-8 times the trained length (docs/RESULTS.md, attempt 9).
 # 2. A first phase on the short documents (SHORT_STEPS steps or SHORT_MINUTES, OUT/train_short,
 #    exported to OUT/export_short) with SHORT_OVERRIDES after TRAIN_OVERRIDES (default: segments of
 #    64, 64 lanes of 8 segments, LR 1e-3). Documents this short leave the memory a few hundred tokens
@@ -33,14 +35,14 @@ MAX_LEN=${MAX_LEN:-8192}
 MIN_LEN=${MIN_LEN:-}
 QUESTIONS=${QUESTIONS:-8}
 ANSWER_WEIGHT=${ANSWER_WEIGHT:-20}
-DATA_ARGS=${DATA_ARGS:-}
+DATA_ARGS=${DATA_ARGS:---distractors 20}
 TRAIN_MINUTES=${TRAIN_MINUTES:-14}
 SHORT_MINUTES=${SHORT_MINUTES:-4}
 SHORT_STEPS=${SHORT_STEPS:-1500}
-SHORT_MIN_LEN=${SHORT_MIN_LEN:-150}
+SHORT_MIN_LEN=${SHORT_MIN_LEN:-256}
 SHORT_MAX_LEN=${SHORT_MAX_LEN:-512}
 SHORT_QUESTIONS=${SHORT_QUESTIONS:-2}
-SHORT_DATA_ARGS=${SHORT_DATA_ARGS:---no-header}
+SHORT_DATA_ARGS=${SHORT_DATA_ARGS:---no-header --distractors 3}
 SHORT_OVERRIDES=${SHORT_OVERRIDES:-model.segment_length=64 data.segment_length=64 data.n_segments=8 \
 data.global_lanes=64 parallel.micro_batch_lanes=64 optimizer.lr=1e-3 schedule.warmup_steps=50}
 TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}

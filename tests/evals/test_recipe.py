@@ -36,7 +36,7 @@ def checkpoint_worker(rank, world, out):
 def test_passkey_recipe_runs_end_to_end(tmp_path):
     out = str(tmp_path / "passkey")
     env = dict(os.environ, DOCS="64", MAX_LEN="512", QUESTIONS="2", TRAIN_MINUTES="10", SHORT_MINUTES="5",
-               SHORT_MIN_LEN="150", SHORT_MAX_LEN="300", SHORT_DATA_ARGS="--no-header", DATA_ARGS="--distractors 1",
+               SHORT_MIN_LEN="230", SHORT_MAX_LEN="300", DATA_ARGS="--distractors 1",
                SHORT_OVERRIDES="model.segment_length=32 data.segment_length=32", LENGTHS="256,1k",
                DEPTHS="0,100", TRIALS="2", BATCH="4", TRAIN_OVERRIDES=TINY,
                LAUNCH=f"{sys.executable} -m torch.distributed.run --nproc-per-node 4")
@@ -49,7 +49,10 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
             assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2, 3, 4]
     assert f"initialised weights from {out}/export_short" in proc.stdout
     with open(os.path.join(out, "data_short", "passkey.jsonl")) as f:
-        assert not any(HEADER in json.loads(line)["text"] for line in f)
+        short_docs = [json.loads(line)["text"] for line in f]
+    # The default short documents: headerless, with three distractors each.
+    assert not any(HEADER in text for text in short_docs)
+    assert all(text.count(" The room number is ") == 3 for text in short_docs)
     with open(os.path.join(out, "data", "passkey.jsonl")) as f:
         assert all(" The room number is " in json.loads(line)["text"] for line in f)
     with open(os.path.join(out, "export_short", "model_config.yaml")) as f:
