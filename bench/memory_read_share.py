@@ -7,9 +7,10 @@ weighted sigma(q) . sigma(k). For a passkey prompt of each length and depth, thi
 once over the whole prompt (one forward pass: short prompts only), recomputes those weights in
 float64 from every layer's q and k, and prints per layer and head the needle sentence's share of the
 read: at the last prompt token (where the key's first digit is predicted) and the largest at any
-token of the answer's segment, with that token's offset from the end. The share a retrieving head
-needs is roughly fixed, while the filler's weight grows with length; the per-token weight ratio
-needle / filler says how far a head's retrieval can carry.
+token of the answer's segment, with that token's offset from the end; and, at both, how many
+filler tokens one needle token weighs. The share a retrieving head needs is roughly fixed,
+while the filler's total weight grows with length; that per-token ratio says how far a head's
+retrieval can carry: the share at F filler tokens is n r / (n r + F) for n needle tokens.
 """
 
 from __future__ import annotations
@@ -92,11 +93,15 @@ def main(argv=None) -> None:
                     per_head.setdefault((layer, head), []).append(row)
         in_memory = (length - 1) // cfg.segment_length * cfg.segment_length
         print(f"\nlength {length} ({in_memory} tokens in memory, {span} in the needle sentence)")
-        print("| layer | head | at the last token | largest | offset |")
-        print("| ---: | ---: | --- | --- | --- |")
+        print("| layer | head | share at the last token | largest | offset "
+              "| needle / filler per token: last | largest |")
+        print("| ---: | ---: | --- | --- | --- | --- | --- |")
+        per_token = lambda share: share / span / ((1 - share) / (in_memory - span))  # noqa: E731
         for (layer, head), rows in sorted(per_head.items()):
-            print(f"| {layer} | {head} | " + " ".join(f"{r[0]:.3f}" for r in rows) + " | "
-                  + " ".join(f"{r[1]:.3f}" for r in rows) + " | " + " ".join(str(r[2]) for r in rows) + " |")
+            cells = [" ".join(f"{r[0]:.3f}" for r in rows), " ".join(f"{r[1]:.3f}" for r in rows),
+                     " ".join(str(r[2]) for r in rows), " ".join(f"{per_token(r[0]):.1f}" for r in rows),
+                     " ".join(f"{per_token(r[1]):.1f}" for r in rows)]
+            print(f"| {layer} | {head} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
