@@ -10,8 +10,8 @@
 #    SHORT_MINUTES > 0 (the default), as many short ones too: SHORT_MIN_LEN..SHORT_MAX_LEN tokens
 #    asking SHORT_QUESTIONS times, made with SHORT_DATA_ARGS (default --no-header --distractors 3:
 #    without the prompt's 150-byte header, three other numbers each), in OUT/data_short. Distractors
-#    make a read that mixes in anything but the needle answer wrong digits, which carries retrieval
-#    to 2-8 times the trained length (docs/RESULTS.md, attempt 9).
+#    teach the model to answer from a read that mixes in other numbers, which doubled the length to
+#    which retrieval holds (docs/RESULTS.md, attempt 9).
 # 2. A first phase on the short documents (SHORT_STEPS steps or SHORT_MINUTES, OUT/train_short,
 #    exported to OUT/export_short) with SHORT_OVERRIDES after TRAIN_OVERRIDES (default: segments of
 #    64, 64 lanes of 8 segments, LR 1e-3). Documents this short leave the memory a few hundred tokens
