@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_pipeline.tokenizer import ByteTokenizer  # noqa: E402
 from modeling import layers  # noqa: E402
 from modeling.cpu_compat import megatron_on_cpu  # noqa: E402
+from modeling.infini_attention import sigma  # noqa: E402
 from training.distributed import init_single_process  # noqa: E402
 from training.evals.common import load_model  # noqa: E402
 from training.evals.passkey import NEEDLE, make_prompt, parse_length, random_key  # noqa: E402
@@ -54,7 +55,6 @@ def needle_shares(q: torch.Tensor, k: torch.Tensor, needle: np.ndarray, segment_
     """Per query head: (share at the last token, largest share in its segment, that token's offset)."""
     last = q.shape[1] - 1
     start = (last // segment_length) * segment_length
-    sigma = lambda x: torch.nn.functional.elu(x) + 1  # noqa: E731
     heads_per_group = q.shape[0] // k.shape[0]
     sk = sigma(k[:, :start]).repeat_interleave(heads_per_group, dim=0)
     weights = torch.einsum("hpd,htd->hpt", sigma(q[:, start:]), sk).numpy()
@@ -77,21 +77,22 @@ def main(argv=None) -> None:
     depths = [float(d) for d in args.depths.split(",")]
     print(f"{args.model}: needle share of each head's memory read, per depth {args.depths}%: at the last token | "
           "largest in the answer's segment (offset from the end)")
+    span = len(NEEDLE.format(key="12345"))
     for length in (parse_length(x) for x in args.lengths.split(",")):
+        in_memory = (length - 1) // cfg.segment_length * cfg.segment_length
         per_head = {}
         for trial, depth in enumerate(depths):
             key = random_key(np.random.default_rng(trial))
             ids = make_prompt(tokenizer, length, depth / 100, key, header=not args.no_header)
             text = ids.astype(np.uint8).tobytes().decode("ascii")
-            at, span = text.index(NEEDLE.format(key=key)), len(NEEDLE.format(key=key))
+            at = text.index(NEEDLE.format(key=key))
             needle = np.zeros(length, bool)
             needle[at:at + span] = True
-            if at + span > (length - 1) // cfg.segment_length * cfg.segment_length:
+            if at + span > in_memory:
                 raise SystemExit(f"length {length}, depth {depth}: the needle is in the answer's segment")
             for layer, (q, k) in enumerate(capture_queries_and_keys(model, ids)):
                 for head, row in enumerate(needle_shares(q, k, needle, cfg.segment_length)):
                     per_head.setdefault((layer, head), []).append(row)
-        in_memory = (length - 1) // cfg.segment_length * cfg.segment_length
         print(f"\nlength {length} ({in_memory} tokens in memory, {span} in the needle sentence)")
         print("| layer | head | share at the last token | largest | offset "
               "| needle / filler per token: last | largest |")

@@ -4,7 +4,7 @@
         [--trials N] [--out DIR] [--ablate-memory] [--batch-size B] [--seed S]
         [--tokenizer T] [--dtype auto|fp32|bf16] [--device D] [--window-segments K]
     python -m training.evals.passkey make-data --out DIR --docs N [--max-len 8192] [--min-len N]
-        [--questions Q] [--answer-weight W] [--seed S]
+        [--questions Q] [--answer-weight W] [--no-header] [--distractors N] [--seed S]
     python -m training.evals.passkey report --memory DIR --ablated DIR --model EXPORT --out FILE
         [--train-dir RUN_DIR] [--train-seconds S] [--total-seconds S]
 
