@@ -1,7 +1,7 @@
 """Streaming generation: continue a prompt of any length with constant memory.
 
     python -m modeling.generate --model EXPORT_DIR (--prompt TEXT | --prompt-file F) [--max-new-tokens N]
-        [--top-p P] [--temperature T] [--seed S] [--tokenizer bytes|tokenizer.json] [--ablate-memory]
+        [--top-p P] [--temperature T] [--seed S] [--tokenizer bytes|tokenizer.json] [--ablate-memory | --ablate-heads L:H,...]
         [--dtype fp32|bf16] [--window-segments K]
 
 The prompt is prefilled through ``StreamingModel`` a window at a time; each new token then costs one
@@ -12,7 +12,6 @@ modeling/streaming.py). Greedy unless --top-p or a --temperature above 0 asks fo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from typing import Optional
 
@@ -67,8 +66,7 @@ def continue_stream(stream: StreamingModel, logits: torch.Tensor, max_new_tokens
 
 
 def main(argv=None) -> int:
-    from modeling.streaming import memory_ablated
-    from training.evals.common import add_model_arguments, decode, load_for_eval
+    from training.evals.common import ablation, add_model_arguments, decode, load_for_eval
 
     ap = argparse.ArgumentParser(prog="python -m modeling.generate", description=__doc__.split("\n\n")[0])
     add_model_arguments(ap)
@@ -92,7 +90,8 @@ def main(argv=None) -> int:
     prompt = torch.as_tensor(ids.astype("int64"), device=loaded.device)[None]
     generator = torch.Generator(device=loaded.device).manual_seed(a.seed)
     stream = StreamingModel(loaded.model, loaded.vocab_size, a.window_segments)
-    with memory_ablated(loaded.model) if a.ablate_memory else contextlib.nullcontext():
+    ablated = ablation(a, loaded.model)
+    with ablated:
         new = generate(stream, prompt, a.max_new_tokens, temperature=temperature, top_p=top_p,
                        generator=generator, eos_id=loaded.tokenizer.eos_id)
     sys.stdout.write(decode(loaded.tokenizer, new[0].tolist()) + "\n")

@@ -12,29 +12,53 @@ any split of a stream into ``feed`` calls gives the logits of one pass over the 
 
 ``memory_ablated(model)`` forces every gate fully local for its duration: the model then sees
 nothing beyond the current segment (the control for "is it the memory that does it").
+``memory_ablated(model, heads=[(layer, head), ...])`` forces only those heads' gates local: which heads
+the model's use of the memory depends on.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import List, NamedTuple, Optional
+from typing import Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from modeling.cpu_compat import megatron_on_cpu
 from modeling.infini_attention import InfiniMemory, apply_rotary, empty_memory, memory_dtype, retrieve, sigma
-from modeling.layers import is_gate_parameter
+from modeling.layers import InfiniCoreAttention
+
+
+def gates_by_layer(model) -> List[torch.nn.Parameter]:
+    """Each layer's gate parameter [heads], in layer order (layers counted from 0)."""
+    cores = sorted((m for m in model.modules() if isinstance(m, InfiniCoreAttention)), key=lambda m: m.layer_number)
+    return [core.gate for core in cores]
+
+
+def check_heads(model, heads: Iterable[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """heads as a list of (layer, head) pairs, or ValueError naming the first the model lacks."""
+    gates = gates_by_layer(model)
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    for layer, head in heads:
+        if not (0 <= layer < len(gates) and 0 <= head < gates[layer].numel()):
+            raise ValueError(f"no head {layer}:{head} to ablate: the model has layers 0-{len(gates) - 1} "
+                             f"of heads 0-{gates[0].numel() - 1}")
+    return heads
 
 
 @contextlib.contextmanager
-def memory_ablated(model):
-    """Gates at -inf (sigmoid = 0, exactly): attention is the local softmax only; restored on exit."""
-    gates = [p for p in model.parameters() if is_gate_parameter(p)]
+def memory_ablated(model, heads: Optional[Iterable[Tuple[int, int]]] = None):
+    """Gates at -inf (sigmoid = 0, exactly): attention is the local softmax only; restored on exit.
+    Every head's, or only the (layer, head) pairs in heads."""
+    gates = gates_by_layer(model)
+    chosen = None if heads is None else check_heads(model, heads)
     saved = [g.detach().clone() for g in gates]
     with torch.no_grad():
-        for g in gates:
-            g.fill_(float("-inf"))
+        if chosen is None:
+            for g in gates:
+                g.fill_(float("-inf"))
+        for layer, head in chosen or ():
+            gates[layer][head] = float("-inf")
     try:
         yield model
     finally:

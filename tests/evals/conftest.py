@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import os
 
@@ -9,6 +11,7 @@ SEGMENT = 32
 PASSKEY_ARGS = ["--lengths", "256,320", "--depths", "0,50,100", "--trials", "2", "--batch-size", "4",
                 "--window-segments", "2"]
 PPL_BUCKETS = "64,128,256"
+ABLATED_HEADS = [(1, 0), (0, 3)]
 TEXTS = ["The memory of an Infini-attention layer is a matrix and a vector per head. " * 5,
          "Streaming keeps them, and nothing else, from one segment to the next. " * 2]
 
@@ -30,6 +33,16 @@ def cli_worker(rank, world, root):
                         + PASSKEY_ARGS) == 0
     assert passkey.main(["--model", export, "--out", os.path.join(root, "no_header"), "--no-header"]
                         + PASSKEY_ARGS) == 0
+    assert passkey.main(["--model", export, "--out", os.path.join(root, "heads"), "--ablate-heads",
+                         ",".join(f"{layer}:{head}" for layer, head in ABLATED_HEADS)] + PASSKEY_ARGS) == 0
+    with pytest.raises(SystemExit, match="no head 2:0 to ablate: the model has layers 0-1 of heads 0-3"):
+        passkey.main(["--model", export, "--out", os.path.join(root, "refused"), "--ablate-heads", "0:1,2:0"]
+                     + PASSKEY_ARGS)
+    usage = io.StringIO()
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(usage):
+        passkey.main(["--model", export, "--out", os.path.join(root, "refused"), "--ablate-heads", "0-1"]
+                     + PASSKEY_ARGS)
+    assert "argument --ablate-heads: '0-1' is not a layer:head pair such as 2:4" in usage.getvalue()
     for run, flags in (("bf16", []), ("half", ["--half-memory-products"])):
         assert passkey.main(["--model", export, "--out", os.path.join(root, run), "--dtype", "bf16"] + flags
                             + PASSKEY_ARGS) == 0
@@ -53,8 +66,8 @@ def cli_worker(rank, world, root):
 
 @pytest.fixture(scope="session")
 def eval_runs(tmp_path_factory):
-    """The directory holding export/, passkey/, ablated/, no_header/, bf16/, half/ (bf16 memory products
-    too), ppl_text/, ppl_shards/."""
+    """The directory holding export/, passkey/, ablated/, no_header/, heads/ (ABLATED_HEADS forced local),
+    bf16/, half/ (bf16 memory products too), ppl_text/, ppl_shards/."""
     return run_distributed(cli_worker, 1, str(tmp_path_factory.mktemp("eval_runs")))[0]
 
 

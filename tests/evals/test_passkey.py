@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_pipeline.tokenizer import ByteTokenizer
-from tests.evals.conftest import exported_reference
+from tests.evals.conftest import ABLATED_HEADS, exported_reference
 from training.evals.passkey import (FILLER, HEADER, NEEDLE, QUESTION, format_length, make_data, make_prompt,
                                     parse_length, read_answer)
 
@@ -171,16 +171,23 @@ def reference_answer_nll(state, cfg, prompt, answer):
     return -logprobs.sum().item()
 
 
-@pytest.mark.parametrize("run", ["passkey", "ablated", "no_header"])
+@pytest.mark.parametrize("run", ["passkey", "ablated", "no_header", "heads"])
 def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
     cfg, state = exported_reference(os.path.join(eval_runs, "export"))
     if run == "ablated":
         state = {k: torch.full_like(v, float("-inf")) if k.endswith("core_attention.gate") else v
                  for k, v in state.items()}
+    if run == "heads":
+        state = dict(state)
+        for layer, head in ABLATED_HEADS:
+            gate = f"decoder.layers.{layer}.self_attention.core_attention.gate"
+            state[gate] = state[gate].clone()
+            state[gate][head] = float("-inf")
     with open(os.path.join(eval_runs, run, "passkey.json")) as f:
         result = json.load(f)
     assert result["lengths"] == [256, 320] and result["depths"] == [0, 50, 100] and result["trials"] == 2
     assert result["ablate_memory"] == (run == "ablated") and result["header"] == (run != "no_header")
+    assert result["ablate_heads"] == ([list(h) for h in ABLATED_HEADS] if run == "heads" else [])
     assert len(result["rows"]) == 12
     for row in result["rows"]:
         # The prompt and the decoded " NNNNN" plus one token make the trial's length.
@@ -217,9 +224,14 @@ def test_half_memory_products_evaluate_in_bf16_close_to_float32(eval_runs):
     assert not os.path.exists(os.path.join(eval_runs, "refused"))
 
 
-def test_ablated_run_sees_the_same_prompts(eval_runs):
-    rows = {}
-    for run in ("passkey", "ablated"):
+def test_ablated_runs_see_the_same_prompts(eval_runs):
+    rows, nll = {}, {}
+    for run in ("passkey", "ablated", "heads"):
         with open(os.path.join(eval_runs, run, "passkey.json")) as f:
-            rows[run] = [(r["length"], r["depth"], r["trial"], r["key"]) for r in json.load(f)["rows"]]
-    assert rows["passkey"] == rows["ablated"]
+            result = json.load(f)["rows"]
+        rows[run] = [(r["length"], r["depth"], r["trial"], r["key"]) for r in result]
+        nll[run] = np.array([r["answer_nll"] for r in result])
+    assert rows["passkey"] == rows["ablated"] == rows["heads"]
+    # Two heads forced local change the answers' loss, and less than all of them do.
+    assert np.abs(nll["heads"] - nll["passkey"]).max() > 1e-3 and np.abs(nll["heads"] - nll["ablated"]).max() > 1e-3
+    assert not os.path.exists(os.path.join(eval_runs, "refused"))

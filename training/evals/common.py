@@ -9,11 +9,12 @@ rank module files (ZeRO-3 keeps no weights there: export such runs first).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -49,8 +50,37 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--half-memory-products", action="store_true",
                     help="the memory's matmuls on bf16 operands as in training with performance.half_memory_products "
                          "(needs --dtype bf16; the memory itself stays float32)")
-    ap.add_argument("--ablate-memory", action="store_true",
-                    help="force every gate fully local (the model sees one segment only)")
+    ablation = ap.add_mutually_exclusive_group()
+    ablation.add_argument("--ablate-memory", action="store_true",
+                          help="force every gate fully local (the model sees one segment only)")
+    ablation.add_argument("--ablate-heads", type=parse_heads, default=None, metavar="L:H,...",
+                          help="force only these heads' gates local: layer:head pairs counted from 0, as "
+                               "bench/memory_read_share.py prints them")
+
+
+def parse_heads(text: str) -> List[Tuple[int, int]]:
+    """'2:4,5:3' -> [(2, 4), (5, 3)]."""
+    heads = []
+    for item in text.split(","):
+        layer, colon, head = item.strip().partition(":")
+        if not (colon and layer.isdigit() and head.isdigit()):
+            raise argparse.ArgumentTypeError(f"{item!r} is not a layer:head pair such as 2:4")
+        heads.append((int(layer), int(head)))
+    return heads
+
+
+def ablation(args: argparse.Namespace, model: torch.nn.Module):
+    """The context --ablate-memory or --ablate-heads asks for; exits naming a head the model lacks."""
+    from modeling.streaming import check_heads, memory_ablated
+
+    if args.ablate_memory:
+        return memory_ablated(model)
+    if args.ablate_heads:
+        try:
+            return memory_ablated(model, check_heads(model, args.ablate_heads))
+        except ValueError as error:
+            raise SystemExit(f"error: --ablate-heads: {error}") from None
+    return contextlib.nullcontext()
 
 
 def decode(tokenizer, ids) -> str:

@@ -1,7 +1,7 @@
 """Passkey retrieval (Mohtashami & Jaggi 2023, the format of Infini-attention's Table 3), streamed.
 
     python -m training.evals.passkey --model DIR [--lengths 1k,2k,4k,...,1m] [--depths 0,25,50,75,100]
-        [--trials N] [--out DIR] [--ablate-memory] [--batch-size B] [--seed S]
+        [--trials N] [--out DIR] [--ablate-memory | --ablate-heads L:H,...] [--batch-size B] [--seed S]
         [--tokenizer T] [--dtype auto|fp32|bf16] [--device D] [--window-segments K]
     python -m training.evals.passkey make-data --out DIR --docs N [--max-len 8192] [--min-len N]
         [--questions Q] [--answer-weight W] [--no-header] [--distractors N] [--seed S]
@@ -15,7 +15,8 @@ key's tokens and one more). The model streams the prompt a window at a time (mem
 whatever L); a trial is correct when the continuation starts with exactly the key's digits. Beside
 the accuracy: the answer's loss, teacher-forced, in nats per key digit (ln 10 = 2.30 at chance),
 which shows retrieval emerging before greedy decoding gets all five digits right. Keys depend only
-on (seed, L, d, trial), so a run with --ablate-memory sees the same prompts. Writes
+on (seed, L, d, trial), so a run with --ablate-memory sees the same prompts, as does one with
+--ablate-heads, which forces only the listed heads local (which heads retrieval depends on). Writes
 DIR/passkey.json (every trial), DIR/passkey.md (accuracy and answer loss, depth x length) and
 DIR/passkey_heatmap.png (accuracy).
 
@@ -29,7 +30,6 @@ every answer loss weight W (default 1: no weights). report puts a run with memor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -396,8 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _make_data_main(argv[1:])
     if argv[:1] == ["report"]:
         return _report_main(argv[1:])
-    from modeling.streaming import memory_ablated
-    from training.evals.common import add_model_arguments, load_for_eval
+    from training.evals.common import ablation, add_model_arguments, load_for_eval
 
     ap = argparse.ArgumentParser(prog="python -m training.evals.passkey", description=__doc__.split("\n\n")[0])
     add_model_arguments(ap)
@@ -418,13 +417,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(not 0 <= d <= 100 for d in depths):
         ap.error("--depths are percentages in [0, 100]")
     loaded = load_for_eval(a)
-    title = f"passkey retrieval, {a.model}" + (" (memory ablated: gates forced local)" if a.ablate_memory else "")
-    with memory_ablated(loaded.model) if a.ablate_memory else contextlib.nullcontext():
+    ablated = ablation(a, loaded.model)
+    heads = ",".join(f"{layer}:{head}" for layer, head in a.ablate_heads or ())
+    title = f"passkey retrieval, {a.model}" + (" (memory ablated: gates forced local)" if a.ablate_memory else "") + (
+        f" (gates of heads {heads} forced local)" if heads else "")
+    with ablated:
         result = evaluate(loaded, lengths, depths, a.trials, seed=a.seed, batch_size=a.batch_size,
                           window_segments=a.window_segments, header=a.header)
-    result.update(model=a.model, ablate_memory=a.ablate_memory, segment_length=loaded.config.segment_length,
-                  header=a.header)
-    out = a.out or os.path.join(a.model, "passkey_ablated" if a.ablate_memory else "passkey")
+    result.update(model=a.model, ablate_memory=a.ablate_memory, ablate_heads=[list(h) for h in a.ablate_heads or ()],
+                  segment_length=loaded.config.segment_length, header=a.header)
+    default_out = "passkey_ablated" if a.ablate_memory else (f"passkey_ablated_{heads.replace(':', '.')}" if heads
+                                                              else "passkey")
+    out = a.out or os.path.join(a.model, default_out)
     paths = write_results(result, out, title)
     print(markdown_tables(result))
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['heatmap']} ({result['seconds']:.0f} s)")

@@ -126,8 +126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-ablation", action="store_true", help="skip the memory-ablated pass")
     ap.add_argument("--out", default=None, metavar="DIR", help="default: <model>/perplexity")
     a = ap.parse_args(argv)
-    if a.ablate_memory:
-        ap.error("--ablate-memory does not apply: the ablated pass runs beside the normal one (see --no-ablation)")
+    if a.ablate_memory or a.ablate_heads:
+        ap.error("--ablate-memory and --ablate-heads do not apply: the ablated pass runs beside the normal one "
+                 "(see --no-ablation)")
     try:
         edges = [parse_length(x) for x in a.buckets.split(",")]
     except ValueError as error:
