@@ -419,8 +419,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loaded = load_for_eval(a)
     ablated = ablation(a, loaded.model)
     heads = ",".join(f"{layer}:{head}" for layer, head in a.ablate_heads or ())
-    title = f"passkey retrieval, {a.model}" + (" (memory ablated: gates forced local)" if a.ablate_memory else "") + (
-        f" (gates of heads {heads} forced local)" if heads else "")
+    title = f"passkey retrieval, {a.model}"
+    if a.ablate_memory:
+        title += " (memory ablated: gates forced local)"
+    if heads:
+        title += f" (gates of heads {heads} forced local)"
     with ablated:
         result = evaluate(loaded, lengths, depths, a.trials, seed=a.seed, batch_size=a.batch_size,
                           window_segments=a.window_segments, header=a.header)
