@@ -405,7 +405,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--trials", type=int, default=10, help="prompts per (length, depth)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts streamed together")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, metavar="DIR", help="default: <model>/passkey[_ablated]")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="default: <model>/passkey, passkey_ablated or passkey_ablated_L.H_L.H (--ablate-heads)")
     ap.add_argument("--no-header", dest="header", action="store_false",
                     help="prompts without the header, as in documents from make-data --no-header")
     a = ap.parse_args(argv)
@@ -419,19 +420,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loaded = load_for_eval(a)
     ablated = ablation(a, loaded.model)
     heads = ",".join(f"{layer}:{head}" for layer, head in a.ablate_heads or ())
-    title = f"passkey retrieval, {a.model}"
+    name, title = "passkey", f"passkey retrieval, {a.model}"
     if a.ablate_memory:
-        title += " (memory ablated: gates forced local)"
+        name, title = "passkey_ablated", title + " (memory ablated: gates forced local)"
     if heads:
+        name = "passkey_ablated_" + heads.replace(":", ".").replace(",", "_")
         title += f" (gates of heads {heads} forced local)"
     with ablated:
         result = evaluate(loaded, lengths, depths, a.trials, seed=a.seed, batch_size=a.batch_size,
                           window_segments=a.window_segments, header=a.header)
     result.update(model=a.model, ablate_memory=a.ablate_memory, ablate_heads=[list(h) for h in a.ablate_heads or ()],
                   segment_length=loaded.config.segment_length, header=a.header)
-    default_out = "passkey_ablated" if a.ablate_memory else (f"passkey_ablated_{heads.replace(':', '.')}" if heads
-                                                              else "passkey")
-    out = a.out or os.path.join(a.model, default_out)
+    out = a.out or os.path.join(a.model, name)
     paths = write_results(result, out, title)
     print(markdown_tables(result))
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['heatmap']} ({result['seconds']:.0f} s)")
