@@ -90,8 +90,7 @@ def main(argv=None) -> int:
     prompt = torch.as_tensor(ids.astype("int64"), device=loaded.device)[None]
     generator = torch.Generator(device=loaded.device).manual_seed(a.seed)
     stream = StreamingModel(loaded.model, loaded.vocab_size, a.window_segments)
-    ablated = ablation(a, loaded.model)
-    with ablated:
+    with ablation(a, loaded.model):
         new = generate(stream, prompt, a.max_new_tokens, temperature=temperature, top_p=top_p,
                        generator=generator, eos_id=loaded.tokenizer.eos_id)
     sys.stdout.write(decode(loaded.tokenizer, new[0].tolist()) + "\n")

@@ -35,9 +35,8 @@ def gates_by_layer(model) -> List[torch.nn.Parameter]:
     return [core.gate for core in cores]
 
 
-def check_heads(model, heads: Iterable[Tuple[int, int]]) -> List[Tuple[int, int]]:
-    """heads as a list of (layer, head) pairs, or ValueError naming the first the model lacks."""
-    gates = gates_by_layer(model)
+def check_heads(gates: List[torch.nn.Parameter], heads: Iterable[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """heads as a list of (layer, head) pairs, or ValueError naming the first that gates (per layer) lack."""
     heads = [(int(layer), int(head)) for layer, head in heads]
     for layer, head in heads:
         if not (0 <= layer < len(gates) and 0 <= head < gates[layer].numel()):
@@ -46,21 +45,24 @@ def check_heads(model, heads: Iterable[Tuple[int, int]]) -> List[Tuple[int, int]
     return heads
 
 
-@contextlib.contextmanager
 def memory_ablated(model, heads: Optional[Iterable[Tuple[int, int]]] = None):
     """Gates at -inf (sigmoid = 0, exactly): attention is the local softmax only; restored on exit.
-    Every head's, or only the (layer, head) pairs in heads."""
+    Every head's, or only the (layer, head) pairs in heads (checked now: ValueError names one the model lacks)."""
     gates = gates_by_layer(model)
-    chosen = None if heads is None else check_heads(model, heads)
+    return _gates_forced_local(gates, None if heads is None else check_heads(gates, heads))
+
+
+@contextlib.contextmanager
+def _gates_forced_local(gates: List[torch.nn.Parameter], heads: Optional[List[Tuple[int, int]]]):
     saved = [g.detach().clone() for g in gates]
     with torch.no_grad():
-        if chosen is None:
+        if heads is None:
             for g in gates:
                 g.fill_(float("-inf"))
-        for layer, head in chosen or ():
+        for layer, head in heads or ():
             gates[layer][head] = float("-inf")
     try:
-        yield model
+        yield
     finally:
         with torch.no_grad():
             for g, s in zip(gates, saved):

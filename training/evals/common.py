@@ -71,13 +71,13 @@ def parse_heads(text: str) -> List[Tuple[int, int]]:
 
 def ablation(args: argparse.Namespace, model: torch.nn.Module):
     """The context --ablate-memory or --ablate-heads asks for; exits naming a head the model lacks."""
-    from modeling.streaming import check_heads, memory_ablated
+    from modeling.streaming import memory_ablated
 
     if args.ablate_memory:
         return memory_ablated(model)
     if args.ablate_heads:
         try:
-            return memory_ablated(model, check_heads(model, args.ablate_heads))
+            return memory_ablated(model, args.ablate_heads)
         except ValueError as error:
             raise SystemExit(f"error: --ablate-heads: {error}") from None
     return contextlib.nullcontext()

@@ -418,7 +418,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(not 0 <= d <= 100 for d in depths):
         ap.error("--depths are percentages in [0, 100]")
     loaded = load_for_eval(a)
-    ablated = ablation(a, loaded.model)
     heads = ",".join(f"{layer}:{head}" for layer, head in a.ablate_heads or ())
     name, title = "passkey", f"passkey retrieval, {a.model}"
     if a.ablate_memory:
@@ -426,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if heads:
         name = "passkey_ablated_" + heads.replace(":", ".").replace(",", "_")
         title += f" (gates of heads {heads} forced local)"
-    with ablated:
+    with ablation(a, loaded.model):
         result = evaluate(loaded, lengths, depths, a.trials, seed=a.seed, batch_size=a.batch_size,
                           window_segments=a.window_segments, header=a.header)
     result.update(model=a.model, ablate_memory=a.ablate_memory, ablate_heads=[list(h) for h in a.ablate_heads or ()],
