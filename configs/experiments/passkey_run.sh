@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The passkey recipe in one command on one GPU (about 20 minutes on an H100 or H200):
+# The passkey recipe in one command on one GPU (about 12 minutes on an H200, compiled layers):
 #
 #     bash configs/experiments/passkey_run.sh [OUT_DIR]        (default runs/passkey)
 #

@@ -17,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = ("model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 model.num_query_groups=2 "
         "model.ffn_hidden_size=128 model.segment_length=64 data.segment_length=64 data.n_segments=8 "
         "data.global_lanes=4 data.num_workers=0 parallel.micro_batch_lanes=2 parallel.tensor=2 parallel.pipeline=2 "
-        "schedule.steps=4 schedule.warmup_steps=1 checkpoint.interval=0 logging.interval=1")
+        "schedule.steps=4 schedule.warmup_steps=1 checkpoint.interval=0 logging.interval=1 "
+        "performance.compile_layers=false")
 
 
 def checkpoint_worker(rank, world, out):
