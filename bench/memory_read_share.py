@@ -1,6 +1,7 @@
 """How much of each head's memory read falls on the passkey needle: why retrieval fades with length.
 
     python bench/memory_read_share.py --model EXPORT [--lengths 512,2k,8k] [--depths 0,50] [--no-header]
+        [--reference-memory 1k]
 
 A head's memory read at a query is the mean of every value written before the query's segment,
 weighted sigma(q) . sigma(k). For a passkey prompt of each length and depth, this runs the model
@@ -11,6 +12,12 @@ token of the answer's segment, with that token's offset from the end; and, at bo
 filler tokens one needle token weighs. The share a retrieving head needs is roughly fixed,
 while the filler's total weight grows with length; that per-token ratio says how far a head's
 retrieval can carry: the share at F filler tokens is n r / (n r + F) for n needle tokens.
+
+What the memory holds of the needle may depend on when it is written, too: the lower layers' reads
+of the memory shape the upper layers' keys and values. The last two columns compare the needle's
+sigma(k) and v, per head, with the same needle written into a short memory: the same prompt cut to
+start --reference-memory tokens before the needle's segment (same segment, same local context):
+their cosine, averaged over the needle's tokens (1: memory fullness does not change the write).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,13 +41,13 @@ from training.evals.common import load_model  # noqa: E402
 from training.evals.passkey import NEEDLE, make_prompt, parse_length, random_key  # noqa: E402
 
 
-def capture_queries_and_keys(model, ids: np.ndarray) -> list:
-    """[(q [h, t, d], k [g, t, d])] per layer, for one forward pass over ids."""
+def capture_attention_inputs(model, ids: np.ndarray) -> list:
+    """[(q [h, t, d], k [g, t, d], v [g, t, d])] per layer, for one forward pass over ids."""
     captured = []
     forward = layers.InfiniCoreAttention.forward
 
     def capturing(self, query, key, value, **kwargs):
-        captured.append((query[0].detach().cpu().double(), key[0].detach().cpu().double()))
+        captured.append(tuple(x[0].detach().cpu().double() for x in (query, key, value)))
         return forward(self, query, key, value, **kwargs)
 
     layers.InfiniCoreAttention.forward = capturing
@@ -63,12 +71,32 @@ def needle_shares(q: torch.Tensor, k: torch.Tensor, needle: np.ndarray, segment_
     return [(s[-1], s[b], int(b) - (last - start)) for s, b in zip(share, best)]
 
 
+def needle_drift(k, v, needle, k_ref, v_ref, needle_ref, heads: int):
+    """Per query head: mean cosine over the needle's tokens of its sigma(k) and v against the reference's."""
+    cos_k = F.cosine_similarity(sigma(k[:, needle]), sigma(k_ref[:, needle_ref]), dim=-1).mean(-1)
+    cos_v = F.cosine_similarity(v[:, needle], v_ref[:, needle_ref], dim=-1).mean(-1)
+    per_group = heads // k.shape[0]
+    return list(zip(cos_k.repeat_interleave(per_group).tolist(), cos_v.repeat_interleave(per_group).tolist()))
+
+
+def short_memory_prompt(ids: np.ndarray, needle: np.ndarray, segment_length: int, memory_tokens: int):
+    """ids cut to start memory_tokens (whole segments) before the needle's first segment and to end with its
+    last one, and the needle's mask there."""
+    at = np.flatnonzero(needle)
+    first = at[0] // segment_length * segment_length
+    end = -(-(at[-1] + 1) // segment_length) * segment_length
+    start = max(0, first - memory_tokens // segment_length * segment_length)
+    return ids[start:end], needle[start:end]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="an export (training.export) or a checkpoint")
     ap.add_argument("--lengths", default="512,2k,8k")
     ap.add_argument("--depths", default="0,50", help="needle depths in percent")
     ap.add_argument("--no-header", action="store_true", help="prompts without the header, as make-data --no-header")
+    ap.add_argument("--reference-memory", default="1k", help="tokens before the needle's segment in the short "
+                    "prompt its k and v are compared with")
     args = ap.parse_args(argv)
 
     init_single_process()
@@ -90,18 +118,25 @@ def main(argv=None) -> None:
             needle[at:at + span] = True
             if at + span > in_memory:
                 raise SystemExit(f"length {length}, depth {depth}: the needle is in the answer's segment")
-            for layer, (q, k) in enumerate(capture_queries_and_keys(model, ids)):
-                for head, row in enumerate(needle_shares(q, k, needle, cfg.segment_length)):
-                    per_head.setdefault((layer, head), []).append(row)
+            reference_ids, needle_ref = short_memory_prompt(ids, needle, cfg.segment_length,
+                                                            parse_length(args.reference_memory))
+            reference = capture_attention_inputs(model, reference_ids)
+            for layer, ((q, k, v), (_, k_ref, v_ref)) in enumerate(zip(capture_attention_inputs(model, ids),
+                                                                        reference)):
+                shares = needle_shares(q, k, needle, cfg.segment_length)
+                drift = needle_drift(k, v, needle, k_ref, v_ref, needle_ref, q.shape[0])
+                for head, row in enumerate(zip(shares, drift)):
+                    per_head.setdefault((layer, head), []).append(row[0] + row[1])
         print(f"\nlength {length} ({in_memory} tokens in memory, {span} in the needle sentence)")
         print("| layer | head | share at the last token | largest | offset "
-              "| needle / filler per token: last | largest |")
-        print("| ---: | ---: | --- | --- | --- | --- | --- |")
+              "| needle / filler per token: last | largest | needle cos sigma(k) | needle cos v |")
+        print("| ---: | ---: | --- | --- | --- | --- | --- | --- | --- |")
         per_token = lambda share: share / span / ((1 - share) / (in_memory - span))  # noqa: E731
         for (layer, head), rows in sorted(per_head.items()):
             cells = [" ".join(f"{r[0]:.3f}" for r in rows), " ".join(f"{r[1]:.3f}" for r in rows),
                      " ".join(str(r[2]) for r in rows), " ".join(f"{per_token(r[0]):.1f}" for r in rows),
-                     " ".join(f"{per_token(r[1]):.1f}" for r in rows)]
+                     " ".join(f"{per_token(r[1]):.1f}" for r in rows), " ".join(f"{r[3]:.3f}" for r in rows),
+                     " ".join(f"{r[4]:.3f}" for r in rows)]
             print(f"| {layer} | {head} | " + " | ".join(cells) + " |")
 
 
