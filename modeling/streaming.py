@@ -59,8 +59,9 @@ def _gates_forced_local(gates: List[torch.nn.Parameter], heads: Optional[List[Tu
         if heads is None:
             for g in gates:
                 g.fill_(float("-inf"))
-        for layer, head in heads or ():
-            gates[layer][head] = float("-inf")
+        else:
+            for layer, head in heads:
+                gates[layer][head] = float("-inf")
     try:
         yield
     finally:
