@@ -37,12 +37,18 @@ class InfiniTransformerConfig(TransformerConfig):
     """For bf16/fp16 activations, the memory's matmuls take half-precision operands (float32
     accumulation); the memory state stays float32 either way."""
 
+    infini_memory_key_scale: float = 1.0
+    """The memory writes sigma(scale * k) (1: the paper). An inference setting: above 1 it sharpens
+    which tokens a read weighs, for prompts far longer than the model was trained on."""
+
     def __post_init__(self):
         super().__post_init__()
         if self.infini_update not in UPDATE_RULES:
             raise ValueError(f"infini_update must be one of {UPDATE_RULES}, got {self.infini_update!r}")
         if self.infini_segment_length <= 0:
             raise ValueError(f"infini_segment_length must be positive, got {self.infini_segment_length}")
+        if not self.infini_memory_key_scale > 0:
+            raise ValueError(f"infini_memory_key_scale must be > 0, got {self.infini_memory_key_scale}")
         if self.infini_compile_loss and self.tensor_model_parallel_size > 1:
             raise ValueError("infini_compile_loss needs the whole vocabulary on one rank (tensor-parallel size 1); "
                              f"this config has tensor_model_parallel_size={self.tensor_model_parallel_size}")

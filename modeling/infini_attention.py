@@ -10,7 +10,8 @@ sigma = ELU + 1 of the *un-rotated* queries and keys. Segment s first reads
 then writes (linear)  M_s = M_{s-1} + sigma(K)^T V
           or (delta)  M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1}))
 and z_s = z_{s-1} + sum_t sigma(K_t). The output mixes both per head with g = sigmoid(beta):
-g * A_mem + (1 - g) * A_dot.
+g * A_mem + (1 - g) * A_dot. An optional memory key scale c writes sigma(c K) in place of sigma(K)
+(c = 1, the default, is the paper).
 
 Nothing here touches torch.distributed: tensor parallelism only changes which heads a rank sees.
 """
@@ -218,6 +219,7 @@ def infini_attention(
     reset: Optional[torch.Tensor] = None,
     rotary_pos_emb: Optional[torch.Tensor] = None,
     half_memory_products: bool = False,
+    memory_key_scale: float = 1.0,
 ):
     """Infini-attention over ``tokens = n_segments * segment_length`` tokens.
 
@@ -228,11 +230,16 @@ def infini_attention(
     half_memory_products: for half-precision inputs, the memory's matmuls take sigma(q), sigma(k), v
     and the memory rounded to the input dtype (float32 accumulation); the memory is still summed
     and kept in float32. Otherwise every operand is float32.
+    memory_key_scale: the memory writes sigma(memory_key_scale * k). Above 1 it sharpens what a read
+    weighs (sigma is exp below 0): an inference setting for prompts far longer than training
+    (docs/RESULTS.md, attempt 15).
 
     Returns (out [b, h, t, dv] in q's dtype, InfiniMemory after the last segment). Gradients flow
     through the memory across all segments (and into the given memory).
     """
     _check_inputs(q, k, v, gate, memory, segment_length, update, reset)
+    if not memory_key_scale > 0:
+        raise ValueError(f"memory_key_scale must be > 0, got {memory_key_scale}")
     b, h, t, d = q.shape
     g, dv = k.shape[1], v.shape[3]
     s, n = t // segment_length, segment_length
@@ -241,7 +248,7 @@ def infini_attention(
 
     state_dtype = memory_dtype(q.dtype)
     operand_dtype = q.dtype if half_memory_products else state_dtype
-    sk = sigma(k, operand_dtype).reshape(b, g, s, n, d)
+    sk = sigma(k if memory_key_scale == 1.0 else k * memory_key_scale, operand_dtype).reshape(b, g, s, n, d)
     M_before, z_before, final = _memories_before_segments(sk, v.to(operand_dtype).reshape(b, g, s, n, dv), memory,
                                                           reset, update, state_dtype)
     sq = sigma(q, operand_dtype).reshape(b, g, h // g, s, n, d)

@@ -53,6 +53,7 @@ class InfiniCoreAttention(MegatronModule):
         self.segment_length = config.infini_segment_length
         self.update = config.infini_update
         self.half_memory_products = config.infini_half_memory_products
+        self.memory_key_scale = config.infini_memory_key_scale
         self.gate = torch.nn.Parameter(
             torch.full((heads // tp_size,), float(config.infini_gate_init), dtype=torch.float32)
         )
@@ -66,7 +67,8 @@ class InfiniCoreAttention(MegatronModule):
         """query [b, h, t, d], key/value [b, g, t, d]: returns ([b, h, t, d], InfiniMemory)."""
         return infini_attention(query, key, value, self.gate, memory, segment_length=self.segment_length,
                                 update=self.update, reset=reset, rotary_pos_emb=rotary_pos_emb,
-                                half_memory_products=self.half_memory_products)
+                                half_memory_products=self.half_memory_products,
+                                memory_key_scale=self.memory_key_scale)
 
 
 class InfiniSelfAttention(SelfAttention):

@@ -79,9 +79,11 @@ class _SegmentCache(NamedTuple):
     v: torch.Tensor
 
 
-def write_segment(memory: InfiniMemory, k: torch.Tensor, v: torch.Tensor, update: str) -> InfiniMemory:
-    """The memory after one whole segment of raw keys k and values v [b, g, n, d] (the core's rule)."""
-    sk = sigma(k)
+def write_segment(memory: InfiniMemory, k: torch.Tensor, v: torch.Tensor, update: str,
+                  key_scale: float = 1.0) -> InfiniMemory:
+    """The memory after one whole segment of raw keys k and values v [b, g, n, d] (the core's rule,
+    writing sigma(key_scale * k))."""
+    sk = sigma(k * key_scale)
     v = v.to(sk.dtype)
     if update == "linear":
         M = memory.M + sk.transpose(-1, -2) @ v
@@ -193,8 +195,8 @@ class StreamingModel:
             cache.append(layer_cache)
         self.position += n
         if self.pending == 0:
-            update = model.config.infini_update
-            self.memory = [write_segment(m, c.k, c.v, update) for m, c in zip(self.memory, cache)]
+            update, key_scale = model.config.infini_update, model.config.infini_memory_key_scale
+            self.memory = [write_segment(m, c.k, c.v, update, key_scale) for m, c in zip(self.memory, cache)]
             self.cache = None
         else:
             self.cache = cache

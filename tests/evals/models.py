@@ -12,14 +12,15 @@ def tiny_config(**overrides):
     return ModelConfig(**fields)
 
 
-def tiny_model(cfg, seed=0):
+def tiny_model(cfg, seed=0, **config_overrides):
     """A TP=1 model in eval mode with layout-independent random weights and gates spread over
-    (-2, 2) per head, so that both the memory and the local attention matter."""
+    (-2, 2) per head, so that both the memory and the local attention matter. config_overrides go to
+    the TransformerConfig (e.g. infini_memory_key_scale)."""
     from modeling.config import build_transformer_config
     from modeling.init import init_weights
     from modeling.model import build_model
 
-    model = build_model(build_transformer_config(cfg), cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings,
+    model = build_model(build_transformer_config(cfg, **config_overrides), cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings,
                         rotary_base=cfg.rotary_base)
     init_weights(model, seed)
     with torch.no_grad():

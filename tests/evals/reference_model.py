@@ -30,8 +30,9 @@ def _rope(x, base):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def reference_logits(state, cfg, tokens):
-    """Logits [b, t, padded vocab] in float64 for token ids [b, t] (any t), empty initial memory."""
+def reference_logits(state, cfg, tokens, memory_key_scale=1.0):
+    """Logits [b, t, padded vocab] in float64 for token ids [b, t] (any t), empty initial memory; the
+    memory is written with sigma(memory_key_scale * k)."""
     state = {k: v.double() for k, v in state.items()}
     b, t = tokens.shape
     h, g, d = cfg.num_attention_heads, cfg.query_groups, cfg.head_dim
@@ -70,7 +71,7 @@ def reference_logits(state, cfg, tokens):
             context = torch.stack(heads, dim=2).reshape(b, n, h * d)
             hidden = hidden + context @ state[p + "self_attention.linear_proj.weight"].T
             if n == L:
-                sk = _sigma(k)
+                sk = _sigma(memory_key_scale * k)
                 if cfg.update == "linear":
                     M = M + sk.transpose(-1, -2) @ v
                 else:

@@ -6,8 +6,9 @@ import torch
 
 
 def reference_infini_attention(q, k, v, gate, memory=None, *, segment_length, update="linear",
-                               reset=None, rotary_pos_emb=None):
-    """Straight from the paper's equations; every tensor in float64, one segment at a time."""
+                               reset=None, rotary_pos_emb=None, memory_key_scale=1.0):
+    """Straight from the paper's equations; every tensor in float64, one segment at a time. The memory
+    is written with sigma(memory_key_scale * k)."""
     q, k, v, gate = q.double(), k.double(), v.double(), gate.double()
     b, h, t, d = q.shape
     g, dv = k.shape[1], v.shape[3]
@@ -59,7 +60,7 @@ def reference_infini_attention(q, k, v, gate, memory=None, *, segment_length, up
             w = torch.sigmoid(gate[head])
             seg_out[:, head] = w * mem + (1 - w) * local
         outputs.append(seg_out)
-        sk = sig(ks)
+        sk = sig(memory_key_scale * ks)
         if update == "linear":
             M = M + sk.transpose(-1, -2) @ vs
         else:

@@ -41,6 +41,8 @@ CASES = [
     dict(update="delta", memory=True, reset=True),
     dict(update="linear", rope=True, reset=True),
     dict(update="delta", rope=True, groups=H),
+    dict(update="linear", memory=True, key_scale=2.5),
+    dict(update="delta", memory=True, key_scale=0.5),
 ]
 
 
@@ -53,12 +55,14 @@ def test_matches_float64_reference_values_and_gradients(case):
     rope = rope_angles() if case.get("rope") else None
     inputs = [x.clone().requires_grad_() for x in (q, k, v, gate)]
     mem_in = tuple(m.clone().requires_grad_() for m in memory) if memory else None
+    key_scale = case.get("key_scale", 1.0)
     out, (M, z) = infini_attention(*inputs, mem_in, segment_length=N, update=case["update"], reset=reset,
-                                   rotary_pos_emb=rope)
+                                   rotary_pos_emb=rope, memory_key_scale=key_scale)
     ref_inputs = [x.double().clone().requires_grad_() for x in (q, k, v, gate)]
     ref_mem = tuple(m.double().clone().requires_grad_() for m in memory) if memory else None
     ref_out, (ref_M, ref_z) = reference_infini_attention(*ref_inputs, ref_mem, segment_length=N,
-                                                         update=case["update"], reset=reset, rotary_pos_emb=rope)
+                                                         update=case["update"], reset=reset, rotary_pos_emb=rope,
+                                                         memory_key_scale=key_scale)
     assert M.dtype == torch.float32 and z.dtype == torch.float32
     assert rel_err(out, ref_out) < 1e-5
     assert rel_err(M, ref_M) < 1e-5 and rel_err(z, ref_z) < 1e-5
@@ -196,6 +200,7 @@ def test_bf16_inputs_match_float64_reference_within_bf16_rounding(update, half_p
         (dict(reset=torch.zeros(B, 3, dtype=torch.bool)), "\\(2, 2\\)"),
         (dict(memory=(torch.zeros(B, G, D, DV + 1), torch.zeros(B, G, D))), "memory shapes"),
         (dict(memory=(torch.zeros(B, G, D, DV, dtype=torch.bfloat16), torch.zeros(B, G, D))), "float32"),
+        (dict(memory_key_scale=0.0), "memory_key_scale must be > 0, got 0.0"),
     ],
 )
 def test_bad_input_raises_value_error_naming_values(kwargs, message):

@@ -50,12 +50,25 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--half-memory-products", action="store_true",
                     help="the memory's matmuls on bf16 operands as in training with performance.half_memory_products "
                          "(needs --dtype bf16; the memory itself stays float32)")
+    ap.add_argument("--memory-key-scale", type=positive_float, default=1.0, metavar="C",
+                    help="write the memory with sigma(C * k) instead of sigma(k): above 1 sharpens which tokens a "
+                         "read weighs, for prompts far longer than training (docs/RESULTS.md, attempt 15)")
     ablation = ap.add_mutually_exclusive_group()
     ablation.add_argument("--ablate-memory", action="store_true",
                           help="force every gate fully local (the model sees one segment only)")
     ablation.add_argument("--ablate-heads", type=parse_heads, default=None, metavar="L:H,...",
                           help="force only these heads' gates local: layer:head pairs counted from 0, as "
                                "bench/memory_read_share.py prints them")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def parse_heads(text: str) -> List[Tuple[int, int]]:
@@ -158,7 +171,8 @@ def read_checkpoint(step_dir: str):
     return cfg, state
 
 
-def load_model(path: str, device="cpu", dtype=torch.float32, half_memory_products: bool = False):
+def load_model(path: str, device="cpu", dtype=torch.float32, half_memory_products: bool = False,
+               memory_key_scale: float = 1.0):
     """(model in eval mode, ModelConfig) on one device from an export or a checkpoint. Needs megatron's
     parallel state at TP = PP = 1 (``training.distributed.init_single_process``)."""
     if os.path.exists(os.path.join(path, WEIGHTS)) and os.path.exists(os.path.join(path, CONFIG)):
@@ -169,7 +183,8 @@ def load_model(path: str, device="cpu", dtype=torch.float32, half_memory_product
             raise FileNotFoundError(f"{path} is neither an exported model ({WEIGHTS} + {CONFIG}) nor a checkpoint")
         cfg, state = read_checkpoint(step_dir)
     tc = build_transformer_config(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True,
-                                  infini_half_memory_products=half_memory_products)
+                                  infini_half_memory_products=half_memory_products,
+                                  infini_memory_key_scale=memory_key_scale)
     model = build_model(tc, cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings, rotary_base=cfg.rotary_base)
     load_full_state_dict(model, {k: v.to(dtype) for k, v in state.items()})
     return model.to(device).eval(), cfg
@@ -189,7 +204,7 @@ def load_for_eval(args: argparse.Namespace) -> Loaded:
         raise SystemExit(f"error: --half-memory-products needs bf16 weights and activations, got --dtype {args.dtype} "
                          f"on {device}")
     init_single_process()
-    model, cfg = load_model(args.model, device, dtype, args.half_memory_products)
+    model, cfg = load_model(args.model, device, dtype, args.half_memory_products, args.memory_key_scale)
     spec = args.tokenizer
     if spec is None:
         bundled = os.path.join(args.model, "tokenizer.json")

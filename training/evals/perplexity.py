@@ -148,7 +148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 yield tokens[:a.max_doc_tokens] if a.max_doc_tokens else tokens
 
     result = evaluate(loaded, selected(), edges, ablation=not a.no_ablation, window_segments=a.window_segments)
-    result.update(model=a.model, source=a.shards or a.text, segment_length=loaded.config.segment_length)
+    result.update(model=a.model, source=a.shards or a.text, segment_length=loaded.config.segment_length,
+                  memory_key_scale=a.memory_key_scale)
     out = a.out or os.path.join(a.model, "perplexity")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "perplexity.json"), "w") as f:
