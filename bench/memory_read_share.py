@@ -1,7 +1,7 @@
 """How much of each head's memory read falls on the passkey needle: why retrieval fades with length.
 
     python bench/memory_read_share.py --model EXPORT [--lengths 512,2k,8k] [--depths 0,50] [--no-header]
-        [--reference-memory 1k] [--memory-key-scale C]
+        [--reference-memory 1k] [--memory-key-scale C] [--memory-query-scale C]
 
 A head's memory read at a query is the mean of every value written before the query's segment,
 weighted sigma(q) . sigma(k). For a passkey prompt of each length and depth, this runs the model
@@ -19,7 +19,7 @@ sigma(k) and v, per head, with the same needle written into a short memory: the 
 start --reference-memory tokens before the needle's segment (same segment, same local context):
 their cosine, averaged over the needle's tokens (1: memory fullness does not change the write).
 With --memory-key-scale C the model writes its memory with sigma(C k), and the weights are
-sigma(q) . sigma(C k).
+sigma(q) . sigma(C k); --memory-query-scale likewise reads with sigma(C q).
 """
 
 from __future__ import annotations
@@ -100,12 +100,12 @@ def main(argv=None) -> None:
     ap.add_argument("--reference-memory", default="1k", help="tokens before the needle's segment in the short "
                     "prompt its k and v are compared with")
     ap.add_argument("--memory-key-scale", type=float, default=1.0, metavar="C", help="write sigma(C k) (1: the paper)")
+    ap.add_argument("--memory-query-scale", type=float, default=1.0, metavar="C", help="read sigma(C q) (1: the paper)")
     args = ap.parse_args(argv)
 
     init_single_process()
     model, cfg = load_model(args.model, "cuda" if torch.cuda.is_available() else "cpu",
-                            memory_key_scale=args.memory_key_scale)
-    scale = args.memory_key_scale
+                            memory_key_scale=args.memory_key_scale, memory_query_scale=args.memory_query_scale)
     tokenizer = ByteTokenizer()
     depths = [float(d) for d in args.depths.split(",")]
     print(f"{args.model}: needle share of each head's memory read, per depth {args.depths}%: at the last token | "
@@ -128,7 +128,8 @@ def main(argv=None) -> None:
             reference = capture_attention_inputs(model, reference_ids)
             for layer, ((q, k, v), (_, k_ref, v_ref)) in enumerate(zip(capture_attention_inputs(model, ids),
                                                                         reference)):
-                k, k_ref = k * scale, k_ref * scale  # the keys as the memory sees them
+                # The queries and keys as the memory sees them.
+                q, k, k_ref = q * args.memory_query_scale, k * args.memory_key_scale, k_ref * args.memory_key_scale
                 shares = needle_shares(q, k, needle, cfg.segment_length)
                 drift = needle_drift(k, v, needle, k_ref, v_ref, needle_ref, q.shape[0])
                 for head, row in enumerate(zip(shares, drift)):

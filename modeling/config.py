@@ -41,14 +41,18 @@ class InfiniTransformerConfig(TransformerConfig):
     """The memory writes sigma(scale * k) (1: the paper). An inference setting: above 1 it sharpens
     which tokens a read weighs, for prompts far longer than the model was trained on."""
 
+    infini_memory_query_scale: float = 1.0
+    """The memory is read with sigma(scale * q) (1: the paper). An inference setting, as the key scale."""
+
     def __post_init__(self):
         super().__post_init__()
         if self.infini_update not in UPDATE_RULES:
             raise ValueError(f"infini_update must be one of {UPDATE_RULES}, got {self.infini_update!r}")
         if self.infini_segment_length <= 0:
             raise ValueError(f"infini_segment_length must be positive, got {self.infini_segment_length}")
-        if not self.infini_memory_key_scale > 0:
-            raise ValueError(f"infini_memory_key_scale must be > 0, got {self.infini_memory_key_scale}")
+        for name in ("infini_memory_key_scale", "infini_memory_query_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.infini_compile_loss and self.tensor_model_parallel_size > 1:
             raise ValueError("infini_compile_loss needs the whole vocabulary on one rank (tensor-parallel size 1); "
                              f"this config has tensor_model_parallel_size={self.tensor_model_parallel_size}")

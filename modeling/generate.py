@@ -3,7 +3,7 @@
     python -m modeling.generate --model EXPORT_DIR (--prompt TEXT | --prompt-file F) [--max-new-tokens N]
         [--top-p P] [--temperature T] [--seed S] [--tokenizer bytes|tokenizer.json]
         [--ablate-memory | --ablate-heads L:H,...] [--dtype fp32|bf16] [--window-segments K]
-        [--memory-key-scale C]
+        [--memory-key-scale C] [--memory-query-scale C]
 
 The prompt is prefilled through ``StreamingModel`` a window at a time; each new token then costs one
 token through the layers plus local attention over the current segment's cached keys (see

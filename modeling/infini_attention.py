@@ -10,8 +10,8 @@ sigma = ELU + 1 of the *un-rotated* queries and keys. Segment s first reads
 then writes (linear)  M_s = M_{s-1} + sigma(K)^T V
           or (delta)  M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1}))
 and z_s = z_{s-1} + sum_t sigma(K_t). The output mixes both per head with g = sigmoid(beta):
-g * A_mem + (1 - g) * A_dot. An optional memory key scale c writes sigma(c K) in place of sigma(K)
-(c = 1, the default, is the paper).
+g * A_mem + (1 - g) * A_dot. Optional memory scales c_k and c_q write sigma(c_k K) and read with
+sigma(c_q Q) in place of sigma(K) and sigma(Q) (1, the default, is the paper).
 
 Nothing here touches torch.distributed: tensor parallelism only changes which heads a rank sees.
 """
@@ -220,6 +220,7 @@ def infini_attention(
     rotary_pos_emb: Optional[torch.Tensor] = None,
     half_memory_products: bool = False,
     memory_key_scale: float = 1.0,
+    memory_query_scale: float = 1.0,
 ):
     """Infini-attention over ``tokens = n_segments * segment_length`` tokens.
 
@@ -232,14 +233,15 @@ def infini_attention(
     and kept in float32. Otherwise every operand is float32.
     memory_key_scale: the memory writes sigma(memory_key_scale * k). Above 1 it sharpens what a read
     weighs (sigma is exp below 0): an inference setting for prompts far longer than training
-    (docs/RESULTS.md, attempt 15).
+    (docs/RESULTS.md, attempt 15). memory_query_scale: the memory is read with sigma(memory_query_scale * q).
 
     Returns (out [b, h, t, dv] in q's dtype, InfiniMemory after the last segment). Gradients flow
     through the memory across all segments (and into the given memory).
     """
     _check_inputs(q, k, v, gate, memory, segment_length, update, reset)
-    if not memory_key_scale > 0:
-        raise ValueError(f"memory_key_scale must be > 0, got {memory_key_scale}")
+    for name, scale in (("memory_key_scale", memory_key_scale), ("memory_query_scale", memory_query_scale)):
+        if not scale > 0:
+            raise ValueError(f"{name} must be > 0, got {scale}")
     b, h, t, d = q.shape
     g, dv = k.shape[1], v.shape[3]
     s, n = t // segment_length, segment_length
@@ -251,7 +253,7 @@ def infini_attention(
     sk = sigma(k if memory_key_scale == 1.0 else k * memory_key_scale, operand_dtype).reshape(b, g, s, n, d)
     M_before, z_before, final = _memories_before_segments(sk, v.to(operand_dtype).reshape(b, g, s, n, dv), memory,
                                                           reset, update, state_dtype)
-    sq = sigma(q, operand_dtype).reshape(b, g, h // g, s, n, d)
+    sq = sigma(q if memory_query_scale == 1.0 else q * memory_query_scale, operand_dtype).reshape(b, g, h // g, s, n, d)
     from_memory = retrieve(sq, M_before.unsqueeze(2), z_before.unsqueeze(2)).reshape(b, h, t, dv)
 
     weight = torch.sigmoid(gate.to(state_dtype)).view(1, h, 1, 1)

@@ -54,6 +54,7 @@ class InfiniCoreAttention(MegatronModule):
         self.update = config.infini_update
         self.half_memory_products = config.infini_half_memory_products
         self.memory_key_scale = config.infini_memory_key_scale
+        self.memory_query_scale = config.infini_memory_query_scale
         self.gate = torch.nn.Parameter(
             torch.full((heads // tp_size,), float(config.infini_gate_init), dtype=torch.float32)
         )
@@ -68,7 +69,8 @@ class InfiniCoreAttention(MegatronModule):
         return infini_attention(query, key, value, self.gate, memory, segment_length=self.segment_length,
                                 update=self.update, reset=reset, rotary_pos_emb=rotary_pos_emb,
                                 half_memory_products=self.half_memory_products,
-                                memory_key_scale=self.memory_key_scale)
+                                memory_key_scale=self.memory_key_scale,
+                                memory_query_scale=self.memory_query_scale)
 
 
 class InfiniSelfAttention(SelfAttention):

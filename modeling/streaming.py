@@ -224,7 +224,7 @@ def _layer_extend(layer, hidden, freqs, memory: InfiniMemory, cache: Optional[_S
     # New token i sits at position total - n + i of the segment and sees keys 0..that position.
     visible = torch.arange(total, device=q.device)[None, :] <= torch.arange(total - n, total, device=q.device)[:, None]
     local = F.scaled_dot_product_attention(apply_rotary(q, freqs), keys, values, attn_mask=visible)
-    sq = sigma(q).reshape(b, g, h // g, n, d)
+    sq = sigma(q * layer.config.infini_memory_query_scale).reshape(b, g, h // g, n, d)
     from_memory = retrieve(sq, memory.M.unsqueeze(2), memory.z.unsqueeze(2)).reshape(b, h, n, -1)
     weight = torch.sigmoid(attention.core_attention.gate.to(sq.dtype)).view(1, h, 1, 1)
     context = (weight * from_memory + (1.0 - weight) * local.to(sq.dtype)).to(q.dtype)

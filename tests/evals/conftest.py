@@ -12,7 +12,7 @@ PASSKEY_ARGS = ["--lengths", "256,320", "--depths", "0,50,100", "--trials", "2",
                 "--window-segments", "2"]
 PPL_BUCKETS = "64,128,256"
 ABLATED_HEADS = [(1, 0), (0, 3)]
-KEY_SCALE = 2.5
+KEY_SCALE, QUERY_SCALE = 2.5, 1.5
 TEXTS = ["The memory of an Infini-attention layer is a matrix and a vector per head. " * 5,
          "Streaming keeps them, and nothing else, from one segment to the next. " * 2]
 
@@ -37,7 +37,7 @@ def cli_worker(rank, world, root):
     assert passkey.main(["--model", export, "--out", os.path.join(root, "heads"), "--ablate-heads",
                          ",".join(f"{layer}:{head}" for layer, head in ABLATED_HEADS)] + PASSKEY_ARGS) == 0
     assert passkey.main(["--model", export, "--out", os.path.join(root, "key_scale"), "--memory-key-scale",
-                         str(KEY_SCALE)] + PASSKEY_ARGS) == 0
+                         str(KEY_SCALE), "--memory-query-scale", str(QUERY_SCALE)] + PASSKEY_ARGS) == 0
     usage = io.StringIO()
     with pytest.raises(SystemExit), contextlib.redirect_stderr(usage):
         passkey.main(["--model", export, "--out", os.path.join(root, "refused"), "--memory-key-scale", "0"]
@@ -75,7 +75,7 @@ def cli_worker(rank, world, root):
 @pytest.fixture(scope="session")
 def eval_runs(tmp_path_factory):
     """The directory holding export/, passkey/, ablated/, no_header/, heads/ (ABLATED_HEADS forced local),
-    key_scale/ (--memory-key-scale KEY_SCALE),
+    key_scale/ (--memory-key-scale KEY_SCALE --memory-query-scale QUERY_SCALE),
     bf16/, half/ (bf16 memory products too), ppl_text/, ppl_shards/."""
     return run_distributed(cli_worker, 1, str(tmp_path_factory.mktemp("eval_runs")))[0]
 

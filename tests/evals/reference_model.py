@@ -30,9 +30,9 @@ def _rope(x, base):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def reference_logits(state, cfg, tokens, memory_key_scale=1.0):
+def reference_logits(state, cfg, tokens, memory_key_scale=1.0, memory_query_scale=1.0):
     """Logits [b, t, padded vocab] in float64 for token ids [b, t] (any t), empty initial memory; the
-    memory is written with sigma(memory_key_scale * k)."""
+    memory is written with sigma(memory_key_scale * k) and read with sigma(memory_query_scale * q)."""
     state = {k: v.double() for k, v in state.items()}
     b, t = tokens.shape
     h, g, d = cfg.num_attention_heads, cfg.query_groups, cfg.head_dim
@@ -63,7 +63,7 @@ def reference_logits(state, cfg, tokens, memory_key_scale=1.0):
                 scores = qr[:, head] @ kr[:, kv].transpose(-1, -2) / math.sqrt(d)
                 scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
                 local = torch.softmax(scores, dim=-1) @ v[:, kv]
-                sq = _sigma(q[:, head])
+                sq = _sigma(memory_query_scale * q[:, head])
                 denominator = sq @ z[:, kv].unsqueeze(-1)
                 from_memory = torch.where(denominator > 0, (sq @ M[:, kv]) / denominator.clamp_min(1e-300),
                                           torch.zeros(()))

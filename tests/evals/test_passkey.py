@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_pipeline.tokenizer import ByteTokenizer
-from tests.evals.conftest import ABLATED_HEADS, KEY_SCALE, exported_reference
+from tests.evals.conftest import ABLATED_HEADS, KEY_SCALE, QUERY_SCALE, exported_reference
 from training.evals.passkey import (FILLER, HEADER, NEEDLE, QUESTION, format_length, make_data, make_prompt,
                                     parse_length, read_answer)
 
@@ -102,12 +102,12 @@ def test_make_data_distractors_are_other_numbers_outside_the_needle_and_never_we
         make_data(str(tmp_path / "bad"), n_docs=1, max_len=400, min_len=250, seed=0, distractors=-1)
 
 
-def assert_reference_greedy(state, cfg, prompt, continuation, key_scale=1.0):
+def assert_reference_greedy(state, cfg, prompt, continuation, scales=(1.0, 1.0)):
     """Each continuation token is the float64 reference's argmax given the prompt and the tokens before it."""
     from tests.evals.reference_model import reference_logits
 
     seq = torch.as_tensor(np.concatenate([prompt, continuation]), dtype=torch.long)[None]
-    logits = reference_logits(state, cfg, seq, key_scale)[0, len(prompt) - 1:-1, :cfg.vocab_size]
+    logits = reference_logits(state, cfg, seq, *scales)[0, len(prompt) - 1:-1, :cfg.vocab_size]
     assert logits.argmax(-1).tolist() == list(continuation)
 
 
@@ -161,12 +161,12 @@ def test_make_data_answer_weight_weighs_exactly_the_answers_key_digits(tmp_path)
         make_data(str(tmp_path / "bad"), n_docs=1, max_len=2048, min_len=800, seed=0, answer_weight=-1)
 
 
-def reference_answer_nll(state, cfg, prompt, answer, key_scale=1.0):
+def reference_answer_nll(state, cfg, prompt, answer, scales=(1.0, 1.0)):
     """Teacher-forced negative log-likelihood (nats) of the answer tokens after the prompt."""
     from tests.evals.reference_model import reference_logits
 
     seq = torch.as_tensor(np.concatenate([prompt, answer]), dtype=torch.long)[None]
-    logits = reference_logits(state, cfg, seq, key_scale)[0, len(prompt) - 1:-1, :cfg.vocab_size]
+    logits = reference_logits(state, cfg, seq, *scales)[0, len(prompt) - 1:-1, :cfg.vocab_size]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.as_tensor(answer, dtype=torch.long)[:, None])
     return -logprobs.sum().item()
 
@@ -174,7 +174,7 @@ def reference_answer_nll(state, cfg, prompt, answer, key_scale=1.0):
 @pytest.mark.parametrize("run", ["passkey", "ablated", "no_header", "heads", "key_scale"])
 def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
     cfg, state = exported_reference(os.path.join(eval_runs, "export"))
-    key_scale = KEY_SCALE if run == "key_scale" else 1.0
+    scales = (KEY_SCALE, QUERY_SCALE) if run == "key_scale" else (1.0, 1.0)
     if run == "ablated":
         state = {k: torch.full_like(v, float("-inf")) if k.endswith("core_attention.gate") else v
                  for k, v in state.items()}
@@ -189,16 +189,16 @@ def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
     assert result["lengths"] == [256, 320] and result["depths"] == [0, 50, 100] and result["trials"] == 2
     assert result["ablate_memory"] == (run == "ablated") and result["header"] == (run != "no_header")
     assert result["ablate_heads"] == ([list(h) for h in ABLATED_HEADS] if run == "heads" else [])
-    assert result["memory_key_scale"] == key_scale
+    assert (result["memory_key_scale"], result["memory_query_scale"]) == scales
     assert len(result["rows"]) == 12
     for row in result["rows"]:
         # The prompt and the decoded " NNNNN" plus one token make the trial's length.
         assert len(row["output_ids"]) == 7
         prompt = make_prompt(ByteTokenizer(), row["length"] - 7, row["depth"] / 100, row["key"], run != "no_header")
-        assert_reference_greedy(state, cfg, prompt, row["output_ids"], key_scale)
+        assert_reference_greedy(state, cfg, prompt, row["output_ids"], scales)
         assert row["output"] == bytes(t for t in row["output_ids"] if t < 256).decode("utf-8", errors="replace")
         answer = np.frombuffer(f" {row['key']}".encode(), dtype=np.uint8)
-        assert row["answer_nll"] == pytest.approx(reference_answer_nll(state, cfg, prompt, answer, key_scale) / 5,
+        assert row["answer_nll"] == pytest.approx(reference_answer_nll(state, cfg, prompt, answer, scales) / 5,
                                                   rel=1e-5)
         assert row["correct"] == (read_answer(row["output"]) == row["key"])
     for length in ("256", "320"):
@@ -235,7 +235,7 @@ def test_ablated_runs_see_the_same_prompts(eval_runs):
         rows[run] = [(r["length"], r["depth"], r["trial"], r["key"]) for r in result]
         nll[run] = np.array([r["answer_nll"] for r in result])
     assert rows["passkey"] == rows["ablated"] == rows["heads"] == rows["key_scale"]
-    # The key scale reaches the memory: past the first segment the answers' loss changes.
+    # The scales reach the memory: past the first segment the answers' loss changes.
     assert np.abs(nll["key_scale"] - nll["passkey"]).max() > 1e-3
     # Two heads forced local change the answers' loss, and less than all of them do.
     assert np.abs(nll["heads"] - nll["passkey"]).max() > 1e-3 and np.abs(nll["heads"] - nll["ablated"]).max() > 1e-3

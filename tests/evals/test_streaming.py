@@ -9,7 +9,8 @@ SEGMENT, WHOLE_SEGMENTS, TAIL = 8, 6, 5
 SPLITS = [[WHOLE_SEGMENTS * SEGMENT + TAIL], [3, 50], [1] * (WHOLE_SEGMENTS * SEGMENT + TAIL), [5, 11, 2, 30, 5],
           [16, 37]]
 MODELS = {"linear, GQA": {}, "delta, tied embeddings": dict(update="delta", tie_embeddings=True, num_query_groups=4),
-          "delta, memory key scale 2.5": dict(update="delta", memory_key_scale=2.5)}
+          "delta, memory key scale 2.5, query scale 1.5": dict(update="delta", memory_key_scale=2.5,
+                                                               memory_query_scale=1.5)}
 
 
 def _state_numel(stream):
@@ -30,9 +31,9 @@ def worker(rank, world):
     whole = WHOLE_SEGMENTS * SEGMENT
     for name, overrides in MODELS.items():
         overrides = dict(overrides)
-        key_scale = overrides.pop("memory_key_scale", 1.0)
+        scales = (overrides.pop("memory_key_scale", 1.0), overrides.pop("memory_query_scale", 1.0))
         cfg = tiny_config(segment_length=SEGMENT, **overrides)
-        model = tiny_model(cfg, seed=1, infini_memory_key_scale=key_scale)
+        model = tiny_model(cfg, seed=1, infini_memory_key_scale=scales[0], infini_memory_query_scale=scales[1])
         tokens = torch.randint(0, cfg.vocab_size, (2, whole + TAIL), generator=torch.Generator().manual_seed(3))
         with torch.no_grad(), megatron_on_cpu():
             one_call, one_call_memory = model(tokens[:, :whole])
@@ -64,8 +65,8 @@ def worker(rank, world):
             one_call=one_call, one_call_memory=one_call_memory, split_logits=split_logits,
             token_by_token_memory=token_by_token_memory, sizes=sizes, scored=scored,
             ablated_stream=ablated_stream, per_segment=per_segment,
-            reference=reference_logits(gate_before, cfg, tokens, key_scale),
-            ablated_reference=reference_logits(ablated_state, cfg, tokens, key_scale),
+            reference=reference_logits(gate_before, cfg, tokens, *scales),
+            ablated_reference=reference_logits(ablated_state, cfg, tokens, *scales),
             gates_restored=all(torch.equal(gate_before[k], v) for k, v in full_state(model).items()),
             tokens=tokens, vocab=cfg.vocab_size)
     return results

@@ -6,9 +6,9 @@ import torch
 
 
 def reference_infini_attention(q, k, v, gate, memory=None, *, segment_length, update="linear",
-                               reset=None, rotary_pos_emb=None, memory_key_scale=1.0):
+                               reset=None, rotary_pos_emb=None, memory_key_scale=1.0, memory_query_scale=1.0):
     """Straight from the paper's equations; every tensor in float64, one segment at a time. The memory
-    is written with sigma(memory_key_scale * k)."""
+    is written with sigma(memory_key_scale * k) and read with sigma(memory_query_scale * q)."""
     q, k, v, gate = q.double(), k.double(), v.double(), gate.double()
     b, h, t, d = q.shape
     g, dv = k.shape[1], v.shape[3]
@@ -53,7 +53,7 @@ def reference_infini_attention(q, k, v, gate, memory=None, *, segment_length, up
             causal = torch.ones(segment_length, segment_length, dtype=torch.bool).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
             local = torch.softmax(scores, dim=-1) @ vs[:, kv]
-            sq = sig(qs[:, head])
+            sq = sig(memory_query_scale * qs[:, head])
             num = sq @ M[:, kv]
             den = (sq @ z[:, kv].unsqueeze(-1))
             mem = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))

@@ -42,7 +42,8 @@ CASES = [
     dict(update="linear", rope=True, reset=True),
     dict(update="delta", rope=True, groups=H),
     dict(update="linear", memory=True, key_scale=2.5),
-    dict(update="delta", memory=True, key_scale=0.5),
+    dict(update="delta", memory=True, key_scale=0.5, query_scale=1.5),
+    dict(update="linear", memory=True, query_scale=2.0),
 ]
 
 
@@ -55,14 +56,14 @@ def test_matches_float64_reference_values_and_gradients(case):
     rope = rope_angles() if case.get("rope") else None
     inputs = [x.clone().requires_grad_() for x in (q, k, v, gate)]
     mem_in = tuple(m.clone().requires_grad_() for m in memory) if memory else None
-    key_scale = case.get("key_scale", 1.0)
+    scales = dict(memory_key_scale=case.get("key_scale", 1.0), memory_query_scale=case.get("query_scale", 1.0))
     out, (M, z) = infini_attention(*inputs, mem_in, segment_length=N, update=case["update"], reset=reset,
-                                   rotary_pos_emb=rope, memory_key_scale=key_scale)
+                                   rotary_pos_emb=rope, **scales)
     ref_inputs = [x.double().clone().requires_grad_() for x in (q, k, v, gate)]
     ref_mem = tuple(m.double().clone().requires_grad_() for m in memory) if memory else None
     ref_out, (ref_M, ref_z) = reference_infini_attention(*ref_inputs, ref_mem, segment_length=N,
                                                          update=case["update"], reset=reset, rotary_pos_emb=rope,
-                                                         memory_key_scale=key_scale)
+                                                         **scales)
     assert M.dtype == torch.float32 and z.dtype == torch.float32
     assert rel_err(out, ref_out) < 1e-5
     assert rel_err(M, ref_M) < 1e-5 and rel_err(z, ref_z) < 1e-5
@@ -201,6 +202,7 @@ def test_bf16_inputs_match_float64_reference_within_bf16_rounding(update, half_p
         (dict(memory=(torch.zeros(B, G, D, DV + 1), torch.zeros(B, G, D))), "memory shapes"),
         (dict(memory=(torch.zeros(B, G, D, DV, dtype=torch.bfloat16), torch.zeros(B, G, D))), "float32"),
         (dict(memory_key_scale=0.0), "memory_key_scale must be > 0, got 0.0"),
+        (dict(memory_query_scale=-1.0), "memory_query_scale must be > 0, got -1.0"),
     ],
 )
 def test_bad_input_raises_value_error_naming_values(kwargs, message):

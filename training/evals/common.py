@@ -53,6 +53,8 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--memory-key-scale", type=positive_float, default=1.0, metavar="C",
                     help="write the memory with sigma(C * k) instead of sigma(k): above 1 sharpens which tokens a "
                          "read weighs, for prompts far longer than training (docs/RESULTS.md, attempt 15)")
+    ap.add_argument("--memory-query-scale", type=positive_float, default=1.0, metavar="C",
+                    help="read the memory with sigma(C * q) instead of sigma(q)")
     ablation = ap.add_mutually_exclusive_group()
     ablation.add_argument("--ablate-memory", action="store_true",
                           help="force every gate fully local (the model sees one segment only)")
@@ -172,7 +174,7 @@ def read_checkpoint(step_dir: str):
 
 
 def load_model(path: str, device="cpu", dtype=torch.float32, half_memory_products: bool = False,
-               memory_key_scale: float = 1.0):
+               memory_key_scale: float = 1.0, memory_query_scale: float = 1.0):
     """(model in eval mode, ModelConfig) on one device from an export or a checkpoint. Needs megatron's
     parallel state at TP = PP = 1 (``training.distributed.init_single_process``)."""
     if os.path.exists(os.path.join(path, WEIGHTS)) and os.path.exists(os.path.join(path, CONFIG)):
@@ -184,7 +186,8 @@ def load_model(path: str, device="cpu", dtype=torch.float32, half_memory_product
         cfg, state = read_checkpoint(step_dir)
     tc = build_transformer_config(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True,
                                   infini_half_memory_products=half_memory_products,
-                                  infini_memory_key_scale=memory_key_scale)
+                                  infini_memory_key_scale=memory_key_scale,
+                                  infini_memory_query_scale=memory_query_scale)
     model = build_model(tc, cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings, rotary_base=cfg.rotary_base)
     load_full_state_dict(model, {k: v.to(dtype) for k, v in state.items()})
     return model.to(device).eval(), cfg
@@ -204,7 +207,8 @@ def load_for_eval(args: argparse.Namespace) -> Loaded:
         raise SystemExit(f"error: --half-memory-products needs bf16 weights and activations, got --dtype {args.dtype} "
                          f"on {device}")
     init_single_process()
-    model, cfg = load_model(args.model, device, dtype, args.half_memory_products, args.memory_key_scale)
+    model, cfg = load_model(args.model, device, dtype, args.half_memory_products, args.memory_key_scale,
+                            args.memory_query_scale)
     spec = args.tokenizer
     if spec is None:
         bundled = os.path.join(args.model, "tokenizer.json")

@@ -245,7 +245,8 @@ def report(memory_dir: str, ablated_dir: str, model_dir: str, train_dir: Optiona
     lines = ["### Passkey retrieval", "",
              f"Model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
              f"segment {cfg.segment_length}, {cfg.update} memory, vocabulary {cfg.vocab_size}; evaluated with memory "
-             f"key scale {with_memory.get('memory_key_scale', 1.0):g} (sigma(c k) written; 1 is the paper's)."]
+             f"key scale {with_memory.get('memory_key_scale', 1.0):g} and query scale "
+             f"{with_memory.get('memory_query_scale', 1.0):g} (sigma(c k) written, sigma(c q) read; 1 is the paper's)."]
     if train_dir and os.path.exists(os.path.join(train_dir, "metrics.jsonl")):
         with open(os.path.join(train_dir, "metrics.jsonl")) as f:
             steps = [json.loads(line) for line in f if '"loss"' in line]
@@ -426,13 +427,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if heads:
         name = "passkey_ablated_" + heads.replace(":", ".").replace(",", "_")
         title += f" (gates of heads {heads} forced local)"
-    if a.memory_key_scale != 1.0:
-        title += f" (memory key scale {a.memory_key_scale:g})"
+    if a.memory_key_scale != 1.0 or a.memory_query_scale != 1.0:
+        title += f" (memory key scale {a.memory_key_scale:g}, query scale {a.memory_query_scale:g})"
     with ablation(a, loaded.model):
         result = evaluate(loaded, lengths, depths, a.trials, seed=a.seed, batch_size=a.batch_size,
                           window_segments=a.window_segments, header=a.header)
     result.update(model=a.model, ablate_memory=a.ablate_memory, ablate_heads=[list(h) for h in a.ablate_heads or ()],
-                  segment_length=loaded.config.segment_length, header=a.header, memory_key_scale=a.memory_key_scale)
+                  segment_length=loaded.config.segment_length, header=a.header, memory_key_scale=a.memory_key_scale,
+                  memory_query_scale=a.memory_query_scale)
     out = a.out or os.path.join(a.model, name)
     paths = write_results(result, out, title)
     print(markdown_tables(result))

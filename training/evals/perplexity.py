@@ -149,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     result = evaluate(loaded, selected(), edges, ablation=not a.no_ablation, window_segments=a.window_segments)
     result.update(model=a.model, source=a.shards or a.text, segment_length=loaded.config.segment_length,
-                  memory_key_scale=a.memory_key_scale)
+                  memory_key_scale=a.memory_key_scale, memory_query_scale=a.memory_query_scale)
     out = a.out or os.path.join(a.model, "perplexity")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "perplexity.json"), "w") as f:
