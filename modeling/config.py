@@ -50,9 +50,6 @@ class InfiniTransformerConfig(TransformerConfig):
             raise ValueError(f"infini_update must be one of {UPDATE_RULES}, got {self.infini_update!r}")
         if self.infini_segment_length <= 0:
             raise ValueError(f"infini_segment_length must be positive, got {self.infini_segment_length}")
-        for name in ("infini_memory_key_scale", "infini_memory_query_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.infini_compile_loss and self.tensor_model_parallel_size > 1:
             raise ValueError("infini_compile_loss needs the whole vocabulary on one rank (tensor-parallel size 1); "
                              f"this config has tensor_model_parallel_size={self.tensor_model_parallel_size}")

@@ -84,9 +84,12 @@ def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
 
 
-def _check_inputs(q, k, v, gate, memory, segment_length, update, reset):
+def _check_inputs(q, k, v, gate, memory, segment_length, update, reset, scales):
     if update not in UPDATE_RULES:
         raise ValueError(f"update rule must be one of {UPDATE_RULES}, got {update!r}")
+    for name, scale in scales.items():
+        if not scale > 0:
+            raise ValueError(f"{name} must be > 0, got {scale}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be [batch, heads, tokens, head_dim]; got shapes "
@@ -238,10 +241,8 @@ def infini_attention(
     Returns (out [b, h, t, dv] in q's dtype, InfiniMemory after the last segment). Gradients flow
     through the memory across all segments (and into the given memory).
     """
-    _check_inputs(q, k, v, gate, memory, segment_length, update, reset)
-    for name, scale in (("memory_key_scale", memory_key_scale), ("memory_query_scale", memory_query_scale)):
-        if not scale > 0:
-            raise ValueError(f"{name} must be > 0, got {scale}")
+    _check_inputs(q, k, v, gate, memory, segment_length, update, reset,
+                  dict(memory_key_scale=memory_key_scale, memory_query_scale=memory_query_scale))
     b, h, t, d = q.shape
     g, dv = k.shape[1], v.shape[3]
     s, n = t // segment_length, segment_length
