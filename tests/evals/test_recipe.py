@@ -62,9 +62,10 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
         with open(os.path.join(out, run, "passkey.json")) as f:
             result = json.load(f)
         assert result["lengths"] == [256, 1024] and len(result["rows"]) == 8
-        assert result["ablate_memory"] == (run == "passkey_ablated") and result["memory_key_scale"] == 4.0
+        assert result["ablate_memory"] == (run == "passkey_ablated")
+        assert (result["memory_key_scale"], result["memory_query_scale"]) == (4.0, 1.25)
     report = open(os.path.join(out, "RESULTS.md")).read()
-    assert "evaluated with memory key scale 4 " in report
+    assert "evaluated with memory key scale 4 and query scale 1.25 " in report
     assert "Training: 4 steps" in report and "Memory ablated (gates forced local), by depth:" in report
     assert "| 1K | 16 |" in report  # 1024 tokens are 16 segments of 64
 
