@@ -99,8 +99,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-header", action="store_true", help="prompts without the header, as make-data --no-header")
     ap.add_argument("--reference-memory", default="1k", help="tokens before the needle's segment in the short "
                     "prompt its k and v are compared with")
-    ap.add_argument("--memory-key-scale", type=positive_float, default=1.0, metavar="C", help="write sigma(C k) (1: the paper)")
-    ap.add_argument("--memory-query-scale", type=positive_float, default=1.0, metavar="C", help="read sigma(C q) (1: the paper)")
+    ap.add_argument("--memory-key-scale", type=positive_float, default=1.0, metavar="C",
+                    help="write sigma(C k) (1: the paper)")
+    ap.add_argument("--memory-query-scale", type=positive_float, default=1.0, metavar="C",
+                    help="read sigma(C q) (1: the paper)")
     args = ap.parse_args(argv)
 
     init_single_process()

@@ -236,7 +236,8 @@ def infini_attention(
     and kept in float32. Otherwise every operand is float32.
     memory_key_scale: the memory writes sigma(memory_key_scale * k). Above 1 it sharpens what a read
     weighs (sigma is exp below 0): an inference setting for prompts far longer than training
-    (docs/RESULTS.md, attempt 15). memory_query_scale: the memory is read with sigma(memory_query_scale * q).
+    (docs/RESULTS.md, attempts 15-16). memory_query_scale: the memory is read with
+    sigma(memory_query_scale * q).
 
     Returns (out [b, h, t, dv] in q's dtype, InfiniMemory after the last segment). Gradients flow
     through the memory across all segments (and into the given memory).

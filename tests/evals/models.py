@@ -20,8 +20,8 @@ def tiny_model(cfg, seed=0, **config_overrides):
     from modeling.init import init_weights
     from modeling.model import build_model
 
-    model = build_model(build_transformer_config(cfg, **config_overrides), cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings,
-                        rotary_base=cfg.rotary_base)
+    model = build_model(build_transformer_config(cfg, **config_overrides), cfg.padded_vocab_size(),
+                        tie_embeddings=cfg.tie_embeddings, rotary_base=cfg.rotary_base)
     init_weights(model, seed)
     with torch.no_grad():
         for i, layer in enumerate(model.decoder.layers):
