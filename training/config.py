@@ -142,7 +142,10 @@ class TrainConfig:
     inject_nonfinite_at_steps: List[int] = field(default_factory=list)
     """Fault injection for tests and drills: these steps' losses are made NaN."""
     build_stdlib_shards: bool = False
-    """Write the built-in python-stdlib shards to data.sources[0].path if that directory is missing."""
+    """Write the built-in python-stdlib shards to stdlib_shards_dir when a data source reads that directory and it
+    holds no index yet; never into any other path."""
+    stdlib_shards_dir: str = "runs/data/python-stdlib"
+    """Where the built-in python-stdlib shards are written and read."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
