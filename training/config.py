@@ -33,6 +33,9 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage: 0-1 with pipelines; 0-3 without."""
     micro_batch_lanes: int = 1
     """Lanes per microbatch; a rank's lanes (global_lanes / dp) run as that many / this microbatches."""
+    sequence_parallel: bool = False
+    """megatron's sequence parallelism inside the TP group (parallel.tensor > 1): norms and residuals hold
+    1/tensor of the window's tokens per rank; the TP all-reduces become all-gathers and reduce-scatters."""
 
 
 @dataclass
@@ -222,6 +225,13 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
          "gradients during backward, which pipeline schedules do not allow; use zero_stage 0 or 1 with pipelines")
     need(cfg.model.num_layers % par.pipeline == 0,
          f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.pipeline ({par.pipeline})")
+    need(not par.sequence_parallel or par.tensor > 1,
+         f"parallel.sequence_parallel needs parallel.tensor > 1 (got {par.tensor}): it splits the sequence over "
+         "the tensor-parallel ranks")
+    window = cfg.data.n_segments * cfg.data.segment_length
+    need(not par.sequence_parallel or window % par.tensor == 0,
+         f"parallel.sequence_parallel splits each window of data.n_segments x data.segment_length = {window} tokens "
+         f"over parallel.tensor ({par.tensor}) ranks: it must be divisible")
     need(cfg.model.num_attention_heads % par.tensor == 0,
          f"model.num_attention_heads ({cfg.model.num_attention_heads}) must be divisible by parallel.tensor ({par.tensor})")
     need(cfg.data.segment_length == cfg.model.segment_length,

@@ -112,6 +112,7 @@ def build_stage_model(cfg: TrainConfig, bf16: bool):
         cfg.model,
         tensor_parallel_size=cfg.parallel.tensor,
         pipeline_parallel_size=cfg.parallel.pipeline,
+        sequence_parallel=cfg.parallel.sequence_parallel,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
         use_cpu_initialization=not torch.cuda.is_available(),
