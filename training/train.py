@@ -368,14 +368,15 @@ def main(argv=None) -> int:
     start_step = trainer.state.step
     try:
         finished = trainer.fit()
+        # Before closing (W&B's flush may outlast a KillWait): the checkpoint is final already.
+        if trainer.rank == 0:
+            write_outcome(trainer.cfg.run_dir, None if finished else stop.agreed_signal, start_step,
+                          trainer.state.step, find_latest_valid(checkpoints_root(trainer.cfg)))
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
     finally:
         trainer.close()
-    if trainer.rank == 0:
-        write_outcome(trainer.cfg.run_dir, None if finished else stop.agreed_signal, start_step, trainer.state.step,
-                      find_latest_valid(checkpoints_root(trainer.cfg)))
     if dist.is_initialized():
         # No rank exits before every rank has saved and closed: a launcher may kill the others at the first exit.
         dist.barrier()
