@@ -174,18 +174,21 @@ def test_a_signal_during_validation_or_a_save_stops_at_that_step_boundary(stdlib
     assert reason == ("signal" if during == "validation" else "interval")
 
 
+BATON_HOLDER = """import sys, time
+from torch.utils.file_baton import FileBaton
+assert FileBaton(sys.argv[1]).try_acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
 def test_stale_build_lock_is_named_and_a_held_one_is_not(tmp_path, capfd):
     root = tmp_path / "extensions"
     for op in ("killed_op", "building_op", "fresh_op"):
         (root / op).mkdir(parents=True)
-    # torch's FileBaton, taken by a process killed before it could release it.
-    killed = subprocess.Popen([sys.executable, "-c", "import sys, time; from torch.utils.file_baton import FileBaton; "
-                               "assert FileBaton(sys.argv[1]).try_acquire(); print('held', flush=True); time.sleep(600)",
-                               str(root / "killed_op" / "lock")], stdout=subprocess.PIPE, text=True)
-    building = subprocess.Popen([sys.executable, "-c", "import sys, time; from torch.utils.file_baton import FileBaton; "
-                                 "assert FileBaton(sys.argv[1]).try_acquire(); print('held', flush=True); "
-                                 "time.sleep(600)", str(root / "building_op" / "lock")], stdout=subprocess.PIPE,
-                                text=True)
+    # torch's FileBaton taken by two processes; one is killed before it could release it.
+    killed, building = (subprocess.Popen([sys.executable, "-c", BATON_HOLDER, str(root / op / "lock")],
+                                         stdout=subprocess.PIPE, text=True) for op in ("killed_op", "building_op"))
     try:
         assert killed.stdout.readline() == "held\n" and building.stdout.readline() == "held\n"
         killed.kill()
