@@ -1,7 +1,7 @@
 """A long-document corpus from Debian packages: fetch it where apt reaches the archive, build shards anywhere.
 
     python -m data_pipeline.corpus fetch --out DIR [--packages data_pipeline/corpus_packages.txt]
-        [--target-tokens N] [--heldout-fraction 0.1] [--max-doc-bytes 4MB]
+        [--target-tokens N] [--heldout-fraction 0.1] [--max-doc-bytes 1MB]
     python -m data_pipeline.corpus shards --text DIR --out SHARDS_DIR [--tokenizer bytes] [--shard-size 64MB]
 
 fetch downloads each listed package (`src NAME`: a source package, `doc NAME`: a documentation
@@ -104,10 +104,6 @@ def package_document(pkg: Package, version: str, tree: str, max_doc_bytes: int,
     doc = pkg.kind == "doc"
     base = pkg.name.split("=")[0]
     copyright_path = os.path.join(tree, f"usr/share/doc/{base}/copyright" if doc else "debian/copyright")
-    if doc and not os.path.isfile(copyright_path):
-        # A -doc package may keep its copyright file in another package's doc directory.
-        found = sorted(os.path.join(d, "copyright") for d in _dirs(os.path.join(tree, "usr/share/doc")))
-        copyright_path = next((p for p in found if os.path.isfile(p)), copyright_path)
     if not os.path.isfile(copyright_path):
         raise DataError(f"{pkg.kind} {pkg.name}: no copyright file ({os.path.relpath(copyright_path, tree)})")
     with open(copyright_path, encoding="utf-8", errors="replace") as f:
@@ -124,13 +120,11 @@ def package_document(pkg: Package, version: str, tree: str, max_doc_bytes: int,
     return {"record": record, "entry": entry}
 
 
-def _dirs(path: str) -> List[str]:
-    return [os.path.join(path, d) for d in os.listdir(path)] if os.path.isdir(path) else []
-
-
-def write_splits(docs: Iterable[dict], out_dir: str, heldout_fraction: float, tokenizer: str = "bytes") -> dict:
+def write_splits(docs: Iterable[dict], out_dir: str, heldout_fraction: float, tokenizer: str = "bytes",
+                 unavailable: Sequence[dict] = ()) -> dict:
     """DIR/train.jsonl.xz, DIR/heldout.jsonl.xz and DIR/manifest.json from package_document() results, in
-    the given order. The same documents give byte-identical files. Returns the manifest."""
+    the given order. The same documents give byte-identical files. `unavailable`: listed packages that
+    could not be downloaded ({"id", "error"}). Returns the manifest."""
     tok = load_tokenizer(tokenizer)
     os.makedirs(out_dir, exist_ok=True)
     lines: Dict[str, List[bytes]] = {s: [] for s in SPLITS}
@@ -144,7 +138,7 @@ def write_splits(docs: Iterable[dict], out_dir: str, heldout_fraction: float, to
     if len({e["id"] for e in entries}) != len(entries):
         raise DataError("two documents have the same id")
     manifest = {"suite": SUITE, "archive": ARCHIVE, "heldout_fraction": heldout_fraction,
-                "tokenizer": tok.spec(), "splits": {}, "documents": entries}
+                "tokenizer": tok.spec(), "splits": {}, "documents": entries, "unavailable": list(unavailable)}
     for split in SPLITS:
         data = lzma.compress(b"".join(lines[split]), preset=_XZ_PRESET)
         _write_atomic(os.path.join(out_dir, f"{split}.jsonl.xz"), data)
@@ -224,7 +218,7 @@ def unpack(pkg: Package, files: Sequence[str], dest: str) -> str:
 
 
 def fetch(out_dir: str, packages: Sequence[Package], target_tokens: Optional[int] = None,
-          heldout_fraction: float = 0.1, max_doc_bytes: int = 4_000_000, log=print) -> dict:
+          heldout_fraction: float = 0.1, max_doc_bytes: int = 1_000_000, log=print) -> dict:
     """Downloads, unpacks and converts the packages in list order (until `target_tokens` bytes-tokenizer
     tokens when given), then writes the splits and the manifest. Downloads stay in DIR/downloads, so
     a second run converts without the network (delete them to fetch newer versions)."""
@@ -232,11 +226,19 @@ def fetch(out_dir: str, packages: Sequence[Package], target_tokens: Optional[int
     apt = Apt(os.path.join(out_dir, "apt"))
     log(f"apt-get update ({SUITE} main, deb and deb-src)")
     apt.update()
-    docs, total = [], 0
+    docs, unavailable, total = [], [], 0
     for i, pkg in enumerate(packages):
         if target_tokens is not None and total >= target_tokens:
             break
-        files = apt.download(pkg, os.path.join(out_dir, "downloads", pkg.kind, pkg.name.split("=")[0]))
+        dest = os.path.join(out_dir, "downloads", pkg.kind, pkg.name.split("=")[0])
+        try:
+            files = apt.download(pkg, dest)
+        except DataError as e:
+            # The archive moves under a stable list (a file of a superseded version gone): go on without it.
+            shutil.rmtree(dest, ignore_errors=True)
+            unavailable.append({"id": pkg.doc_id, "error": str(e)[-500:]})
+            log(f"[{i + 1}/{len(packages)}] {pkg.kind} {pkg.name}: not available, left out ({e})")
+            continue
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             tree = os.path.join(tmp, "tree")
             version = unpack(pkg, files, tree)
@@ -247,7 +249,7 @@ def fetch(out_dir: str, packages: Sequence[Package], target_tokens: Optional[int
         log(f"[{i + 1}/{len(packages)}] {pkg.kind} {e['package']} {version}: {e['bytes'] / 1e6:.2f} MB, "
             f"{e['files']} files ({e['files_skipped']} not text, {e['files_truncated']} past the limit); "
             f"{total / 1e6:.1f} MB in all")
-    manifest = write_splits(docs, out_dir, heldout_fraction)
+    manifest = write_splits(docs, out_dir, heldout_fraction, unavailable=unavailable)
     log(f"fetched and written in {time.perf_counter() - t0:.0f} s")
     return manifest
 
@@ -298,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--packages", default=PACKAGES_FILE, help="the package list (default: %(default)s)")
     f.add_argument("--target-tokens", type=int, help="stop after the package that reaches this many tokens")
     f.add_argument("--heldout-fraction", type=float, default=0.1)
-    f.add_argument("--max-doc-bytes", default="4MB", help="a document ends at the file that would pass this")
+    f.add_argument("--max-doc-bytes", default="1MB", help="a document ends at the file that would pass this")
     s = sub.add_parser("shards", help="write train and held-out shard sets from the text splits (no network)")
     s.add_argument("--text", required=True, metavar="DIR", help="fetch's output directory")
     s.add_argument("--out", required=True, metavar="SHARDS_DIR")
