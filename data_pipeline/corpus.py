@@ -185,18 +185,20 @@ class Apt:
         self.run(["update"])
 
     def download(self, pkg: Package, dest: str) -> List[str]:
-        """The package's files in `dest` (downloaded unless there already), sorted."""
-        def have() -> List[str]:
-            want = ".dsc" if pkg.kind == "src" else ".deb"
-            return sorted(os.path.join(dest, n) for n in os.listdir(dest) if n.endswith(want))
-
-        os.makedirs(dest, exist_ok=True)
-        if not have():
+        """The package's files in `dest`, downloaded unless `dest` exists (it is made only when the
+        download is complete), sorted."""
+        want = ".dsc" if pkg.kind == "src" else ".deb"
+        if not os.path.isdir(dest):
+            part = dest + ".part"
+            shutil.rmtree(part, ignore_errors=True)
+            os.makedirs(part)
             self.run(["source", "--download-only", pkg.name] if pkg.kind == "src" else ["download", pkg.name],
-                     cwd=dest)
-        if len(have()) != 1:
-            raise DataError(f"{dest}: expected one {'.dsc' if pkg.kind == 'src' else '.deb'} file, found {have()}")
-        return sorted(os.path.join(dest, n) for n in os.listdir(dest) if not n.startswith("."))
+                     cwd=part)
+            os.replace(part, dest)
+        files = sorted(os.path.join(dest, n) for n in os.listdir(dest) if not n.startswith("."))
+        if sum(f.endswith(want) for f in files) != 1:
+            raise DataError(f"{dest}: expected one {want} file, found {[os.path.basename(f) for f in files]}")
+        return files
 
 
 def unpack(pkg: Package, files: Sequence[str], dest: str) -> str:
@@ -235,7 +237,6 @@ def fetch(out_dir: str, packages: Sequence[Package], target_tokens: Optional[int
             files = apt.download(pkg, dest)
         except DataError as e:
             # The archive moves under a stable list (a file of a superseded version gone): go on without it.
-            shutil.rmtree(dest, ignore_errors=True)
             unavailable.append({"id": pkg.doc_id, "error": str(e)[-500:]})
             log(f"[{i + 1}/{len(packages)}] {pkg.kind} {pkg.name}: not available, left out ({e})")
             continue

@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from data_pipeline.corpus import (Package, main, package_document, read_package_list, split_of,
+from data_pipeline.corpus import (Apt, Package, main, package_document, read_package_list, split_of,
                                   unpack, write_splits)
 from data_pipeline.corpus_text import MAX_FILE_BYTES, copyright_licences, html_to_text, licence_family
 from data_pipeline.shards import BadSamples, DataError, open_shard_set, read_documents
@@ -239,3 +239,11 @@ def test_unpack_real_archives(tmp_path):
     d = package_document(Package("doc", "foo-doc"), "2.0-3", str(tmp_path / "y"), 10**6)
     assert "\n==> usr/share/doc/foo-doc/README <==\nRead me.\n" in d["record"]["text"]
     assert d["record"]["licence"] == "GPL-2+, BSD-3-clause"
+
+
+def test_failed_download_leaves_no_partial_package(tmp_path):
+    """apt with empty lists (no update, so no network) fails; nothing is left to pass for a download."""
+    dest = str(tmp_path / "downloads" / "src" / "nosuchpackage")
+    with pytest.raises(DataError, match="apt-get source --download-only nosuchpackage failed"):
+        Apt(str(tmp_path / "apt")).download(Package("src", "nosuchpackage"), dest)
+    assert not os.path.exists(dest)
