@@ -42,7 +42,7 @@ def is_memory_scale_parameter(param: torch.nn.Parameter) -> bool:
 
 
 def _head_parameter(size: int, value: float) -> torch.nn.Parameter:
-    """A float32 vector with one entry per head of this TP rank, split over heads like the heads."""
+    """A float32 vector with one entry per head (query or KV) of this TP rank: TP-split by heads."""
     param = torch.nn.Parameter(torch.full((size,), float(value), dtype=torch.float32))
     # Megatron and DeepSpeed read these to shard, checkpoint and norm-count it per TP rank.
     param.tensor_model_parallel = True
