@@ -180,6 +180,7 @@ def reference_answer_nll(state, cfg, prompt, answer, scales=(1.0, 1.0)):
     return -logprobs.sum().item()
 
 
+@pytest.mark.slow  # a float64 greedy decode of every trial
 @pytest.mark.parametrize("run", ["passkey", "ablated", "no_header", "heads", "key_scale"])
 def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
     cfg, state = exported_reference(os.path.join(eval_runs, "export"))

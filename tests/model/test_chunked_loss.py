@@ -1,6 +1,7 @@
 """Chunked output layer + cross-entropy (megatron's, or our compiled one) gives the per-token losses and
 gradients of megatron's whole-window loss."""
 
+import pytest
 import torch
 
 from tests.distributed import run_distributed
@@ -31,16 +32,22 @@ def worker(rank, world, chunk, compile_loss=False):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_chunked_loss_equals_whole_window():
-    whole_loss, whole_grads = run_distributed(worker, 1, 0)[0]
+@pytest.fixture(scope="module")
+def whole_window():
+    """Megatron's loss over the whole window, and its gradients."""
+    return run_distributed(worker, 1, 0)[0]
+
+
+def test_chunked_loss_equals_whole_window(whole_window):
+    whole_loss, whole_grads = whole_window
     chunk_loss, chunk_grads = run_distributed(worker, 1, 12)[0]
     assert_close(chunk_loss, whole_loss, torch.float32, TOKENS, DEPTH)
     for name, grad in whole_grads.items():
         assert_close(chunk_grads[name], grad, torch.float32, TOKENS, DEPTH, what=name)
 
 
-def test_compiled_loss_equals_megatron_cross_entropy():
-    whole_loss, whole_grads = run_distributed(worker, 1, 0)[0]
+def test_compiled_loss_equals_megatron_cross_entropy(whole_window):
+    whole_loss, whole_grads = whole_window
     compiled_loss, compiled_grads = run_distributed(worker, 1, 12, True)[0]
     assert_close(compiled_loss, whole_loss, torch.float32, TOKENS, DEPTH)
     for name, grad in whole_grads.items():
