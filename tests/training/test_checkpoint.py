@@ -29,9 +29,11 @@ from training.export import read_export
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def straight_and_resumed(shards, tmp_path, world, extra, steps=6, resume_world=None):
-    straight = run_distributed(losses_worker, world, train_overrides(shards, str(tmp_path / "straight"),
-                                                                  **{"schedule.steps": steps, **extra}))[0]
+def straight_and_resumed(shards, tmp_path, world, extra, steps=6, resume_world=None, straight=True):
+    """Per-step losses of an uninterrupted run (None unless straight), of a run that saves at steps/2 and goes
+    on, and of its resumption from that checkpoint on resume_world processes."""
+    straight = run_distributed(losses_worker, world, train_overrides(shards, str(tmp_path / "straight"), **{
+        "schedule.steps": steps, **extra}))[0] if straight else None
     run_dir = str(tmp_path / "resumed")
     first = run_distributed(losses_worker, world, train_overrides(shards, run_dir, **{
         "schedule.steps": steps, "checkpoint.interval": steps // 2, **extra}) + [f"schedule.steps={steps}"])
@@ -63,11 +65,12 @@ def test_resume_is_bitwise_identical(stdlib_shards, tmp_path, world, extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("world, resume_world", [(2, 1), (1, 2)], ids=["dp2-to-dp1", "dp1-to-dp2"])
 def test_elastic_resume_on_another_dp_size(stdlib_shards, tmp_path, world, resume_world):
-    straight, _, second = straight_and_resumed(stdlib_shards, tmp_path, world, {"parallel.zero_stage": 1},
-                                               resume_world=resume_world)
+    # The run that saved went on uninterrupted (test_resume_is_bitwise_identical: saving leaves it undisturbed).
+    _, saving, second = straight_and_resumed(stdlib_shards, tmp_path, world, {"parallel.zero_stage": 1},
+                                             resume_world=resume_world, straight=False)
     assert [s for s, _ in second] == [4, 5, 6]
     # Another DP size sums the gradients over the step's tokens in another order.
-    assert_close(loss_values(second), loss_values(straight[3:]), torch.float32, STEP_TOKENS, training_depth(6))
+    assert_close(loss_values(second), loss_values(saving[3:]), torch.float32, STEP_TOKENS, training_depth(6))
 
 
 @pytest.mark.slow
