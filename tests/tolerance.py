@@ -34,8 +34,7 @@ def tolerance(dtype: torch.dtype, reduction_size: int, depth: int = 1) -> float:
 def assert_close(actual, expected, dtype: torch.dtype, reduction_size: int, depth: int = 1, what: str = "") -> None:
     """Elementwise |actual - expected| <= bound * (|expected| + max |expected|), compared in float64;
     what names the compared values in the failure message."""
-    actual = torch.as_tensor(actual).double()
-    expected = torch.as_tensor(expected).double()
+    actual, expected = (torch.as_tensor(x, dtype=torch.float64) for x in (actual, expected))
     bound = tolerance(dtype, reduction_size, depth)
     scale = expected.abs().max().item() if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=bound, atol=bound * scale,
