@@ -25,13 +25,13 @@ from data_pipeline import build_train_loader, build_valid_loader
 from data_pipeline.make_shards import build_stdlib_shards
 from modeling.config import build_transformer_config
 from modeling.cpu_compat import megatron_on_cpu
+from modeling.export import load_weights_into
 from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
 from training.checkpoint import CheckpointManager, SaveReport, coordinates, resume_path, rng_state, set_rng_state
 from training.config import ConfigError, TrainConfig, load_config, save_resolved, validate
 from training.distributed import device, init_distributed, init_model_parallel
-from training.export import load_weights_into
 from training.memory_state import CarriedMemory
 from training.metrics import ConsoleSink, JsonlSink, device_peak_tflops, gate_values, max_over_world
 from training.optim import build_engine

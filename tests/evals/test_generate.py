@@ -33,7 +33,7 @@ def worker(rank, world, export_dir):
     from modeling import generate as generation
     from modeling.streaming import StreamingModel
     from tests.evals.models import full_state, tiny_config, tiny_model
-    from training.export import export_model
+    from modeling.export import export_model
 
     out = {}
     for update in ("linear", "delta"):

@@ -24,7 +24,7 @@ TINY = ("model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 mod
 def checkpoint_worker(rank, world, out):
     from training.distributed import init_single_process
     from training.evals.common import load_model
-    from training.export import read_export
+    from modeling.export import read_export
 
     init_single_process()
     _, exported = read_export(os.path.join(out, "export"))

@@ -14,7 +14,7 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.training.conftest import train_overrides
-from training.export import read_export
+from modeling.export import read_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -199,7 +199,7 @@ def export_worker(rank, world, overrides, out_dir):
 
     from modeling.cpu_compat import megatron_on_cpu
     from training.config import load_config
-    from training.export import export_model
+    from modeling.export import export_model
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
@@ -223,7 +223,7 @@ def export_worker(rank, world, overrides, out_dir):
 def reload_worker(rank, world, out_dir):
     from modeling.cpu_compat import megatron_on_cpu
     from training.distributed import init_single_process
-    from training.export import load_exported
+    from modeling.export import load_exported
 
     init_single_process()
     model, cfg = load_exported(out_dir)

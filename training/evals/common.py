@@ -1,6 +1,6 @@
 """What the evaluation and generation CLIs share: loading a model on one device, tokenizers, arguments.
 
-A model is an exported directory (``training.export``: model.safetensors + model_config.yaml) or a
+A model is an exported directory (``modeling.export``: model.safetensors + model_config.yaml) or a
 trainer checkpoint: a ``step_N`` directory or the checkpoint root (its latest valid step). A
 checkpoint of any TP/PP layout is merged into one full state dict from DeepSpeed's per model-parallel
 rank module files (ZeRO-3 keeps no weights there: export such runs first).
@@ -23,7 +23,7 @@ from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
 from modeling.config import ModelConfig, build_transformer_config
 from modeling.model import build_model
 from modeling.sharding import global_name, load_full_state_dict, merge_tensor_parallel
-from training.export import CONFIG, WEIGHTS, read_export
+from modeling.export import CONFIG, WEIGHTS, read_export
 
 
 @dataclass
@@ -170,7 +170,7 @@ def read_checkpoint(step_dir: str):
             state[name] = shards[0]
     if any(t.numel() == 0 for t in state.values()):
         raise ValueError(f"{step_dir}: the module files hold no weights (ZeRO-3); export the model with "
-                         "training.export.export_model and evaluate the export")
+                         "training.export and evaluate the export")
     return cfg, state
 
 

@@ -236,7 +236,7 @@ def load_result(out_dir: str) -> dict:
 def report(memory_dir: str, ablated_dir: str, model_dir: str, train_dir: Optional[str] = None,
            train_seconds: Optional[float] = None, total_seconds: Optional[float] = None) -> str:
     """Markdown: setup, per-layer gates, accuracy with and without memory side by side, full tables."""
-    from training.export import read_export
+    from modeling.export import read_export
 
     with_memory, ablated = load_result(memory_dir), load_result(ablated_dir)
     cfg, state = read_export(model_dir)

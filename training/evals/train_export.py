@@ -18,7 +18,7 @@ import time
 import torch.distributed as dist
 
 from training.config import ConfigError, load_config
-from training.export import export_model
+from modeling.export import export_model
 from training.train import NonFiniteLossError, Trainer
 
 
