@@ -69,6 +69,9 @@ class ScheduleConfig:
     warmup_steps: int = 20
     decay: str = "cosine"
     """'cosine', 'linear' or 'constant' after warmup, from lr down to min_lr at the last step."""
+    max_minutes: Optional[float] = None
+    """A time budget for the training loop: when it runs out, every rank stops after the same step, saves a
+    checkpoint and the run ends as at its last step (exit status 0, the export written). None: no budget."""
 
 
 @dataclass
@@ -99,6 +102,13 @@ class CheckpointConfig:
     """Fault injection for tests and drills: the background writer sleeps this long before each save."""
     inject_writer_failure_at_steps: List[int] = field(default_factory=list)
     """Fault injection for tests and drills: rank 0's background writer fails on its first file of these saves."""
+
+
+@dataclass
+class ExportConfig:
+    dir: Optional[str] = None
+    """After training (the schedule's last step or schedule.max_minutes), write the final weights here as an
+    exported model directory (modeling.export: model.safetensors + model_config.yaml). None: no export."""
 
 
 @dataclass
@@ -149,6 +159,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
@@ -229,6 +240,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
     need(0 <= cfg.schedule.warmup_steps <= cfg.schedule.steps, "schedule.warmup_steps must be in [0, schedule.steps]")
     need(cfg.schedule.decay in ("cosine", "linear", "constant"),
          f"schedule.decay must be cosine, linear or constant, got {cfg.schedule.decay!r}")
+    need(cfg.schedule.max_minutes is None or cfg.schedule.max_minutes > 0,
+         f"schedule.max_minutes must be > 0 (or null: no time budget), got {cfg.schedule.max_minutes}")
     need(cfg.optimizer.lr > 0 and cfg.optimizer.gate_lr > 0, "optimizer.lr and optimizer.gate_lr must be > 0")
     need(0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr, "optimizer.min_lr must be in [0, optimizer.lr]")
     need(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")

@@ -25,7 +25,7 @@ from data_pipeline import build_train_loader, build_valid_loader
 from data_pipeline.make_shards import build_stdlib_shards
 from modeling.config import build_transformer_config
 from modeling.cpu_compat import megatron_on_cpu
-from modeling.export import load_weights_into
+from modeling.export import export_model, load_weights_into
 from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
@@ -208,11 +208,15 @@ class Trainer:
     def request_stop(self, signum, frame) -> None:
         self.stop_signal = signum
 
-    def stop_requested(self) -> bool:
-        """Whether any rank got a stop signal (all ranks must stop at the same step)."""
-        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0], device=device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+    def stop_requested(self, deadline: Optional[float]) -> Optional[str]:
+        """Why the run stops after this step: "signal" when any rank got a stop signal, "time_budget" when any
+        rank passed ``deadline`` (time.monotonic()), else None. Collective: all ranks stop at the same step."""
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        flags = torch.tensor([float(self.stop_signal is not None), float(out_of_time)], device=device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0].item() > 0:
+            return "signal"
+        return "time_budget" if flags[1].item() > 0 else None
 
     def save_checkpoint(self, reason: str) -> None:
         # Only interval saves are asynchronous: the run stops after the others, so a snapshot would
@@ -302,25 +306,36 @@ class Trainer:
             sink.log(self.state.step, metrics)
 
     def fit(self) -> bool:
-        """Train to schedule.steps; False when stopped early by a signal (after saving a checkpoint)."""
+        """Train to schedule.steps or until schedule.max_minutes, then export (export.dir); False when stopped
+        early by a signal (after saving a checkpoint)."""
         cfg = self.cfg
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(signum, self.request_stop)
+        budget = cfg.schedule.max_minutes
+        deadline = time.monotonic() + budget * 60.0 if budget is not None else None
         batches = iter(self.train_loader)
         while self.state.step < cfg.schedule.steps:
             self.log(self.train_step(next(batches)))
             self.checkpoints.poll()
             if cfg.validation.interval and self.state.step % cfg.validation.interval == 0:
                 self.log(self.validate())
-            if self.stop_requested():
+            stop = self.stop_requested(deadline)
+            if stop == "signal":
                 self.save_checkpoint("signal")
                 self.print(f"stopped at step {self.state.step} on a signal; resume with checkpoint.resume=auto")
                 return False
+            if stop == "time_budget":
+                self.save_checkpoint("time_budget")
+                self.print(f"stopped at step {self.state.step}: schedule.max_minutes={budget:g} ran out")
+                break
             if cfg.checkpoint.interval and self.state.step % cfg.checkpoint.interval == 0:
                 self.save_checkpoint("interval")
         self.checkpoints.wait()
         if cfg.checkpoint.save_at_end and self.checkpoints.last_saved_step() != self.state.step:
             self.save_checkpoint("end")
+        if cfg.export.dir:
+            export_model(self.model, cfg.model, cfg.export.dir)
+            self.print(f"exported {cfg.export.dir}")
         return True
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ def cli_worker(rank, world, root):
     from data_pipeline.make_shards import write_shards
     from tests.evals.models import tiny_config, tiny_model
     from training.distributed import init_single_process
-    from training.evals import passkey, perplexity
+    from evals import passkey, perplexity
     from modeling.export import export_model
 
     init_single_process()

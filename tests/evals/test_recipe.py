@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from training.evals.passkey import HEADER
+from evals.passkey import HEADER
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ("model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 model.num_query_groups=2 "
@@ -23,7 +23,7 @@ TINY = ("model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 mod
 
 def checkpoint_worker(rank, world, out):
     from training.distributed import init_single_process
-    from training.evals.common import load_model
+    from evals.common import load_model
     from modeling.export import read_export
 
     init_single_process()
