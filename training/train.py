@@ -29,12 +29,14 @@ from modeling.export import export_model, load_weights_into
 from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
-from training.checkpoint import CheckpointManager, SaveReport, coordinates, resume_path, rng_state, set_rng_state
+from training.checkpoint import CheckpointManager, SaveReport, resume_path
+from training.checkpoint_layout import coordinates
 from training.config import ConfigError, TrainConfig, load_config, save_resolved, validate
 from training.distributed import device, init_distributed, init_model_parallel
 from training.memory_state import CarriedMemory
 from training.metrics import ConsoleSink, JsonlSink, device_peak_tflops, gate_values, max_over_world
 from training.optim import build_engine
+from training.rng import rng_state, set_rng_state
 from training.step import StepResult, allreduce_tied_embedding_grads, is_finite, run_schedule, split_microbatches
 from training.wandb_sink import open_wandb
 

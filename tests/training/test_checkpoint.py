@@ -109,7 +109,7 @@ def history_worker(rank, world, overrides):
 
 @pytest.mark.slow
 def test_training_continues_while_the_writer_writes(stdlib_shards, tmp_path):
-    from training.checkpoint import verify
+    from training.checkpoint_layout import verify
 
     run_dir = str(tmp_path / "run")
     delay = 1.0
@@ -134,7 +134,7 @@ def test_training_continues_while_the_writer_writes(stdlib_shards, tmp_path):
 
 
 def failing_save_worker(rank, world, overrides):
-    from training.checkpoint import CheckpointError
+    from training.checkpoint_layout import CheckpointError
     from training.config import load_config
     from training.train import Trainer
 
@@ -150,7 +150,7 @@ def failing_save_worker(rank, world, overrides):
 
 @pytest.mark.slow
 def test_writer_failure_is_an_error_and_never_finalized(stdlib_shards, tmp_path):
-    from training.checkpoint import find_latest_valid
+    from training.checkpoint_layout import find_latest_valid
 
     run_dir = str(tmp_path / "run")
     messages = run_distributed(failing_save_worker, 2, train_overrides(stdlib_shards, run_dir, **{
@@ -166,7 +166,7 @@ def test_writer_failure_is_an_error_and_never_finalized(stdlib_shards, tmp_path)
 
 
 def load_worker(rank, world, overrides):
-    from training.checkpoint import CheckpointError
+    from training.checkpoint_layout import CheckpointError
     from training.config import load_config
     from training.train import Trainer
 

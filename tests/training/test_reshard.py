@@ -25,7 +25,7 @@ def global_state(trainer) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from modeling.sharding import full_tensors
-    from training.checkpoint import coordinates
+    from training.checkpoint_layout import coordinates
 
     model, engine = trainer.model, trainer.engine
     params = dict(model.named_parameters())
@@ -119,7 +119,7 @@ def test_resume_on_another_layout_continues_the_run(stdlib_shards, tmp_path, sav
 
 
 def load_error(rank, world, overrides):
-    from training.checkpoint import CheckpointError
+    from training.checkpoint_layout import CheckpointError
     from training.config import load_config
     from training.train import Trainer
 
