@@ -67,7 +67,7 @@ class Bench:
     def save(self, label: str, asynchronous: bool, max_overlap_steps: int) -> dict:
         """One save; an asynchronous one is polled at step boundaries (as training does) until finalized."""
         finalized = len(self.reports())
-        self.trainer.checkpoints.save("bench", asynchronous=asynchronous)
+        self.trainer.checkpoints.save(self.trainer.state.step, "bench", asynchronous=asynchronous)
         step_times = []
         while len(self.reports()) == finalized:
             if len(step_times) == max_overlap_steps:

@@ -25,16 +25,18 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 import torch.distributed as dist
 
 from training.async_checkpoint import SnapshottingCheckpointEngine, snapshot_to_host
-from training.checkpoint_layout import (DEEPSPEED_TAG, FORMAT_VERSION, LATEST, MANIFEST, CheckpointError,
-                                        find_latest_valid, layout, list_checkpoints, list_files, rank_file,
-                                        read_rank_state, step_dir_name, step_of, verify)
+from training.checkpoint_layout import (CONFIG, DEEPSPEED_TAG, FORMAT_VERSION, LATEST, MANIFEST, CheckpointError,
+                                        coordinates, find_latest_valid, layout, list_checkpoints, list_files,
+                                        rank_file, read_rank_state, step_dir_name, step_of, verify)
+from training.config import TrainConfig, save_resolved
 from training.reshard import load_resharded
+from training.rng import rng_state, set_rng_state
 
 
 def _fsync_file(path: str) -> None:
@@ -148,15 +150,32 @@ def resume_path(cfg) -> Optional[str]:
     return resume
 
 
-class CheckpointManager:
-    """Saves and restores a Trainer; every rank calls save/load (they are collective)."""
+class Stateful(Protocol):
+    def state_dict(self): ...
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        cfg = trainer.cfg.checkpoint
-        self.root = checkpoints_root(trainer.cfg)
-        self.keep_last = cfg.keep_last
-        self.keep_every = cfg.keep_every
+    def load_state_dict(self, state) -> None: ...
+
+
+class CheckpointManager:
+    """Saves and restores a run's state; every rank calls save/load (they are collective).
+
+    A checkpoint holds the DeepSpeed engine (model, optimizer, LR schedule) and per rank a file of its
+    coordinates, lanes and RNG states, and of ``states``: each named object's ``state_dict`` under its name
+    (the carried memory, the data loader's position, the progress counters, the W&B run id). Each
+    finalized save is handed to ``on_save``.
+    """
+
+    def __init__(self, cfg: TrainConfig, engine, model, lane_ids: List[int], states: Dict[str, Stateful],
+                 on_save: Callable[[SaveReport], None]):
+        self.cfg = cfg
+        self.engine = engine
+        self.model = model
+        self.lane_ids = list(lane_ids)
+        self.states = states
+        self.on_save = on_save
+        self.root = checkpoints_root(cfg)
+        self.keep_last = cfg.checkpoint.keep_last
+        self.keep_every = cfg.checkpoint.keep_every
         # Created by the first asynchronous save.
         self._writer: Optional[ThreadPoolExecutor] = None
         self._writer_status_group = None
@@ -168,29 +187,32 @@ class CheckpointManager:
         return step_of(paths[-1]) if paths else None
 
     # -- saving -------------------------------------------------------------------------------
-    def save(self, reason: str = "interval", asynchronous: bool = False) -> None:
+    def rank_state(self) -> dict:
+        """This rank's part of a checkpoint beyond DeepSpeed's."""
+        return {"coordinates": coordinates(), "lane_ids": self.lane_ids, "rng": rng_state(),
+                **{name: piece.state_dict() for name, piece in self.states.items()}}
+
+    def save(self, step: int, reason: str = "interval", asynchronous: bool = False) -> None:
         """Collective. Waits for a pending asynchronous save first. A synchronous save is finalized
         on return; an asynchronous one returns once the state is snapshotted, and ``poll``/``wait``
-        finalize it. Each finalized save goes to ``trainer.report_checkpoint``."""
-        trainer = self.trainer
+        finalize it. Each finalized save goes to ``on_save``."""
         started = time.perf_counter()
         self.wait()
-        step = trainer.state.step
         save = _SaveInProgress(step, reason, os.path.join(self.root, ".tmp-" + step_dir_name(step)),
                                os.path.join(self.root, step_dir_name(step)), started, asynchronous)
         rank = dist.get_rank()
         if rank == 0:
             shutil.rmtree(save.tmp, ignore_errors=True)
             os.makedirs(save.tmp)
-            trainer.save_resolved_config(os.path.join(save.tmp, "config.yaml"))
+            save_resolved(self.cfg, os.path.join(save.tmp, CONFIG))
         dist.barrier()
         rank_path = rank_file(save.tmp, rank)
-        kill_midway = step in trainer.cfg.checkpoint.inject_kill_during_save_at_steps and rank == 0
+        kill_midway = step in self.cfg.checkpoint.inject_kill_during_save_at_steps and rank == 0
         if asynchronous:
             self._start_writing(save, rank_path, kill_midway)
             return
-        trainer.engine.save_checkpoint(save.tmp, tag=DEEPSPEED_TAG, save_latest=False)
-        _save_torch(trainer.rank_state(), rank_path)
+        self.engine.save_checkpoint(save.tmp, tag=DEEPSPEED_TAG, save_latest=False)
+        _save_torch(self.rank_state(), rank_path)
         if kill_midway:
             os.kill(os.getpid(), signal.SIGKILL)
         dist.barrier()
@@ -203,8 +225,8 @@ class CheckpointManager:
             # gloo: a CPU flag needs no device synchronisation, whatever the training backend.
             self._writer_status_group = dist.new_group(backend="gloo")
             # DeepSpeed builds its own engine from this config: the files get the same serialization.
-            self._snapshotting_engine = SnapshottingCheckpointEngine(self.trainer.engine._config)
-        engine = self.trainer.engine
+            self._snapshotting_engine = SnapshottingCheckpointEngine(self.engine._config)
+        engine = self.engine
         live_engine = engine.checkpoint_engine
         engine.checkpoint_engine = self._snapshotting_engine
         try:
@@ -212,8 +234,8 @@ class CheckpointManager:
         finally:
             engine.checkpoint_engine = live_engine
         files = self._snapshotting_engine.take_files()
-        files.append((rank_path, snapshot_to_host(self.trainer.rank_state())))
-        cfg = self.trainer.cfg.checkpoint
+        files.append((rank_path, snapshot_to_host(self.rank_state())))
+        cfg = self.cfg.checkpoint
         first_rank = dist.get_rank() == 0
         faults = _InjectedWriterFaults(
             delay_seconds=cfg.inject_writer_delay_s, kill_after_first_file=kill_midway,
@@ -263,7 +285,6 @@ class CheckpointManager:
         """Once every rank's files are written: rank 0 flushes, writes the manifest, renames, points
         ``latest`` at it and prunes; all ranks wait for that. ``write_seconds``: how long every rank's
         writer took to flush its files (asynchronous saves); a synchronous save's are flushed here."""
-        trainer = self.trainer
         rank = dist.get_rank()
         if write_seconds is None:
             # A synchronous save's files went through torch.save unflushed; the writers flush their own.
@@ -275,7 +296,7 @@ class CheckpointManager:
         if rank == 0:
             files = list_files(save.tmp)
             manifest = {"format": FORMAT_VERSION, "step": save.step, "reason": save.reason, "layout": layout(),
-                        "zero_stage": trainer.cfg.parallel.zero_stage, "global_lanes": trainer.cfg.data.global_lanes,
+                        "zero_stage": self.cfg.parallel.zero_stage, "global_lanes": self.cfg.data.global_lanes,
                         "files": files, "saved_at": time.time()}
             _write_atomic(os.path.join(save.tmp, MANIFEST), json.dumps(manifest, indent=1).encode())
             if os.path.exists(save.final):
@@ -286,7 +307,7 @@ class CheckpointManager:
             self._prune()
         dist.barrier()
         seconds = time.perf_counter() - save.started
-        trainer.report_checkpoint(SaveReport(
+        self.on_save(SaveReport(
             path=save.final, step=save.step, reason=save.reason, asynchronous=save.asynchronous,
             blocking_seconds=save.blocking_seconds if save.asynchronous else seconds, write_seconds=write_seconds,
             seconds=seconds, size_bytes=sum(list_files(save.final).values()) if rank == 0 else 0))
@@ -306,22 +327,28 @@ class CheckpointManager:
 
     # -- loading ------------------------------------------------------------------------------
     def load(self, path: str) -> None:
-        trainer = self.trainer
+        """Restore the engine and every rank's state from ``path`` (collective); a checkpoint saved on another
+        layout goes through ``training.reshard``."""
         manifest = verify(path)
         saved, now = manifest["layout"], layout()
-        if manifest["global_lanes"] != trainer.cfg.data.global_lanes:
+        global_lanes = self.cfg.data.global_lanes
+        if manifest["global_lanes"] != global_lanes:
             raise CheckpointError(f"{path} was saved with data.global_lanes={manifest['global_lanes']}; this run has "
-                                  f"{trainer.cfg.data.global_lanes}: the lanes (and their memory) would not continue")
+                                  f"{global_lanes}: the lanes (and their memory) would not continue")
         if (saved["tensor"], saved["pipeline"], saved["data"]) != (now["tensor"], now["pipeline"], now["data"]):
-            rank_state = load_resharded(trainer, path, manifest)
+            rank_state = load_resharded(path, manifest, self.cfg, self.engine, self.model, self.lane_ids)
         else:
-            load_path, _ = trainer.engine.load_checkpoint(path, tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                                          load_lr_scheduler_states=True)
+            load_path, _ = self.engine.load_checkpoint(path, tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
             if load_path is None:
-                raise CheckpointError(f"DeepSpeed could not load {os.path.join(path, 'ds')}")
+                raise CheckpointError(f"DeepSpeed could not load {os.path.join(path, DEEPSPEED_TAG)}")
             rank_state = read_rank_state(path, dist.get_rank())
         # ZeRO restores the optimizer's state but not its groups' current LR; the scheduler knows it.
-        scheduler = trainer.engine.lr_scheduler
+        scheduler = self.engine.lr_scheduler
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
-        trainer.load_rank_state(rank_state)
+        if rank_state["lane_ids"] != self.lane_ids:
+            raise ValueError(f"rank state holds lanes {rank_state['lane_ids']}, this rank runs {self.lane_ids}")
+        for name, piece in self.states.items():
+            piece.load_state_dict(rank_state[name])
+        set_rng_state(rank_state["rng"])

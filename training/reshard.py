@@ -32,6 +32,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, BASE_OPTIMIZER_STATE_STEP, CLIP_GRAD, DS_VERSION,
                                             LOSS_SCALER, OPTIMIZER_STATE_DICT, PARAM_ALIGNMENT_PADDINGS,
                                             PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
@@ -41,6 +42,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from data_pipeline import merge_state_dicts
 from modeling.sharding import global_name, global_names, merge_tensor_parallel, split_tensor_parallel
 from training.checkpoint_layout import CheckpointError, SavedCheckpoint, coordinates, layout
+from training.config import TrainConfig
 from training.memory_state import regather_memory
 from training.rng import rng_state
 
@@ -189,32 +191,32 @@ def reseeded_rng_state(seed: int, step: int) -> dict:
     return rng_state()
 
 
-def resharded_rank_state(trainer, saved: SavedCheckpoint, layers_per_stage: int) -> dict:
-    """This rank's Trainer.rank_state on the new layout, built from all old ranks' states."""
+def resharded_rank_state(saved: SavedCheckpoint, cfg: TrainConfig, layers: List[int], lane_ids: List[int],
+                         layers_per_stage: int) -> dict:
+    """This rank's rank state on the new layout (its global ``layers``, counted from 0, and ``lane_ids``), built
+    from all old ranks' states: the carried memory regathered, data positions merged, RNG reseeded, and
+    everything else (progress counters, the W&B run id) as old rank 0 saved it."""
     old = saved.rank_states
     first = next(s for s in old if s["coordinates"]["rank"] == 0)
-    lanes = list(trainer.train_loader.lane_ids)
     try:
-        memory = regather_memory(old, saved.layout["tensor"], layers_per_stage, trainer.cfg.data.global_lanes,
-                                 [layer.layer_number - 1 for layer in trainer.model.decoder.layers], lanes,
-                                 parallel_state.get_tensor_model_parallel_rank(),
+        memory = regather_memory(old, saved.layout["tensor"], layers_per_stage, cfg.data.global_lanes, layers,
+                                 lane_ids, parallel_state.get_tensor_model_parallel_rank(),
                                  parallel_state.get_tensor_model_parallel_world_size())
     except ValueError as error:
         raise CheckpointError(f"{saved.path}: {error}") from error
     # TP/PP peers read the same lanes: one rank per old DP rank holds every lane's position.
     data = merge_state_dicts([s["data"] for s in old
                               if s["coordinates"]["tensor"] == 0 and s["coordinates"]["pipeline"] == 0])
-    return {"coordinates": coordinates(), "lane_ids": lanes, "memory": memory, "data": data,
-            "rng": reseeded_rng_state(trainer.cfg.seed, first["train_state"]["step"]),
-            "train_state": first["train_state"], "wandb_run_id": first["wandb_run_id"]}
+    return {**first, "coordinates": coordinates(), "lane_ids": list(lane_ids), "memory": memory, "data": data,
+            "rng": reseeded_rng_state(cfg.seed, first["train_state"]["step"])}
 
 
-def load_resharded(trainer, path: str, manifest: dict) -> dict:
-    """Load ``path``, saved on another layout, into the trainer's engine and model (collective).
+def load_resharded(path: str, manifest: dict, cfg: TrainConfig, engine, model, lane_ids: List[int]) -> dict:
+    """Load ``path``, saved on another layout, into this run's engine and model (collective).
 
-    Returns this rank's state for ``Trainer.load_rank_state``.
+    Returns this rank's state in the form of a rank file of this layout (``CheckpointManager.rank_state``).
     """
-    saved_stage, zero_stage = manifest["zero_stage"], trainer.cfg.parallel.zero_stage
+    saved_stage, zero_stage = manifest["zero_stage"], cfg.parallel.zero_stage
     was, now = describe(manifest["layout"], saved_stage), describe(layout(), zero_stage)
     if saved_stage not in RESHARDABLE_ZERO_STAGES or zero_stage not in RESHARDABLE_ZERO_STAGES:
         raise CheckpointError(
@@ -222,13 +224,14 @@ def load_resharded(trainer, path: str, manifest: dict) -> dict:
             "ZeRO-1/2 only: resume a ZeRO-3 checkpoint on its own tensor, pipeline and data-parallel sizes, or "
             "export the model (training.export) and start the new layout with checkpoint.init_from (fresh optimizer)")
     saved = SavedCheckpoint(path, manifest)
-    layers_per_stage = trainer.cfg.model.num_layers // saved.layout["pipeline"]
-    states, scalars, zero_state = resharded_optimizer_states(trainer.model, saved, layers_per_stage,
-                                                             trainer.cfg.model.tie_embeddings)
-    write_into_engine(trainer.engine, trainer.model, states, scalars, zero_state)
-    restore_engine_counters(trainer.engine, saved.model_states())
-    rank_state = resharded_rank_state(trainer, saved, layers_per_stage)
-    trainer.print(f"resharded {path}: saved with {was}, now {now}; weights, fp32 master weights and optimizer "
-                  f"state (step {rank_state['train_state']['step']}) re-split, carried memory regathered, RNG "
-                  "reseeded from (seed, step)")
+    layers_per_stage = cfg.model.num_layers // saved.layout["pipeline"]
+    states, scalars, zero_state = resharded_optimizer_states(model, saved, layers_per_stage, cfg.model.tie_embeddings)
+    write_into_engine(engine, model, states, scalars, zero_state)
+    restore_engine_counters(engine, saved.model_states())
+    layers = [layer.layer_number - 1 for layer in model.decoder.layers]
+    rank_state = resharded_rank_state(saved, cfg, layers, lane_ids, layers_per_stage)
+    if dist.get_rank() == 0:
+        print(f"resharded {path}: saved with {was}, now {now}; weights, fp32 master weights and optimizer "
+              f"state (step {rank_state['train_state']['step']}) re-split, carried memory regathered, RNG "
+              "reseeded from (seed, step)", flush=True)
     return rank_state

@@ -30,13 +30,11 @@ from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
 from training.checkpoint import CheckpointManager, SaveReport, resume_path
-from training.checkpoint_layout import coordinates
 from training.config import ConfigError, TrainConfig, load_config, save_resolved, validate
 from training.distributed import device, init_distributed, init_model_parallel
 from training.memory_state import CarriedMemory
 from training.metrics import ConsoleSink, JsonlSink, device_peak_tflops, gate_values, max_over_world
 from training.optim import build_engine
-from training.rng import rng_state, set_rng_state
 from training.step import StepResult, allreduce_tied_embedding_grads, is_finite, run_schedule, split_microbatches
 from training.wandb_sink import open_wandb
 
@@ -58,6 +56,26 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
     history: List[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "history"}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class WandbRunId:
+    """The W&B run this run logs to (None until one is opened): a resumed job continues it."""
+
+    value: Optional[str] = None
+
+    def state_dict(self) -> Optional[str]:
+        return self.value
+
+    def load_state_dict(self, state: Optional[str]) -> None:
+        self.value = state
 
 
 def seed_everything(seed: int) -> None:
@@ -158,11 +176,15 @@ class Trainer:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
                               f"vocabulary ({self.train_loader.vocab_size})")
         self.num_slots = self.lanes_per_rank // cfg.parallel.micro_batch_lanes
-        self.carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers))
+        self.carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers), device=device())
         self.state = TrainState()
-        self.wandb_run_id: Optional[str] = None
+        self.wandb_run_id = WandbRunId()
         self.stop_signal: Optional[int] = None
-        self.checkpoints = CheckpointManager(self)
+        self.checkpoints = CheckpointManager(
+            cfg, self.engine, self.model, self.train_loader.lane_ids,
+            {"memory": self.carried, "data": self.train_loader, "train_state": self.state,
+             "wandb_run_id": self.wandb_run_id},
+            on_save=self.report_checkpoint)
         if resume:
             self.checkpoints.load(resume)
             self.print(f"resumed from {resume} at step {self.state.step}")
@@ -173,39 +195,14 @@ class Trainer:
             save_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             self.sinks = [ConsoleSink(cfg.logging.interval), JsonlSink(os.path.join(cfg.run_dir, "metrics.jsonl"))]
         # After loading a checkpoint: its run id makes a resumed job continue the same W&B run.
-        wandb_sink = open_wandb(cfg, self.rank, self.wandb_run_id, gates=lambda: gate_values(self.model))
+        wandb_sink = open_wandb(cfg, self.rank, self.wandb_run_id.value, gates=lambda: gate_values(self.model))
         if wandb_sink is not None:
             self.sinks.append(wandb_sink)
-            self.wandb_run_id = wandb_sink.run_id
+            self.wandb_run_id.value = wandb_sink.run_id
 
     def print(self, message: str) -> None:
         if self.rank == 0:
             print(message, flush=True)
-
-    def save_resolved_config(self, path: str) -> None:
-        save_resolved(self.cfg, path)
-
-    def rank_state(self) -> dict:
-        """This rank's part of a checkpoint beyond DeepSpeed's: memory, data position, RNG, progress."""
-        return {
-            "coordinates": coordinates(),
-            "lane_ids": list(self.train_loader.lane_ids),
-            "memory": self.carried.state_dict(),
-            "data": self.train_loader.state_dict(),
-            "rng": rng_state(),
-            "train_state": {k: v for k, v in vars(self.state).items() if k != "history"},
-            "wandb_run_id": self.wandb_run_id,
-        }
-
-    def load_rank_state(self, state: dict) -> None:
-        if state["lane_ids"] != list(self.train_loader.lane_ids):
-            raise ValueError(f"rank state holds lanes {state['lane_ids']}, this rank runs {self.train_loader.lane_ids}")
-        self.carried.load_state_dict(state["memory"], device=device())
-        self.train_loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        for key, value in state["train_state"].items():
-            setattr(self.state, key, value)
-        self.wandb_run_id = state["wandb_run_id"]
 
     def request_stop(self, signum, frame) -> None:
         self.stop_signal = signum
@@ -223,7 +220,7 @@ class Trainer:
     def save_checkpoint(self, reason: str) -> None:
         # Only interval saves are asynchronous: the run stops after the others, so a snapshot would
         # only add its copy.
-        self.checkpoints.save(reason, asynchronous=self.cfg.checkpoint.async_save and reason == "interval")
+        self.checkpoints.save(self.state.step, reason, asynchronous=self.cfg.checkpoint.async_save and reason == "interval")
 
     def report_checkpoint(self, report: SaveReport) -> None:
         """Called by CheckpointManager when a save is finalized (at a later step, for an asynchronous one)."""
