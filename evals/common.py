@@ -60,7 +60,7 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                           help="force every gate fully local (the model sees one segment only)")
     ablation.add_argument("--ablate-heads", type=parse_heads, default=None, metavar="L:H,...",
                           help="force only these heads' gates local: layer:head pairs counted from 0, as "
-                               "bench/memory_read_share.py prints them")
+                               "experiments/memory_read_share.py prints them")
 
 
 def positive_float(text: str) -> float:

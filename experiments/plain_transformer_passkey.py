@@ -1,6 +1,6 @@
 """A plain PyTorch transformer on passkey documents: how fast should copying the key be learned?
 
-    python bench/plain_transformer_passkey.py DATA/passkey.jsonl [--window 512] [--steps 600] [--lr 2e-3]
+    python experiments/plain_transformer_passkey.py DATA/passkey.jsonl [--window 512] [--steps 600] [--lr 2e-3]
 
 An independent reference for the passkey recipe (docs/RESULTS.md): a small causal transformer
 (LayerNorm, GELU, RoPE, PyTorch's default initialisation, no memory) trained on the documents of

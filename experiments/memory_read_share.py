@@ -1,6 +1,6 @@
 """How much of each head's memory read falls on the passkey needle: why retrieval fades with length.
 
-    python bench/memory_read_share.py --model EXPORT [--lengths 512,2k,8k] [--depths 0,50] [--no-header]
+    python experiments/memory_read_share.py --model EXPORT [--lengths 512,2k,8k] [--depths 0,50] [--no-header]
         [--reference-memory 1k] [--memory-key-scale C] [--memory-query-scale C]
 
 A head's memory read at a query is the mean of every value written before the query's segment,
