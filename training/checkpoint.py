@@ -120,7 +120,7 @@ def _write_snapshots(files: List[Tuple[str, object]], zipfile_serialization: boo
     for index, (path, state) in enumerate(files):
         try:
             if faults.fail_first_file and index == 0:
-                raise OSError("injected writer failure (checkpoint.inject_writer_failure_at_steps)")
+                raise OSError("injected writer failure (debug.inject_writer_failure_at_steps)")
             torch.save(state, path, _use_new_zipfile_serialization=zipfile_serialization)
             _fsync_file(path)
         except Exception as error:
@@ -207,7 +207,7 @@ class CheckpointManager:
             save_resolved(self.cfg, os.path.join(save.tmp, CONFIG))
         dist.barrier()
         rank_path = rank_file(save.tmp, rank)
-        kill_midway = step in self.cfg.checkpoint.inject_kill_during_save_at_steps and rank == 0
+        kill_midway = step in self.cfg.debug.inject_kill_during_save_at_steps and rank == 0
         if asynchronous:
             self._start_writing(save, rank_path, kill_midway)
             return
@@ -235,7 +235,7 @@ class CheckpointManager:
             engine.checkpoint_engine = live_engine
         files = self._snapshotting_engine.take_files()
         files.append((rank_path, snapshot_to_host(self.rank_state())))
-        cfg = self.cfg.checkpoint
+        cfg = self.cfg.debug
         first_rank = dist.get_rank() == 0
         faults = _InjectedWriterFaults(
             delay_seconds=cfg.inject_writer_delay_s, kill_after_first_file=kill_midway,

@@ -13,8 +13,8 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
 from training.checkpoint import CheckpointManager, SaveReport, resume_path
-from training.config import ConfigError, TrainConfig, load_config, save_resolved, validate
+from training.config import ConfigError, TrainConfig, load_config, loader_config, save_resolved, validate
 from training.distributed import device, init_distributed, init_model_parallel
 from training.memory_state import CarriedMemory
 from training.metrics import ConsoleSink, JsonlSink, device_peak_tflops, gate_values, max_over_world
@@ -55,10 +55,9 @@ class TrainState:
     consumed_tokens: int = 0
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
-    history: List[dict] = field(default_factory=list)
 
     def state_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k != "history"}
+        return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
@@ -160,7 +159,8 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.lanes_per_rank = cfg.data.global_lanes // self.dp_size
-        self.window = cfg.data.n_segments * cfg.data.segment_length
+        self.window = cfg.data.n_segments * cfg.model.segment_length
+        self.data_config = loader_config(cfg)
 
         prepare_data(cfg)
         self.model = build_stage_model(cfg, self.bf16)
@@ -171,7 +171,7 @@ class Trainer:
             load_weights_into(self.model, cfg.checkpoint.init_from)
             self.print(f"initialised weights from {cfg.checkpoint.init_from}")
         self.engine = build_engine(self.model, cfg, self.lanes_per_rank, self.bf16)
-        self.train_loader = build_train_loader(cfg.data, self.dp_rank, self.dp_size)
+        self.train_loader = build_train_loader(self.data_config, self.dp_rank, self.dp_size)
         if self.train_loader.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
                               f"vocabulary ({self.train_loader.vocab_size})")
@@ -220,7 +220,8 @@ class Trainer:
     def save_checkpoint(self, reason: str) -> None:
         # Only interval saves are asynchronous: the run stops after the others, so a snapshot would
         # only add its copy.
-        self.checkpoints.save(self.state.step, reason, asynchronous=self.cfg.checkpoint.async_save and reason == "interval")
+        asynchronous = self.cfg.checkpoint.async_save and reason == "interval"
+        self.checkpoints.save(self.state.step, reason, asynchronous=asynchronous)
 
     def report_checkpoint(self, report: SaveReport) -> None:
         """Called by CheckpointManager when a save is finalized (at a later step, for an asynchronous one)."""
@@ -237,7 +238,7 @@ class Trainer:
         started = time.perf_counter()
         microbatches = split_microbatches(batch, cfg.parallel.micro_batch_lanes, device())
         self.model.train()
-        injected = self.state.step + 1 in cfg.inject_nonfinite_at_steps
+        injected = self.state.step + 1 in cfg.debug.inject_nonfinite_at_steps
         result: StepResult = run_schedule(self.model, self.carried, microbatches, forward_only=False,
                                           loss_scale=float("nan") if injected else 1.0, engine=self.engine)
         allreduce_tied_embedding_grads(self.model)
@@ -283,13 +284,11 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        loader = build_valid_loader(self.cfg.data, self.dp_rank, self.dp_size)
+        loader = build_valid_loader(self.data_config, self.dp_rank, self.dp_size)
         carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers))
         self.model.eval()
         loss_sum, weight, tokens = 0.0, 0.0, 0
-        for index, batch in enumerate(loader):
-            if index >= self.cfg.validation.batches:
-                break
+        for batch in loader:
             result = run_schedule(self.model, carried, split_microbatches(batch, self.cfg.parallel.micro_batch_lanes,
                                                                           device()), forward_only=True)
             loss_sum += result.loss_sum
@@ -300,7 +299,6 @@ class Trainer:
         return {"valid/loss": loss, "valid/ppl": float(np.exp(min(loss, 50.0))), "valid/tokens": tokens}
 
     def log(self, metrics: dict) -> None:
-        self.state.history.append({"step": self.state.step, **metrics})
         for sink in self.sinks:
             sink.log(self.state.step, metrics)
 

@@ -46,8 +46,8 @@ SHORT_MIN_LEN=${SHORT_MIN_LEN:-256}
 SHORT_MAX_LEN=${SHORT_MAX_LEN:-512}
 SHORT_QUESTIONS=${SHORT_QUESTIONS:-2}
 SHORT_DATA_ARGS=${SHORT_DATA_ARGS:---no-header --distractors 3}
-SHORT_OVERRIDES=${SHORT_OVERRIDES:-model.segment_length=64 data.segment_length=64 data.n_segments=8 \
-data.global_lanes=64 parallel.micro_batch_lanes=64 optimizer.lr=1e-3 schedule.warmup_steps=50}
+SHORT_OVERRIDES=${SHORT_OVERRIDES:-model.segment_length=64 data.n_segments=8 data.global_lanes=64 \
+parallel.micro_batch_lanes=64 optimizer.lr=1e-3 schedule.warmup_steps=50}
 TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
 LAUNCH=${LAUNCH:-python}
 LENGTHS=${LENGTHS:-1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1m}

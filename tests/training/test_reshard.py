@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.recording import record
 from tests.training.conftest import train_overrides
 
 SAVE_AT = 3
@@ -66,6 +67,7 @@ def train_and_gather(rank, world, overrides):
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
     gathered = global_state(trainer) if trainer.state.step == SAVE_AT else None
     batches = iter(trainer.train_loader)
     try:
@@ -76,7 +78,7 @@ def train_and_gather(rank, world, overrides):
                 gathered = global_state(trainer)
     finally:
         trainer.close()
-    return [(h["step"], h["loss"]) for h in trainer.state.history if "loss" in h], gathered
+    return [(h["step"], h["loss"]) for h in history if "loss" in h], gathered
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.recording import record
 from tests.training.conftest import train_overrides
 from tests.training.test_parallel_equivalence import train_worker
 
@@ -125,6 +126,7 @@ def nonfinite_worker(rank, world, overrides):
     from training.train import NonFiniteLossError, Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
     batches = iter(trainer.train_loader)
     weights, outcome = [], None
     try:
@@ -135,13 +137,13 @@ def nonfinite_worker(rank, world, overrides):
         outcome = str(error)
     finally:
         trainer.close()
-    return dict(history=trainer.state.history, weights=weights, outcome=outcome)
+    return dict(history=history, weights=weights, outcome=outcome)
 
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_stop_the_run(stdlib_shards, tmp_path):
     overrides = train_overrides(stdlib_shards, str(tmp_path), **{
-        "schedule.steps": 8, "max_nonfinite_steps": 3, "inject_nonfinite_at_steps": "[2,4,5,6]"})
+        "schedule.steps": 8, "max_nonfinite_steps": 3, "debug.inject_nonfinite_at_steps": "[2,4,5,6]"})
     result = run_distributed(nonfinite_worker, 2, overrides + ["parallel.zero_stage=2"])[0]
     history, weights = result["history"], result["weights"]
     # Step 2 is skipped: the weights after it equal those after step 1; step 3 updates again.
@@ -176,7 +178,7 @@ def run_cli(*args, timeout=600):
     (["model.hidden_sise=8"], "hidden_sise"),
     (["schedule.steps=many"], "schedule.steps"),
     (["parallel.pipeline=2", "parallel.zero_stage=2", "model.num_layers=2"], "zero_stage=2 with parallel.pipeline=2"),
-    (["data.segment_length=32"], "data.segment_length (32) must equal model.segment_length (64)"),
+    (["data.segment_length=32"], "data.segment_length is not a key; set model.segment_length"),
     (["performance.compile_loss=true", "parallel.tensor=2"], "performance.compile_loss needs parallel.tensor = 1"),
     (["model.recompute=true", "model.recompute_attention=true"],
      "model.recompute (whole layers) and model.recompute_attention"),
