@@ -8,8 +8,11 @@
 INPUT: .txt files (one file, one document), .jsonl / .jsonl.gz (one JSON object a line, the text
 under --text-field, optionally per-token loss weights under --weights-field as weighted character
 spans: weights.py), .parquet (the --text-field column), directories (searched recursively for
-those) and globs. TOK: `bytes` or the path of a HF tokenizer.json. Documents keep the input order
-whatever --workers is; workers tokenize, the main process writes.
+those) and globs; extensions in any letter case. Files of other types that a directory or glob
+turns up are left out and counted in the summary. TOK: `bytes` or the path of a HF tokenizer.json.
+Documents keep the input order whatever --workers is; workers tokenize, the main process writes.
+The set is written under DIR/.partial and moved into DIR only when complete, so a failed run
+leaves DIR as it was.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -42,6 +45,9 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _CHUNK_BYTES = 4 << 20
 _CHUNK_DOCS = 2048
+_KINDS = (".jsonl.gz", ".jsonl", ".txt", ".parquet")
+_COMPRESSION_EXTS = (".gz", ".bz2", ".xz", ".zst")
+STAGING_NAME = ".partial"
 
 # (label, kind, payload): kind "txt" (file bytes), "json" (one line's bytes) or "text" (parquet value)
 RawDoc = Tuple[str, str, object]
@@ -57,33 +63,63 @@ def parse_size(text: str) -> int:
 
 
 def _kind(path: str) -> Optional[str]:
-    for ext in (".jsonl.gz", ".jsonl", ".txt", ".parquet"):
-        if path.endswith(ext):
+    lower = path.lower()
+    for ext in _KINDS:
+        if lower.endswith(ext):
             return ext[1:]
     return None
 
 
-def expand_inputs(inputs: Sequence[str]) -> List[str]:
-    """Files, directories (recursively, supported extensions only) and globs, in a stable order."""
+def _extension(path: str) -> str:
+    """The extension a summary reports an ignored file under: `.md`, `.json.gz`, `(none)`."""
+    stem, ext = os.path.splitext(os.path.basename(path))
+    if ext.lower() in _COMPRESSION_EXTS:
+        ext = os.path.splitext(stem)[1] + ext
+    return ext or "(none)"
+
+
+def expand_inputs(inputs: Sequence[str]) -> Tuple[List[str], Dict[str, int]]:
+    """Files, directories (recursively) and globs, in a stable order; and the files of other types
+    that a directory or glob turned up, counted by extension. A file named outright must be an input."""
     files: List[str] = []
+    ignored: Dict[str, int] = collections.Counter()
+
+    def found(path: str) -> None:
+        if _kind(path):
+            files.append(path)
+        else:
+            ignored[_extension(path)] += 1
+
     for inp in inputs:
         if os.path.isdir(inp):
             for root, dirs, names in os.walk(inp):
                 dirs.sort()
-                files += [os.path.join(root, n) for n in sorted(names) if _kind(n)]
+                for name in sorted(names):
+                    found(os.path.join(root, name))
             continue
         if glob.has_magic(inp):
             matches = sorted(glob.glob(inp, recursive=True))
             if not matches:
                 raise DataError(f"{inp}: matches no file")
-            files += expand_inputs(matches)
+            for match in matches:
+                if os.path.isdir(match):
+                    sub_files, sub_ignored = expand_inputs([match])
+                    files += sub_files
+                    ignored.update(sub_ignored)
+                else:
+                    found(match)
             continue
         if not os.path.isfile(inp):
             raise DataError(f"{inp}: no such file or directory")
         if not _kind(inp):
             raise DataError(f"{inp}: unsupported input (use .txt, .jsonl, .jsonl.gz or .parquet)")
         files.append(inp)
-    return files
+    return files, dict(ignored)
+
+
+def format_ignored(ignored: Dict[str, int]) -> str:
+    by_ext = ", ".join(f"{ext} {n}" for ext, n in sorted(ignored.items()))
+    return f"ignored {sum(ignored.values())} files of other types ({by_ext})" if ignored else "ignored no files"
 
 
 def stdlib_files() -> List[str]:
@@ -96,19 +132,52 @@ def stdlib_files() -> List[str]:
     return out
 
 
+def _is_text_type(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        return _is_text_type(t.value_type)
+    return any(f(t) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
+                              pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view))
+
+
+def _parquet_values(path: str, text_field: str) -> Iterator[list]:
+    """The text column of a parquet file, a batch of Python values at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise DataError(f"{path}: no column {text_field!r} (columns: {schema.names})")
+    column_type = schema.field(text_field).type
+    if not _is_text_type(column_type):
+        raise DataError(f"{path}: column {text_field!r} holds {column_type}, not text (a string or binary column)")
+    batches = pf.iter_batches(batch_size=1024, columns=[text_field])
+    row = 0
+    while True:
+        try:
+            batch = next(batches, None)
+            values = batch.column(0).to_pylist() if batch is not None else None
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read column {text_field!r} from row {row} (corrupt file?): {e}") from None
+        if values is None:
+            return
+        yield values
+        row += len(values)
+
+
 def _iter_raw(files: Sequence[str], text_field: str) -> Iterator[Tuple[RawDoc, int]]:
     """Raw documents with the input bytes they took."""
     for path in files:
         kind = _kind(path)
         if kind == "parquet":
-            import pyarrow.parquet as pq
-
-            pf = pq.ParquetFile(path)
-            if text_field not in pf.schema_arrow.names:
-                raise DataError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
             row = 0
-            for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
-                for value in batch.column(0).to_pylist():
+            for values in _parquet_values(path, text_field):
+                for value in values:
                     size = len(value) if isinstance(value, bytes) else len(value.encode("utf-8")) if value else 0
                     yield (f"{path}:row{row}", "text", value), size
                     row += 1
@@ -151,6 +220,13 @@ def _text_of(kind: str, payload, field: str, weights_field: str) -> Tuple[Option
         payload = obj[field]
         if not isinstance(payload, str):
             return None, None, "no_text", f"field {field!r} is not a string"
+        if not payload.isascii():
+            # JSON's \ud83d escapes decode to a lone surrogate, a string that has no UTF-8 encoding.
+            try:
+                payload.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return (None, None, "lone_surrogate",
+                        f"field {field!r} holds a lone surrogate U+{ord(payload[e.start]):04X} at character {e.start}")
         if obj.get(weights_field) is not None:
             try:
                 spans = check_spans(obj[weights_field], len(payload), "character")
@@ -266,15 +342,38 @@ class _ShardWriter:
             self.shards[-1]["n_bytes"] += 1024
 
 
-def _prepare_output(out: str, overwrite: bool) -> None:
+def _shard_set_files(directory: str) -> List[str]:
+    return [n for n in os.listdir(directory)
+            if n in (INDEX_NAME, DOC_TOKENS_NAME, DOC_OFFSETS_NAME) or re.fullmatch(r"shard-\d+\.tar", n)]
+
+
+def _prepare_output(out: str, overwrite: bool) -> Tuple[str, bool]:
+    """An empty staging directory inside `out`, and whether `out` was created for this run. A staging
+    directory left by a killed run is removed: it never holds a complete set."""
+    created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
-    old = [n for n in os.listdir(out)
-           if n in (INDEX_NAME, DOC_TOKENS_NAME, DOC_OFFSETS_NAME) or re.fullmatch(r"shard-\d+\.tar", n)]
+    old = _shard_set_files(out)
     if old and not overwrite:
         raise DataError(f"{out} already holds a shard set ({len(old)} files); pass --overwrite to replace it")
-    # The index goes first, so that an interrupted overwrite never leaves a stale but valid set.
-    for n in sorted(old, key=lambda n: n != INDEX_NAME):
-        os.remove(os.path.join(out, n))
+    staging = os.path.join(out, STAGING_NAME)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.mkdir(staging)
+    return staging, created
+
+
+def _publish(staging: str, out: str) -> None:
+    """Move the complete set from `staging` into `out`, replacing an old set there. The old index
+    goes first and the new one comes last, so an interrupted move never leaves a set that reads as
+    complete but mixes old and new files."""
+    old = set(_shard_set_files(out))
+    new = _shard_set_files(staging)
+    if INDEX_NAME in old:
+        os.remove(os.path.join(out, INDEX_NAME))
+    for name in sorted(old - set(new) - {INDEX_NAME}):
+        os.remove(os.path.join(out, name))
+    for name in sorted(new, key=lambda n: n == INDEX_NAME):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+    os.rmdir(staging)
 
 
 def _tokenized(chunks: Iterator[Tuple[List[RawDoc], int]], tokenizer: str, tok, workers: int, field: str,
@@ -300,47 +399,69 @@ def write_shards(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *
                  workers: int = 1, text_field: str = "text", weights_field: str = "loss_weights", on_bad: str = "error",
                  overwrite: bool = False, progress: bool = True, source: Optional[str] = None,
                  max_files: Optional[int] = None) -> dict:
-    """Write the shard set; returns a summary (index path, counts, throughput, skipped by reason).
-    on_bad: "error" raises on the first bad document (naming file and line/row), "skip" counts it.
-    weights_field: the .jsonl field of a document's weighted character spans (weights.py)."""
+    """Write the shard set; returns a summary (index path, counts, throughput, skipped by reason,
+    ignored files by extension). on_bad: "error" raises on the first bad document (naming file and
+    line/row), "skip" counts it. weights_field: the .jsonl field of a document's weighted character
+    spans (weights.py). The set is written into OUTPUT/.partial and moved into OUTPUT only when
+    complete: a run that fails leaves OUTPUT as it was (an old set stays, even with overwrite)."""
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', not {on_bad!r}")
     if source not in (None, "python-stdlib"):
         raise ValueError(f"unknown built-in source {source!r} (known: python-stdlib)")
     tok = load_tokenizer(tokenizer)
-    files = (stdlib_files() if source else []) + (expand_inputs(inputs) if inputs else [])
+    files, ignored = expand_inputs(inputs) if inputs else ([], {})
+    files = (stdlib_files() if source else []) + files
     files = files[:max_files] if max_files is not None else files
     if not files:
-        raise DataError("no input files")
-    _prepare_output(output, overwrite)
+        raise DataError(f"no input files ({format_ignored(ignored)})")
+    staging, created = _prepare_output(output, overwrite)
+    try:
+        summary = _write_set(files, staging, tok, tokenizer, shard_size=shard_size, workers=workers,
+                             text_field=text_field, weights_field=weights_field, on_bad=on_bad, progress=progress,
+                             created_by={"inputs": list(inputs), "source": source, "text_field": text_field,
+                                         "n_files": len(files), **({"ignored": ignored} if ignored else {})})
+        _publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not os.listdir(output):
+            os.rmdir(output)
+        raise
+    return {"index": os.path.join(output, INDEX_NAME), "files": len(files), "ignored": ignored, **summary}
+
+
+def _write_set(files: Sequence[str], out_dir: str, tok, tokenizer: str, *, shard_size, workers: int,
+               text_field: str, weights_field: str, on_bad: str, progress: bool, created_by: dict) -> dict:
+    """Shards, document arrays and index of `files` into `out_dir`; the summary's counts and throughput."""
     dtype = token_dtype(tok.vocab_size)
-    writer = _ShardWriter(output, dtype, parse_size(shard_size))
+    writer = _ShardWriter(out_dir, dtype, parse_size(shard_size))
     skipped: Dict[str, int] = collections.Counter()
     total = sum(os.path.getsize(f) for f in files) if all(_kind(f) in ("txt", "jsonl") for f in files) else None
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     in_bytes = 0
-    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
-        for results, n in _tokenized(_chunks(_iter_raw(files, text_field)), tokenizer, tok, workers, text_field,
-                                     weights_field):
-            for label, ids, runs, cat, msg in results:
-                if ids is None:
-                    if on_bad == "error":
-                        raise DataError(f"{label}: {msg} (pass --on-bad skip to skip and count such documents)")
-                    skipped[cat] += 1
-                    warn_limited(log, skipped[cat], f"skipping {label}: {msg}")
-                else:
-                    writer.add(ids, label, runs)
-            in_bytes += n
-            bar.update(n)
-    writer.close()
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
+            for results, n in _tokenized(_chunks(_iter_raw(files, text_field)), tokenizer, tok, workers, text_field,
+                                         weights_field):
+                for label, ids, runs, cat, msg in results:
+                    if ids is None:
+                        if on_bad == "error":
+                            raise DataError(f"{label}: {msg} (pass --on-bad skip to skip and count such documents)")
+                        skipped[cat] += 1
+                        warn_limited(log, skipped[cat], f"skipping {label}: {msg}")
+                    else:
+                        writer.add(ids, label, runs)
+                in_bytes += n
+                bar.update(n)
+    finally:
+        writer.close()
     if not writer.doc_tokens:
         raise DataError(f"no documents written (skipped: {dict(skipped)})")
     seconds = time.perf_counter() - t0
     doc_tokens = np.asarray(writer.doc_tokens, dtype=np.int64)
-    np.save(os.path.join(output, DOC_TOKENS_NAME), doc_tokens)
-    np.save(os.path.join(output, DOC_OFFSETS_NAME), np.asarray(writer.doc_offsets, dtype=np.int64))
+    np.save(os.path.join(out_dir, DOC_TOKENS_NAME), doc_tokens)
+    np.save(os.path.join(out_dir, DOC_OFFSETS_NAME), np.asarray(writer.doc_offsets, dtype=np.int64))
     spec = tok.spec()
     index = {
         "format": FORMAT, "version": VERSION, "tokenizer": spec, "dtype": dtype.name,
@@ -349,22 +470,18 @@ def write_shards(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *
         "n_documents": len(doc_tokens), "n_tokens": int(doc_tokens.sum()), "doc_tokens": DOC_TOKENS_NAME,
         "doc_offsets": DOC_OFFSETS_NAME,
         "shards": writer.shards,
-        "created_by": {"inputs": list(inputs), "source": source, "text_field": text_field, "n_files": len(files),
-                       "skipped": dict(skipped)},
+        "created_by": {**created_by, "skipped": dict(skipped)},
     }
     if writer.weighted_documents:
         # Only then: a set without weights keeps the index it always had.
         index["weighted_documents"] = writer.weighted_documents
         index["created_by"]["weights_field"] = weights_field
-    fd, tmp = tempfile.mkstemp(dir=output, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
+    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
         json.dump(index, f, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; shard sets are shared
-    os.replace(tmp, os.path.join(output, INDEX_NAME))
     out_bytes = sum(s["n_bytes"] for s in writer.shards)
-    return {"index": os.path.join(output, INDEX_NAME), "documents": len(doc_tokens), "tokens": index["n_tokens"],
-            "shards": len(writer.shards), "files": len(files), "input_bytes": in_bytes, "output_bytes": out_bytes,
-            "seconds": seconds, "input_mb_per_s": in_bytes / 1e6 / seconds, "tokens_per_s": index["n_tokens"] / seconds,
+    return {"documents": len(doc_tokens), "tokens": index["n_tokens"], "shards": len(writer.shards),
+            "input_bytes": in_bytes, "output_bytes": out_bytes, "seconds": seconds,
+            "input_mb_per_s": in_bytes / 1e6 / seconds, "tokens_per_s": index["n_tokens"] / seconds,
             "weighted_documents": writer.weighted_documents, "skipped": dict(skipped)}
 
 
@@ -380,7 +497,8 @@ def format_summary(s: dict) -> str:
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(s["skipped"].items())) or "none"
     return (f"wrote {s['documents']} documents, {s['tokens']} tokens from {s['files']} files into {s['shards']} "
             f"shards ({s['output_bytes'] / 1e6:.1f} MB) in {s['seconds']:.1f} s: {s['input_mb_per_s']:.1f} MB/s of "
-            f"text, {s['tokens_per_s'] / 1e6:.2f} M tokens/s; skipped: {skipped}\nindex: {s['index']}")
+            f"text, {s['tokens_per_s'] / 1e6:.2f} M tokens/s; skipped: {skipped}; {format_ignored(s['ignored'])}\n"
+            f"index: {s['index']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

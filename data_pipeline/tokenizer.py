@@ -57,7 +57,8 @@ class ByteTokenizer:
 
 class HFTokenizer:
     """A `tokenizers` tokenizer.json. Documents are encoded without the post-processor's specials,
-    because the reader adds <eos> itself (DataConfig.append_eos)."""
+    because the reader adds <eos> itself (DataConfig.append_eos), and text that spells a special
+    token (`<|endoftext|>` in a scraped page) is encoded as the plain text it is."""
 
     kind = "hf"
 
@@ -70,6 +71,8 @@ class HFTokenizer:
         with open(self.path, "rb") as f:
             self.sha256 = hashlib.sha256(f.read()).hexdigest()
         self._tok = Tokenizer.from_file(self.path)
+        # Otherwise the text "<|endoftext|>" becomes the <eos> id and ends the document mid-text for the model.
+        self._tok.encode_special_tokens = True
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # Ids need not be contiguous; the model's embedding must cover the largest one.
         self.vocab_size = max(vocab.values()) + 1

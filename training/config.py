@@ -160,7 +160,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
     build_stdlib_shards: bool = False
-    """Write the built-in python-stdlib shards to data.sources[0].path if that directory is missing."""
+    """Write the built-in python-stdlib shards to stdlib_shards_dir when a data source reads that directory and it
+    holds no index yet; never into any other path."""
+    stdlib_shards_dir: str = "runs/data/python-stdlib"
+    """Where the built-in python-stdlib shards are written and read."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: RunDataConfig = field(default_factory=RunDataConfig)
     """The window's segment length is model.segment_length; a validation pass's cap is validation.batches."""

@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from data_pipeline import build_train_loader, build_valid_loader
+from data_pipeline import SourceConfig, build_train_loader, build_valid_loader
 from data_pipeline.make_shards import build_stdlib_shards
+from data_pipeline.shards import INDEX_NAME
 from modeling.config import build_transformer_config
 from modeling.cpu_compat import megatron_on_cpu
 from modeling.export import export_model, load_weights_into
@@ -91,12 +92,36 @@ def use_bf16(cfg: TrainConfig) -> bool:
     return cfg.precision == "bf16"
 
 
+def missing_data_path(source: SourceConfig, key: str) -> Optional[str]:
+    """Why `source` (config key `key`) cannot be read, or None. A pattern or URL source is read
+    through webdataset; only its index must be a local file."""
+    if source.index is not None:
+        return None if os.path.isfile(source.index) else f"{key}.index: {source.index} does not exist"
+    if not os.path.exists(source.path):
+        return f"{key}.path: {source.path} does not exist"
+    if os.path.isdir(source.path) and not os.path.isfile(os.path.join(source.path, INDEX_NAME)):
+        return f"{key}.path: {source.path} holds no {INDEX_NAME} (write one with python -m data_pipeline.make_shards)"
+    return None
+
+
 def prepare_data(cfg: TrainConfig) -> None:
-    """The built-in python-stdlib shards, written once by global rank 0 when asked for and missing."""
-    if cfg.build_stdlib_shards:
-        path = cfg.data.sources[0].path
-        if dist.get_rank() == 0 and not os.path.exists(os.path.join(path, "index.json")):
-            build_stdlib_shards(path)
+    """Every data source must exist before anything is written; only the built-in python-stdlib
+    shards, when asked for and read by a source, are written (by global rank 0, into stdlib_shards_dir)."""
+    stdlib_dir = os.path.abspath(cfg.stdlib_shards_dir)
+    reads_stdlib = False
+    for group in ("sources", "valid_sources"):
+        for i, source in enumerate(getattr(cfg.data, group)):
+            if cfg.build_stdlib_shards and source.index is None and os.path.abspath(source.path) == stdlib_dir:
+                reads_stdlib = True
+                continue
+            problem = missing_data_path(source, f"data.{group}[{i}]")
+            if problem:
+                hint = " (build_stdlib_shards=true writes the built-in shards there)" if (
+                    os.path.abspath(source.path) == stdlib_dir) else ""
+                raise ConfigError(problem + hint)
+    if reads_stdlib:
+        if dist.get_rank() == 0 and not os.path.exists(os.path.join(stdlib_dir, INDEX_NAME)):
+            build_stdlib_shards(stdlib_dir)
         dist.barrier()
 
 
