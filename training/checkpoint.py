@@ -151,6 +151,8 @@ def resume_path(cfg) -> Optional[str]:
 
 
 class Stateful(Protocol):
+    """A piece of a run that a rank file keeps: ``state_dict`` is what it stores under the piece's name."""
+
     def state_dict(self): ...
 
     def load_state_dict(self, state) -> None: ...
@@ -162,7 +164,8 @@ class CheckpointManager:
     A checkpoint holds the DeepSpeed engine (model, optimizer, LR schedule) and per rank a file of its
     coordinates, lanes and RNG states, and of ``states``: each named object's ``state_dict`` under its name
     (the carried memory, the data loader's position, the progress counters, the W&B run id). Each
-    finalized save is handed to ``on_save``.
+    finalized save is handed to ``on_save``. ``model`` is this rank's stage of the model the engine wraps:
+    a checkpoint of another layout is mapped onto its parameters (``training.reshard``).
     """
 
     def __init__(self, cfg: TrainConfig, engine, model, lane_ids: List[int], states: Dict[str, Stateful],

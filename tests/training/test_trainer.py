@@ -20,7 +20,7 @@ def reference_worker(rank, world, overrides, carry):
     """One process, no schedule, no DeepSpeed: each lane's windows in order through the plain model."""
     from data_pipeline import build_train_loader
     from modeling.cpu_compat import megatron_on_cpu
-    from training.config import load_config
+    from training.config import load_config, loader_config
     from training.distributed import init_distributed, init_model_parallel
     from training.train import build_stage_model
 
@@ -29,7 +29,7 @@ def reference_worker(rank, world, overrides, carry):
     init_model_parallel(1, 1)
     model = build_stage_model(cfg, bf16=False)
     model.eval()
-    loader = build_train_loader(cfg.data, 0, 1)
+    loader = build_train_loader(loader_config(cfg), 0, 1)
     memory = [None] * cfg.data.global_lanes
     losses = []
     with torch.no_grad(), megatron_on_cpu():
@@ -153,6 +153,46 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run(stdlib_shards, tmp_path):
     assert [h["skipped_steps"] for h in history] == [0, 1, 1, 2, 3]
     assert all(torch.isfinite(w).all() for step in weights for w in step.values())
     assert result["outcome"] is not None and "3 consecutive steps" in result["outcome"] and "step 6" in result["outcome"]
+
+
+def budget_worker(rank, world, overrides):
+    from training.config import load_config
+    from training.train import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
+    try:
+        finished = trainer.fit()
+    finally:
+        trainer.close()
+    return dict(finished=finished, step=trainer.state.step, logged=[h["step"] for h in history if "loss" in h])
+
+
+def merged_checkpoint_worker(rank, world, step_dir, export_dir):
+    from evals.common import read_checkpoint
+    from modeling.export import read_export
+    from training.distributed import init_single_process
+
+    init_single_process()
+    return read_checkpoint(step_dir)[1], read_export(export_dir)[1]
+
+
+@pytest.mark.slow
+def test_time_budget_ends_the_run_with_a_checkpoint_and_an_export(stdlib_shards, tmp_path):
+    run_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
+    # A budget shorter than any step: every rank stops after the first one.
+    overrides = train_overrides(stdlib_shards, run_dir, **{
+        "schedule.steps": 50, "schedule.max_minutes": 1e-6, "export.dir": export_dir})
+    result = run_distributed(budget_worker, 2, overrides + ["parallel.tensor=2"])
+    assert [r["finished"] for r in result] == [True, True] and [r["step"] for r in result] == [1, 1]
+    assert result[0]["logged"] == [1]
+    step_dir = os.path.join(run_dir, "checkpoints", "step_00000001")
+    assert json.load(open(os.path.join(step_dir, "manifest.json")))["reason"] == "time_budget"
+    # The export holds the weights the checkpoint saved (merged from DeepSpeed's TP shards on one device).
+    saved, exported = run_distributed(merged_checkpoint_worker, 1, step_dir, export_dir)[0]
+    assert set(saved) == set(exported)
+    for name, tensor in exported.items():
+        assert torch.equal(saved[name].float(), tensor), name
 
 
 @pytest.mark.slow
