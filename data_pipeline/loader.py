@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
@@ -192,12 +193,20 @@ class _LaneDataset(IterableDataset):
                 lane.close()
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # TERM to the process group (scancel, a time limit, torchrun, `timeout`) reaches the workers too; the
+    # main process decides when to stop and shuts them down. A worker killed first would fail the run.
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _start(ds: _LaneDataset, workers: int, cfg: DataConfig) -> Iterator[dict]:
     if workers == 0:
         return iter(ds)
     # fork: workers inherit the opened indexes; timeout: a stuck worker becomes an error.
     return iter(DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=cfg.prefetch,
-                           multiprocessing_context="fork", timeout=cfg.worker_timeout_s))
+                           multiprocessing_context="fork", timeout=cfg.worker_timeout_s,
+                           worker_init_fn=_ignore_stop_signals))
 
 
 def _close(it: Optional[Iterator[dict]]) -> None:

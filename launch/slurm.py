@@ -2,8 +2,11 @@
 
 ``submit`` renders ``launch/sbatch.sh.tmpl`` for a run, writes it to ``<run_dir>/sbatch.sh`` and
 submits it; ``--dry-run`` prints it instead. The job runs one srun task per GPU (one per node with
-``--gpus-per-node 0``), asks for USR1 before its time limit, and requeues itself after the trainer
-checkpointed on that signal; the requeued job resumes from the checkpoint.
+``--gpus-per-node 0``) and asks for USR1 before its time limit. On USR1 (to the batch shell or to the
+ranks) the ranks save their last finished step and the job requeues itself to resume from it; on TERM
+(scancel, the time limit) they save it and the job ends. The trainer's ``<run_dir>/outcome.json`` tells
+the script which happened; a crash fails the job, and so do more than ``--max-requeues-without-progress``
+starts in a row stopped before their first step.
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ def split_overrides(overrides: Sequence[str]):
     return rest, first
 
 
-def render_script(config: str, overrides: Sequence[str], run_dir: str, layout: Layout, workdir: str) -> str:
+def render_script(config: str, overrides: Sequence[str], run_dir: str, layout: Layout, workdir: str,
+                  max_requeues_without_progress: int = 3) -> str:
     user_overrides, first_resume = split_overrides(overrides)
     env = GPU_ENV_DEFAULTS if layout.gpus_per_node else CPU_ENV_DEFAULTS
     srun = [f"--nodes={layout.nodes}", f"--ntasks-per-node={layout.tasks_per_node}", "--kill-on-bad-exit=1"]
@@ -91,6 +95,8 @@ def render_script(config: str, overrides: Sequence[str], run_dir: str, layout: L
     return render(template, {
         "directives": "\n".join(sbatch_directives(layout, run_dir)),
         "workdir": shlex.quote(workdir),
+        "run_dir": shlex.quote(run_dir),
+        "max_requeues_without_progress": str(max_requeues_without_progress),
         "code_root": shlex.quote(CODE_ROOT),
         "env_defaults": "\n".join(f'export {name}="${{{name}:-{value}}}"' for name, value in env.items()),
         "first_resume": shlex.quote(first_resume),
@@ -126,8 +132,8 @@ def scontrol_job(job_id: str) -> Dict[str, str]:
 def cmd_submit(args) -> int:
     from training.config import ConfigError
 
-    if args.gpus_per_node < 0 or args.nodes < 1:
-        raise SystemExit("--nodes must be >= 1 and --gpus-per-node >= 0")
+    if args.gpus_per_node < 0 or args.nodes < 1 or args.max_requeues_without_progress < 0:
+        raise SystemExit("--nodes must be >= 1, --gpus-per-node and --max-requeues-without-progress >= 0")
     if args.gpus_per_node and args.tasks_per_node not in (None, args.gpus_per_node):
         raise SystemExit("one task per GPU: --tasks-per-node is for --gpus-per-node 0")
     tasks = args.gpus_per_node or args.tasks_per_node or 1
@@ -140,7 +146,8 @@ def cmd_submit(args) -> int:
                     cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
                     time=args.time, qos=args.qos, signal_seconds=args.signal_seconds,
                     job_name=args.job_name or os.path.basename(run_dir))
-    script = render_script(os.path.abspath(args.config), args.overrides, run_dir, layout, os.getcwd())
+    script = render_script(os.path.abspath(args.config), args.overrides, run_dir, layout, os.getcwd(),
+                           args.max_requeues_without_progress)
     if args.dry_run:
         print(script, end="")
         return 0
@@ -200,6 +207,8 @@ def parse_args(argv=None):
     submit.add_argument("--signal-seconds", type=int, default=300,
                         help="USR1 this many seconds before the time limit (SLURM may send it up to 60 s early)")
     submit.add_argument("--job-name", help="default: the run directory's name")
+    submit.add_argument("--max-requeues-without-progress", type=int, default=3,
+                        help="requeue at most this many starts in a row that USR1 stopped before their first step")
     submit.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     submit.add_argument("overrides", nargs="*", help="key=value config overrides, as for training.train")
     submit.set_defaults(fn=cmd_submit)
@@ -208,7 +217,8 @@ def parse_args(argv=None):
     status.add_argument("job_id")
     status.set_defaults(fn=cmd_status)
 
-    cancel = commands.add_parser("cancel", help="cancel a job (its ranks checkpoint if SLURM's KillWait allows)")
+    cancel = commands.add_parser("cancel", help="cancel a job; its ranks save their last finished step if SLURM's "
+                                                "KillWait allows")
     cancel.add_argument("job_id")
     cancel.add_argument("--requeue", action="store_true", help="checkpoint and requeue instead (like a preemption)")
     cancel.set_defaults(fn=cmd_cancel)

@@ -20,7 +20,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
@@ -32,6 +32,33 @@ GATE_ATTRIBUTE = "is_infini_gate"
 def is_gate_parameter(param: torch.nn.Parameter) -> bool:
     """Gates get their own learning rate and no weight decay (they never leave 0.5 otherwise)."""
     return getattr(param, GATE_ATTRIBUTE, False)
+
+
+class TorchNorm:
+    """torch's RMSNorm or LayerNorm (``config.normalization``), as megatron's WrappedTorchNorm builds them,
+    but also inside the sequence-parallel region: there each TP rank normalizes its own slice of the
+    sequence, so its weights are marked ``sequence_parallel`` (megatron's mark for weights whose
+    gradients are partial sums over the TP group, see ``sums_gradient_over_tensor_parallel``)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        norms = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"normalization must be one of {sorted(norms)}, got {config.normalization!r}")
+        norm = norms[config.normalization](hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def sums_gradient_over_tensor_parallel(name: str, param: torch.nn.Parameter, config) -> bool:
+    """Whether a parameter, the same on every TP rank, gets only part of its gradient on each: the
+    weights of the sequence-parallel region (each rank sees a slice of the sequence) and the q/k norms
+    (each rank sees its own heads). megatron's finalize_model_grads picks the same set."""
+    if config.tensor_model_parallel_size == 1:
+        return False
+    if config.sequence_parallel and getattr(param, "sequence_parallel", False):
+        return True
+    return config.qk_layernorm and ("q_layernorm" in name or "k_layernorm" in name)
 
 
 class InfiniCoreAttention(MegatronModule):
@@ -75,7 +102,9 @@ class InfiniCoreAttention(MegatronModule):
 
 class InfiniSelfAttention(SelfAttention):
     """megatron's SelfAttention (fused QKV column-parallel projection, optional q/k norms, row-parallel
-    output projection) with Infini-attention as its core. Input and output [s, b, h]."""
+    output projection) with Infini-attention as its core. Input and output [s, b, h]; with sequence
+    parallelism [s / tp, b, h]: the QKV projection gathers the whole sequence, the core sees it all
+    (and this rank's heads), the output projection scatters it again."""
 
     def forward(self, hidden_states, rotary_pos_emb=None, memory: Optional[InfiniMemory] = None, reset=None):
         query, key, value = self.get_query_key_value_tensors(hidden_states)
@@ -89,8 +118,7 @@ class InfiniSelfAttention(SelfAttention):
         else:
             context, memory = self.core_attention(query, key, value, memory=memory, reset=reset,
                                                   rotary_pos_emb=rotary_pos_emb)
-        s, b = hidden_states.shape[0], hidden_states.shape[1]
-        context = context.permute(2, 0, 1, 3).reshape(s, b, -1)
+        context = context.permute(2, 0, 1, 3).flatten(2)
         output, bias = self.linear_proj(context)
         return output, bias, memory
 
@@ -110,12 +138,19 @@ class InfiniTransformerLayer(TransformerLayer):
         return self._forward_mlp(hidden_states), memory
 
 
+def get_infini_block_spec(config, vp_stage=None) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers and the final norm, which runs in the sequence-parallel region too."""
+    layer = get_infini_layer_spec(qk_layernorm=config.qk_layernorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=TorchNorm)
+
+
 def get_infini_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
     """Llama-style layer (RMSNorm, SwiGLU from the config) with Infini-attention, megatron-core local modules."""
     return ModuleSpec(
         module=InfiniTransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=TorchNorm,
             self_attention=ModuleSpec(
                 module=InfiniSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
@@ -123,12 +158,12 @@ def get_infini_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=InfiniCoreAttention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=WrappedTorchNorm if qk_layernorm else IdentityOp,
-                    k_layernorm=WrappedTorchNorm if qk_layernorm else IdentityOp,
+                    q_layernorm=TorchNorm if qk_layernorm else IdentityOp,
+                    k_layernorm=TorchNorm if qk_layernorm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=TorchNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                 linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.utils import make_viewless_tensor
@@ -12,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modeling.config import InfiniTransformerConfig
 from modeling.infini_attention import InfiniMemory
-from modeling.layers import get_infini_layer_spec
+from modeling.layers import get_infini_block_spec, sums_gradient_over_tensor_parallel
 
 LayerMemories = List[Optional[InfiniMemory]]
 
@@ -26,6 +28,11 @@ class InfiniGPTModel(GPTModel):
     float32 holding, per batch row, the heads this TP rank owns. The new list comes back beside the
     output; the model keeps no memory of its own, so the caller decides what carries over (and
     whether to detach). Works as any pipeline stage (pre_process / post_process).
+
+    With ``config.sequence_parallel`` (megatron's sequence parallelism) the embedding scatters the
+    window over the TP ranks along the sequence; norms and residuals run on [t / tp, b, h] slices, the
+    column-parallel projections gather the sequence and the row-parallel ones scatter it again, and the
+    output layer gathers it. The Infini memories are the same as without it (sharded by heads).
     """
 
     def __init__(self, config: InfiniTransformerConfig, vocab_size: int, *, pre_process: bool = True,
@@ -33,7 +40,7 @@ class InfiniGPTModel(GPTModel):
                  rotary_base: int = 10000, parallel_output: bool = True, vp_stage: Optional[int] = None):
         super().__init__(
             config=config,
-            transformer_layer_spec=get_infini_layer_spec(qk_layernorm=config.qk_layernorm),
+            transformer_layer_spec=get_infini_block_spec(config, vp_stage),
             vocab_size=vocab_size,
             max_sequence_length=config.infini_segment_length,
             pre_process=pre_process,
@@ -44,6 +51,12 @@ class InfiniGPTModel(GPTModel):
             rotary_base=rotary_base,
             vp_stage=vp_stage,
         )
+        tp_group = self.pg_collection.tp
+        for name, param in self.named_parameters():
+            if sums_gradient_over_tensor_parallel(name, param, config):
+                # In backward, before the gradient reaches param.grad: ZeRO-2/3 take it from there for
+                # their data-parallel reduction during backward, so it must be whole by then.
+                param.register_hook(partial(_sum_over_group, group=tp_group))
 
     @property
     def layers(self):
@@ -54,7 +67,8 @@ class InfiniGPTModel(GPTModel):
         """input_ids, labels: [b, t]; reset: bool [b, n_segments].
 
         Returns (output, new memory list). output: per-token loss [b, t] on the last stage with
-        labels, logits [b, t, vocab/tp] without; hidden states [t, b, h] on other stages.
+        labels, logits [b, t, vocab/tp] without; hidden states [t, b, h] on other stages
+        ([t / tp, b, h], this rank's slice, with sequence parallelism).
         """
         if memory is None:
             memory = [None] * len(self.layers)
@@ -82,11 +96,28 @@ class InfiniGPTModel(GPTModel):
         if labels is None:
             return self._logits(hidden).transpose(0, 1).contiguous(), new_memory
         chunk = self.config.infini_loss_chunk_tokens
-        if not chunk or chunk >= hidden.shape[0]:
+        if not chunk or chunk >= labels.shape[1]:
             return self._loss(hidden, labels), new_memory
-        losses = [checkpoint(self._loss, hidden[i:i + chunk], labels[:, i:i + chunk], use_reentrant=False)
-                  for i in range(0, hidden.shape[0], chunk)]
-        return torch.cat(losses, dim=1), new_memory
+        return self._chunked_loss(hidden, labels, chunk), new_memory
+
+    def _sequence_parallel_size(self) -> int:
+        return self.pg_collection.tp.size() if self.config.sequence_parallel else 1
+
+    def _chunked_loss(self, hidden, labels, chunk_tokens: int):
+        """Per-token loss [b, t] computed chunk_tokens at a time, the logits recomputed in backward.
+
+        With sequence parallelism hidden is this rank's slice of the window and the output layer
+        gathers rows i..i+n of every rank's slice, i.e. n tokens at each of tp places of the window:
+        the labels are taken in that order and the losses put back in window order.
+        """
+        ranks = self._sequence_parallel_size()
+        lanes, local = labels.shape[0], hidden.shape[0]
+        step = max(chunk_tokens // ranks, 1)
+        labels_by_rank = labels.reshape(lanes, ranks, local)
+        losses = [checkpoint(self._loss, hidden[i:i + step], labels_by_rank[:, :, i:i + step].reshape(lanes, -1),
+                             use_reentrant=False).view(lanes, ranks, -1)
+                  for i in range(0, local, step)]
+        return torch.cat(losses, dim=2).view(lanes, ranks * local)
 
     def _logits(self, hidden):
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
@@ -98,6 +129,12 @@ class InfiniGPTModel(GPTModel):
         if self.config.infini_compile_loss:
             return _compiled_token_cross_entropy(self._logits(hidden), labels)
         return self.compute_language_model_loss(labels, self._logits(hidden))
+
+
+def _sum_over_group(grad: torch.Tensor, group) -> torch.Tensor:
+    summed = grad.clone()
+    dist.all_reduce(summed, group=group)
+    return summed
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,9 @@ class ParallelConfig:
     refuses the backward megatron's schedules run.)"""
     micro_batch_lanes: int = 1
     """Lanes per microbatch; a rank's lanes (global_lanes / dp) run as that many / this microbatches."""
+    sequence_parallel: bool = False
+    """megatron's sequence parallelism inside the TP group (parallel.tensor > 1): norms and residuals hold
+    1/tensor of the window's tokens per rank; the TP all-reduces become all-gathers and reduce-scatters."""
 
 
 @dataclass
@@ -258,6 +261,13 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
          "pipeline parallelism, or parallel.pipeline=1")
     need(cfg.model.num_layers % par.pipeline == 0,
          f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.pipeline ({par.pipeline})")
+    need(not par.sequence_parallel or par.tensor > 1,
+         f"parallel.sequence_parallel needs parallel.tensor > 1 (got {par.tensor}): it splits the sequence over "
+         "the tensor-parallel ranks")
+    window = cfg.data.n_segments * cfg.model.segment_length
+    need(not par.sequence_parallel or window % par.tensor == 0,
+         f"parallel.sequence_parallel splits each window of data.n_segments x model.segment_length = {window} tokens "
+         f"over parallel.tensor ({par.tensor}) ranks: it must be divisible")
     need(cfg.model.num_attention_heads % par.tensor == 0,
          f"model.num_attention_heads ({cfg.model.num_attention_heads}) must be divisible by parallel.tensor ({par.tensor})")
     need(cfg.data.vocab_size in (0, cfg.model.vocab_size),

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,10 @@ def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, seed: int 
     parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
     if torch.cuda.is_available():
         model_parallel_cuda_manual_seed(seed)
+    else:
+        # megatron forks its CUDA RNG stream around the sequence-parallel region's dropout; on the
+        # CPU there is no such stream, and its inference tracker's fork leaves the CPU's as it is.
+        initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
 def device() -> torch.device:

@@ -16,6 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from training.stop import EXIT_STOPPED_TO_RESUME, StopSignals, block_stop_signals, write_outcome
+
+if __name__ == "__main__":
+    # The imports below take seconds (tens on a busy node); a USR1 or TERM meanwhile would kill the
+    # process. Held pending, it reaches the handlers main() installs.
+    block_stop_signals()
+
+# ruff: noqa: E402 (the imports after the guard above)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -30,7 +38,9 @@ from modeling.export import export_model, load_weights_into
 from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
-from training.checkpoint import CheckpointManager, SaveReport, resume_path
+from training.build_locks import BuildLockWatch
+from training.checkpoint import CheckpointManager, SaveReport, checkpoints_root, resume_path
+from training.checkpoint_layout import find_latest_valid
 from training.config import ConfigError, TrainConfig, load_config, loader_config, save_resolved, validate
 from training.distributed import device, init_distributed, init_model_parallel
 from training.memory_state import CarriedMemory
@@ -42,10 +52,6 @@ from training.wandb_sink import open_wandb
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-# Exit status of a run that stopped on a signal after saving its checkpoint: "resume me".
-EXIT_STOPPED_TO_RESUME = 75
 
 
 @dataclass
@@ -131,6 +137,7 @@ def build_stage_model(cfg: TrainConfig, bf16: bool):
         cfg.model,
         tensor_parallel_size=cfg.parallel.tensor,
         pipeline_parallel_size=cfg.parallel.pipeline,
+        sequence_parallel=cfg.parallel.sequence_parallel,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
         use_cpu_initialization=not torch.cuda.is_available(),
@@ -170,7 +177,7 @@ def build_stage_model(cfg: TrainConfig, bf16: bool):
 class Trainer:
     """The pieces of a run, built in order; ``fit`` is the loop."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, stop: Optional[StopSignals] = None):
         self.cfg = cfg
         env = init_distributed()
         validate(cfg, env.world_size)
@@ -204,7 +211,8 @@ class Trainer:
         self.carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers), device=device())
         self.state = TrainState()
         self.wandb_run_id = WandbRunId()
-        self.stop_signal: Optional[int] = None
+        # main() installs its handlers first thing; fit() installs them for other callers.
+        self.stop = stop or StopSignals()
         self.checkpoints = CheckpointManager(
             cfg, self.engine, self.model, self.train_loader.lane_ids,
             {"memory": self.carried, "data": self.train_loader, "train_state": self.state,
@@ -229,18 +237,16 @@ class Trainer:
         if self.rank == 0:
             print(message, flush=True)
 
-    def request_stop(self, signum, frame) -> None:
-        self.stop_signal = signum
+    def request_stop(self, signum, frame=None) -> None:
+        """Stop as on this signal (SIGUSR1 or SIGTERM) at the next step boundary."""
+        self.stop.request(signum)
 
-    def stop_requested(self, deadline: Optional[float]) -> Optional[str]:
-        """Why the run stops after this step: "signal" when any rank got a stop signal, "time_budget" when any
-        rank passed ``deadline`` (time.monotonic()), else None. Collective: all ranks stop at the same step."""
-        out_of_time = deadline is not None and time.monotonic() >= deadline
-        flags = torch.tensor([float(self.stop_signal is not None), float(out_of_time)], device=device())
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0].item() > 0:
-            return "signal"
-        return "time_budget" if flags[1].item() > 0 else None
+    def past_deadline(self, deadline: float) -> bool:
+        """Whether any rank's clock (time.monotonic()) passed ``deadline``. Collective: all ranks stop at the
+        same step."""
+        flag = torch.tensor([float(time.monotonic() >= deadline)], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
 
     def save_checkpoint(self, reason: str) -> None:
         # Only interval saves are asynchronous: the run stops after the others, so a snapshot would
@@ -328,32 +334,47 @@ class Trainer:
             sink.log(self.state.step, metrics)
 
     def fit(self) -> bool:
-        """Train to schedule.steps or until schedule.max_minutes, then export (export.dir); False when stopped
-        early by a signal (after saving a checkpoint)."""
+        """Train to schedule.steps, or until schedule.max_minutes ran out after a step, then save (checkpoint.
+        save_at_end; always after a time budget) and export (export.dir); False when stopped by a signal, after
+        saving the last finished step.
+
+        A signal is acted on at the next step boundary (after the step's validation and save, if any),
+        where the ranks agree on it; before the first step there is nothing new to save."""
         cfg = self.cfg
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(signum, self.request_stop)
+        self.stop.install()
         budget = cfg.schedule.max_minutes
         deadline = time.monotonic() + budget * 60.0 if budget is not None else None
+        out_of_time = False
         batches = iter(self.train_loader)
+        stopped_by = None
         while self.state.step < cfg.schedule.steps:
+            stopped_by = self.stop.agreed(device())
+            if stopped_by is not None:
+                break
             self.log(self.train_step(next(batches)))
             self.checkpoints.poll()
             if cfg.validation.interval and self.state.step % cfg.validation.interval == 0:
                 self.log(self.validate())
-            stop = self.stop_requested(deadline)
-            if stop == "signal":
-                self.save_checkpoint("signal")
-                self.print(f"stopped at step {self.state.step} on a signal; resume with checkpoint.resume=auto")
-                return False
-            if stop == "time_budget":
-                self.save_checkpoint("time_budget")
-                self.print(f"stopped at step {self.state.step}: schedule.max_minutes={budget:g} ran out")
-                break
             if cfg.checkpoint.interval and self.state.step % cfg.checkpoint.interval == 0:
                 self.save_checkpoint("interval")
+            if deadline is not None and self.past_deadline(deadline):
+                self.print(f"stopped at step {self.state.step}: schedule.max_minutes={budget:g} ran out")
+                out_of_time = True
+                break
         self.checkpoints.wait()
-        if cfg.checkpoint.save_at_end and self.checkpoints.last_saved_step() != self.state.step:
+        if stopped_by is not None:
+            name = signal.Signals(stopped_by).name
+            if self.state.step == 0:
+                self.print(f"stopped on {name} before the first step; nothing to save")
+                return False
+            # A resumed run saves its start too: it may come from outside this run's checkpoint directory.
+            if self.checkpoints.last_saved_step() != self.state.step:
+                self.save_checkpoint("signal")
+            self.print(f"stopped on {name} at step {self.state.step}, saved; resume with checkpoint.resume=auto")
+            return False
+        if out_of_time and self.checkpoints.last_saved_step() != self.state.step:
+            self.save_checkpoint("time_budget")
+        elif cfg.checkpoint.save_at_end and self.checkpoints.last_saved_step() != self.state.step:
             self.save_checkpoint("end")
         if cfg.export.dir:
             export_model(self.model, cfg.model, cfg.export.dir)
@@ -370,28 +391,41 @@ class Trainer:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="run YAML (e.g. configs/tiny_cpu.yaml)")
+    parser.add_argument("--stopped-exit-code", type=int, default=EXIT_STOPPED_TO_RESUME,
+                        help="exit status after a stop on USR1/TERM (default 75). <run_dir>/outcome.json tells "
+                             "how the run ended; the sbatch script passes 0, since srun --kill-on-bad-exit takes any "
+                             "other status for a failure")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. schedule.steps=50")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    # First: USR1/TERM from here on (held pending since the start when run as a script) stop the run cleanly.
+    stop = StopSignals().install()
     args = parse_args(argv)
     try:
-        trainer = Trainer(load_config(args.config, args.overrides))
+        with BuildLockWatch():
+            trainer = Trainer(load_config(args.config, args.overrides), stop)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    start_step = trainer.state.step
     try:
         finished = trainer.fit()
+        # Before closing (W&B's flush may outlast a KillWait): the checkpoint is final already.
+        if trainer.rank == 0:
+            write_outcome(trainer.cfg.run_dir, None if finished else stop.agreed_signal, start_step,
+                          trainer.state.step, find_latest_valid(checkpoints_root(trainer.cfg)))
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
     finally:
         trainer.close()
     if dist.is_initialized():
+        # No rank exits before every rank has saved and closed: a launcher may kill the others at the first exit.
         dist.barrier()
         dist.destroy_process_group()
-    return 0 if finished else EXIT_STOPPED_TO_RESUME
+    return 0 if finished else args.stopped_exit_code
 
 
 if __name__ == "__main__":

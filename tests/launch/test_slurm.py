@@ -1,4 +1,5 @@
-"""launch.slurm on a real 2-node SLURM cluster: gloo jobs, preemption with requeue and resume, W&B offline runs."""
+"""launch.slurm on a real 2-node SLURM cluster: gloo jobs, preemption with requeue and resume (USR1 to the batch shell
+or to the ranks), cancellation, starts without progress, W&B offline runs."""
 
 import glob
 import json
@@ -41,6 +42,10 @@ def submit(config, args):
 def job_fields(job_id):
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True).stdout
     return dict(token.split("=", 1) for token in out.split() if "=" in token)
+
+
+def outcome(run_dir):
+    return json.load(open(os.path.join(run_dir, "outcome.json")))
 
 
 def log_of(run_dir, job_id):
@@ -162,10 +167,13 @@ def test_dry_run_renders_a_4x8_gpu_job(tmp_path):
     srun = shlex.split(script[script.index("\nsrun "):script.index(" &\n")].replace("\\\n", " "))
     assert srun == ["srun", "--nodes=4", "--ntasks-per-node=8", "--kill-on-bad-exit=1",
                     sys.executable, "-m", "training.train", "--config", os.path.join(REPO, "configs", "gpu_125m.yaml"),
-                    "parallel.tensor=4", "data.sources=[{path: /data/web}]", f"run_dir={run_dir}", "$resume"]
+                    "--stopped-exit-code", "0", "parallel.tensor=4", "data.sources=[{path: /data/web}]",
+                    f"run_dir={run_dir}", "$resume"]
     assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
     assert "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))" in script
     assert 'export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"' in script
+    assert f"run_dir={run_dir}\n" in script
+    assert "own_extensions_dir=$run_dir/torch_extensions/job-$SLURM_JOB_ID" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     assert not os.path.exists(run_dir)  # a dry run writes and submits nothing
 
@@ -221,6 +229,7 @@ def test_preemption_requeues_and_resumes_in_one_wandb_run(straight_job, stdlib_s
     manifest = json.load(open(os.path.join(run_dir, "checkpoints", f"step_{stop:08d}", "manifest.json")))
     assert manifest["reason"] == "signal"
     assert f"resumed from {os.path.join(run_dir, 'checkpoints', f'step_{stop:08d}')} at step {stop}" in log
+    assert f"training stopped by USR1 at step {stop} ({stop} steps in this start)" in log
     assert losses(run_dir) == losses(straight_job[0])
     assert [s for s, _ in losses(run_dir)] == list(range(1, STEPS + 1))
 
@@ -268,3 +277,41 @@ def test_cancel_checkpoints_and_does_not_requeue(slurm_cluster, stdlib_shards, t
     assert (fields["JobState"], fields["Restarts"]) == ("CANCELLED", "0"), log_of(run_dir, job_id)
     manifests = glob.glob(os.path.join(run_dir, "checkpoints", "step_*", "manifest.json"))
     assert [json.load(open(path))["reason"] for path in manifests] == ["signal"]
+    # The trainer's account: stopped by TERM at the step it saved.
+    ended = outcome(run_dir)
+    assert (ended["outcome"], ended["signal"]) == ("stopped", "SIGTERM")
+    assert ended["checkpoint"] == os.path.dirname(manifests[0]) and ended["step"] >= 1
+
+
+def test_usr1_to_the_ranks_requeues_and_resumes(straight_job, stdlib_shards, tiny_config, tmp_path):
+    run_dir = str(tmp_path / "run")
+    job_id = submit(tiny_config, overrides(stdlib_shards, run_dir))
+    wait_until(lambda: metrics_steps(run_dir), 300, "the first training step", run_dir, job_id)
+    # To the job's steps, not the batch shell: only the ranks know, and their outcome tells the script.
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    fields = wait_for_end(run_dir, job_id, timeout=600)
+    log = log_of(run_dir, job_id)
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+    stop = next(json.loads(line)["checkpoint/step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))
+                if "checkpoint/step" in line)
+    assert 1 <= stop < STEPS
+    assert f"training stopped by USR1 at step {stop}" in log and "training finished" in log
+    assert outcome(run_dir) == {"outcome": "finished", "signal": None, "start_step": stop, "step": STEPS,
+                                "checkpoint": os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}")}
+    assert losses(run_dir) == losses(straight_job[0])
+
+
+def test_starts_stopped_before_their_first_step_are_not_requeued_forever(slurm_cluster, stdlib_shards, tiny_config,
+                                                                       tmp_path):
+    run_dir = str(tmp_path / "run")
+    job_id = submit(tiny_config, ["--max-requeues-without-progress", "0", *overrides(stdlib_shards, run_dir)])
+    wait_until(lambda: f"job {job_id} (restart 0)" in log_of(run_dir, job_id), 300, "the batch script", run_dir,
+               job_id)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)  # while the ranks start
+    fields = wait_for_end(run_dir, job_id)
+    log = log_of(run_dir, job_id)
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "1:0", "0"), log
+    assert "error: 1 starts in a row were stopped by USR1 before finishing a step; not requeueing." in log
+    assert metrics_steps(run_dir) == []
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+    assert "Traceback" not in log
