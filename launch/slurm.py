@@ -73,21 +73,23 @@ def render(template: str, values: Dict[str, str]) -> str:
 
 
 def split_overrides(overrides: Sequence[str]):
-    """The user's overrides less run_dir (passed resolved) and checkpoint.resume; the latter's value
-    (default auto) for the first start."""
-    rest, first = [], "auto"
+    """The user's overrides less run_dir (passed resolved), checkpoint.resume and checkpoint.start_over; and the
+    override of the first start: checkpoint.resume as given (default auto), or checkpoint.start_over=true when
+    given. A requeued start always resumes (auto): starting over again would remove the job's own checkpoints."""
+    rest, first = [], "checkpoint.resume=auto"
     for item in overrides:
         key, _, value = item.partition("=")
-        if key.strip() == "checkpoint.resume":
-            first = value
-        elif key.strip() != "run_dir":
+        key = key.strip()
+        if key == "checkpoint.resume" or (key == "checkpoint.start_over" and value.strip().lower() == "true"):
+            first = f"{key}={value}"
+        elif key not in ("run_dir", "checkpoint.start_over"):
             rest.append(item)
     return rest, first
 
 
 def render_script(config: str, overrides: Sequence[str], run_dir: str, layout: Layout, workdir: str,
                   max_requeues_without_progress: int = 3) -> str:
-    user_overrides, first_resume = split_overrides(overrides)
+    user_overrides, first_start = split_overrides(overrides)
     env = GPU_ENV_DEFAULTS if layout.gpus_per_node else CPU_ENV_DEFAULTS
     srun = [f"--nodes={layout.nodes}", f"--ntasks-per-node={layout.tasks_per_node}", "--kill-on-bad-exit=1"]
     with open(TEMPLATE) as f:
@@ -99,7 +101,7 @@ def render_script(config: str, overrides: Sequence[str], run_dir: str, layout: L
         "max_requeues_without_progress": str(max_requeues_without_progress),
         "code_root": shlex.quote(CODE_ROOT),
         "env_defaults": "\n".join(f'export {name}="${{{name}:-{value}}}"' for name, value in env.items()),
-        "first_resume": shlex.quote(first_resume),
+        "first_start": shlex.quote(first_start),
         "srun_options": " ".join(srun),
         "python": shlex.quote(sys.executable),
         "config": shlex.quote(config),

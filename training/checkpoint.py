@@ -2,7 +2,9 @@
 
 Saving is atomic: everything goes to ``.tmp-step_<N>/``, is flushed, and the directory is renamed;
 the ``latest`` pointer is replaced afterwards. A process killed at any moment leaves the previous
-checkpoint loadable, and ``resume: auto`` skips anything without a complete manifest.
+checkpoint loadable, and ``resume: auto`` skips anything without a complete manifest. Each rank
+computes the CRC-32 of the files it writes while writing them (training/checkpoint_io.py); the manifest
+records them, and a resume checks every file against it (the ranks share the reading) before loading.
 
 An asynchronous save (``checkpoint.async_save``) pauses training only to snapshot the state to host
 memory (training/async_checkpoint.py); a background thread per rank writes and flushes the files.
@@ -31,10 +33,12 @@ import torch
 import torch.distributed as dist
 
 from training.async_checkpoint import SnapshottingCheckpointEngine, snapshot_to_host
+from training.checkpoint_io import ChecksummingCheckpointEngine, file_crc32, save_with_crc32
 from training.checkpoint_layout import (CONFIG, DEEPSPEED_TAG, FORMAT_VERSION, LATEST, MANIFEST, CheckpointError,
-                                        coordinates, find_latest_valid, layout, list_checkpoints, list_files,
-                                        rank_file, read_rank_state, step_dir_name, step_of, verify)
-from training.config import TrainConfig, save_resolved
+                                        coordinates, layout, list_checkpoints, list_files, list_unfinished,
+                                        manifest_files, rank_file, read_rank_state, resume_candidates, step_dir_name,
+                                        step_of, verify)
+from training.config import ConfigError, TrainConfig, save_resolved
 from training.reshard import load_resharded
 from training.rng import rng_state, set_rng_state
 
@@ -58,13 +62,6 @@ def _write_atomic(path: str, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_torch(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    _fsync_file(tmp)
     os.replace(tmp, path)
 
 
@@ -114,40 +111,101 @@ class _InjectedWriterFaults:
 
 
 def _write_snapshots(files: List[Tuple[str, object]], zipfile_serialization: bool, step: int,
-                     faults: _InjectedWriterFaults) -> float:
-    """The background writer: torch.save and fsync each file; returns when the last one was flushed."""
+                     faults: _InjectedWriterFaults) -> Tuple[float, Dict[str, int]]:
+    """The background writer: torch.save and fsync each file; returns when the last one was flushed, and
+    each file's CRC-32."""
     time.sleep(faults.delay_seconds)
+    checksums = {}
     for index, (path, state) in enumerate(files):
         try:
             if faults.fail_first_file and index == 0:
                 raise OSError("injected writer failure (debug.inject_writer_failure_at_steps)")
-            torch.save(state, path, _use_new_zipfile_serialization=zipfile_serialization)
-            _fsync_file(path)
+            checksums[path] = save_with_crc32(state, path, zipfile_serialization)
         except Exception as error:
             raise CheckpointError(f"checkpoint writer failed writing {path}: {error!r}; the checkpoint of step {step} "
                                   "was not finalized (the previous one stays the latest)") from error
         if faults.kill_after_first_file:
             os.kill(os.getpid(), signal.SIGKILL)
-    return time.perf_counter()
+    return time.perf_counter(), checksums
 
 
 # Writer states, all-reduced with MIN: one failure or one writer still busy decides for all ranks.
 _WRITER_FAILED, _WRITER_BUSY, _WRITER_DONE = -1.0, 0.0, 1.0
 
 
+@dataclass
+class VerifiedCheckpoint:
+    path: str
+    manifest: dict
+
+
+def verify_on_every_rank(path: str) -> VerifiedCheckpoint:
+    """``verify`` with the checksums shared out over the ranks (collective); every rank raises the same error,
+    naming each bad file found."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        manifest, problem = verify(path, (rank, world)), None
+    except CheckpointError as error:
+        manifest, problem = None, str(error)
+    problems = [None] * world
+    dist.all_gather_object(problems, problem)
+    found = list(dict.fromkeys(p for p in problems if p is not None))
+    if found:
+        raise CheckpointError("; ".join(found))
+    return VerifiedCheckpoint(path, manifest)
+
+
 def checkpoints_root(cfg) -> str:
     return cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
 
 
-def resume_path(cfg) -> Optional[str]:
-    """The checkpoint a run resumes from: none, the latest valid one ('auto'), or the verified path given."""
+def resume_point(cfg, announce: Callable[[str], None]) -> Optional[VerifiedCheckpoint]:
+    """The checkpoint a run resumes from, verified (collective): the path given, the newest that verifies
+    ('auto'; each one skipped goes to ``announce`` with the reason), or none (a fresh start: see
+    ``clear_for_fresh_start``)."""
     resume = cfg.checkpoint.resume
     if resume is None:
         return None
-    if resume == "auto":
-        return find_latest_valid(checkpoints_root(cfg))
-    verify(resume)
-    return resume
+    if resume != "auto":
+        if not os.path.exists(resume):
+            raise CheckpointError(f"checkpoint.resume={resume}: the path does not exist")
+        return verify_on_every_rank(resume)
+    root = checkpoints_root(cfg)
+    for path in list_unfinished(root):
+        announce(f"checkpoint.resume=auto: skipping {path}: an unfinished save (never finalized)")
+    skipped = []
+    for path in resume_candidates(root):
+        try:
+            return verify_on_every_rank(path)
+        except CheckpointError as error:
+            announce(f"checkpoint.resume=auto: skipping {path}: {error}")
+            skipped.append(path)
+    if skipped:
+        raise CheckpointError(f"checkpoint.resume=auto: no checkpoint in {root} verifies (skipped {len(skipped)}, "
+                              "reasons above); remove or repair them, resume from a path (checkpoint.resume=PATH), "
+                              "or start over (checkpoint.start_over=true instead of checkpoint.resume)")
+    return None
+
+
+def clear_for_fresh_start(cfg, announce: Callable[[str], None]) -> None:
+    """A run that does not resume must not save among another run's checkpoints (collective): it refuses to
+    start unless ``checkpoint.start_over`` is set, which removes them (rank 0)."""
+    root = checkpoints_root(cfg)
+    existing = list_checkpoints(root)
+    if not existing:
+        return
+    if not cfg.checkpoint.start_over:
+        raise ConfigError(f"{root} holds the checkpoints of an earlier run ({len(existing)}, the newest "
+                          f"{os.path.basename(existing[-1])}); resume it with checkpoint.resume=auto, or start over "
+                          "with checkpoint.start_over=true (removes them)")
+    dist.barrier()  # every rank has looked before rank 0 removes anything
+    if dist.get_rank() == 0:
+        for path in existing + list_unfinished(root):
+            shutil.rmtree(path)
+        if os.path.exists(os.path.join(root, LATEST)):
+            os.remove(os.path.join(root, LATEST))
+        announce(f"checkpoint.start_over=true: removed {len(existing)} checkpoints of an earlier run from {root}")
+    dist.barrier()
 
 
 class Stateful(Protocol):
@@ -179,6 +237,8 @@ class CheckpointManager:
         self.root = checkpoints_root(cfg)
         self.keep_last = cfg.checkpoint.keep_last
         self.keep_every = cfg.checkpoint.keep_every
+        # DeepSpeed builds its own engine from this config: the files get the same serialization.
+        self._checksumming_engine = ChecksummingCheckpointEngine(engine._config)
         # Created by the first asynchronous save.
         self._writer: Optional[ThreadPoolExecutor] = None
         self._writer_status_group = None
@@ -214,12 +274,23 @@ class CheckpointManager:
         if asynchronous:
             self._start_writing(save, rank_path, kill_midway)
             return
-        self.engine.save_checkpoint(save.tmp, tag=DEEPSPEED_TAG, save_latest=False)
-        _save_torch(self.rank_state(), rank_path)
+        self._save_through(self._checksumming_engine, save.tmp)
+        checksums = self._checksumming_engine.take_checksums()
+        checksums[rank_path] = save_with_crc32(self.rank_state(), rank_path,
+                                               self._checksumming_engine.zipfile_serialization)
         if kill_midway:
             os.kill(os.getpid(), signal.SIGKILL)
-        dist.barrier()
-        self._finalize(save)
+        self._finalize(save, time.perf_counter() - save.started, checksums)
+
+    def _save_through(self, checkpoint_engine, path: str) -> None:
+        """DeepSpeed's save_checkpoint, its files going through ``checkpoint_engine``."""
+        engine = self.engine
+        live_engine = engine.checkpoint_engine
+        engine.checkpoint_engine = checkpoint_engine
+        try:
+            engine.save_checkpoint(path, tag=DEEPSPEED_TAG, save_latest=False)
+        finally:
+            engine.checkpoint_engine = live_engine
 
     def _start_writing(self, save: _SaveInProgress, rank_path: str, kill_midway: bool) -> None:
         """Snapshot DeepSpeed's files and the rank state on this thread; write them on the writer's."""
@@ -227,15 +298,8 @@ class CheckpointManager:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
             # gloo: a CPU flag needs no device synchronisation, whatever the training backend.
             self._writer_status_group = dist.new_group(backend="gloo")
-            # DeepSpeed builds its own engine from this config: the files get the same serialization.
             self._snapshotting_engine = SnapshottingCheckpointEngine(self.engine._config)
-        engine = self.engine
-        live_engine = engine.checkpoint_engine
-        engine.checkpoint_engine = self._snapshotting_engine
-        try:
-            engine.save_checkpoint(save.tmp, tag=DEEPSPEED_TAG, save_latest=False)
-        finally:
-            engine.checkpoint_engine = live_engine
+        self._save_through(self._snapshotting_engine, save.tmp)
         files = self._snapshotting_engine.take_files()
         files.append((rank_path, snapshot_to_host(self.rank_state())))
         cfg = self.cfg.debug
@@ -265,49 +329,52 @@ class CheckpointManager:
         if block:
             wait_for_futures([save.writing])
         if not save.writing.done():
-            local = (_WRITER_BUSY, 0.0)
+            local = _WRITER_BUSY
         elif save.writing.exception() is not None:
-            local = (_WRITER_FAILED, 0.0)
+            local = _WRITER_FAILED
         else:
-            local = (_WRITER_DONE, save.writing.result() - save.started)
-        # MIN over (state, -write seconds): the worst state and the slowest writer.
-        status = torch.tensor([local[0], -local[1]], dtype=torch.float64)
+            local = _WRITER_DONE
+        # MIN: the worst state decides.
+        status = torch.tensor([local], dtype=torch.float64)
         dist.all_reduce(status, op=dist.ReduceOp.MIN, group=self._writer_status_group)
-        state, write_seconds = status[0].item(), -status[1].item()
+        state = status.item()
         if state == _WRITER_BUSY:
             return
         self._pending = None
         if state == _WRITER_FAILED:
-            if local[0] == _WRITER_FAILED:
+            if local == _WRITER_FAILED:
                 save.writing.result()  # raises the writer's CheckpointError, which names the file
             raise CheckpointError(f"another rank's checkpoint writer failed (see its error); the checkpoint of step "
                                   f"{save.step} in {save.tmp} was not finalized")
-        self._finalize(save, write_seconds)
+        flushed_at, checksums = save.writing.result()
+        self._finalize(save, flushed_at - save.started, checksums)
 
-    def _finalize(self, save: _SaveInProgress, write_seconds: Optional[float] = None) -> None:
-        """Once every rank's files are written: rank 0 flushes, writes the manifest, renames, points
-        ``latest`` at it and prunes; all ranks wait for that. ``write_seconds``: how long every rank's
-        writer took to flush its files (asynchronous saves); a synchronous save's are flushed here."""
+    def _finalize(self, save: _SaveInProgress, write_seconds: float, checksums: Dict[str, int]) -> None:
+        """Once every rank's files are written and flushed (``write_seconds`` after the save started, with
+        ``checksums``: path -> CRC-32): rank 0 gathers the checksums, flushes and checksums the files no writer
+        did (config.yaml, DeepSpeed's recovery script), writes the manifest, renames, points ``latest`` at it
+        and prunes; all ranks wait for that."""
         rank = dist.get_rank()
-        if write_seconds is None:
-            # A synchronous save's files went through torch.save unflushed; the writers flush their own.
-            if rank == 0:
-                for base, _, names in os.walk(save.tmp):
-                    for name in names:
-                        _fsync_file(os.path.join(base, name))
-            write_seconds = time.perf_counter() - save.started
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (write_seconds, {os.path.relpath(path, save.tmp): crc
+                                                          for path, crc in checksums.items()}))
+        write_seconds = max(seconds for seconds, _ in gathered)
         if rank == 0:
-            files = list_files(save.tmp)
+            sizes = list_files(save.tmp)
+            all_checksums = {rel: crc for _, part in gathered for rel, crc in part.items()}
+            for rel in sizes.keys() - all_checksums.keys():
+                _fsync_file(os.path.join(save.tmp, rel))
+                all_checksums[rel] = file_crc32(os.path.join(save.tmp, rel))
             manifest = {"format": FORMAT_VERSION, "step": save.step, "reason": save.reason, "layout": layout(),
                         "zero_stage": self.cfg.parallel.zero_stage, "global_lanes": self.cfg.data.global_lanes,
-                        "files": files, "saved_at": time.time()}
+                        "files": manifest_files(sizes, all_checksums), "saved_at": time.time()}
             _write_atomic(os.path.join(save.tmp, MANIFEST), json.dumps(manifest, indent=1).encode())
             if os.path.exists(save.final):
                 shutil.rmtree(save.final)
             os.replace(save.tmp, save.final)
             _fsync_dir(self.root)
             _write_atomic(os.path.join(self.root, LATEST), step_dir_name(save.step).encode())
-            self._prune()
+            self._prune(save.final)
         dist.barrier()
         seconds = time.perf_counter() - save.started
         self.on_save(SaveReport(
@@ -320,19 +387,21 @@ class CheckpointManager:
         if self._writer is not None:
             self._writer.shutdown(wait=True, cancel_futures=True)
 
-    def _prune(self) -> None:
+    def _prune(self, saved: str) -> None:
+        """Keep the newest keep_last, every keep_every-th, and the one just saved (a run resumed from an older
+        checkpoint saves below the newest)."""
         paths = list_checkpoints(self.root)
-        keep = set(paths[-self.keep_last:])
+        keep = set(paths[-self.keep_last:]) | {saved}
         for path in paths:
             step = step_of(path)
             if path not in keep and not (self.keep_every and step % self.keep_every == 0):
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- loading ------------------------------------------------------------------------------
-    def load(self, path: str) -> None:
-        """Restore the engine and every rank's state from ``path`` (collective); a checkpoint saved on another
-        layout goes through ``training.reshard``."""
-        manifest = verify(path)
+    def load(self, checkpoint: VerifiedCheckpoint) -> None:
+        """Restore the engine and every rank's state from ``checkpoint`` (collective); a checkpoint saved on
+        another layout goes through ``training.reshard``."""
+        path, manifest = checkpoint.path, checkpoint.manifest
         saved, now = manifest["layout"], layout()
         global_lanes = self.cfg.data.global_lanes
         if manifest["global_lanes"] != global_lanes:

@@ -6,7 +6,7 @@ A checkpoint is a directory ``<root>/step_<N>/`` holding
 - ``rank_<R>.pt`` per global rank: what exact resume needs beyond the engine (its ``coordinates`` in
   the layout, lane ids, carried memory, data position, RNG states, progress counters, W&B run id);
 - ``config.yaml``: the resolved config; ``manifest.json`` (written last): the layout, the ZeRO stage,
-  the global lanes and every file's size.
+  the global lanes and every file's size and CRC-32.
 
 A ``latest`` file in the root names the newest finalized step directory. Saving is
 training/checkpoint.py's; everything that reads a checkpoint (resume, resharding, evaluation) finds
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+
+from training.checkpoint_io import file_crc32
 
 STEP_PREFIX = "step_"
 MANIFEST = "manifest.json"
@@ -29,7 +31,11 @@ LATEST = "latest"
 CONFIG = "config.yaml"
 DEEPSPEED_TAG = "ds"
 """The sub-directory DeepSpeed's ``save_checkpoint``/``load_checkpoint`` write and read (their ``tag``)."""
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Format 2 records each file as ``{"bytes": size, "crc32": checksum}``; format 1 recorded sizes only (and is
+verified by size)."""
+UNFINISHED_PREFIX = ".tmp-"
+"""A save in progress writes ``.tmp-step_<N>/`` and renames it when complete."""
 
 
 class CheckpointError(RuntimeError):
@@ -69,7 +75,7 @@ def coordinates() -> dict:
 
 
 def list_files(root: str) -> Dict[str, int]:
-    """Every file under root (relative path -> size), as a manifest lists them."""
+    """Every file under root (relative path -> size)."""
     files = {}
     for base, _, names in os.walk(root):
         for name in names:
@@ -78,43 +84,83 @@ def list_files(root: str) -> Dict[str, int]:
     return files
 
 
-def verify(path: str) -> dict:
-    """The manifest of a complete checkpoint; a clear error naming what is missing or truncated."""
+def manifest_files(sizes: Dict[str, int], checksums: Dict[str, int]) -> Dict[str, dict]:
+    """A manifest's ``files``: every file's size and CRC-32 (both keyed by the path relative to the checkpoint)."""
+    return {rel: {"bytes": size, "crc32": checksums[rel]} for rel, size in sorted(sizes.items())}
+
+
+def read_manifest(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} does not exist" if not os.path.exists(path) else
+                              f"{path} is not a checkpoint directory")
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.exists(manifest_path):
+        if any(name.startswith(STEP_PREFIX) for name in os.listdir(path)):
+            raise CheckpointError(f"{path} holds checkpoints; name one of its {STEP_PREFIX}<N> directories")
         raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete (interrupted save?)")
     try:
         with open(manifest_path) as f:
-            manifest = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{manifest_path}: unreadable manifest: {error}") from error
-    for rel, size in manifest["files"].items():
+
+
+def verify(path: str, checksum_share: Optional[Tuple[int, int]] = (0, 1)) -> dict:
+    """The manifest of a complete, intact checkpoint; a clear error naming the file missing, truncated or corrupt.
+
+    Every file's size is checked; the CRC-32 of the files whose index (in the manifest's sorted order) is
+    ``index`` modulo ``count`` for ``checksum_share=(index, count)`` (ranks share the reading), of none for None."""
+    manifest = read_manifest(path)
+    for position, (rel, entry) in enumerate(sorted(manifest["files"].items())):
+        size, checksum = (entry, None) if isinstance(entry, int) else (entry["bytes"], entry["crc32"])
         full = os.path.join(path, rel)
         if not os.path.exists(full):
-            raise CheckpointError(f"checkpoint shard missing: {full}")
+            raise CheckpointError(f"checkpoint file missing: {full}")
         actual = os.path.getsize(full)
         if actual != size:
-            raise CheckpointError(f"checkpoint shard truncated or altered: {full} has {actual} bytes, expected {size}")
+            raise CheckpointError(f"checkpoint file truncated or altered: {full} has {actual} bytes, expected {size}")
+        if checksum is None or checksum_share is None or position % checksum_share[1] != checksum_share[0]:
+            continue
+        actual_checksum = file_crc32(full)
+        if actual_checksum != checksum:
+            raise CheckpointError(f"checkpoint file corrupt: {full} has CRC-32 {actual_checksum:08x}, the manifest "
+                                  f"records {checksum:08x}")
     return manifest
 
 
 def list_checkpoints(root: str) -> List[str]:
+    """The finalized checkpoints under root, oldest first."""
     if not os.path.isdir(root):
         return []
     names = sorted(n for n in os.listdir(root) if n.startswith(STEP_PREFIX))
     return [os.path.join(root, n) for n in names]
 
 
-def find_latest_valid(root: str) -> Optional[str]:
-    """The newest checkpoint that verifies (the ``latest`` pointer first, then by step)."""
+def list_unfinished(root: str) -> List[str]:
+    """Saves under root that never completed (killed or failed before their rename)."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith(UNFINISHED_PREFIX + STEP_PREFIX))
+    return [os.path.join(root, n) for n in names]
+
+
+def resume_candidates(root: str) -> List[str]:
+    """The checkpoints a run may resume from, in order of preference: the one ``latest`` names, then by step,
+    newest first."""
     candidates = []
     pointer = os.path.join(root, LATEST)
     if os.path.exists(pointer):
-        candidates.append(os.path.join(root, open(pointer).read().strip()))
-    candidates += list(reversed(list_checkpoints(root)))
-    for path in candidates:
+        with open(pointer) as f:
+            candidates.append(os.path.join(root, f.read().strip()))
+    candidates += reversed(list_checkpoints(root))
+    return list(dict.fromkeys(candidates))
+
+
+def find_latest_valid(root: str, checksums: bool = True) -> Optional[str]:
+    """The newest checkpoint that verifies (with every file's checksum, or by size only)."""
+    for path in resume_candidates(root):
         try:
-            verify(path)
+            verify(path, (0, 1) if checksums else None)
             return path
         except CheckpointError:
             continue
@@ -130,7 +176,7 @@ def find_step_dir(path: str) -> Optional[str]:
     if os.path.isdir(path) and any(n.startswith(STEP_PREFIX) for n in os.listdir(path)):
         latest = find_latest_valid(path)
         if latest is None:
-            raise FileNotFoundError(f"{path}: no complete checkpoint (every {STEP_PREFIX}* lacks a valid manifest)")
+            raise FileNotFoundError(f"{path}: no complete, intact checkpoint (every {STEP_PREFIX}* fails to verify)")
         return latest
     return None
 

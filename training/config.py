@@ -65,6 +65,7 @@ class OptimizerConfig:
     gate_lr: float = 1e-2
     """Learning rate of the Infini-attention gates (no weight decay): they need their own."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
 
 
 @dataclass
@@ -85,8 +86,12 @@ class CheckpointConfig:
     interval: int = 0
     """Save every N steps (0: only at the end and on request)."""
     resume: Optional[str] = None
-    """None: start fresh; 'auto': the latest valid checkpoint if any; or a checkpoint path. It may have been
-    saved on another TP/PP/DP layout (README: Checkpoints)."""
+    """None: start fresh; 'auto': the newest checkpoint in the checkpoint directory that verifies (each one
+    skipped is named with the reason; none at all: start fresh); or a checkpoint path. It may have been saved on
+    another TP/PP/DP layout (docs/checkpoints.md)."""
+    start_over: bool = False
+    """A fresh run (no checkpoint.resume) refuses to start in a checkpoint directory that holds checkpoints;
+    true removes them first (and the run's metrics.jsonl starts over with them)."""
     keep_last: int = 3
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""
@@ -238,21 +243,107 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> TrainConf
     return config
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: ``low <= value`` (``<`` when low_open), ``value <= high`` (``<`` when
+    high_open); None: no bound on that side."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(value: Optional[float]) -> str:
+    return str(int(value)) if value is not None and float(value).is_integer() else str(value)
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE, FRACTION = Range(0), Range(1), Range(0, low_open=True), Range(0, 1, high_open=True)
+
+NUMERIC_RANGES = {
+    "seed": Range(0, 2 ** 32 - 1),  # numpy's seed range
+    "max_nonfinite_steps": AT_LEAST_1,
+    "data.valid_fraction": FRACTION,
+    "data.global_lanes": AT_LEAST_1,
+    "data.n_segments": AT_LEAST_1,
+    "data.seed": AT_LEAST_0,
+    "data.num_workers": AT_LEAST_0,
+    "data.prefetch": AT_LEAST_1,
+    "data.worker_timeout_s": POSITIVE,
+    "data.shuffle_buffer": AT_LEAST_1,
+    "data.min_doc_tokens": AT_LEAST_0,
+    "data.max_doc_tokens": AT_LEAST_0,
+    "data.vocab_size": AT_LEAST_0,
+    "parallel.tensor": AT_LEAST_1,
+    "parallel.pipeline": AT_LEAST_1,
+    "parallel.micro_batch_lanes": AT_LEAST_1,
+    "optimizer.lr": POSITIVE,
+    "optimizer.min_lr": AT_LEAST_0,
+    "optimizer.weight_decay": AT_LEAST_0,
+    "optimizer.beta1": FRACTION,
+    "optimizer.beta2": FRACTION,
+    "optimizer.eps": POSITIVE,
+    "optimizer.gate_lr": POSITIVE,
+    "optimizer.grad_clip": AT_LEAST_0,
+    "schedule.steps": AT_LEAST_1,
+    "schedule.warmup_steps": AT_LEAST_0,
+    "schedule.max_minutes": POSITIVE,
+    "checkpoint.interval": AT_LEAST_0,
+    "checkpoint.keep_last": AT_LEAST_1,
+    "checkpoint.keep_every": AT_LEAST_0,
+    "logging.interval": AT_LEAST_1,
+    "logging.peak_tflops": POSITIVE,
+    "logging.wandb.gate_heatmap_interval": AT_LEAST_0,
+    "validation.interval": AT_LEAST_0,
+    "validation.batches": AT_LEAST_0,
+    "performance.loss_chunk_tokens": AT_LEAST_0,
+    "debug.inject_writer_delay_s": AT_LEAST_0,
+}
+"""Every numeric key of the schema outside ``model`` (ModelConfig.validate checks its own) but
+parallel.zero_stage (a choice, with its own rule below); an optional one may also be null."""
+
+STEP_LISTS = ["debug.inject_nonfinite_at_steps", "debug.inject_kill_during_save_at_steps",
+              "debug.inject_writer_failure_at_steps"]
+
+
+def _value(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
-    """Rules between fields. With world_size, also the parallel layout."""
+    """Each numeric key's range, then rules between fields. With world_size, also the parallel layout."""
 
     def need(condition: bool, message: str) -> None:
         if not condition:
             raise ConfigError(message)
 
+    for key, allowed in NUMERIC_RANGES.items():
+        value = _value(cfg, key)
+        need(value is None or allowed.holds(value), f"{key} must be {allowed}, got {value}")
+    for key in STEP_LISTS:
+        need(all(step >= 1 for step in _value(cfg, key)), f"{key} must hold steps >= 1, got {_value(cfg, key)}")
+    for group in ("sources", "valid_sources"):
+        for index, source in enumerate(getattr(cfg.data, group)):
+            need(source.weight > 0, f"data.{group}[{index}].weight must be > 0, got {source.weight}")
     try:
         cfg.model.validate("model")
     except ValueError as error:
         raise ConfigError(str(error)) from error
     need(cfg.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     par = cfg.parallel
-    need(par.tensor >= 1 and par.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")
-    need(par.micro_batch_lanes >= 1, "parallel.micro_batch_lanes must be >= 1")
     need(par.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {par.zero_stage} (DeepSpeed's "
          "stage 0 refuses the backward that megatron's schedules run)")
     need(par.pipeline == 1 or par.zero_stage == 1,
@@ -272,22 +363,22 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
          f"model.num_attention_heads ({cfg.model.num_attention_heads}) must be divisible by parallel.tensor ({par.tensor})")
     need(cfg.data.vocab_size in (0, cfg.model.vocab_size),
          f"data.vocab_size ({cfg.data.vocab_size}) must be 0 or model.vocab_size ({cfg.model.vocab_size})")
-    need(cfg.schedule.steps >= 1, "schedule.steps must be >= 1")
-    need(0 <= cfg.schedule.warmup_steps <= cfg.schedule.steps, "schedule.warmup_steps must be in [0, schedule.steps]")
+    need(cfg.schedule.warmup_steps <= cfg.schedule.steps,
+         f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) must be at most schedule.steps ({cfg.schedule.steps})")
     need(cfg.schedule.decay in ("cosine", "linear", "constant"),
          f"schedule.decay must be cosine, linear or constant, got {cfg.schedule.decay!r}")
-    need(cfg.schedule.max_minutes is None or cfg.schedule.max_minutes > 0,
-         f"schedule.max_minutes must be > 0 (or null: no time budget), got {cfg.schedule.max_minutes}")
-    need(cfg.optimizer.lr > 0 and cfg.optimizer.gate_lr > 0, "optimizer.lr and optimizer.gate_lr must be > 0")
-    need(0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr, "optimizer.min_lr must be in [0, optimizer.lr]")
-    need(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")
-    need(cfg.performance.loss_chunk_tokens >= 0, "performance.loss_chunk_tokens must be >= 0")
+    need(cfg.optimizer.min_lr <= cfg.optimizer.lr,
+         f"optimizer.min_lr ({cfg.optimizer.min_lr}) must be at most optimizer.lr ({cfg.optimizer.lr})")
+    need(cfg.data.max_doc_tokens == 0 or cfg.data.max_doc_tokens >= cfg.data.min_doc_tokens,
+         f"data.max_doc_tokens ({cfg.data.max_doc_tokens}) must be 0 (no limit) or at least data.min_doc_tokens "
+         f"({cfg.data.min_doc_tokens})")
+    need(cfg.data.on_bad_sample in ("error", "skip"),
+         f"data.on_bad_sample must be error or skip, got {cfg.data.on_bad_sample!r}")
     need(not (cfg.performance.compile_loss and cfg.parallel.tensor > 1),
          f"performance.compile_loss needs parallel.tensor = 1 (got {cfg.parallel.tensor}): with tensor parallelism "
          "the vocabulary is split and megatron's vocab-parallel cross-entropy is used")
-    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
-    need(cfg.validation.batches >= 0, "validation.batches must be >= 0")
-    need(cfg.debug.inject_writer_delay_s >= 0, "debug.inject_writer_delay_s must be >= 0")
+    need(not (cfg.checkpoint.start_over and cfg.checkpoint.resume is not None),
+         f"checkpoint.start_over=true starts the run afresh; it contradicts checkpoint.resume={cfg.checkpoint.resume}")
     mode = cfg.logging.wandb.mode
     need(mode in (None, "online", "offline", "disabled"), f"logging.wandb.mode must be online, offline or disabled, got {mode!r}")
     if world_size is not None:

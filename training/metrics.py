@@ -32,8 +32,15 @@ class MetricsSink(Protocol):
 
 
 class JsonlSink:
-    def __init__(self, path: str):
+    """One JSON object a line, ``{"step": ..., **metrics}``. A run starting at ``start_step`` (0, or the step of
+    the checkpoint it resumes from) continues the file from there: rows of later steps, which the run will log
+    again, are dropped first (and a line torn by a kill), the file rewritten atomically. ``dropped_rows``
+    counts them."""
+
+    def __init__(self, path: str, start_step: int = 0):
+        self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.dropped_rows = _truncate_after(path, start_step)
         self._file = open(path, "a", buffering=1)
 
     def log(self, step: int, metrics: Dict[str, object]) -> None:
@@ -41,6 +48,34 @@ class JsonlSink:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _truncate_after(path: str, step: int) -> int:
+    """Keep the rows of steps <= step; how many were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    if len(kept) == len(lines):
+        return 0
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _row_step(line: str) -> Optional[int]:
+    """The step of a complete row; None for a line torn by a kill."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class ConsoleSink:

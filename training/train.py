@@ -39,8 +39,8 @@ from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
 from training.build_locks import BuildLockWatch
-from training.checkpoint import CheckpointManager, SaveReport, checkpoints_root, resume_path
-from training.checkpoint_layout import find_latest_valid
+from training.checkpoint import CheckpointManager, SaveReport, checkpoints_root, clear_for_fresh_start, resume_point
+from training.checkpoint_layout import CheckpointError, find_latest_valid
 from training.config import ConfigError, TrainConfig, load_config, loader_config, save_resolved, validate
 from training.distributed import device, init_distributed, init_model_parallel
 from training.memory_state import CarriedMemory
@@ -194,9 +194,11 @@ class Trainer:
         self.window = cfg.data.n_segments * cfg.model.segment_length
         self.data_config = loader_config(cfg)
 
+        resume = resume_point(cfg, self.print)
+        if resume is None:
+            clear_for_fresh_start(cfg, self.print)
         prepare_data(cfg)
         self.model = build_stage_model(cfg, self.bf16)
-        resume = resume_path(cfg)
         if not resume and cfg.checkpoint.init_from:
             # Before the engine: DeepSpeed copies the weights into its fp32 master weights, and its first
             # step writes those back; weights loaded after it would be lost at step 1.
@@ -220,13 +222,17 @@ class Trainer:
             on_save=self.report_checkpoint)
         if resume:
             self.checkpoints.load(resume)
-            self.print(f"resumed from {resume} at step {self.state.step}")
+            self.print(f"resumed from {resume.path} at step {self.state.step}")
         self.flops_per_token = model_cost(cfg.model, cfg.parallel.tensor).flops_per_token
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
         self.sinks = []
         if self.rank == 0:
             save_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-            self.sinks = [ConsoleSink(cfg.logging.interval), JsonlSink(os.path.join(cfg.run_dir, "metrics.jsonl"))]
+            metrics = JsonlSink(os.path.join(cfg.run_dir, "metrics.jsonl"), self.state.step)
+            if metrics.dropped_rows:
+                self.print(f"{metrics.path}: dropped {metrics.dropped_rows} rows past step {self.state.step}, "
+                           "where this run starts")
+            self.sinks = [ConsoleSink(cfg.logging.interval), metrics]
         # After loading a checkpoint: its run id makes a resumed job continue the same W&B run.
         wandb_sink = open_wandb(cfg, self.rank, self.wandb_run_id.value, gates=lambda: gate_values(self.model))
         if wandb_sink is not None:
@@ -409,13 +415,16 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    except CheckpointError as error:
+        print(f"checkpoint error: {error}", file=sys.stderr)
+        return 2
     start_step = trainer.state.step
     try:
         finished = trainer.fit()
         # Before closing (W&B's flush may outlast a KillWait): the checkpoint is final already.
         if trainer.rank == 0:
             write_outcome(trainer.cfg.run_dir, None if finished else stop.agreed_signal, start_step,
-                          trainer.state.step, find_latest_valid(checkpoints_root(trainer.cfg)))
+                          trainer.state.step, find_latest_valid(checkpoints_root(trainer.cfg), checksums=False))
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
