@@ -99,7 +99,7 @@ def attempts(killed_run, stdlib_shards, tmp_path_factory):
     shard = os.path.join(runs["master"], "checkpoints", SAVED, CORRUPTED["ZeRO optimizer shard"])
     masters = torch.load(shard, weights_only=False)["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
     with open(shard, "rb") as f:
-        offset = f.read().find(masters.numpy().tobytes()[:256])
+        offset = f.read().find(masters.detach().numpy().tobytes()[:256])
     assert offset > 0
     size = os.path.getsize(shard)
     flip_bytes(shard, offset + 128, 64)
@@ -107,11 +107,13 @@ def attempts(killed_run, stdlib_shards, tmp_path_factory):
     reloaded = torch.load(shard, weights_only=False)["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
     assert os.path.getsize(shard) == size and (reloaded != masters).sum().item() == 16
 
-    # resume=auto: a newer checkpoint (a copy of step 2 renamed step 3, one byte of its model states flipped) is
-    # skipped, as is the unfinished save of step 4; step 2 resumes.
+    # resume=auto: the latest checkpoint (a copy of step 2 renamed step 3, one byte of its model states flipped)
+    # is skipped, as is the unfinished save of step 4; step 2 resumes.
     runs["auto"] = copy_run(killed_run, str(root / "auto"))
     checkpoints = os.path.join(runs["auto"], "checkpoints")
     shutil.copytree(os.path.join(checkpoints, SAVED), os.path.join(checkpoints, "step_00000003"))
+    with open(os.path.join(checkpoints, "latest"), "w") as f:
+        f.write("step_00000003")
     corrupted["auto"] = os.path.join(checkpoints, "step_00000003", CORRUPTED["model states"])
     flip_bytes(corrupted["auto"], 1000, 1)
     runs["fresh"] = copy_run(killed_run, str(root / "fresh"))
@@ -184,7 +186,7 @@ def test_metrics_hold_each_step_once_after_a_kill_and_a_resume(killed_run, stdli
     before = [row for row in metrics_rows(killed_run) if "loss" in row]
     assert [row["step"] for row in before] == [1, 2, 3, 4]
     history = run_distributed(fit_worker, 2, train_overrides(stdlib_shards, killed_run, **{
-        "schedule.steps": STEPS, "checkpoint.resume": "auto"}))[0]
+        "schedule.steps": STEPS, "checkpoint.interval": 2, "checkpoint.resume": "auto"}))[0]
     rows = metrics_rows(killed_run)
     losses = [row for row in rows if "loss" in row]
     assert [row["step"] for row in losses] == list(range(1, STEPS + 1))
