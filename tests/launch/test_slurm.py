@@ -165,6 +165,26 @@ def test_dry_run_renders_a_4x8_gpu_job(tmp_path):
     assert not os.path.exists(run_dir)  # a dry run writes and submits nothing
 
 
+def test_first_start_resumes_or_starts_over_as_asked_and_a_requeued_one_resumes(tmp_path):
+    def first_and_requeued(*extra):
+        result = launcher("submit", "--config", "configs/gpu_125m.yaml", "--nodes", "1", "--gpus-per-node", "8",
+                          "--dry-run", f"run_dir={tmp_path / 'run'}", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = result.stdout.splitlines()
+        first = next(line for line in lines if line.startswith("resume="))
+        requeued = next(line for line in lines if "SLURM_RESTART_COUNT" in line and "resume=" in line)
+        srun_overrides = result.stdout.split("\nsrun ")[1].split("$resume")[0]
+        assert "checkpoint.resume" not in srun_overrides and "checkpoint.start_over" not in srun_overrides
+        return first, requeued
+
+    requeued = 'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then resume=checkpoint.resume=auto; fi'
+    assert first_and_requeued() == ("resume=checkpoint.resume=auto", requeued)
+    assert first_and_requeued("checkpoint.resume=/ckpt/step_00000100") == (
+        "resume=checkpoint.resume=/ckpt/step_00000100", requeued)
+    # Starting over applies to the first start only: a requeued start must not remove the job's own checkpoints.
+    assert first_and_requeued("checkpoint.start_over=true") == ("resume=checkpoint.start_over=true", requeued)
+
+
 def test_dry_run_rejects_a_layout_the_config_cannot_split():
     result = launcher("submit", "--config", "configs/gpu_125m.yaml", "--nodes", "4", "--gpus-per-node", "8",
                       "--dry-run")
