@@ -150,6 +150,22 @@ _compiled_token_cross_entropy = torch.compile(token_cross_entropy)
 
 
 def build_model(config: InfiniTransformerConfig, vocab_size: int, *, pre_process: bool = True,
-                post_process: bool = True, tie_embeddings: bool = False, rotary_base: int = 10000) -> InfiniGPTModel:
+                post_process: bool = True, tie_embeddings: bool = False, rotary_base: int = 10000,
+                vp_stage: Optional[int] = None) -> InfiniGPTModel:
     return InfiniGPTModel(config, vocab_size, pre_process=pre_process, post_process=post_process,
-                          share_embeddings_and_output_weights=tie_embeddings, rotary_base=rotary_base)
+                          share_embeddings_and_output_weights=tie_embeddings, rotary_base=rotary_base,
+                          vp_stage=vp_stage)
+
+
+class ModelChunks(torch.nn.ModuleList):
+    """A pipeline rank's model chunks (its virtual pipeline stages, ``vp_stage`` 0, 1, ...) in order: one
+    module, so one optimizer and one DeepSpeed engine hold all of them. Parameter names start with the
+    chunk index. ``forward(chunk, ...)`` runs that chunk's ``InfiniGPTModel.forward``."""
+
+    def forward(self, chunk: int, *args, **kwargs):
+        return self[chunk](*args, **kwargs)
+
+    @property
+    def layers(self) -> list:
+        """Every local transformer layer, chunk by chunk."""
+        return [layer for chunk in self for layer in chunk.layers]

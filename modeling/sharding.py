@@ -30,8 +30,21 @@ def global_name(local_name: str, first_layer: int, tied_output: bool) -> str:
     return local_name
 
 
+def rank_layers(num_layers: int, pipeline: int, virtual_pipeline: int, pipeline_rank: int) -> List[int]:
+    """Global indices of the layers a pipeline rank holds, chunk by chunk: with ``virtual_pipeline`` chunks of
+    ``n = num_layers / (pipeline * virtual_pipeline)`` layers, chunk c of rank p holds layers from
+    ``(c * pipeline + p) * n`` (megatron's ``get_transformer_layer_offset``)."""
+    per_chunk = num_layers // (pipeline * virtual_pipeline)
+    return [(chunk * pipeline + pipeline_rank) * per_chunk + i
+            for chunk in range(virtual_pipeline) for i in range(per_chunk)]
+
+
 def global_names(model) -> Dict[str, str]:
-    """Local parameter name -> name in the full (single-stage) model."""
+    """Local parameter name -> name in the full (single-stage) model. ``model`` is one stage's model or a
+    ``ModuleList`` of a rank's model chunks (``modeling.model.ModelChunks``: names start with the chunk index)."""
+    if isinstance(model, torch.nn.ModuleList):
+        return {f"{index}.{local}": full for index, chunk in enumerate(model)
+                for local, full in global_names(chunk).items()}
     first_layer = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else 0
     return {name: global_name(name, first_layer, model.share_embeddings_and_output_weights)
             for name, _ in model.named_parameters()}

@@ -29,6 +29,10 @@ class ConfigError(ValueError):
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    virtual_pipeline: int = 1
+    """Model chunks per pipeline rank: with V > 1 each rank holds V chunks of num_layers / (pipeline x V) layers
+    (chunk c of rank p: layers from (c x pipeline + p) x that), run by megatron's interleaved 1F1B schedule. The
+    pipeline bubble shrinks by V for V times as many point-to-point transfers; 1: the plain 1F1B schedule."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0-1 with pipelines; 0-3 without."""
     micro_batch_lanes: int = 1
@@ -225,6 +229,13 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
          "gradients during backward, which pipeline schedules do not allow; use zero_stage 0 or 1 with pipelines")
     need(cfg.model.num_layers % par.pipeline == 0,
          f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.pipeline ({par.pipeline})")
+    need(par.virtual_pipeline >= 1, f"parallel.virtual_pipeline must be >= 1, got {par.virtual_pipeline}")
+    need(par.virtual_pipeline == 1 or par.pipeline > 1,
+         f"parallel.virtual_pipeline={par.virtual_pipeline} needs parallel.pipeline > 1: it interleaves model chunks "
+         "over the pipeline ranks")
+    need(cfg.model.num_layers % (par.pipeline * par.virtual_pipeline) == 0,
+         f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.pipeline x parallel.virtual_pipeline "
+         f"({par.pipeline} x {par.virtual_pipeline})")
     need(not par.sequence_parallel or par.tensor > 1,
          f"parallel.sequence_parallel needs parallel.tensor > 1 (got {par.tensor}): it splits the sequence over "
          "the tensor-parallel ranks")
@@ -263,6 +274,13 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
         need((cfg.data.global_lanes // dp) % par.micro_batch_lanes == 0,
              f"lanes per data-parallel rank ({cfg.data.global_lanes // dp}) must be divisible by "
              f"parallel.micro_batch_lanes ({par.micro_batch_lanes})")
+        microbatches = cfg.data.global_lanes // dp // par.micro_batch_lanes
+        # megatron's interleaved schedule runs the microbatches in groups of parallel.pipeline per chunk.
+        need(par.virtual_pipeline == 1 or microbatches % par.pipeline == 0,
+             f"parallel.virtual_pipeline={par.virtual_pipeline} runs the microbatches in groups of parallel.pipeline "
+             f"({par.pipeline}): the microbatches per step (data.global_lanes / data-parallel size / "
+             f"parallel.micro_batch_lanes = {cfg.data.global_lanes} / {dp} / {par.micro_batch_lanes} = {microbatches}) "
+             "must be a multiple of it")
 
 
 def save_resolved(cfg: TrainConfig, path: str) -> None:

@@ -75,7 +75,9 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     return env
 
 
-def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, seed: int = 1234) -> None:
+def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, seed: int = 1234,
+                        virtual_pipeline: int = 1) -> None:
+    """megatron-core's parallel state; ``virtual_pipeline`` > 1 selects its interleaved pipeline schedule."""
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):
         raise ValueError(
@@ -83,7 +85,9 @@ def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, seed: int 
             f"pipeline_parallel ({pipeline_parallel})"
         )
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
+    parallel_state.initialize_model_parallel(
+        tensor_parallel, pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None)
     if torch.cuda.is_available():
         model_parallel_cuda_manual_seed(seed)
     else:

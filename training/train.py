@@ -36,7 +36,7 @@ from modeling.config import build_transformer_config
 from modeling.cpu_compat import megatron_on_cpu
 from modeling.flops import model_cost
 from modeling.init import init_weights
-from modeling.model import build_model
+from modeling.model import ModelChunks, build_model
 from training.build_locks import BuildLockWatch
 from training.checkpoint import (CheckpointManager, SaveReport, checkpoints_root, coordinates, find_latest_valid,
                                  resume_path, rng_state, set_rng_state)
@@ -112,12 +112,14 @@ def prepare_data(cfg: TrainConfig) -> None:
         dist.barrier()
 
 
-def build_stage_model(cfg: TrainConfig, bf16: bool):
-    """This rank's pipeline stage of the model, its TP shard of every layer."""
+def build_stage_model(cfg: TrainConfig, bf16: bool) -> ModelChunks:
+    """This rank's model chunks (parallel.virtual_pipeline of them), their TP shard of every layer."""
+    virtual = cfg.parallel.virtual_pipeline
     transformer_config = build_transformer_config(
         cfg.model,
         tensor_parallel_size=cfg.parallel.tensor,
         pipeline_parallel_size=cfg.parallel.pipeline,
+        virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
         sequence_parallel=cfg.parallel.sequence_parallel,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
@@ -133,26 +135,35 @@ def build_stage_model(cfg: TrainConfig, bf16: bool):
         calculate_per_token_loss=True,
         # p2p's CUDA synchronisation is megatron's default; there is nothing to synchronise on the CPU.
         batch_p2p_sync=torch.cuda.is_available(),
+        # Interleaved, a rank sends activations forward and gradients back to the same peer when
+        # parallel.pipeline is 2: batched, the two would pair up in posting order, crossed. megatron's
+        # separate sends and receives take one of the directions on another group; they overlap with compute.
+        batch_p2p_comm=virtual == 1,
+        overlap_p2p_comm=virtual > 1,
     )
-    # With tied embeddings over several stages, megatron moves the last stage's copy to CUDA to sync it.
-    with megatron_on_cpu():
-        model = build_model(
-            transformer_config,
-            cfg.model.padded_vocab_size(cfg.parallel.tensor),
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
-            tie_embeddings=cfg.model.tie_embeddings,
-            rotary_base=cfg.model.rotary_base,
-        )
-    if model.share_embeddings_and_output_weights and model.post_process and not model.pre_process:
-        # This stage's output weight is the first stage's embedding: DeepSpeed's gradient norm skips the copy.
-        model.output_layer.weight.ds_pipe_replicated = True
-    model = model.to(device())
-    init_weights(model, cfg.seed)
-    if cfg.performance.compile_layers:
-        for layer in model.decoder.layers:
-            layer.compile()
-    return model
+    chunks = ModelChunks()
+    for vp_stage in range(virtual):
+        # With tied embeddings over several stages, megatron moves the last stage's copy to CUDA to sync it.
+        with megatron_on_cpu():
+            chunk = build_model(
+                transformer_config,
+                cfg.model.padded_vocab_size(cfg.parallel.tensor),
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                tie_embeddings=cfg.model.tie_embeddings,
+                rotary_base=cfg.model.rotary_base,
+                vp_stage=vp_stage,
+            )
+        if chunk.share_embeddings_and_output_weights and chunk.post_process and not chunk.pre_process:
+            # This stage's output weight is the first stage's embedding: DeepSpeed's gradient norm skips the copy.
+            chunk.output_layer.weight.ds_pipe_replicated = True
+        chunk = chunk.to(device())
+        init_weights(chunk, cfg.seed)
+        if cfg.performance.compile_layers:
+            for layer in chunk.decoder.layers:
+                layer.compile()
+        chunks.append(chunk)
+    return chunks
 
 
 class Trainer:
@@ -162,7 +173,7 @@ class Trainer:
         self.cfg = cfg
         env = init_distributed()
         validate(cfg, env.world_size)
-        init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed)
+        init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed, cfg.parallel.virtual_pipeline)
         seed_everything(cfg.seed)
         self.rank = env.rank
         self.world_size = env.world_size
@@ -188,7 +199,7 @@ class Trainer:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
                               f"vocabulary ({self.train_loader.vocab_size})")
         self.num_slots = self.lanes_per_rank // cfg.parallel.micro_batch_lanes
-        self.carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers))
+        self.carried = self.new_carried_memory()
         self.state = TrainState()
         self.wandb_run_id: Optional[str] = None
         # main() installs its handlers first thing; fit() installs them for other callers.
@@ -208,6 +219,10 @@ class Trainer:
         if wandb_sink is not None:
             self.sinks.append(wandb_sink)
             self.wandb_run_id = wandb_sink.run_id
+
+    def new_carried_memory(self) -> CarriedMemory:
+        """Empty memory for every (model chunk, microbatch slot) of this rank."""
+        return CarriedMemory(self.num_slots, [len(chunk.layers) for chunk in self.model])
 
     def print(self, message: str) -> None:
         if self.rank == 0:
@@ -309,7 +324,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         loader = build_valid_loader(self.cfg.data, self.dp_rank, self.dp_size)
-        carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers))
+        carried = self.new_carried_memory()
         self.model.eval()
         loss_sum, weight, tokens = 0.0, 0.0, 0
         for index, batch in enumerate(loader):
