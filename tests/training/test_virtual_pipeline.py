@@ -5,6 +5,8 @@ gradients and losses in another order), the uninterrupted run (a resume must be 
 and the uninterrupted interleaved run again for a resume resharded to one chunk per rank.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -33,16 +35,63 @@ def train_worker(rank, world, overrides):
     return {"losses": [h["loss"] for h in trainer.state.history if "loss" in h], "layers": layers}
 
 
+@pytest.fixture(scope="module")
+def single_process(stdlib_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    return run_distributed(train_worker, 1, train_overrides(stdlib_shards, str(run_dir), **{
+        **INTERLEAVED, "parallel.pipeline": 1, "parallel.virtual_pipeline": 1}))[0]
+
+
+# world size, extra overrides, the global layers of each pipeline rank (data-parallel replicas repeat them).
+LAYOUTS = {
+    "pp2": (2, {}, [[0, 2], [1, 3]]),
+    # Two microbatches per data-parallel rank; gradients of both chunks go through DeepSpeed's reduction.
+    "pp2xdp2": (4, {"parallel.zero_stage": 1}, [[0, 2], [0, 2], [1, 3], [1, 3]]),
+}
+
+
 @pytest.mark.slow
-def test_interleaved_losses_match_single_process(stdlib_shards, tmp_path):
-    single = run_distributed(train_worker, 1, train_overrides(
-        stdlib_shards, str(tmp_path / "single"), **{**INTERLEAVED, "parallel.pipeline": 1,
-                                                    "parallel.virtual_pipeline": 1}))[0]
-    interleaved = run_distributed(train_worker, 2, train_overrides(stdlib_shards, str(tmp_path / "vp2"),
-                                                                   **INTERLEAVED))
-    assert [r["layers"] for r in interleaved] == [[0, 2], [1, 3]]
-    assert len(single["losses"]) == STEPS
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_interleaved_losses_match_single_process(layout, stdlib_shards, single_process, tmp_path):
+    world, extra, layers = LAYOUTS[layout]
+    interleaved = run_distributed(train_worker, world, train_overrides(stdlib_shards, str(tmp_path),
+                                                                       **INTERLEAVED, **extra))
+    assert [r["layers"] for r in interleaved] == layers
+    assert len(single_process["losses"]) == STEPS
     # Losses fall: the optimizer really steps (a broken update would also match between layouts).
-    assert single["losses"][-1] < single["losses"][0]
-    torch.testing.assert_close(torch.tensor(interleaved[0]["losses"]), torch.tensor(single["losses"]),
+    assert single_process["losses"][-1] < single_process["losses"][0]
+    torch.testing.assert_close(torch.tensor(interleaved[0]["losses"]), torch.tensor(single_process["losses"]),
                                rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"parallel.pipeline": 1, "parallel.virtual_pipeline": 2}, "parallel.pipeline > 1"),
+    ({"parallel.pipeline": 2, "parallel.virtual_pipeline": 3}, "parallel.virtual_pipeline (2 x 3)"),
+    ({"parallel.pipeline": 2, "parallel.virtual_pipeline": 0}, "parallel.virtual_pipeline must be >= 1"),
+])
+def test_invalid_virtual_pipeline_fails_at_load(overrides, key, tmp_path):
+    from training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, [f"run_dir={tmp_path}", "model.num_layers=4", *(f"{k}={v}" for k, v in overrides.items())])
+
+
+def start_worker(rank, world, overrides):
+    from training.config import ConfigError, load_config
+    from training.train import Trainer
+
+    try:
+        Trainer(load_config(None, overrides)).close()
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.slow
+def test_microbatches_not_a_multiple_of_the_pipeline_fail_at_start(stdlib_shards, tmp_path):
+    # 3 lanes of one microbatch each: the interleaved schedule runs groups of 2.
+    overrides = train_overrides(stdlib_shards, str(tmp_path), **{**INTERLEAVED, "data.global_lanes": 3})
+    messages = run_distributed(start_worker, 2, overrides)
+    assert all(m is not None and "parallel.virtual_pipeline=2" in m and "parallel.micro_batch_lanes" in m
+               and "= 3)" in m for m in messages), messages
+    assert not any(tmp_path.iterdir())  # nothing written
