@@ -16,7 +16,9 @@ from tests.training.conftest import train_overrides
 STEPS = 5
 # PP2 x 2 chunks of one layer each: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3; 4 microbatches of a lane.
 INTERLEAVED = {"parallel.pipeline": 2, "parallel.virtual_pipeline": 2, "parallel.micro_batch_lanes": 1,
-               "model.num_layers": 4, "data.global_lanes": 4, "schedule.steps": STEPS}
+               "model.num_layers": 4, "data.global_lanes": 4, "schedule.steps": STEPS,
+               # A forward-only pass through the chunks at the end.
+               "data.valid_fraction": 0.1, "validation.interval": STEPS, "validation.batches": 2}
 TOKENS_PER_STEP = 4 * 2 * 16  # lanes x n_segments x segment_length of train_overrides
 # float32 rounding of a sum over a step's tokens, taken in another order: eps x reduction size.
 LOSS_TOLERANCE = torch.finfo(torch.float32).eps * TOKENS_PER_STEP
@@ -32,7 +34,8 @@ def train_worker(rank, world, overrides):
         layers = [layer.layer_number - 1 for layer in trainer.model.layers]
     finally:
         trainer.close()
-    return {"losses": [h["loss"] for h in trainer.state.history if "loss" in h], "layers": layers}
+    return {"losses": [h["loss"] for h in trainer.state.history if "loss" in h],
+            "valid": [h["valid/loss"] for h in trainer.state.history if "valid/loss" in h], "layers": layers}
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,10 @@ def test_interleaved_losses_match_single_process(layout, stdlib_shards, single_p
     assert len(single_process["losses"]) == STEPS
     # Losses fall: the optimizer really steps (a broken update would also match between layouts).
     assert single_process["losses"][-1] < single_process["losses"][0]
-    torch.testing.assert_close(torch.tensor(interleaved[0]["losses"]), torch.tensor(single_process["losses"]),
-                               rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
+    assert len(single_process["valid"]) == 1
+    for key in ("losses", "valid"):
+        torch.testing.assert_close(torch.tensor(interleaved[0][key]), torch.tensor(single_process[key]),
+                                   rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
 
 
 @pytest.mark.parametrize("overrides, key", [
