@@ -36,14 +36,14 @@ from modeling.flops import count_parameters  # noqa: E402
 PEAK = 989e12
 
 COMMON = [
-    "precision=bf16", "data.segment_length=2048", "model.segment_length=2048", "data.n_segments=8",
+    "precision=bf16", "model.segment_length=2048", "data.n_segments=8",
     "data.num_workers=2", "parallel.micro_batch_lanes=1", "parallel.zero_stage=1", "schedule.warmup_steps=2",
     "logging.interval=1", "logging.wandb.mode=disabled", "checkpoint.save_at_end=false", "optimizer.lr=3e-4",
     "build_stdlib_shards=true", "data.sources=[{path: runs/data/python-stdlib}]",
 ]
 
 FAST = ["performance.compile_layers=true", "performance.loss_chunk_tokens=4096"]
-CPU = ["precision=fp32", "data.segment_length=64", "model.segment_length=64", "data.n_segments=4"]
+CPU = ["precision=fp32", "model.segment_length=64", "data.n_segments=4"]
 
 CASES = {
     # name: (model preset, processes (GPUs), extra overrides)

@@ -18,10 +18,12 @@ class CarriedMemory:
     Resets inside the data zero a lane's memory where a new document starts, in the layers.
     """
 
-    def __init__(self, num_slots: int, layers_per_chunk: List[int]):
+    def __init__(self, num_slots: int, layers_per_chunk: List[int], device=None):
         self.num_slots = num_slots
         self.layers_per_chunk = list(layers_per_chunk)
         self.num_layers = sum(self.layers_per_chunk)
+        # Where load_state_dict puts the memory (None: where the saved tensors are).
+        self.device = device
         self._slots: List[List[Optional[List[InfiniMemory]]]] = self._empty()
 
     def _empty(self) -> List[List[Optional[List[InfiniMemory]]]]:
@@ -53,7 +55,7 @@ class CarriedMemory:
                                "z": torch.cat([slot[layer].z for slot in chunk]).cpu()})
         return {"layers": layers}
 
-    def load_state_dict(self, state: Dict[str, object], device=None) -> None:
+    def load_state_dict(self, state: Dict[str, object]) -> None:
         layers = state["layers"]
         if layers is None:
             self._slots = self._empty()
@@ -70,8 +72,8 @@ class CarriedMemory:
             chunk_layers = layers[first:first + count]
             first += count
             self._slots.append([
-                [InfiniMemory(layer["M"][s * per_slot:(s + 1) * per_slot].to(device),
-                              layer["z"][s * per_slot:(s + 1) * per_slot].to(device)) for layer in chunk_layers]
+                [InfiniMemory(layer["M"][s * per_slot:(s + 1) * per_slot].to(self.device),
+                              layer["z"][s * per_slot:(s + 1) * per_slot].to(self.device)) for layer in chunk_layers]
                 for s in range(self.num_slots)])
 
 

@@ -22,8 +22,8 @@ def cli_worker(rank, world, root):
     from data_pipeline.make_shards import write_shards
     from tests.evals.models import tiny_config, tiny_model
     from training.distributed import init_single_process
-    from training.evals import passkey, perplexity
-    from training.export import export_model
+    from evals import passkey, perplexity
+    from modeling.export import export_model
 
     init_single_process()
     cfg = tiny_config(segment_length=SEGMENT, update="delta")
@@ -82,6 +82,6 @@ def eval_runs(tmp_path_factory):
 
 def exported_reference(export_dir):
     """(ModelConfig, full state) of an export, for tests/evals/reference_model.py."""
-    from training.export import read_export
+    from modeling.export import read_export
 
     return read_export(export_dir)

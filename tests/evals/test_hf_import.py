@@ -95,7 +95,7 @@ def single_worker(rank, world, cases, export_dir):
     from modeling.cpu_compat import megatron_on_cpu
     from modeling.hf_import import main
     from training.distributed import init_single_process
-    from training.export import load_exported
+    from modeling.export import load_exported
 
     init_single_process()
     results = {tie: _imported(case, 1, 1) for tie, case in cases.items()}

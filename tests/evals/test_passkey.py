@@ -10,7 +10,7 @@ import torch
 
 from data_pipeline.tokenizer import ByteTokenizer
 from tests.evals.conftest import ABLATED_HEADS, KEY_SCALE, QUERY_SCALE, exported_reference
-from training.evals.passkey import (FILLER, HEADER, NEEDLE, QUESTION, format_length, make_data, make_prompt,
+from evals.passkey import (FILLER, HEADER, NEEDLE, QUESTION, format_length, make_data, make_prompt,
                                     parse_length, read_answer)
 
 

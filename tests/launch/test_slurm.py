@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from tests import recording
 from tests.distributed import run_distributed
 from tests.launch.conftest import REPO, train_overrides
 
@@ -118,11 +119,12 @@ def reference_worker(rank, world, config, overrides):
     from training.train import Trainer
 
     trainer = Trainer(load_config(config, overrides))
+    history = recording.record(trainer)
     try:
         trainer.fit()
     finally:
         trainer.close()
-    return [(h["step"], h["loss"]) for h in trainer.state.history if "loss" in h]
+    return [(h["step"], h["loss"]) for h in history if "loss" in h]
 
 
 @pytest.fixture(scope="module")

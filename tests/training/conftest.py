@@ -24,7 +24,6 @@ def train_overrides(shards: str, run_dir: str, **extra) -> list:
         "model.num_query_groups": 2,
         "model.ffn_hidden_size": 64,
         "model.segment_length": 16,
-        "data.segment_length": 16,
         "data.n_segments": 2,
         "data.global_lanes": 4,
         "data.num_workers": 0,

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.recording import record
 from tests.training.conftest import train_overrides
-from training.export import read_export
+from modeling.export import read_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,11 +25,12 @@ def run_worker(rank, world, overrides):
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
     try:
         trainer.fit()
     finally:
         trainer.close()
-    return [(h["step"], h["loss"]) for h in trainer.state.history if "loss" in h]
+    return [(h["step"], h["loss"]) for h in history if "loss" in h]
 
 
 def straight_and_resumed(shards, tmp_path, world, extra, steps=6, resume_world=None):
@@ -52,7 +54,7 @@ def straight_and_resumed(shards, tmp_path, world, extra, steps=6, resume_world=N
     (4, {"parallel.tensor": 2, "parallel.pipeline": 2, "parallel.zero_stage": 1}),
     (2, {"parallel.zero_stage": 2}),
     # The delayed writer writes after later steps changed the live state: only a true snapshot resumes exactly.
-    (2, {"parallel.zero_stage": 1, "checkpoint.async_save": True, "checkpoint.inject_writer_delay_s": 1.0}),
+    (2, {"parallel.zero_stage": 1, "checkpoint.async_save": True, "debug.inject_writer_delay_s": 1.0}),
 ], ids=["tp2xpp2-zero1", "dp2-zero2", "dp2-zero1-async"])
 def test_resume_is_bitwise_identical(stdlib_shards, tmp_path, world, extra):
     straight, first, second = straight_and_resumed(stdlib_shards, tmp_path, world, extra)
@@ -82,10 +84,10 @@ def test_kill_during_save_then_auto_resume(stdlib_shards, tmp_path, async_save):
     # Asynchronous: rank 0's background writer kills the process after its first file, the delay keeping the
     # write pending over the next step boundaries (where nothing may finalize it).
     base = {"schedule.steps": 6, "checkpoint.interval": 2, "checkpoint.async_save": async_save,
-            "checkpoint.inject_writer_delay_s": 0.5 if async_save else 0.0}
+            "debug.inject_writer_delay_s": 0.5 if async_save else 0.0}
     with pytest.raises(RuntimeError, match="exit code -9|rank 0"):
         run_distributed(kill_worker, 2, train_overrides(stdlib_shards, run_dir, **base, **{
-            "checkpoint.inject_kill_during_save_at_steps": "[4]"}), timeout=180)
+            "debug.inject_kill_during_save_at_steps": "[4]"}), timeout=180)
     ckpts = os.path.join(run_dir, "checkpoints")
     assert sorted(os.listdir(ckpts)) == [".tmp-step_00000004", "latest", "step_00000002"]
     resumed = run_distributed(run_worker, 2, train_overrides(stdlib_shards, run_dir, **base,
@@ -100,22 +102,23 @@ def history_worker(rank, world, overrides):
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
     try:
         trainer.fit()
     finally:
         trainer.close()
-    return trainer.state.history
+    return history
 
 
 @pytest.mark.slow
 def test_training_continues_while_the_writer_writes(stdlib_shards, tmp_path):
-    from training.checkpoint import verify
+    from training.checkpoint_layout import verify
 
     run_dir = str(tmp_path / "run")
     delay = 1.0
     history = run_distributed(history_worker, 1, train_overrides(stdlib_shards, run_dir, **{
         "schedule.steps": 5, "checkpoint.interval": 2, "checkpoint.async_save": True,
-        "checkpoint.inject_writer_delay_s": delay}))[0]
+        "debug.inject_writer_delay_s": delay}))[0]
     reports = {row["checkpoint/step"]: row for row in history if "checkpoint/step" in row}
     assert sorted(reports) == [2, 4]
     first = reports[2]
@@ -134,7 +137,7 @@ def test_training_continues_while_the_writer_writes(stdlib_shards, tmp_path):
 
 
 def failing_save_worker(rank, world, overrides):
-    from training.checkpoint import CheckpointError
+    from training.checkpoint_layout import CheckpointError
     from training.config import load_config
     from training.train import Trainer
 
@@ -150,12 +153,12 @@ def failing_save_worker(rank, world, overrides):
 
 @pytest.mark.slow
 def test_writer_failure_is_an_error_and_never_finalized(stdlib_shards, tmp_path):
-    from training.checkpoint import find_latest_valid
+    from training.checkpoint_layout import find_latest_valid
 
     run_dir = str(tmp_path / "run")
     messages = run_distributed(failing_save_worker, 2, train_overrides(stdlib_shards, run_dir, **{
         "schedule.steps": 6, "checkpoint.interval": 2, "checkpoint.async_save": True,
-        "checkpoint.inject_writer_failure_at_steps": "[4]"}))
+        "debug.inject_writer_failure_at_steps": "[4]"}))
     ckpts = os.path.join(run_dir, "checkpoints")
     failed_file = os.path.join(ckpts, ".tmp-step_00000004", "ds", "mp_rank_00_model_states.pt")
     assert messages[0] is not None and f"checkpoint writer failed writing {failed_file}" in messages[0]
@@ -166,7 +169,7 @@ def test_writer_failure_is_an_error_and_never_finalized(stdlib_shards, tmp_path)
 
 
 def load_worker(rank, world, overrides):
-    from training.checkpoint import CheckpointError
+    from training.checkpoint_layout import CheckpointError
     from training.config import load_config
     from training.train import Trainer
 
@@ -199,7 +202,7 @@ def export_worker(rank, world, overrides, out_dir):
 
     from modeling.cpu_compat import megatron_on_cpu
     from training.config import load_config
-    from training.export import export_model
+    from modeling.export import export_model
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
@@ -209,7 +212,7 @@ def export_worker(rank, world, overrides, out_dir):
     with torch.no_grad(), megatron_on_cpu():
         trainer.model.eval()
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            logits, _ = trainer.model(ids, None, None, None)
+            logits, _ = trainer.model[0](ids, None, None, None)
             gathered = [torch.empty_like(logits) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
             torch.distributed.all_gather(gathered, logits.contiguous(),
                                          group=parallel_state.get_tensor_model_parallel_group())
@@ -223,7 +226,7 @@ def export_worker(rank, world, overrides, out_dir):
 def reload_worker(rank, world, out_dir):
     from modeling.cpu_compat import megatron_on_cpu
     from training.distributed import init_single_process
-    from training.export import load_exported
+    from modeling.export import load_exported
 
     init_single_process()
     model, cfg = load_exported(out_dir)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.recording import record
 from tests.training.conftest import train_overrides
 
 
@@ -12,11 +13,12 @@ def train_worker(rank, world, overrides):
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
     try:
         trainer.fit()
     finally:
         trainer.close()
-    return [h["loss"] for h in trainer.state.history if "loss" in h]
+    return [h["loss"] for h in history if "loss" in h]
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.recording import record
 from tests.training.conftest import train_overrides
 
 SAVE_AT = 3
@@ -25,7 +26,7 @@ def global_state(trainer) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from modeling.sharding import full_tensors
-    from training.checkpoint import coordinates
+    from training.checkpoint_layout import coordinates
 
     model, engine = trainer.model, trainer.engine
     params = dict(model.named_parameters())
@@ -43,17 +44,17 @@ def global_state(trainer) -> dict:
         "global_steps": engine.global_steps,
         "train_state": {k: v for k, v in vars(trainer.state).items() if k != "history"},
     }
-    first_layer = model.decoder.layers[0].layer_number - 1
+    layers = [layer.layer_number - 1 for layer in model.layers]
     pieces = [None] * dist.get_world_size()
-    dist.all_gather_object(pieces, (coordinates(), list(trainer.train_loader.lane_ids), first_layer,
+    dist.all_gather_object(pieces, (coordinates(), list(trainer.train_loader.lane_ids), layers,
                                     trainer.carried.state_dict()))
     memory = {}
-    for coords, lanes, first, carried in pieces:
-        for index, layer in enumerate(carried["layers"]):
+    for coords, lanes, global_layers, carried in pieces:
+        for global_layer, layer in zip(global_layers, carried["layers"]):
             groups = layer["M"].shape[1]
             for row, lane in enumerate(lanes):
                 for group in range(groups):
-                    key = (first + index, lane, coords["tensor"] * groups + group)
+                    key = (global_layer, lane, coords["tensor"] * groups + group)
                     memory[key] = (layer["M"][row, group], layer["z"][row, group])
     state["memory"] = memory
     return state
@@ -66,6 +67,7 @@ def train_and_gather(rank, world, overrides):
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
     gathered = global_state(trainer) if trainer.state.step == SAVE_AT else None
     batches = iter(trainer.train_loader)
     try:
@@ -76,7 +78,7 @@ def train_and_gather(rank, world, overrides):
                 gathered = global_state(trainer)
     finally:
         trainer.close()
-    return [(h["step"], h["loss"]) for h in trainer.state.history if "loss" in h], gathered
+    return [(h["step"], h["loss"]) for h in history if "loss" in h], gathered
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def test_resume_on_another_layout_continues_the_run(stdlib_shards, tmp_path, sav
 
 
 def load_error(rank, world, overrides):
-    from training.checkpoint import CheckpointError
+    from training.checkpoint_layout import CheckpointError
     from training.config import load_config
     from training.train import Trainer
 

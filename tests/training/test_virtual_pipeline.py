@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.recording import record
 from tests.training.conftest import train_overrides
 
 STEPS = 5
@@ -29,13 +30,14 @@ def train_worker(rank, world, overrides):
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
     try:
         trainer.fit()
         layers = [layer.layer_number - 1 for layer in trainer.model.layers]
     finally:
         trainer.close()
-    return {"losses": [h["loss"] for h in trainer.state.history if "loss" in h],
-            "valid": [h["valid/loss"] for h in trainer.state.history if "valid/loss" in h], "layers": layers}
+    return {"losses": [h["loss"] for h in history if "loss" in h],
+            "valid": [h["valid/loss"] for h in history if "valid/loss" in h], "layers": layers}
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Can the compressive memory learn to recall? A synthetic task only the memory can solve.
 
-    python bench/memory_recall.py [--updates linear,delta] [--segments 4,16] [--key-tokens 2]
+    python experiments/memory_recall.py [--updates linear,delta] [--segments 4,16] [--key-tokens 2]
         [--segment-length 32] [--steps 800] [--lr 3e-3] [--seeds 0] [--device cpu|cuda]
 
 Each sequence is S segments of N tokens of random filler (tokens 100-199). In the first segment a
