@@ -10,7 +10,7 @@ embeddings, a last stage's ``output_layer.weight`` is a copy of ``embedding.word
 from __future__ import annotations
 
 import re
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,12 @@ def rank_layers(num_layers: int, pipeline: int, virtual_pipeline: int, pipeline_
     per_chunk = num_layers // (pipeline * virtual_pipeline)
     return [(chunk * pipeline + pipeline_rank) * per_chunk + i
             for chunk in range(virtual_pipeline) for i in range(per_chunk)]
+
+
+def split_chunk_name(name: str) -> Tuple[int, str]:
+    """(chunk index, name inside the chunk) of a ``ModelChunks`` parameter name."""
+    chunk, local = name.split(".", 1)
+    return int(chunk), local
 
 
 def global_names(model) -> Dict[str, str]:

@@ -23,13 +23,16 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from modeling.sharding import global_name, rank_layers, split_chunk_name
+
 STEP_PREFIX = "step_"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 CONFIG = "config.yaml"
 DEEPSPEED_TAG = "ds"
 """The sub-directory DeepSpeed's ``save_checkpoint``/``load_checkpoint`` write and read (their ``tag``)."""
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: parameters are named by model chunk (``<chunk>.<name in the chunk>``, ``modeling.model.ModelChunks``)."""
 
 
 class CheckpointError(RuntimeError):
@@ -54,8 +57,16 @@ def layout() -> dict:
         "world_size": dist.get_world_size(),
         "tensor": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
         "data": parallel_state.get_data_parallel_world_size(),
     }
+
+
+def check_format(path: str, manifest: dict) -> None:
+    """A checkpoint of another format than this code writes cannot be resumed: its names would not match."""
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {manifest.get('format')}; this version reads format "
+                              f"{FORMAT_VERSION} only (parameters named by model chunk)")
 
 
 def coordinates() -> dict:
@@ -147,6 +158,7 @@ class SavedCheckpoint:
     def __init__(self, path: str, manifest: Optional[dict] = None):
         self.path = path
         self.manifest = verify(path) if manifest is None else manifest
+        check_format(path, self.manifest)
         self.layout = self.manifest["layout"]
         self.rank_states = [torch.load(rank_file(path, rank), map_location="cpu", mmap=True, weights_only=False)
                             for rank in range(self.layout["world_size"])]
@@ -157,6 +169,17 @@ class SavedCheckpoint:
             raise CheckpointError(f"{path}: found {len(group)} data-parallel rank 0 states, expected "
                                   f"{self.layout['tensor'] * self.layout['pipeline']}")
         self.model_parallel_rank = {(c["tensor"], c["pipeline"]): index for index, c in enumerate(group)}
+
+    def rank_layers(self, pipeline: int, num_layers: int) -> List[int]:
+        """The global layers saved pipeline rank ``pipeline`` held, in its local order (chunk by chunk)."""
+        return rank_layers(num_layers, self.layout["pipeline"], self.layout["virtual_pipeline"], pipeline)
+
+    def global_name(self, name: str, pipeline: int, num_layers: int, tie_embeddings: bool) -> str:
+        """The full-model name of a parameter of saved pipeline rank ``pipeline``, named as DeepSpeed saved it
+        (``<chunk>.<name in the chunk>``)."""
+        layers = self.rank_layers(pipeline, num_layers)
+        chunk, local = split_chunk_name(name)
+        return global_name(local, layers[chunk * len(layers) // self.layout["virtual_pipeline"]], tie_embeddings)
 
     def config_path(self) -> str:
         return os.path.join(self.path, CONFIG)

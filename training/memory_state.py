@@ -77,13 +77,13 @@ class CarriedMemory:
                 for s in range(self.num_slots)])
 
 
-def regather_memory(saved: List[dict], saved_tensor_size: int, saved_layers_per_stage: int, global_lanes: int,
+def regather_memory(saved: List[dict], saved_tensor_size: int, saved_layers: List[List[int]], global_lanes: int,
                     layers: List[int], lanes: List[int], tensor_rank: int, tensor_size: int) -> Dict[str, object]:
     """The carried memory of one rank of another layout, from the memory every rank of a checkpoint saved.
 
     ``saved``: per old rank, ``{"coordinates", "lane_ids", "memory"}`` (as in its rank state): the
-    memory of its lanes, of its pipeline stage's layers, of the KV groups its TP rank owns (contiguous,
-    ``groups / tp`` each). Returns, in ``CarriedMemory.state_dict`` form, global ``layers`` for
+    memory of its lanes, of its pipeline rank's layers (``saved_layers[pipeline rank]``: their global
+    indices in local order), of the KV groups its TP rank owns (contiguous, ``groups / tp`` each). Returns, in ``CarriedMemory.state_dict`` form, global ``layers`` for
     ``lanes`` (in that order) and the KV groups of ``tensor_rank`` of ``tensor_size``. Every
     (layer, lane, group) must be saved exactly once.
     """
@@ -96,7 +96,8 @@ def regather_memory(saved: List[dict], saved_tensor_size: int, saved_layers_per_
     mine = slice(tensor_rank * groups // tensor_size, (tensor_rank + 1) * groups // tensor_size)
     out = []
     for layer in layers:
-        stage, local = divmod(layer, saved_layers_per_stage)
+        stage = next(stage for stage, held in enumerate(saved_layers) if layer in held)
+        local = saved_layers[stage].index(layer)
         holders = [s for s in saved if s["coordinates"]["pipeline"] == stage]
         sample = holders[0]["memory"]["layers"][local]["M"]
         M = torch.zeros(global_lanes, groups, *sample.shape[2:], dtype=sample.dtype)

@@ -1,4 +1,5 @@
-"""Resume a checkpoint on another layout (tensor, pipeline and/or data-parallel size), optimizer state included.
+"""Resume a checkpoint on another layout (tensor, pipeline, virtual pipeline and/or data-parallel size), optimizer
+state included.
 
 Why not DeepSpeed's universal checkpoint (``ds_to_universal`` + ``checkpoint.load_universal``): it
 keys every tensor by DeepSpeed's parameter name, and megatron-core stages name their layers locally
@@ -10,7 +11,7 @@ own schedules do not write. The mapping here does the same job with global names
    partitions and the base optimizer's flat state (Adam's exp_avg, exp_avg_sq; its step);
    DeepSpeed's ``param_slice_mappings`` say where each parameter's slice lies in each partition.
    The slices, concatenated in DP order, give the parameter's TP shard; names become global
-   (``modeling.sharding.global_name``: layer offset of the stage, the tied output layer).
+   (``modeling.sharding.global_name``: layer offset of the rank's model chunk, the tied output layer).
 2. The old TP shards merge into the full tensor and split for this rank, by the partition dim and
    stride of this rank's parameter (QKV by contiguous KV groups, SwiGLU's fc1 with stride 2, the
    padded vocabulary by rows; the padded size does not depend on TP).
@@ -40,7 +41,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from data_pipeline import merge_state_dicts
-from modeling.sharding import global_name, global_names, merge_tensor_parallel, split_tensor_parallel
+from modeling.sharding import global_names, merge_tensor_parallel, split_tensor_parallel
 from training.checkpoint_layout import CheckpointError, SavedCheckpoint, coordinates, layout
 from training.config import TrainConfig
 from training.memory_state import regather_memory
@@ -54,13 +55,14 @@ ParamStates = Dict[str, Dict[str, torch.Tensor]]
 
 
 def describe(layout_: dict, zero_stage: int) -> str:
-    return f"tensor={layout_['tensor']} pipeline={layout_['pipeline']} data={layout_['data']} ZeRO-{zero_stage}"
+    return (f"tensor={layout_['tensor']} pipeline={layout_['pipeline']} virtual_pipeline={layout_['virtual_pipeline']} "
+            f"data={layout_['data']} ZeRO-{zero_stage}")
 
 
-def stage_names(saved: SavedCheckpoint, pipeline: int, layers_per_stage: int, tie_embeddings: bool) -> Dict[str, str]:
-    """Local parameter name -> global name, for an old pipeline stage."""
+def stage_names(saved: SavedCheckpoint, pipeline: int, num_layers: int, tie_embeddings: bool) -> Dict[str, str]:
+    """Local parameter name -> global name, for an old pipeline rank."""
     shapes = saved.model_states(0, pipeline)["param_shapes"]
-    return {name: global_name(name, pipeline * layers_per_stage, tie_embeddings) for group in shapes for name in group}
+    return {name: saved.global_name(name, pipeline, num_layers, tie_embeddings) for group in shapes for name in group}
 
 
 def shard_states(saved: SavedCheckpoint, tensor: int, pipeline: int) -> Tuple[ParamStates, dict, dict]:
@@ -106,7 +108,7 @@ def _agree(scalars: dict, key: str, value, path: str) -> None:
     scalars[key] = value
 
 
-def resharded_optimizer_states(model, saved: SavedCheckpoint, layers_per_stage: int,
+def resharded_optimizer_states(model, saved: SavedCheckpoint, num_layers: int,
                                tie_embeddings: bool) -> Tuple[ParamStates, dict, dict]:
     """Per local parameter of this rank: fp32 master and optimizer state, cut from the old layout's shards."""
     params = dict(model.named_parameters())
@@ -117,7 +119,7 @@ def resharded_optimizer_states(model, saved: SavedCheckpoint, layers_per_stage: 
     scalars, zero_state = {}, {}
     for pipeline in range(saved.layout["pipeline"]):
         # The tied embedding is on the first and the last stage: take it once.
-        wanted = {old: full for old, full in stage_names(saved, pipeline, layers_per_stage, tie_embeddings).items()
+        wanted = {old: full for old, full in stage_names(saved, pipeline, num_layers, tie_embeddings).items()
                   if full in local_by_global and local_by_global[full] not in out}
         if not wanted:
             continue
@@ -191,15 +193,16 @@ def reseeded_rng_state(seed: int, step: int) -> dict:
     return rng_state()
 
 
-def resharded_rank_state(saved: SavedCheckpoint, cfg: TrainConfig, layers: List[int], lane_ids: List[int],
-                         layers_per_stage: int) -> dict:
+def resharded_rank_state(saved: SavedCheckpoint, cfg: TrainConfig, layers: List[int], lane_ids: List[int]) -> dict:
     """This rank's rank state on the new layout (its global ``layers``, counted from 0, and ``lane_ids``), built
     from all old ranks' states: the carried memory regathered, data positions merged, RNG reseeded, and
     everything else (progress counters, the W&B run id) as old rank 0 saved it."""
     old = saved.rank_states
     first = next(s for s in old if s["coordinates"]["rank"] == 0)
     try:
-        memory = regather_memory(old, saved.layout["tensor"], layers_per_stage, cfg.data.global_lanes, layers,
+        saved_layers = [saved.rank_layers(pipeline, cfg.model.num_layers)
+                        for pipeline in range(saved.layout["pipeline"])]
+        memory = regather_memory(old, saved.layout["tensor"], saved_layers, cfg.data.global_lanes, layers,
                                  lane_ids, parallel_state.get_tensor_model_parallel_rank(),
                                  parallel_state.get_tensor_model_parallel_world_size())
     except ValueError as error:
@@ -224,12 +227,11 @@ def load_resharded(path: str, manifest: dict, cfg: TrainConfig, engine, model, l
             "ZeRO-1/2 only: resume a ZeRO-3 checkpoint on its own tensor, pipeline and data-parallel sizes, or "
             "export the model (training.export) and start the new layout with checkpoint.init_from (fresh optimizer)")
     saved = SavedCheckpoint(path, manifest)
-    layers_per_stage = cfg.model.num_layers // saved.layout["pipeline"]
-    states, scalars, zero_state = resharded_optimizer_states(model, saved, layers_per_stage, cfg.model.tie_embeddings)
+    states, scalars, zero_state = resharded_optimizer_states(model, saved, cfg.model.num_layers,
+                                                             cfg.model.tie_embeddings)
     write_into_engine(engine, model, states, scalars, zero_state)
     restore_engine_counters(engine, saved.model_states())
-    layers = [layer.layer_number - 1 for layer in model.decoder.layers]
-    rank_state = resharded_rank_state(saved, cfg, layers, lane_ids, layers_per_stage)
+    rank_state = resharded_rank_state(saved, cfg, [layer.layer_number - 1 for layer in model.layers], lane_ids)
     if dist.get_rank() == 0:
         print(f"resharded {path}: saved with {was}, now {now}; weights, fp32 master weights and optimizer "
               f"state (step {rank_state['train_state']['step']}) re-split, carried memory regathered, RNG "

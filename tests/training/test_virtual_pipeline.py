@@ -1,10 +1,12 @@
 """Interleaved 1F1B (parallel.virtual_pipeline): two model chunks per pipeline rank train as one process does.
 
 References: one process running the same global batches (losses, with a tolerance: the chunks reduce
-gradients and losses in another order), the uninterrupted run (a resume must be bitwise equal to it)
-and the uninterrupted interleaved run again for a resume resharded to one chunk per rank.
+gradients and losses in another order); the uninterrupted run (a resume must be bitwise equal to it);
+for a resume resharded to one chunk per rank, the interleaved run's global state at the save (exactly)
+and its losses after it (with the tolerance).
 """
 
+import os
 import re
 
 import pytest
@@ -17,9 +19,9 @@ from tests.training.conftest import train_overrides
 STEPS = 5
 # PP2 x 2 chunks of one layer each: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3; 4 microbatches of a lane.
 INTERLEAVED = {"parallel.pipeline": 2, "parallel.virtual_pipeline": 2, "parallel.micro_batch_lanes": 1,
-               "model.num_layers": 4, "data.global_lanes": 4, "schedule.steps": STEPS,
-               # A forward-only pass through the chunks at the end.
-               "data.valid_fraction": 0.1, "validation.interval": STEPS, "validation.batches": 2}
+               "model.num_layers": 4, "data.global_lanes": 4}
+# A forward-only pass through the chunks at the end.
+VALIDATION = {"data.valid_fraction": 0.1, "validation.interval": STEPS, "validation.batches": 2}
 TOKENS_PER_STEP = 4 * 2 * 16  # lanes x n_segments x segment_length of train_overrides
 # float32 rounding of a sum over a step's tokens, taken in another order: eps x reduction size.
 LOSS_TOLERANCE = torch.finfo(torch.float32).eps * TOKENS_PER_STEP
@@ -44,7 +46,8 @@ def train_worker(rank, world, overrides):
 def single_process(stdlib_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
     return run_distributed(train_worker, 1, train_overrides(stdlib_shards, str(run_dir), **{
-        **INTERLEAVED, "parallel.pipeline": 1, "parallel.virtual_pipeline": 1}))[0]
+        **INTERLEAVED, **VALIDATION, "schedule.steps": STEPS, "parallel.pipeline": 1,
+        "parallel.virtual_pipeline": 1}))[0]
 
 
 # world size, extra overrides, the global layers of each pipeline rank (data-parallel replicas repeat them).
@@ -59,8 +62,8 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_interleaved_losses_match_single_process(layout, stdlib_shards, single_process, tmp_path):
     world, extra, layers = LAYOUTS[layout]
-    interleaved = run_distributed(train_worker, world, train_overrides(stdlib_shards, str(tmp_path),
-                                                                       **INTERLEAVED, **extra))
+    interleaved = run_distributed(train_worker, world, train_overrides(stdlib_shards, str(tmp_path), **{
+        **INTERLEAVED, **VALIDATION, "schedule.steps": STEPS, **extra}))
     assert [r["layers"] for r in interleaved] == layers
     assert len(single_process["losses"]) == STEPS
     # Losses fall: the optimizer really steps (a broken update would also match between layouts).
@@ -69,6 +72,48 @@ def test_interleaved_losses_match_single_process(layout, stdlib_shards, single_p
     for key in ("losses", "valid"):
         torch.testing.assert_close(torch.tensor(interleaved[0][key]), torch.tensor(single_process[key]),
                                    rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_resume_of_an_interleaved_run_is_bitwise_identical(stdlib_shards, tmp_path):
+    from tests.training.test_checkpoint import straight_and_resumed
+
+    straight, first, second = straight_and_resumed(stdlib_shards, tmp_path, 2, INTERLEAVED)
+    assert [s for s, _ in second] == [4, 5, 6]
+    assert first == straight
+    assert second == straight[3:]  # bitwise: every chunk's memory, the data, RNG and optimizer continue
+
+
+@pytest.fixture(scope="module")
+def interleaved_checkpoint(stdlib_shards, tmp_path_factory):
+    """PP2 x 2 chunks with tied embeddings (embedding in rank 0's first chunk, output layer in rank 1's last):
+    test_reshard.STEPS steps, a checkpoint at test_reshard.SAVE_AT and the global state there."""
+    from tests.training.test_reshard import STEPS as RESHARD_STEPS, train_and_gather
+
+    run_dir = str(tmp_path_factory.mktemp("vp2"))
+    losses, gathered = run_distributed(train_and_gather, 2, train_overrides(stdlib_shards, run_dir, **{
+        **INTERLEAVED, "schedule.steps": RESHARD_STEPS, "model.tie_embeddings": True}))[0]
+    return os.path.join(run_dir, "checkpoints"), losses, gathered
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, layout", [
+    (2, {"parallel.pipeline": 2}),
+    (1, {"parallel.pipeline": 1}),
+], ids=["to-pp2", "to-pp1"])
+def test_reshard_from_two_chunks_to_one(stdlib_shards, tmp_path, interleaved_checkpoint, world, layout):
+    from tests.training.test_reshard import SAVE_AT, STEPS as RESHARD_STEPS, assert_same_state, train_and_gather
+
+    checkpoints, straight, saved_state = interleaved_checkpoint
+    assert saved_state["memory"] and len({layer for layer, _, _ in saved_state["memory"]}) == 4
+    losses, loaded_state = run_distributed(train_and_gather, world, train_overrides(stdlib_shards, str(tmp_path), **{
+        **INTERLEAVED, **layout, "parallel.virtual_pipeline": 1, "schedule.steps": RESHARD_STEPS,
+        "model.tie_embeddings": True, "checkpoint.resume": os.path.join(checkpoints, f"step_{SAVE_AT:08d}")}))[0]
+    # Weights, fp32 masters, Adam moments and every (layer, lane, KV group)'s memory land where they belong.
+    assert_same_state(loaded_state, saved_state)
+    assert [s for s, _ in losses] == list(range(SAVE_AT + 1, RESHARD_STEPS + 1))
+    torch.testing.assert_close(torch.tensor([l for _, l in losses]), torch.tensor([l for _, l in straight[SAVE_AT:]]),
+                               rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
 
 
 @pytest.mark.parametrize("overrides, key", [
