@@ -116,6 +116,25 @@ def test_reshard_from_two_chunks_to_one(stdlib_shards, tmp_path, interleaved_che
                                rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
 
 
+def merged_checkpoint_worker(rank, world, step_dir):
+    from evals.common import read_checkpoint
+    from training.distributed import init_single_process
+
+    init_single_process()
+    return read_checkpoint(step_dir)[1]
+
+
+@pytest.mark.slow
+def test_interleaved_checkpoint_merges_on_one_device(interleaved_checkpoint):
+    from tests.training.test_reshard import SAVE_AT
+
+    checkpoints, _, saved_state = interleaved_checkpoint
+    merged = run_distributed(merged_checkpoint_worker, 1, os.path.join(checkpoints, f"step_{SAVE_AT:08d}"))[0]
+    assert set(merged) == set(saved_state["weights"])
+    for name, tensor in saved_state["weights"].items():
+        assert torch.equal(merged[name], tensor), name
+
+
 @pytest.mark.parametrize("overrides, key", [
     ({"parallel.pipeline": 1, "parallel.virtual_pipeline": 2}, "parallel.pipeline > 1"),
     ({"parallel.pipeline": 2, "parallel.virtual_pipeline": 3}, "parallel.virtual_pipeline (2 x 3)"),
