@@ -51,7 +51,7 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                          "(needs --dtype bf16; the memory itself stays float32)")
     ap.add_argument("--memory-key-scale", type=positive_float, default=1.0, metavar="C",
                     help="write the memory with sigma(C * k) instead of sigma(k), times a model's learned key "
-                         "scales: above 1 sharpens which tokens a read weighs (docs/RESULTS.md, attempts 15-16)")
+                         "scales: above 1 sharpens which tokens a read weighs (docs/long-context.md)")
     ap.add_argument("--memory-query-scale", type=positive_float, default=1.0, metavar="C",
                     help="read the memory with sigma(C * q) instead of sigma(q), times a model's learned query "
                          "scales: above 1 shrinks the weight of the query's inactive dimensions")
