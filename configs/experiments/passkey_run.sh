@@ -11,21 +11,20 @@
 #    asking SHORT_QUESTIONS times, made with SHORT_DATA_ARGS (default --no-header --distractors 3:
 #    without the prompt's 150-byte header, three other numbers each), in OUT/data_short. Distractors
 #    teach the model to answer from a read that mixes in other numbers, which doubled the length to
-#    which retrieval holds (docs/RESULTS.md, attempt 9).
+#    which retrieval holds (docs/long-context.md).
 # 2. A first phase on the short documents (SHORT_STEPS steps or SHORT_MINUTES, OUT/train_short,
 #    exported to OUT/export_short) with SHORT_OVERRIDES after TRAIN_OVERRIDES (default: segments of
 #    64, 64 lanes of 8 segments, LR 1e-3). Documents this short leave the memory a few hundred tokens
 #    when the question is read, few enough for retrieval through it to be learned from scratch in a
-#    few hundred steps (docs/RESULTS.md). The weights do not depend on the segment length, so the
+#    few hundred steps (docs/long-context.md). The weights do not depend on the segment length, so the
 #    second phase, on the long documents at the config's segment of 512, starts from them
 #    (checkpoint.init_from) for the rest of TRAIN_MINUTES (its schedule, or fewer steps if the
 #    budget runs out) and exports the model (OUT/export).
 # 3. Passkey retrieval at LENGTHS x DEPTHS, TRIALS prompts each, with the memory and with the gates
 #    forced local (OUT/passkey, OUT/passkey_ablated: JSON, markdown, heatmap); EVAL_ARGS go to both.
-#    The evaluation writes the memory with sigma(MEMORY_KEY_SCALE * k) and reads it with
-#    sigma(MEMORY_QUERY_SCALE * q) (defaults 4 and 1.25; 1 and 1 are the paper's): the sharper read
-#    carries retrieval from 64K-128K to 1M (docs/RESULTS.md, attempts 15 and 16).
-# 4. OUT/RESULTS.md: both side by side, ready for docs/RESULTS.md.
+#    The memory is read as the model learned to (the config's model.learned_memory_scales); evaluation
+#    scales on top of that (e.g. EVAL_ARGS="--memory-key-scale 2") are for experiments only.
+# 4. OUT/RESULTS.md: both side by side, with the training settings, seeds and wall time.
 #
 # Every setting is an environment variable; TRAIN_OVERRIDES takes key=value overrides of the run
 # config (both phases) and LAUNCH the launcher (e.g. "torchrun --nproc-per-node 2").
@@ -54,8 +53,6 @@ LENGTHS=${LENGTHS:-1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1m}
 DEPTHS=${DEPTHS:-0,25,50,75,100}
 TRIALS=${TRIALS:-10}
 BATCH=${BATCH:-16}
-MEMORY_KEY_SCALE=${MEMORY_KEY_SCALE:-4}
-MEMORY_QUERY_SCALE=${MEMORY_QUERY_SCALE:-1.25}
 EVAL_ARGS=${EVAL_ARGS:-}
 
 started=$(date +%s)
@@ -86,8 +83,7 @@ for variant in memory ablated; do
     if [ "$variant" = ablated ]; then flag="--ablate-memory"; dir="$OUT/passkey_ablated"; fi
     # shellcheck disable=SC2086
     python -m evals.passkey --model "$OUT/export" --lengths "$LENGTHS" --depths "$DEPTHS" \
-        --trials "$TRIALS" --batch-size "$BATCH" --memory-key-scale "$MEMORY_KEY_SCALE" \
-        --memory-query-scale "$MEMORY_QUERY_SCALE" --out "$dir" $flag $EVAL_ARGS
+        --trials "$TRIALS" --batch-size "$BATCH" --out "$dir" $flag $EVAL_ARGS
 done
 python -m evals.passkey report --memory "$OUT/passkey" --ablated "$OUT/passkey_ablated" \
     --model "$OUT/export" --train-dir "$OUT/train" --train-seconds $((trained - started)) \

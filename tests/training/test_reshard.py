@@ -12,11 +12,14 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.recording import record
-from tests.training.conftest import train_overrides
+from tests.tolerance import assert_close
+from tests.training.helpers import STEP_TOKENS, fit_worker, loss_values, train_overrides, training_depth
 
 SAVE_AT = 3
 STEPS = 6
-SAVING_LAYOUT = {"parallel.tensor": 2, "parallel.pipeline": 2, "parallel.zero_stage": 1, "model.tie_embeddings": True}
+# The model of every run here; learned memory scales are TP-split over heads like the gates.
+MODEL = {"model.tie_embeddings": True, "model.learned_memory_scales": True}
+SAVING_LAYOUT = {"parallel.tensor": 2, "parallel.pipeline": 2, "parallel.zero_stage": 1, **MODEL}
 
 
 def global_state(trainer) -> dict:
@@ -42,7 +45,7 @@ def global_state(trainer) -> dict:
         "adam_steps": {float(s["step"]) for s in engine.optimizer.optimizer.state.values()},
         "lr": engine.lr_scheduler.get_last_lr(),
         "global_steps": engine.global_steps,
-        "train_state": {k: v for k, v in vars(trainer.state).items() if k != "history"},
+        "train_state": dict(vars(trainer.state)),
     }
     layers = [layer.layer_number - 1 for layer in model.layers]
     pieces = [None] * dist.get_world_size()
@@ -110,14 +113,16 @@ def assert_same_state(loaded: dict, saved: dict) -> None:
 def test_resume_on_another_layout_continues_the_run(stdlib_shards, tmp_path, saving_run, world, layout, resume):
     checkpoints, straight, saved_state = saving_run
     assert saved_state["adam_steps"] == {float(SAVE_AT)} and saved_state["memory"]
+    scales = [name for name in saved_state["weights"] if "log_scale" in name]
+    assert len(scales) == 8 and all((saved_state["weights"][name] != 0).all() for name in scales)
     where = ({"checkpoint.dir": checkpoints, "checkpoint.resume": "auto"} if resume == "auto"
              else {"checkpoint.resume": os.path.join(checkpoints, f"step_{SAVE_AT:08d}")})
     losses, loaded_state = run_distributed(train_and_gather, world, train_overrides(stdlib_shards, str(tmp_path), **{
-        "schedule.steps": STEPS, "model.tie_embeddings": True, **layout, **where}))[0]
+        "schedule.steps": STEPS, **MODEL, **layout, **where}))[0]
     assert_same_state(loaded_state, saved_state)
     assert [s for s, _ in losses] == list(range(SAVE_AT + 1, STEPS + 1))
-    torch.testing.assert_close(torch.tensor([l for _, l in losses]), torch.tensor([l for _, l in straight[SAVE_AT:]]),
-                               rtol=1e-5, atol=1e-5)
+    assert_close(loss_values(losses), loss_values(straight[SAVE_AT:]), torch.float32, STEP_TOKENS,
+                 training_depth(STEPS - SAVE_AT))
 
 
 def load_error(rank, world, overrides):
@@ -130,17 +135,6 @@ def load_error(rank, world, overrides):
     except CheckpointError as error:
         return str(error)
     return None
-
-
-def fit_worker(rank, world, overrides):
-    from training.config import load_config
-    from training.train import Trainer
-
-    trainer = Trainer(load_config(None, overrides))
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
 
 
 @pytest.mark.slow
@@ -156,7 +150,7 @@ def test_zero3_layout_change_fails_naming_both_layouts(stdlib_shards, tmp_path, 
     # Into ZeRO-3 from a ZeRO-1 checkpoint of another layout: refused too.
     checkpoints = saving_run[0]
     message = run_distributed(load_error, 1, train_overrides(stdlib_shards, str(tmp_path / "into_zero3"), **{
-        "parallel.zero_stage": 3, "model.tie_embeddings": True, "checkpoint.dir": checkpoints,
+        "parallel.zero_stage": 3, **MODEL, "checkpoint.dir": checkpoints,
         "checkpoint.resume": "auto"}))[0]
     assert message is not None
     assert "tensor=2 pipeline=2 virtual_pipeline=1 data=1 ZeRO-1" in message and "tensor=1 pipeline=1 virtual_pipeline=1 data=1 ZeRO-3" in message

@@ -12,7 +12,7 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.recording import record
-from tests.training.conftest import train_overrides
+from tests.training.helpers import train_overrides
 
 STEPS = 6
 CHECKPOINT_INTERVAL = 2
