@@ -14,7 +14,10 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.recording import record
-from tests.training.conftest import train_overrides
+from tests.tolerance import assert_close
+from tests.training import test_reshard as reshard_run
+from tests.training.helpers import STEP_TOKENS, loss_values, train_overrides, training_depth
+from tests.training.test_checkpoint import straight_and_resumed
 
 STEPS = 5
 # PP2 x 2 chunks of one layer each: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3; 4 microbatches of a lane.
@@ -22,9 +25,6 @@ INTERLEAVED = {"parallel.pipeline": 2, "parallel.virtual_pipeline": 2, "parallel
                "model.num_layers": 4, "data.global_lanes": 4}
 # A forward-only pass through the chunks at the end.
 VALIDATION = {"data.valid_fraction": 0.1, "validation.interval": STEPS, "validation.batches": 2}
-TOKENS_PER_STEP = 4 * 2 * 16  # lanes x n_segments x segment_length of train_overrides
-# float32 rounding of a sum over a step's tokens, taken in another order: eps x reduction size.
-LOSS_TOLERANCE = torch.finfo(torch.float32).eps * TOKENS_PER_STEP
 
 
 def train_worker(rank, world, overrides):
@@ -70,14 +70,12 @@ def test_interleaved_losses_match_single_process(layout, stdlib_shards, single_p
     assert single_process["losses"][-1] < single_process["losses"][0]
     assert len(single_process["valid"]) == 1
     for key in ("losses", "valid"):
-        torch.testing.assert_close(torch.tensor(interleaved[0][key]), torch.tensor(single_process[key]),
-                                   rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
+        assert_close(interleaved[0][key], single_process[key], torch.float32, STEP_TOKENS, training_depth(STEPS),
+                     what=key)
 
 
 @pytest.mark.slow
 def test_resume_of_an_interleaved_run_is_bitwise_identical(stdlib_shards, tmp_path):
-    from tests.training.test_checkpoint import straight_and_resumed
-
     straight, first, second = straight_and_resumed(stdlib_shards, tmp_path, 2, INTERLEAVED)
     assert [s for s, _ in second] == [4, 5, 6]
     assert first == straight
@@ -86,13 +84,11 @@ def test_resume_of_an_interleaved_run_is_bitwise_identical(stdlib_shards, tmp_pa
 
 @pytest.fixture(scope="module")
 def interleaved_checkpoint(stdlib_shards, tmp_path_factory):
-    """PP2 x 2 chunks with tied embeddings (embedding in rank 0's first chunk, output layer in rank 1's last):
-    test_reshard.STEPS steps, a checkpoint at test_reshard.SAVE_AT and the global state there."""
-    from tests.training.test_reshard import STEPS as RESHARD_STEPS, train_and_gather
-
+    """PP2 x 2 chunks, test_reshard's model: tied embeddings (embedding in rank 0's first chunk, output layer in
+    rank 1's last) and learned memory scales; its steps, with a checkpoint and the global state at SAVE_AT."""
     run_dir = str(tmp_path_factory.mktemp("vp2"))
-    losses, gathered = run_distributed(train_and_gather, 2, train_overrides(stdlib_shards, run_dir, **{
-        **INTERLEAVED, "schedule.steps": RESHARD_STEPS, "model.tie_embeddings": True}))[0]
+    losses, gathered = run_distributed(reshard_run.train_and_gather, 2, train_overrides(stdlib_shards, run_dir, **{
+        **INTERLEAVED, "schedule.steps": reshard_run.STEPS, **reshard_run.MODEL}))[0]
     return os.path.join(run_dir, "checkpoints"), losses, gathered
 
 
@@ -102,18 +98,18 @@ def interleaved_checkpoint(stdlib_shards, tmp_path_factory):
     (1, {"parallel.pipeline": 1}),
 ], ids=["to-pp2", "to-pp1"])
 def test_reshard_from_two_chunks_to_one(stdlib_shards, tmp_path, interleaved_checkpoint, world, layout):
-    from tests.training.test_reshard import SAVE_AT, STEPS as RESHARD_STEPS, assert_same_state, train_and_gather
-
     checkpoints, straight, saved_state = interleaved_checkpoint
+    save_at, steps = reshard_run.SAVE_AT, reshard_run.STEPS
     assert saved_state["memory"] and len({layer for layer, _, _ in saved_state["memory"]}) == 4
-    losses, loaded_state = run_distributed(train_and_gather, world, train_overrides(stdlib_shards, str(tmp_path), **{
-        **INTERLEAVED, **layout, "parallel.virtual_pipeline": 1, "schedule.steps": RESHARD_STEPS,
-        "model.tie_embeddings": True, "checkpoint.resume": os.path.join(checkpoints, f"step_{SAVE_AT:08d}")}))[0]
+    losses, loaded_state = run_distributed(reshard_run.train_and_gather, world, train_overrides(
+        stdlib_shards, str(tmp_path), **{
+            **INTERLEAVED, **layout, "parallel.virtual_pipeline": 1, "schedule.steps": steps, **reshard_run.MODEL,
+            "checkpoint.resume": os.path.join(checkpoints, f"step_{save_at:08d}")}))[0]
     # Weights, fp32 masters, Adam moments and every (layer, lane, KV group)'s memory land where they belong.
-    assert_same_state(loaded_state, saved_state)
-    assert [s for s, _ in losses] == list(range(SAVE_AT + 1, RESHARD_STEPS + 1))
-    torch.testing.assert_close(torch.tensor([l for _, l in losses]), torch.tensor([l for _, l in straight[SAVE_AT:]]),
-                               rtol=LOSS_TOLERANCE, atol=LOSS_TOLERANCE)
+    reshard_run.assert_same_state(loaded_state, saved_state)
+    assert [s for s, _ in losses] == list(range(save_at + 1, steps + 1))
+    assert_close(loss_values(losses), loss_values(straight[save_at:]), torch.float32, STEP_TOKENS,
+                 training_depth(steps - save_at))
 
 
 def merged_checkpoint_worker(rank, world, step_dir):
@@ -126,10 +122,9 @@ def merged_checkpoint_worker(rank, world, step_dir):
 
 @pytest.mark.slow
 def test_interleaved_checkpoint_merges_on_one_device(interleaved_checkpoint):
-    from tests.training.test_reshard import SAVE_AT
-
     checkpoints, _, saved_state = interleaved_checkpoint
-    merged = run_distributed(merged_checkpoint_worker, 1, os.path.join(checkpoints, f"step_{SAVE_AT:08d}"))[0]
+    merged = run_distributed(merged_checkpoint_worker, 1,
+                             os.path.join(checkpoints, f"step_{reshard_run.SAVE_AT:08d}"))[0]
     assert set(merged) == set(saved_state["weights"])
     for name, tensor in saved_state["weights"].items():
         assert torch.equal(merged[name], tensor), name
