@@ -1,0 +1,91 @@
+"""Context parallelism (parallel.context): a window's segments split over the ranks of a CP group.
+
+References: the float64 loop of tests/model/reference.py over the whole window in one process (for the
+memory exchange), one process training the same global batches (for training).
+"""
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.model.reference import reference_infini_attention
+
+# The memory exchange: 3 lanes, 8 segments of 4 tokens, GQA (4 query heads, 2 KV heads).
+LANES, HEADS, GROUPS, D, DV, N, SEGMENTS = 3, 4, 2, 8, 6, 4, 8
+# Lane 0 holds no document start; lane 1 one inside the first rank's group (segment 1), so every later rank's
+# memory starts from it; lane 2 starts documents at segments 0, 5 and 6.
+RESET = torch.zeros(LANES, SEGMENTS, dtype=torch.bool)
+RESET[1, 1] = True
+RESET[2, [0, 5, 6]] = True
+
+
+def exchange_inputs():
+    gen = torch.Generator().manual_seed(0)
+    t = SEGMENTS * N
+    return dict(q=torch.randn(LANES, HEADS, t, D, generator=gen), k=torch.randn(LANES, GROUPS, t, D, generator=gen),
+                v=torch.randn(LANES, GROUPS, t, DV, generator=gen), gate=torch.randn(HEADS, generator=gen),
+                M=torch.randn(LANES, GROUPS, D, DV, generator=gen), z=torch.rand(LANES, GROUPS, D, generator=gen) * 3,
+                probe=torch.randn(LANES, HEADS, t, DV, generator=gen),
+                probe_M=torch.randn(LANES, GROUPS, D, DV, generator=gen),
+                probe_z=torch.randn(LANES, GROUPS, D, generator=gen))
+
+
+def probed_loss(out, M, z, inputs, last_rank: bool):
+    """The outputs against a fixed probe; the window's final memory counted once (on the last rank)."""
+    loss = (out * inputs["probe"].to(out.dtype)).sum()
+    if last_rank:
+        loss = loss + (M * inputs["probe_M"].to(M.dtype)).sum() + (z * inputs["probe_z"].to(z.dtype)).sum()
+    return loss
+
+
+def exchange_worker(rank, world, inputs, dtype):
+    """This rank's share of the window through infini_attention with context_group: its outputs, the final
+    memory, and the gradients of its inputs."""
+    import torch.distributed as dist
+
+    from modeling.infini_attention import infini_attention
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    per_rank = SEGMENTS // world
+    tokens = slice(rank * per_rank * N, (rank + 1) * per_rank * N)
+    leaves = {name: inputs[name].to(dtype).requires_grad_() for name in ("q", "k", "v", "gate", "M", "z")}
+    q, k, v = (leaves[name][:, :, tokens] for name in ("q", "k", "v"))
+    reset = RESET[:, rank * per_rank:(rank + 1) * per_rank]
+    probe = {**inputs, "probe": inputs["probe"][:, :, tokens]}
+    out, (M, z) = infini_attention(q, k, v, leaves["gate"], (leaves["M"], leaves["z"]), segment_length=N,
+                                   reset=reset, context_group=dist.group.WORLD)
+    probed_loss(out, M, z, probe, rank == world - 1).backward()
+    with pytest.raises(ValueError, match="delta update reads"):
+        infini_attention(q, k, v, leaves["gate"], (leaves["M"], leaves["z"]), segment_length=N, update="delta",
+                         reset=reset, context_group=dist.group.WORLD)
+    return dict(out=out.detach(), M=M.detach(), z=z.detach(), grads={n: x.grad for n, x in leaves.items()})
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_memory_exchange_equals_whole_window(ranks):
+    inputs = exchange_inputs()
+    leaves = {name: inputs[name].double().requires_grad_() for name in ("q", "k", "v", "gate", "M", "z")}
+    ref_out, (ref_M, ref_z) = reference_infini_attention(
+        leaves["q"], leaves["k"], leaves["v"], leaves["gate"], (leaves["M"], leaves["z"]), segment_length=N,
+        reset=RESET)
+    probed_loss(ref_out, ref_M, ref_z, inputs, last_rank=True).backward()
+
+    # float64 shows the exchange exact (a dropped or doubled term would be off by far more than rounding);
+    # float32 stays within the single-process tolerances of tests/model/test_infini_attention.py.
+    for dtype, value_tol, grad_tol in ((torch.float64, 1e-12, 1e-12), (torch.float32, 1e-5, 1e-4)):
+        results = run_distributed(exchange_worker, ranks, inputs, dtype)
+        assert rel_err(torch.cat([r["out"] for r in results], dim=2), ref_out) < value_tol
+        for r in results:  # every rank returns the memory after the window's last segment
+            assert r["M"].dtype == dtype and rel_err(r["M"], ref_M) < value_tol and rel_err(r["z"], ref_z) < value_tol
+        for name in ("q", "k", "v"):  # each rank's gradient covers its own tokens only
+            per_rank = SEGMENTS // ranks * N
+            got = torch.cat([r["grads"][name][:, :, i * per_rank:(i + 1) * per_rank] for i, r in enumerate(results)],
+                            dim=2)
+            assert rel_err(got, leaves[name].grad) < grad_tol, name
+        for name in ("gate", "M", "z"):  # shared inputs: the ranks' gradients add up (as over data-parallel ranks)
+            assert rel_err(sum(r["grads"][name] for r in results), leaves[name].grad) < grad_tol, name
