@@ -64,7 +64,9 @@ def sums_gradient_over_tensor_parallel(name: str, param: torch.nn.Parameter, con
 class InfiniCoreAttention(MegatronModule):
     """Core attention of one layer on one TP rank: local softmax + compressive memory, mixed by gates.
 
-    Owns the gate beta of the query heads on this rank (a TP-partitioned parameter, dim 0).
+    Owns the gate beta of the query heads on this rank (a TP-partitioned parameter, dim 0). With context
+    parallelism (a CP group of several ranks in pg_collection) it runs this rank's share of the window's
+    segments and exchanges the memory with the other ranks of the group.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, cp_comm_type=None,
@@ -73,6 +75,7 @@ class InfiniCoreAttention(MegatronModule):
         if softmax_scale is not None:
             raise ValueError("Infini-attention uses 1/sqrt(head_dim); softmax_scale must be None")
         tp_size = pg_collection.tp.size() if pg_collection is not None else 1
+        self.context_group = getattr(pg_collection, "cp", None)
         heads = config.num_attention_heads
         if heads % tp_size:
             raise ValueError(f"num_attention_heads ({heads}) must be divisible by the TP size ({tp_size})")
@@ -97,7 +100,8 @@ class InfiniCoreAttention(MegatronModule):
                                 update=self.update, reset=reset, rotary_pos_emb=rotary_pos_emb,
                                 half_memory_products=self.half_memory_products,
                                 memory_key_scale=self.memory_key_scale,
-                                memory_query_scale=self.memory_query_scale)
+                                memory_query_scale=self.memory_query_scale,
+                                context_group=self.context_group)
 
 
 class InfiniSelfAttention(SelfAttention):

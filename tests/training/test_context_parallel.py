@@ -9,6 +9,7 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.model.reference import reference_infini_attention
+from tests.training.conftest import train_overrides
 
 # The memory exchange: 3 lanes, 8 segments of 4 tokens, GQA (4 query heads, 2 KV heads).
 LANES, HEADS, GROUPS, D, DV, N, SEGMENTS = 3, 4, 2, 8, 6, 4, 8
@@ -89,3 +90,72 @@ def test_memory_exchange_equals_whole_window(ranks):
             assert rel_err(got, leaves[name].grad) < grad_tol, name
         for name in ("gate", "M", "z"):  # shared inputs: the ranks' gradients add up (as over data-parallel ranks)
             assert rel_err(sum(r["grads"][name] for r in results), leaves[name].grad) < grad_tol, name
+
+
+STEPS = 4
+# 4 segments of 16 tokens a window, so that 2 and 4 CP ranks split it; documents of at most 400 tokens start
+# inside windows (at segments 1, 2 and 3 within the first steps: inside the first CP rank's group too).
+TRAINING = {"data.n_segments": 4, "data.max_doc_tokens": 400, "schedule.steps": STEPS, "model.update": "linear"}
+# The layouts add the same float32 terms in other orders (the memory's sums over segments, gradients over
+# 2-4 ranks): a relative error of about eps per sum over its length (hidden, FFN and vocabulary sums of at most
+# a few hundred terms), compounded through 4 layers and the optimizer's steps, stays within 100 eps (1.2e-5).
+TOLERANCE = 100 * torch.finfo(torch.float32).eps
+
+
+def train_worker(rank, world, overrides):
+    """(step, loss, grad norm) of each training step."""
+    from training.config import load_config
+    from training.train import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return [(h["step"], h["loss"], h["grad_norm"]) for h in trainer.state.history if "loss" in h]
+
+
+def assert_same_steps(run, reference):
+    assert [step for step, _, _ in run] == [step for step, _, _ in reference]
+    for column in (1, 2):  # losses, gradient norms
+        torch.testing.assert_close(torch.tensor([row[column] for row in run]),
+                                   torch.tensor([row[column] for row in reference]), rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def window_resets(overrides):
+    """The reset flags [steps, lanes, n_segments] of the run's first STEPS batches."""
+    from data_pipeline import build_train_loader
+    from training.config import load_config
+
+    loader = build_train_loader(load_config(None, overrides).data, 0, 1)
+    try:
+        return torch.stack([next(loader)["reset"] for _ in range(STEPS)])
+    finally:
+        loader.close()
+
+
+@pytest.fixture(scope="module")
+def single_process(stdlib_shards, tmp_path_factory):
+    overrides = train_overrides(stdlib_shards, str(tmp_path_factory.mktemp("cp1")), **TRAINING)
+    resets = window_resets(overrides)
+    # Documents start inside windows after the first, in the first of two CP ranks' segments too.
+    assert resets[1:, :, 1:].any() and resets[1:, :, 1].any()
+    steps = run_distributed(train_worker, 1, overrides)[0]
+    assert len(steps) == STEPS and steps[-1][1] < steps[0][1]  # the optimizer really steps
+    return steps
+
+
+LAYOUTS = {
+    "cp2": (2, {"parallel.context": 2}),
+    "cp4": (4, {"parallel.context": 4}),
+    "cp2xtp2": (4, {"parallel.context": 2, "parallel.tensor": 2}),
+    "cp2xpp2": (4, {"parallel.context": 2, "parallel.pipeline": 2, "parallel.micro_batch_lanes": 2}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_training_matches_single_process(layout, single_process, stdlib_shards, tmp_path):
+    world, extra = LAYOUTS[layout]
+    steps = run_distributed(train_worker, world, train_overrides(stdlib_shards, str(tmp_path), **TRAINING, **extra))[0]
+    assert_same_steps(steps, single_process)
