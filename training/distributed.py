@@ -75,7 +75,8 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     return env
 
 
-def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, seed: int = 1234, context_parallel: int = 1) -> None:
+def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, seed: int = 1234,
+                        context_parallel: int = 1) -> None:
     """megatron's groups in its default rank order tp-cp-ep-dp-pp: TP ranks adjacent, then CP, DP, PP."""
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel * context_parallel):
