@@ -37,12 +37,17 @@ class InfiniTransformerConfig(TransformerConfig):
     """For bf16/fp16 activations, the memory's matmuls take half-precision operands (float32
     accumulation); the memory state stays float32 either way."""
 
+    infini_learned_memory_scales: bool = False
+    """Learn a positive scale per KV head for the memory's keys and per query head for its queries:
+    the memory writes sigma(a k) and is read with sigma(b q), a = b = 1 (the paper) at initialisation."""
+
     infini_memory_key_scale: float = 1.0
-    """The memory writes sigma(scale * k) (1: the paper). An inference setting: above 1 it sharpens
-    which tokens a read weighs, for prompts far longer than the model was trained on."""
+    """The memory writes sigma(scale * k) (1: the paper), times the learned key scale if any. An
+    inference setting: above 1 it sharpens which tokens a read weighs."""
 
     infini_memory_query_scale: float = 1.0
-    """The memory is read with sigma(scale * q) (1: the paper). An inference setting, as the key scale."""
+    """The memory is read with sigma(scale * q) (1: the paper), times the learned query scale if any.
+    An inference setting, as the key scale."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -72,6 +77,9 @@ class ModelConfig:
     segment_length: int = 64
     update: str = "linear"
     gate_init: float = 0.0
+    learned_memory_scales: bool = False
+    """Learn the memory's read sharpness: per head, sigma(a k) written and sigma(b q) read, with positive
+    a (per KV head) and b (per query head) starting at 1, the paper's read; trained at optimizer.gate_lr."""
     rotary_base: int = 10000
     tie_embeddings: bool = False
     qk_layernorm: bool = False
@@ -175,6 +183,7 @@ def build_transformer_config(
         infini_segment_length=model.segment_length,
         infini_update=model.update,
         infini_gate_init=model.gate_init,
+        infini_learned_memory_scales=model.learned_memory_scales,
     )
     fields.update(overrides)
     return InfiniTransformerConfig(**fields)

@@ -1,7 +1,7 @@
 """Import a Hugging Face Llama checkpoint as an Infini-attention model (the paper's continual pretraining).
 
     python -m modeling.hf_import --hf-dir DIR --out EXPORT_DIR [--segment-length N] [--update linear|delta]
-        [--gate-init B] [--make-vocab-size-divisible-by N]
+        [--gate-init B] [--learned-memory-scales] [--make-vocab-size-divisible-by N]
 
 DIR is a ``save_pretrained`` directory of a ``LlamaForCausalLM`` (config.json and *.safetensors, or
 pytorch_model*.bin); EXPORT_DIR becomes an exported model (``training.export``): model.safetensors
@@ -14,7 +14,9 @@ Mapping (``llama_to_infini``): q/k/v_proj are fused into megatron's linear_qkv r
 RMSNorm eps, RoPE base (non-interleaved rotate-half in both) and tied embeddings carry over; the
 vocabulary is padded with zero rows to a multiple of --make-vocab-size-divisible-by. Every gate starts
 at --gate-init (default -12: sigmoid = 6e-6), so the model starts as the original inside one segment
-and the memory contributes almost nothing until training moves the gates.
+and the memory contributes almost nothing until training moves the gates. With --learned-memory-scales
+the model learns the memory's read sharpness (``model.learned_memory_scales``); its scales start at 1
+(log scales 0), the paper's read.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def _rope_base(cfg: dict) -> int:
 
 
 def model_config_from_hf(hf_config, *, segment_length: int = 2048, update: str = "linear",
-                         gate_init: float = DEFAULT_GATE_INIT, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
+                         gate_init: float = DEFAULT_GATE_INIT, learned_memory_scales: bool = False,
+                         make_vocab_size_divisible_by: int = 128) -> ModelConfig:
     cfg = _config_dict(hf_config)
     if cfg.get("model_type", "llama") != "llama":
         raise ValueError(f"only Llama checkpoints are supported, got model_type {cfg.get('model_type')!r}")
@@ -72,6 +75,7 @@ def model_config_from_hf(hf_config, *, segment_length: int = 2048, update: str =
         segment_length=segment_length,
         update=update,
         gate_init=gate_init,
+        learned_memory_scales=learned_memory_scales,
         rotary_base=_rope_base(cfg),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         norm_epsilon=cfg["rms_norm_eps"],
@@ -84,7 +88,8 @@ def model_config_from_hf(hf_config, *, segment_length: int = 2048, update: str =
 def llama_to_infini(hf_state_dict: Dict[str, torch.Tensor], hf_config, **options) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """(ModelConfig, full state dict in our TP=1 naming) of a LlamaForCausalLM state dict and config.
 
-    options: segment_length, update, gate_init, make_vocab_size_divisible_by (see model_config_from_hf).
+    options: segment_length, update, gate_init, learned_memory_scales, make_vocab_size_divisible_by (see
+    model_config_from_hf).
     ``modeling.sharding.load_full_state_dict`` loads the result into any TP/PP split.
     """
     cfg = model_config_from_hf(hf_config, **options)
@@ -107,6 +112,9 @@ def llama_to_infini(hf_state_dict: Dict[str, torch.Tensor], hf_config, **options
         state[dst + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
         state[dst + "self_attention.linear_proj.weight"] = hf[src + "self_attn.o_proj.weight"]
         state[dst + "self_attention.core_attention.gate"] = torch.full((h,), float(cfg.gate_init))
+        if cfg.learned_memory_scales:
+            state[dst + "self_attention.core_attention.memory_key_log_scale"] = torch.zeros(g)
+            state[dst + "self_attention.core_attention.memory_query_log_scale"] = torch.zeros(h)
         state[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"]
         state[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"]
         state[dst + "mlp.linear_fc1.weight"] = torch.cat([hf[src + "mlp.gate_proj.weight"],
@@ -163,12 +171,15 @@ def main(argv=None) -> int:
     ap.add_argument("--segment-length", type=int, default=2048)
     ap.add_argument("--update", choices=("linear", "delta"), default="linear")
     ap.add_argument("--gate-init", type=float, default=DEFAULT_GATE_INIT)
+    ap.add_argument("--learned-memory-scales", action="store_true",
+                    help="learn per-head memory key and query scales, starting at 1 (model.learned_memory_scales)")
     ap.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     a = ap.parse_args(argv)
     try:
         hf_config, hf_state = read_hf_dir(a.hf_dir)
         cfg, state = llama_to_infini(hf_state, hf_config, segment_length=a.segment_length, update=a.update,
-                                     gate_init=a.gate_init, make_vocab_size_divisible_by=a.make_vocab_size_divisible_by)
+                                     gate_init=a.gate_init, learned_memory_scales=a.learned_memory_scales,
+                                     make_vocab_size_divisible_by=a.make_vocab_size_divisible_by)
     except (FileNotFoundError, KeyError, ValueError) as error:
         print(f"hf_import: error: {error}", file=sys.stderr)
         return 1

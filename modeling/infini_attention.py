@@ -11,7 +11,8 @@ then writes (linear)  M_s = M_{s-1} + sigma(K)^T V
           or (delta)  M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1}))
 and z_s = z_{s-1} + sum_t sigma(K_t). The output mixes both per head with g = sigmoid(beta):
 g * A_mem + (1 - g) * A_dot. Optional memory scales c_k and c_q write sigma(c_k K) and read with
-sigma(c_q Q) in place of sigma(K) and sigma(Q) (1, the default, is the paper).
+sigma(c_q Q) in place of sigma(K) and sigma(Q) (1, the default, is the paper): one number for every
+head, or one per KV head (c_k) and per query head (c_q), e.g. the core module's learned scales.
 
 Tensor parallelism only changes which heads a rank sees. With context parallelism (``context_group``)
 this call runs one rank's contiguous share of a window's segments, and the memory before its first
@@ -20,7 +21,7 @@ segment comes from the other ranks (modeling/context_parallel.py): its only use 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,20 @@ def empty_memory(batch, kv_heads, head_dim, head_dim_v, device=None, dtype=torch
 def sigma(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The paper's non-negative feature map ELU + 1, in `dtype` (default: the memory dtype)."""
     return F.elu(x.to(dtype or memory_dtype(x.dtype))) + 1.0
+
+
+def scaled_sigma(x: torch.Tensor, scale, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """sigma(scale * x) in `dtype`: scale is a number, or a tensor with one entry per head of x [b, heads, ...].
+
+    A per-head scale multiplies in the memory dtype, so a learned scale is not rounded to a half
+    input dtype; x * 1 is exact, so scales of exactly 1 give sigma(x) bit for bit.
+    """
+    if isinstance(scale, torch.Tensor):
+        work = memory_dtype(x.dtype)
+        x = x.to(work) * scale.to(work).view(-1, *([1] * (x.dim() - 2)))
+    elif scale != 1.0:
+        x = x * scale
+    return sigma(x, dtype)
 
 
 def retrieve(sigma_q: torch.Tensor, M: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -98,9 +113,6 @@ def _check_inputs(q, k, v, gate, memory, segment_length, update, reset, scales, 
     if update == "delta" and spans_ranks(context_group):
         raise ValueError("the delta update reads M_{s-1} before each write, so context-parallel ranks would have "
                          "to run one after another; context parallelism needs the linear update")
-    for name, scale in scales.items():
-        if not scale > 0:
-            raise ValueError(f"{name} must be > 0, got {scale}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be [batch, heads, tokens, head_dim]; got shapes "
@@ -121,6 +133,13 @@ def _check_inputs(q, k, v, gate, memory, segment_length, update, reset, scales, 
         )
     if gate.shape != (h,):
         raise ValueError(f"gate must have shape ({h},) (one per query head), got {tuple(gate.shape)}")
+    for (name, scale), heads in zip(scales.items(), (g, h)):
+        if isinstance(scale, torch.Tensor):
+            # Positive by construction (the core module's exp of a log scale): no device sync to check.
+            if scale.shape != (heads,):
+                raise ValueError(f"{name} must be a number or have shape ({heads},), got {tuple(scale.shape)}")
+        elif not scale > 0:
+            raise ValueError(f"{name} must be > 0, got {scale}")
     if memory is not None:
         M, z = memory
         want_M, want_z = (b, g, d, v.shape[3]), (b, g, d)
@@ -253,8 +272,8 @@ def infini_attention(
     reset: Optional[torch.Tensor] = None,
     rotary_pos_emb: Optional[torch.Tensor] = None,
     half_memory_products: bool = False,
-    memory_key_scale: float = 1.0,
-    memory_query_scale: float = 1.0,
+    memory_key_scale: Union[float, torch.Tensor] = 1.0,
+    memory_query_scale: Union[float, torch.Tensor] = 1.0,
     context_group=None,
 ):
     """Infini-attention over ``tokens = n_segments * segment_length`` tokens.
@@ -266,10 +285,10 @@ def infini_attention(
     half_memory_products: for half-precision inputs, the memory's matmuls take sigma(q), sigma(k), v
     and the memory rounded to the input dtype (float32 accumulation); the memory is still summed
     and kept in float32. Otherwise every operand is float32.
-    memory_key_scale: the memory writes sigma(memory_key_scale * k). Above 1 it sharpens what a read
-    weighs (sigma is exp below 0): an inference setting for prompts far longer than training
-    (docs/RESULTS.md, attempts 15-16). memory_query_scale: the memory is read with
-    sigma(memory_query_scale * q).
+    memory_key_scale: the memory writes sigma(memory_key_scale * k): a number > 0, or a tensor [g] of
+    one positive scale per KV head. Above 1 it sharpens what a read weighs (sigma is exp below 0).
+    memory_query_scale: the memory is read with sigma(memory_query_scale * q): a number > 0 or a
+    tensor [h], one per query head. Gradients flow into scale tensors.
     context_group: a process group of several ranks for context parallelism (linear update only): q, k,
     v and reset are this rank's contiguous share of a window's segments, in rank order; memory is the
     memory at the window's start (the same on every rank). The returned memory is the one after the
@@ -288,10 +307,10 @@ def infini_attention(
 
     state_dtype = memory_dtype(q.dtype)
     operand_dtype = q.dtype if half_memory_products else state_dtype
-    sk = sigma(k if memory_key_scale == 1.0 else k * memory_key_scale, operand_dtype).reshape(b, g, s, n, d)
+    sk = scaled_sigma(k, memory_key_scale, operand_dtype).reshape(b, g, s, n, d)
     M_before, z_before, final = _memories_before_segments(sk, v.to(operand_dtype).reshape(b, g, s, n, dv), memory,
                                                           reset, update, state_dtype, context_group)
-    sq = sigma(q if memory_query_scale == 1.0 else q * memory_query_scale, operand_dtype).reshape(b, g, h // g, s, n, d)
+    sq = scaled_sigma(q, memory_query_scale, operand_dtype).reshape(b, g, h // g, s, n, d)
     from_memory = retrieve(sq, M_before.unsqueeze(2), z_before.unsqueeze(2)).reshape(b, h, t, dv)
 
     weight = torch.sigmoid(gate.to(state_dtype)).view(1, h, 1, 1)

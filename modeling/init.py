@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from modeling.layers import is_gate_parameter
+from modeling.layers import is_gate_parameter, is_memory_scale_parameter
 from modeling.sharding import global_names, shard_for_this_rank
 
 _SCALED_OUTPUTS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
@@ -35,6 +35,9 @@ def init_weights(model, seed: int) -> None:
     names = global_names(model)
     for local_name, param in model.named_parameters():
         name = names[local_name]
+        if is_memory_scale_parameter(param):
+            param.zero_()  # log scale 0: scale exactly 1, the paper's read
+            continue
         if is_gate_parameter(param):
             param.fill_(config.infini_gate_init)
             continue

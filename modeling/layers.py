@@ -27,11 +27,28 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from modeling.infini_attention import InfiniMemory, infini_attention
 
 GATE_ATTRIBUTE = "is_infini_gate"
+MEMORY_SCALE_ATTRIBUTE = "is_infini_memory_log_scale"
 
 
 def is_gate_parameter(param: torch.nn.Parameter) -> bool:
-    """Gates get their own learning rate and no weight decay (they never leave 0.5 otherwise)."""
-    return getattr(param, GATE_ATTRIBUTE, False)
+    """Gates get their own learning rate and no weight decay (they never leave 0.5 otherwise); so do the
+    learned memory scales, per-head numbers of the same kind."""
+    return getattr(param, GATE_ATTRIBUTE, False) or is_memory_scale_parameter(param)
+
+
+def is_memory_scale_parameter(param: torch.nn.Parameter) -> bool:
+    """A learned memory scale's log (0 = scale 1, the paper's read)."""
+    return getattr(param, MEMORY_SCALE_ATTRIBUTE, False)
+
+
+def _head_parameter(size: int, value: float) -> torch.nn.Parameter:
+    """A float32 vector with one entry per head (query or KV) of this TP rank: TP-split by heads."""
+    param = torch.nn.Parameter(torch.full((size,), float(value), dtype=torch.float32))
+    # Megatron and DeepSpeed read these to shard, checkpoint and norm-count it per TP rank.
+    param.tensor_model_parallel = True
+    param.partition_dim = 0
+    param.partition_stride = 1
+    return param
 
 
 class TorchNorm:
@@ -64,7 +81,11 @@ def sums_gradient_over_tensor_parallel(name: str, param: torch.nn.Parameter, con
 class InfiniCoreAttention(MegatronModule):
     """Core attention of one layer on one TP rank: local softmax + compressive memory, mixed by gates.
 
-    Owns the gate beta of the query heads on this rank (a TP-partitioned parameter, dim 0). With context
+    Owns the gate beta of the query heads on this rank (a TP-partitioned parameter, dim 0). With
+    ``config.infini_learned_memory_scales`` it also owns the memory's learned scales, kept as logs so
+    they stay positive: the memory writes sigma(exp(memory_key_log_scale) * k), one per KV head, and is
+    read with sigma(exp(memory_query_log_scale) * q), one per query head (TP-partitioned the same way).
+    The configured ``infini_memory_key_scale`` / ``infini_memory_query_scale`` multiply on top. With context
     parallelism (a CP group of several ranks in pg_collection) it runs this rank's share of the window's
     segments and exchanges the memory with the other ranks of the group.
     """
@@ -76,31 +97,40 @@ class InfiniCoreAttention(MegatronModule):
             raise ValueError("Infini-attention uses 1/sqrt(head_dim); softmax_scale must be None")
         tp_size = pg_collection.tp.size() if pg_collection is not None else 1
         self.context_group = getattr(pg_collection, "cp", None)
-        heads = config.num_attention_heads
-        if heads % tp_size:
-            raise ValueError(f"num_attention_heads ({heads}) must be divisible by the TP size ({tp_size})")
+        heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+        if heads % tp_size or groups % tp_size:
+            raise ValueError(f"num_attention_heads ({heads}) and num_query_groups ({groups}) must be divisible "
+                             f"by the TP size ({tp_size})")
         self.layer_number = layer_number
         self.segment_length = config.infini_segment_length
         self.update = config.infini_update
         self.half_memory_products = config.infini_half_memory_products
         self.memory_key_scale = config.infini_memory_key_scale
         self.memory_query_scale = config.infini_memory_query_scale
-        self.gate = torch.nn.Parameter(
-            torch.full((heads // tp_size,), float(config.infini_gate_init), dtype=torch.float32)
-        )
+        self.gate = _head_parameter(heads // tp_size, config.infini_gate_init)
         setattr(self.gate, GATE_ATTRIBUTE, True)
-        # Megatron and DeepSpeed read these to shard, checkpoint and norm-count the gate per TP rank.
-        self.gate.tensor_model_parallel = True
-        self.gate.partition_dim = 0
-        self.gate.partition_stride = 1
+        self.learned_memory_scales = config.infini_learned_memory_scales
+        if self.learned_memory_scales:
+            self.memory_key_log_scale = _head_parameter(groups // tp_size, 0.0)
+            self.memory_query_log_scale = _head_parameter(heads // tp_size, 0.0)
+            for param in (self.memory_key_log_scale, self.memory_query_log_scale):
+                setattr(param, MEMORY_SCALE_ATTRIBUTE, True)
+
+    def memory_scales(self):
+        """(key scale, query scale) the memory is written and read with: numbers, or with learned scales
+        tensors [g_local] and [h_local] (the learned ones times the configured ones)."""
+        if not self.learned_memory_scales:
+            return self.memory_key_scale, self.memory_query_scale
+        return (self.memory_key_log_scale.exp() * self.memory_key_scale,
+                self.memory_query_log_scale.exp() * self.memory_query_scale)
 
     def forward(self, query, key, value, memory=None, reset=None, rotary_pos_emb=None):
         """query [b, h, t, d], key/value [b, g, t, d]: returns ([b, h, t, d], InfiniMemory)."""
+        key_scale, query_scale = self.memory_scales()
         return infini_attention(query, key, value, self.gate, memory, segment_length=self.segment_length,
                                 update=self.update, reset=reset, rotary_pos_emb=rotary_pos_emb,
                                 half_memory_products=self.half_memory_products,
-                                memory_key_scale=self.memory_key_scale,
-                                memory_query_scale=self.memory_query_scale,
+                                memory_key_scale=key_scale, memory_query_scale=query_scale,
                                 context_group=self.context_group)
 
 

@@ -19,13 +19,13 @@ the model's use of the memory depends on.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, List, NamedTuple, Optional, Tuple
+from typing import Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from modeling.cpu_compat import megatron_on_cpu
-from modeling.infini_attention import InfiniMemory, apply_rotary, empty_memory, memory_dtype, retrieve, sigma
+from modeling.infini_attention import InfiniMemory, apply_rotary, empty_memory, memory_dtype, retrieve, scaled_sigma
 from modeling.layers import InfiniCoreAttention
 
 
@@ -80,10 +80,10 @@ class _SegmentCache(NamedTuple):
 
 
 def write_segment(memory: InfiniMemory, k: torch.Tensor, v: torch.Tensor, update: str,
-                  key_scale: float = 1.0) -> InfiniMemory:
+                  key_scale: Union[float, torch.Tensor] = 1.0) -> InfiniMemory:
     """The memory after one whole segment of raw keys k and values v [b, g, n, d] (the core's rule,
-    writing sigma(key_scale * k))."""
-    sk = sigma(k * key_scale)
+    writing sigma(key_scale * k); key_scale a number or one per KV head [g])."""
+    sk = scaled_sigma(k, key_scale)
     v = v.to(sk.dtype)
     if update == "linear":
         M = memory.M + sk.transpose(-1, -2) @ v
@@ -195,8 +195,9 @@ class StreamingModel:
             cache.append(layer_cache)
         self.position += n
         if self.pending == 0:
-            update, key_scale = model.config.infini_update, model.config.infini_memory_key_scale
-            self.memory = [write_segment(m, c.k, c.v, update, key_scale) for m, c in zip(self.memory, cache)]
+            update = model.config.infini_update
+            self.memory = [write_segment(m, c.k, c.v, update, layer.self_attention.core_attention.memory_scales()[0])
+                           for m, c, layer in zip(self.memory, cache, model.layers)]
             self.cache = None
         else:
             self.cache = cache
@@ -224,9 +225,10 @@ def _layer_extend(layer, hidden, freqs, memory: InfiniMemory, cache: Optional[_S
     # New token i sits at position total - n + i of the segment and sees keys 0..that position.
     visible = torch.arange(total, device=q.device)[None, :] <= torch.arange(total - n, total, device=q.device)[:, None]
     local = F.scaled_dot_product_attention(apply_rotary(q, freqs), keys, values, attn_mask=visible)
-    sq = sigma(q * layer.config.infini_memory_query_scale).reshape(b, g, h // g, n, d)
+    core = attention.core_attention
+    sq = scaled_sigma(q, core.memory_scales()[1]).reshape(b, g, h // g, n, d)
     from_memory = retrieve(sq, memory.M.unsqueeze(2), memory.z.unsqueeze(2)).reshape(b, h, n, -1)
-    weight = torch.sigmoid(attention.core_attention.gate.to(sq.dtype)).view(1, h, 1, 1)
+    weight = torch.sigmoid(core.gate.to(sq.dtype)).view(1, h, 1, 1)
     context = (weight * from_memory + (1.0 - weight) * local.to(sq.dtype)).to(q.dtype)
     output, bias = attention.linear_proj(context.permute(2, 0, 1, 3).reshape(n, b, -1))
     with layer.bias_dropout_add_exec_handler():

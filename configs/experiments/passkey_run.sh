@@ -22,9 +22,8 @@
 #    budget runs out) and exports the model (OUT/export).
 # 3. Passkey retrieval at LENGTHS x DEPTHS, TRIALS prompts each, with the memory and with the gates
 #    forced local (OUT/passkey, OUT/passkey_ablated: JSON, markdown, heatmap); EVAL_ARGS go to both.
-#    The evaluation writes the memory with sigma(MEMORY_KEY_SCALE * k) and reads it with
-#    sigma(MEMORY_QUERY_SCALE * q) (defaults 4 and 1.25; 1 and 1 are the paper's): the sharper read
-#    carries retrieval from 64K-128K to 1M (docs/RESULTS.md, attempts 15 and 16).
+#    The memory is read as the model learned to (the config's model.learned_memory_scales); evaluation
+#    scales on top of that (e.g. EVAL_ARGS="--memory-key-scale 2") are for experiments only.
 # 4. OUT/RESULTS.md: both side by side, ready for docs/RESULTS.md.
 #
 # Every setting is an environment variable; TRAIN_OVERRIDES takes key=value overrides of the run
@@ -54,8 +53,6 @@ LENGTHS=${LENGTHS:-1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1m}
 DEPTHS=${DEPTHS:-0,25,50,75,100}
 TRIALS=${TRIALS:-10}
 BATCH=${BATCH:-16}
-MEMORY_KEY_SCALE=${MEMORY_KEY_SCALE:-4}
-MEMORY_QUERY_SCALE=${MEMORY_QUERY_SCALE:-1.25}
 EVAL_ARGS=${EVAL_ARGS:-}
 
 started=$(date +%s)
@@ -86,8 +83,7 @@ for variant in memory ablated; do
     if [ "$variant" = ablated ]; then flag="--ablate-memory"; dir="$OUT/passkey_ablated"; fi
     # shellcheck disable=SC2086
     python -m training.evals.passkey --model "$OUT/export" --lengths "$LENGTHS" --depths "$DEPTHS" \
-        --trials "$TRIALS" --batch-size "$BATCH" --memory-key-scale "$MEMORY_KEY_SCALE" \
-        --memory-query-scale "$MEMORY_QUERY_SCALE" --out "$dir" $flag $EVAL_ARGS
+        --trials "$TRIALS" --batch-size "$BATCH" --out "$dir" $flag $EVAL_ARGS
 done
 python -m training.evals.passkey report --memory "$OUT/passkey" --ablated "$OUT/passkey_ablated" \
     --model "$OUT/export" --train-dir "$OUT/train" --train-seconds $((trained - started)) \

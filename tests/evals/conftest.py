@@ -18,7 +18,8 @@ TEXTS = ["The memory of an Infini-attention layer is a matrix and a vector per h
 
 
 def cli_worker(rank, world, root):
-    """A tiny exported model evaluated by the passkey (with and without memory) and perplexity CLIs."""
+    """A tiny exported model with learned memory scales evaluated by the passkey (with and without memory)
+    and perplexity CLIs."""
     from data_pipeline.make_shards import write_shards
     from tests.evals.models import tiny_config, tiny_model
     from training.distributed import init_single_process
@@ -26,7 +27,7 @@ def cli_worker(rank, world, root):
     from training.export import export_model
 
     init_single_process()
-    cfg = tiny_config(segment_length=SEGMENT, update="delta")
+    cfg = tiny_config(segment_length=SEGMENT, update="delta", learned_memory_scales=True)
     export = os.path.join(root, "export")
     export_model(tiny_model(cfg, seed=4), cfg, export)
     assert passkey.main(["--model", export, "--out", os.path.join(root, "passkey")] + PASSKEY_ARGS) == 0

@@ -32,7 +32,8 @@ def _rope(x, base):
 
 def reference_logits(state, cfg, tokens, memory_key_scale=1.0, memory_query_scale=1.0):
     """Logits [b, t, padded vocab] in float64 for token ids [b, t] (any t), empty initial memory; the
-    memory is written with sigma(memory_key_scale * k) and read with sigma(memory_query_scale * q)."""
+    memory is written with sigma(memory_key_scale * a * k) and read with sigma(memory_query_scale * b * q),
+    a and b the layer's learned per-head scales (exp of the state's log scales) where the state has them."""
     state = {k: v.double() for k, v in state.items()}
     b, t = tokens.shape
     h, g, d = cfg.num_attention_heads, cfg.query_groups, cfg.head_dim
@@ -57,13 +58,18 @@ def reference_logits(state, cfg, tokens, memory_key_scale=1.0, memory_query_scal
             qr, kr = _rope(q, cfg.rotary_base), _rope(k, cfg.rotary_base)
             M, z = memories[layer]
             gates = torch.sigmoid(state[p + "self_attention.core_attention.gate"])
+            learned = p + "self_attention.core_attention.memory_key_log_scale" in state
+            key_scales = memory_key_scale * (state[p + "self_attention.core_attention.memory_key_log_scale"].exp()
+                                             if learned else torch.ones(g, dtype=torch.float64))
+            query_scales = memory_query_scale * (state[p + "self_attention.core_attention.memory_query_log_scale"].exp()
+                                                 if learned else torch.ones(h, dtype=torch.float64))
             heads = []
             for head in range(h):
                 kv = head // per_group
                 scores = qr[:, head] @ kr[:, kv].transpose(-1, -2) / math.sqrt(d)
                 scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
                 local = torch.softmax(scores, dim=-1) @ v[:, kv]
-                sq = _sigma(memory_query_scale * q[:, head])
+                sq = _sigma(query_scales[head] * q[:, head])
                 denominator = sq @ z[:, kv].unsqueeze(-1)
                 from_memory = torch.where(denominator > 0, (sq @ M[:, kv]) / denominator.clamp_min(1e-300),
                                           torch.zeros(()))
@@ -71,7 +77,7 @@ def reference_logits(state, cfg, tokens, memory_key_scale=1.0, memory_query_scal
             context = torch.stack(heads, dim=2).reshape(b, n, h * d)
             hidden = hidden + context @ state[p + "self_attention.linear_proj.weight"].T
             if n == L:
-                sk = _sigma(memory_key_scale * k)
+                sk = _sigma(key_scales.view(1, g, 1, 1) * k)
                 if cfg.update == "linear":
                     M = M + sk.transpose(-1, -2) @ v
                 else:

@@ -57,7 +57,7 @@ def _forward_all_stages(model, tokens):
     return torch.cat(shards, dim=-1)
 
 
-def _imported(case, tp, pp):
+def _imported(case, tp, pp, learned_memory_scales=False):
     """Our model from the HF state dict on this rank's TP/PP shard, and its logits three ways."""
     from megatron.core import parallel_state as ps
 
@@ -68,7 +68,8 @@ def _imported(case, tp, pp):
     from modeling.sharding import load_full_state_dict
     from modeling.streaming import memory_ablated
 
-    cfg, state = llama_to_infini(case["state"], case["config"], segment_length=SEGMENT)
+    cfg, state = llama_to_infini(case["state"], case["config"], segment_length=SEGMENT,
+                                 learned_memory_scales=learned_memory_scales)
     with megatron_on_cpu():  # tied embeddings over pipeline stages are synchronised at construction
         model = build_model(build_transformer_config(cfg, tensor_parallel_size=tp, pipeline_parallel_size=pp),
                             cfg.padded_vocab_size(tp), pre_process=ps.is_pipeline_first_stage(),
@@ -82,28 +83,31 @@ def _imported(case, tp, pp):
     return dict(cfg=cfg, one_segment=one_segment, gated=gated, ablated=ablated)
 
 
-def parallel_worker(rank, world, tp, pp, case):
+def parallel_worker(rank, world, tp, pp, case, learned_memory_scales=False):
     from training.distributed import init_distributed, init_model_parallel
 
     init_distributed()
     init_model_parallel(tp, pp)
-    return _imported(case, tp, pp)
+    return _imported(case, tp, pp, learned_memory_scales)
 
 
 def single_worker(rank, world, cases, export_dir):
-    """Both tie settings from the state dict, then the CLI's export of the untied one."""
+    """Both tie settings from the state dict, then the CLI's export of the untied one, without and with
+    learned memory scales: logits over every segment (the memory read) and the scales' exported state."""
     from modeling.cpu_compat import megatron_on_cpu
     from modeling.hf_import import main
     from training.distributed import init_single_process
-    from training.export import load_exported
+    from training.export import load_exported, read_export
 
     init_single_process()
     results = {tie: _imported(case, 1, 1) for tie, case in cases.items()}
-    assert main(["--hf-dir", cases[False]["path"], "--out", export_dir, "--segment-length", str(SEGMENT)]) == 0
-    model, cfg = load_exported(export_dir)
-    with torch.no_grad(), megatron_on_cpu():
-        logits, _ = model(cases[False]["tokens"][:, :SEGMENT])
-    results["cli"] = dict(cfg=cfg, logits=logits)
+    for run, flags in (("cli", []), ("cli_learned_scales", ["--learned-memory-scales"])):
+        out = f"{export_dir}_{run}"
+        assert main(["--hf-dir", cases[False]["path"], "--out", out, "--segment-length", str(SEGMENT)] + flags) == 0
+        model, cfg = load_exported(out)
+        with torch.no_grad(), megatron_on_cpu():
+            logits, _ = model(cases[False]["tokens"])
+        results[run] = dict(cfg=cfg, logits=logits, state=read_export(out)[1])
     return results
 
 
@@ -134,7 +138,9 @@ def test_import_at_tp1_gives_the_original_logits(llamas, single, tie):
 
 @pytest.mark.slow
 def test_import_at_tp2_gives_the_original_logits(llamas):
-    for result in run_distributed(parallel_worker, 2, 2, 1, llamas[False]):
+    # With learned memory scales: they split over the ranks' heads, at 1 they read as the paper.
+    for result in run_distributed(parallel_worker, 2, 2, 1, llamas[False], True):
+        assert result["cfg"].learned_memory_scales
         _check(result, llamas[False])
 
 
@@ -146,9 +152,24 @@ def test_import_at_pp2_gives_the_original_logits(llamas):
 
 def test_cli_writes_an_export_that_loads_as_the_original(llamas, single):
     result = single["cli"]
-    assert result["cfg"].segment_length == SEGMENT
-    torch.testing.assert_close(result["logits"][..., :VOCAB], llamas[False]["logits"][:, :SEGMENT],
+    assert result["cfg"].segment_length == SEGMENT and not result["cfg"].learned_memory_scales
+    assert not any("log_scale" in name for name in result["state"])
+    torch.testing.assert_close(result["logits"][:, :SEGMENT, :VOCAB], llamas[False]["logits"][:, :SEGMENT],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_cli_with_learned_memory_scales_starts_them_at_one(single):
+    plain, learned = single["cli"], single["cli_learned_scales"]
+    assert learned["cfg"].learned_memory_scales
+    scales = {name: t for name, t in learned["state"].items() if "log_scale" in name}
+    assert sorted(scales) == sorted(f"decoder.layers.{i}.self_attention.core_attention.memory_{kind}_log_scale"
+                                    for i in range(2) for kind in ("key", "query"))
+    for name, log_scale in scales.items():
+        assert log_scale.shape == ((2,) if "key" in name else (4,))
+        assert torch.equal(log_scale, torch.zeros_like(log_scale)), name
+    assert learned["state"].keys() - scales.keys() == plain["state"].keys()
+    # Scales of 1 are the paper's read exactly: the same logits, memory read included, bit for bit.
+    assert torch.equal(learned["logits"], plain["logits"])
 
 
 def test_unsupported_checkpoints_fail_clearly(llamas):

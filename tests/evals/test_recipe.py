@@ -1,6 +1,6 @@
 """The passkey recipe script end to end at CPU size: data, TP2 x PP2 training under torchrun (a
-short-document phase, then the long documents from its export), export, passkey with and without
-memory, the report; and the checkpoint merged on one device equals the export."""
+short-document phase, then the long documents from its export) with learned memory scales, export,
+passkey with and without memory, the report; and the checkpoint merged on one device equals the export."""
 
 import json
 import os
@@ -12,6 +12,7 @@ import torch
 
 from tests.distributed import run_distributed
 from training.evals.passkey import HEADER
+from training.export import read_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ("model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 model.num_query_groups=2 "
@@ -24,7 +25,6 @@ TINY = ("model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 mod
 def checkpoint_worker(rank, world, out):
     from training.distributed import init_single_process
     from training.evals.common import load_model
-    from training.export import read_export
 
     init_single_process()
     _, exported = read_export(os.path.join(out, "export"))
@@ -58,14 +58,21 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
         assert all(" The room number is " in json.loads(line)["text"] for line in f)
     with open(os.path.join(out, "export_short", "model_config.yaml")) as f:
         assert "segment_length: 32" in f.read()
+    # Both phases learn the memory's scales; the second starts from the first's and moves them on.
+    short, long = (read_export(os.path.join(out, run))[1] for run in ("export_short", "export"))
+    scales = sorted(name for name in long if "log_scale" in name)
+    assert len(scales) == 4 and scales == sorted(name for name in short if "log_scale" in name)
+    assert all((short[name] != 0).all() and not torch.equal(short[name], long[name]) for name in scales)
     for run in ("passkey", "passkey_ablated"):
         with open(os.path.join(out, run, "passkey.json")) as f:
             result = json.load(f)
         assert result["lengths"] == [256, 1024] and len(result["rows"]) == 8
         assert result["ablate_memory"] == (run == "passkey_ablated")
-        assert (result["memory_key_scale"], result["memory_query_scale"]) == (4.0, 1.25)
+        assert (result["memory_key_scale"], result["memory_query_scale"]) == (1.0, 1.0)
     report = open(os.path.join(out, "RESULTS.md")).read()
-    assert "evaluated with memory key scale 4 and query scale 1.25 " in report
+    assert "evaluated with memory key scale 1 and query scale 1 " in report
+    assert "1 is the paper's), times the learned per-head scales." in report
+    assert "Learned memory scales, mean [min, max] over heads, per layer: 0: key " in report
     assert "Training: 4 steps" in report and "Memory ablated (gates forced local), by depth:" in report
     assert "| 1K | 16 |" in report  # 1024 tokens are 16 segments of 64
 

@@ -10,7 +10,8 @@ SPLITS = [[WHOLE_SEGMENTS * SEGMENT + TAIL], [3, 50], [1] * (WHOLE_SEGMENTS * SE
           [16, 37]]
 MODELS = {"linear, GQA": {}, "delta, tied embeddings": dict(update="delta", tie_embeddings=True, num_query_groups=4),
           "delta, memory key scale 2.5, query scale 1.5": dict(update="delta", memory_key_scale=2.5,
-                                                               memory_query_scale=1.5)}
+                                                               memory_query_scale=1.5),
+          "linear, learned memory scales times key scale 2": dict(learned_memory_scales=True, memory_key_scale=2.0)}
 
 
 def _state_numel(stream):

@@ -8,10 +8,13 @@ import torch
 def reference_infini_attention(q, k, v, gate, memory=None, *, segment_length, update="linear",
                                reset=None, rotary_pos_emb=None, memory_key_scale=1.0, memory_query_scale=1.0):
     """Straight from the paper's equations; every tensor in float64, one segment at a time. The memory
-    is written with sigma(memory_key_scale * k) and read with sigma(memory_query_scale * q)."""
+    is written with sigma(memory_key_scale * k) and read with sigma(memory_query_scale * q); each scale
+    a number or a tensor of one per head (KV heads for keys, query heads for queries)."""
     q, k, v, gate = q.double(), k.double(), v.double(), gate.double()
     b, h, t, d = q.shape
     g, dv = k.shape[1], v.shape[3]
+    key_scales = torch.as_tensor(memory_key_scale).double().expand(g)
+    query_scales = torch.as_tensor(memory_query_scale).double().expand(h)
     group = h // g
     n_segments = t // segment_length
     if memory is None:
@@ -53,14 +56,14 @@ def reference_infini_attention(q, k, v, gate, memory=None, *, segment_length, up
             causal = torch.ones(segment_length, segment_length, dtype=torch.bool).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
             local = torch.softmax(scores, dim=-1) @ vs[:, kv]
-            sq = sig(memory_query_scale * qs[:, head])
+            sq = sig(query_scales[head] * qs[:, head])
             num = sq @ M[:, kv]
             den = (sq @ z[:, kv].unsqueeze(-1))
             mem = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
             w = torch.sigmoid(gate[head])
             seg_out[:, head] = w * mem + (1 - w) * local
         outputs.append(seg_out)
-        sk = sig(memory_key_scale * ks)
+        sk = sig(key_scales.view(1, g, 1, 1) * ks)
         if update == "linear":
             M = M + sk.transpose(-1, -2) @ vs
         else:

@@ -44,7 +44,16 @@ CASES = [
     dict(update="linear", memory=True, key_scale=2.5),
     dict(update="delta", memory=True, key_scale=0.5, query_scale=1.5),
     dict(update="linear", memory=True, query_scale=2.0),
+    dict(update="linear", memory=True, reset=True, per_head_scales=True),
+    dict(update="delta", memory=True, rope=True, per_head_scales=True),
+    dict(update="delta", groups=H, per_head_scales=True),
 ]
+
+
+def per_head_scales(groups, heads=H, seed=2):
+    """Positive key scales [groups] and query scales [heads] spread around 1, as learned ones would be."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(groups, generator=gen) * 2.5 + 0.25), (torch.rand(heads, generator=gen) * 2.5 + 0.25)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -56,14 +65,22 @@ def test_matches_float64_reference_values_and_gradients(case):
     rope = rope_angles() if case.get("rope") else None
     inputs = [x.clone().requires_grad_() for x in (q, k, v, gate)]
     mem_in = tuple(m.clone().requires_grad_() for m in memory) if memory else None
-    scales = dict(memory_key_scale=case.get("key_scale", 1.0), memory_query_scale=case.get("query_scale", 1.0))
-    out, (M, z) = infini_attention(*inputs, mem_in, segment_length=N, update=case["update"], reset=reset,
-                                   rotary_pos_emb=rope, **scales)
     ref_inputs = [x.double().clone().requires_grad_() for x in (q, k, v, gate)]
+    if case.get("per_head_scales"):
+        # The scales are inputs too: their gradients are checked with the others'.
+        names = ("memory_key_scale", "memory_query_scale")
+        inputs += [s.clone().requires_grad_() for s in per_head_scales(groups)]
+        ref_inputs += [s.double().requires_grad_() for s in per_head_scales(groups)]
+        scales, ref_scales = dict(zip(names, inputs[4:])), dict(zip(names, ref_inputs[4:]))
+    else:
+        scales = ref_scales = dict(memory_key_scale=case.get("key_scale", 1.0),
+                                   memory_query_scale=case.get("query_scale", 1.0))
+    out, (M, z) = infini_attention(*inputs[:4], mem_in, segment_length=N, update=case["update"], reset=reset,
+                                   rotary_pos_emb=rope, **scales)
     ref_mem = tuple(m.double().clone().requires_grad_() for m in memory) if memory else None
-    ref_out, (ref_M, ref_z) = reference_infini_attention(*ref_inputs, ref_mem, segment_length=N,
+    ref_out, (ref_M, ref_z) = reference_infini_attention(*ref_inputs[:4], ref_mem, segment_length=N,
                                                          update=case["update"], reset=reset, rotary_pos_emb=rope,
-                                                         **scales)
+                                                         **ref_scales)
     assert M.dtype == torch.float32 and z.dtype == torch.float32
     assert rel_err(out, ref_out) < 1e-5
     assert rel_err(M, ref_M) < 1e-5 and rel_err(z, ref_z) < 1e-5
@@ -89,6 +106,22 @@ def test_gradcheck_float64(update):
         return out, memory.M, memory.z
 
     assert torch.autograd.gradcheck(fn, (q, k, v, gate, M, z), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_gradcheck_float64_with_per_head_scales(update):
+    q, k, v, gate = (x.double().requires_grad_() for x in make_inputs(3))
+    M, z = (m.double().requires_grad_() for m in make_memory())
+    key_scale, query_scale = (s.double().requires_grad_() for s in per_head_scales(G))
+    reset = torch.tensor([[False, True, False], [False, False, False]])
+
+    def fn(q, k, v, gate, M, z, key_scale, query_scale):
+        out, memory = infini_attention(q, k, v, gate, (M, z), segment_length=N, update=update, reset=reset,
+                                       memory_key_scale=key_scale, memory_query_scale=query_scale)
+        return out, memory.M, memory.z
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, gate, M, z, key_scale, query_scale), eps=1e-6, atol=1e-5,
+                                    fast_mode=True)
 
 
 @pytest.mark.parametrize("update", ["linear", "delta"])
@@ -203,6 +236,8 @@ def test_bf16_inputs_match_float64_reference_within_bf16_rounding(update, half_p
         (dict(memory=(torch.zeros(B, G, D, DV, dtype=torch.bfloat16), torch.zeros(B, G, D))), "float32"),
         (dict(memory_key_scale=0.0), "memory_key_scale must be > 0, got 0.0"),
         (dict(memory_query_scale=-1.0), "memory_query_scale must be > 0, got -1.0"),
+        (dict(memory_key_scale=torch.ones(H)), f"memory_key_scale must be a number or have shape \\({G},\\)"),
+        (dict(memory_query_scale=torch.ones(G)), f"memory_query_scale must be a number or have shape \\({H},\\)"),
     ],
 )
 def test_bad_input_raises_value_error_naming_values(kwargs, message):

@@ -53,7 +53,9 @@ def straight_and_resumed(shards, tmp_path, world, extra, steps=6, resume_world=N
     (2, {"parallel.zero_stage": 2}),
     # The delayed writer writes after later steps changed the live state: only a true snapshot resumes exactly.
     (2, {"parallel.zero_stage": 1, "checkpoint.async_save": True, "checkpoint.inject_writer_delay_s": 1.0}),
-], ids=["tp2xpp2-zero1", "dp2-zero2", "dp2-zero1-async"])
+    # The learned memory scales and their Adam state are saved and restored like any weight.
+    (1, {"model.learned_memory_scales": True}),
+], ids=["tp2xpp2-zero1", "dp2-zero2", "dp2-zero1-async", "single-learned-memory-scales"])
 def test_resume_is_bitwise_identical(stdlib_shards, tmp_path, world, extra):
     straight, first, second = straight_and_resumed(stdlib_shards, tmp_path, world, extra)
     assert [s for s, _ in second] == [4, 5, 6]
@@ -235,11 +237,17 @@ def reload_worker(rank, world, out_dir):
 
 @pytest.mark.slow
 def test_export_from_tp2_reloads_with_the_same_logits(stdlib_shards, tmp_path):
+    """With learned memory scales: gathered over the TP ranks' heads, exported, loaded on one device."""
     out_dir = str(tmp_path / "export")
     logits = run_distributed(export_worker, 2, train_overrides(stdlib_shards, str(tmp_path / "run"), **{
-        "schedule.steps": 2, "parallel.tensor": 2}), out_dir)[0]
+        "schedule.steps": 2, "parallel.tensor": 2, "model.learned_memory_scales": True}), out_dir)[0]
     reloaded = run_distributed(reload_worker, 1, out_dir)[0]
     torch.testing.assert_close(reloaded, logits, rtol=1e-5, atol=1e-5)
+    cfg, state = read_export(out_dir)
+    assert cfg.learned_memory_scales
+    scales = [t for name, t in state.items() if "log_scale" in name]
+    # One per KV head and per query head of all 4 layers, each moved by training (from exactly 0).
+    assert sorted(t.numel() for t in scales) == [2] * 4 + [4] * 4 and all((t != 0).all() for t in scales)
 
 
 @pytest.mark.slow

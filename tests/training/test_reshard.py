@@ -15,7 +15,9 @@ from tests.training.conftest import train_overrides
 
 SAVE_AT = 3
 STEPS = 6
-SAVING_LAYOUT = {"parallel.tensor": 2, "parallel.pipeline": 2, "parallel.zero_stage": 1, "model.tie_embeddings": True}
+# The model of every run here; learned memory scales are TP-split over heads like the gates.
+MODEL = {"model.tie_embeddings": True, "model.learned_memory_scales": True}
+SAVING_LAYOUT = {"parallel.tensor": 2, "parallel.pipeline": 2, "parallel.zero_stage": 1, **MODEL}
 
 
 def global_state(trainer) -> dict:
@@ -108,10 +110,12 @@ def assert_same_state(loaded: dict, saved: dict) -> None:
 def test_resume_on_another_layout_continues_the_run(stdlib_shards, tmp_path, saving_run, world, layout, resume):
     checkpoints, straight, saved_state = saving_run
     assert saved_state["adam_steps"] == {float(SAVE_AT)} and saved_state["memory"]
+    scales = [name for name in saved_state["weights"] if "log_scale" in name]
+    assert len(scales) == 8 and all((saved_state["weights"][name] != 0).all() for name in scales)
     where = ({"checkpoint.dir": checkpoints, "checkpoint.resume": "auto"} if resume == "auto"
              else {"checkpoint.resume": os.path.join(checkpoints, f"step_{SAVE_AT:08d}")})
     losses, loaded_state = run_distributed(train_and_gather, world, train_overrides(stdlib_shards, str(tmp_path), **{
-        "schedule.steps": STEPS, "model.tie_embeddings": True, **layout, **where}))[0]
+        "schedule.steps": STEPS, **MODEL, **layout, **where}))[0]
     assert_same_state(loaded_state, saved_state)
     assert [s for s, _ in losses] == list(range(SAVE_AT + 1, STEPS + 1))
     torch.testing.assert_close(torch.tensor([l for _, l in losses]), torch.tensor([l for _, l in straight[SAVE_AT:]]),
@@ -154,7 +158,7 @@ def test_zero3_layout_change_fails_naming_both_layouts(stdlib_shards, tmp_path, 
     # Into ZeRO-3 from a ZeRO-1 checkpoint of another layout: refused too.
     checkpoints = saving_run[0]
     message = run_distributed(load_error, 1, train_overrides(stdlib_shards, str(tmp_path / "into_zero3"), **{
-        "parallel.zero_stage": 3, "model.tie_embeddings": True, "checkpoint.dir": checkpoints,
+        "parallel.zero_stage": 3, **MODEL, "checkpoint.dir": checkpoints,
         "checkpoint.resume": "auto"}))[0]
     assert message is not None
     assert "tensor=2 pipeline=2 data=1 ZeRO-1" in message and "tensor=1 pipeline=1 data=1 ZeRO-3" in message

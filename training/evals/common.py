@@ -51,11 +51,11 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the memory's matmuls on bf16 operands as in training with performance.half_memory_products "
                          "(needs --dtype bf16; the memory itself stays float32)")
     ap.add_argument("--memory-key-scale", type=positive_float, default=1.0, metavar="C",
-                    help="write the memory with sigma(C * k) instead of sigma(k): above 1 sharpens which tokens a "
-                         "read weighs, for prompts far longer than training (docs/RESULTS.md, attempts 15-16)")
+                    help="write the memory with sigma(C * k) instead of sigma(k), times a model's learned key "
+                         "scales: above 1 sharpens which tokens a read weighs (docs/RESULTS.md, attempts 15-16)")
     ap.add_argument("--memory-query-scale", type=positive_float, default=1.0, metavar="C",
-                    help="read the memory with sigma(C * q) instead of sigma(q): above 1 shrinks the weight of the "
-                         "query's inactive dimensions (the passkey recipe reads with keys at 4, query at 1.25)")
+                    help="read the memory with sigma(C * q) instead of sigma(q), times a model's learned query "
+                         "scales: above 1 shrinks the weight of the query's inactive dimensions")
     ablation = ap.add_mutually_exclusive_group()
     ablation.add_argument("--ablate-memory", action="store_true",
                           help="force every gate fully local (the model sees one segment only)")

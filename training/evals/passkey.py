@@ -233,6 +233,11 @@ def load_result(out_dir: str) -> dict:
     return result
 
 
+def _learned_scales(state, layer: int, kind: str) -> str:
+    scale = state[f"decoder.layers.{layer}.self_attention.core_attention.memory_{kind}_log_scale"].float().exp()
+    return f"{kind} {scale.mean():.2f} [{scale.min():.2f}, {scale.max():.2f}]"
+
+
 def report(memory_dir: str, ablated_dir: str, model_dir: str, train_dir: Optional[str] = None,
            train_seconds: Optional[float] = None, total_seconds: Optional[float] = None) -> str:
     """Markdown: setup, per-layer gates, accuracy with and without memory side by side, full tables."""
@@ -246,7 +251,8 @@ def report(memory_dir: str, ablated_dir: str, model_dir: str, train_dir: Optiona
              f"Model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
              f"segment {cfg.segment_length}, {cfg.update} memory, vocabulary {cfg.vocab_size}; evaluated with memory "
              f"key scale {with_memory.get('memory_key_scale', 1.0):g} and query scale "
-             f"{with_memory.get('memory_query_scale', 1.0):g} (sigma(c k) written, sigma(c q) read; 1 is the paper's)."]
+             f"{with_memory.get('memory_query_scale', 1.0):g} (sigma(c k) written, sigma(c q) read; 1 is the paper's)"
+             + (", times the learned per-head scales." if cfg.learned_memory_scales else ".")]
     if train_dir and os.path.exists(os.path.join(train_dir, "metrics.jsonl")):
         with open(os.path.join(train_dir, "metrics.jsonl")) as f:
             steps = [json.loads(line) for line in f if '"loss"' in line]
@@ -259,8 +265,12 @@ def report(memory_dir: str, ablated_dir: str, model_dir: str, train_dir: Optiona
         lines.append(f"Wall time: {train_seconds / 60:.1f} min data + training + export, "
                      f"{total_seconds / 60:.1f} min in all.")
     lines += ["Gates sigmoid(beta), mean [min, max] over heads, per layer: "
-              + "; ".join(f"{i}: {g.mean():.3f} [{g.min():.3f}, {g.max():.3f}]" for i, g in enumerate(gates)) + ".",
-              "", f"Accuracy (%) over {with_memory['trials']} trials x {len(with_memory['depths'])} depths per length; "
+              + "; ".join(f"{i}: {g.mean():.3f} [{g.min():.3f}, {g.max():.3f}]" for i, g in enumerate(gates)) + "."]
+    if cfg.learned_memory_scales:
+        lines.append("Learned memory scales, mean [min, max] over heads, per layer: "
+                     + "; ".join(f"{i}: {_learned_scales(state, i, 'key')}, {_learned_scales(state, i, 'query')}"
+                                 for i in range(cfg.num_layers)) + ".")
+    lines += ["", f"Accuracy (%) over {with_memory['trials']} trials x {len(with_memory['depths'])} depths per length; "
               "'worst depth' is the lowest accuracy at any single depth; chance is 0.001%. Answer loss: nats per "
               "key digit, teacher-forced, mean over depths (chance ln 10 = 2.30).", "",
               "| length | segments | with memory: mean | worst depth | answer loss | memory ablated: mean | "
