@@ -240,10 +240,11 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
     need(not par.sequence_parallel or par.tensor > 1,
          f"parallel.sequence_parallel needs parallel.tensor > 1 (got {par.tensor}): it splits the sequence over "
          "the tensor-parallel ranks")
-    rank_tokens = cfg.data.n_segments * cfg.data.segment_length // par.context
-    need(not par.sequence_parallel or rank_tokens % par.tensor == 0,
-         f"parallel.sequence_parallel splits each rank's {rank_tokens} tokens of a window (data.n_segments x "
-         f"data.segment_length / parallel.context) over parallel.tensor ({par.tensor}) ranks: it must be divisible")
+    window = cfg.data.n_segments * cfg.data.segment_length
+    need(not par.sequence_parallel or (window // par.context) % par.tensor == 0,
+         f"parallel.sequence_parallel splits each rank's share of a window, data.n_segments x data.segment_length = "
+         f"{window} tokens / parallel.context ({par.context}), over parallel.tensor ({par.tensor}) ranks: it must be "
+         "divisible")
     need(cfg.model.num_attention_heads % par.tensor == 0,
          f"model.num_attention_heads ({cfg.model.num_attention_heads}) must be divisible by parallel.tensor ({par.tensor})")
     need(cfg.data.segment_length == cfg.model.segment_length,

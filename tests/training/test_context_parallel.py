@@ -159,3 +159,20 @@ def test_training_matches_single_process(layout, single_process, stdlib_shards, 
     world, extra = LAYOUTS[layout]
     steps = run_distributed(train_worker, world, train_overrides(stdlib_shards, str(tmp_path), **TRAINING, **extra))[0]
     assert_same_steps(steps, single_process)
+
+
+def test_config_rules_name_their_keys(tmp_path):
+    from training.config import ConfigError, load_config, validate
+
+    base = train_overrides(str(tmp_path / "shards"), str(tmp_path / "run"), **TRAINING)
+    with pytest.raises(ConfigError, match=r"data\.n_segments \(4\) must be divisible by parallel\.context \(3\)"):
+        load_config(None, base + ["parallel.context=3"])
+    with pytest.raises(ConfigError, match=r"parallel\.context=2 needs model\.update=linear \(got 'delta'\)"):
+        load_config(None, base + ["parallel.context=2", "model.update=delta"])
+    with pytest.raises(ConfigError, match=r"parallel\.context must be >= 1"):
+        load_config(None, base + ["parallel.context=0"])
+    cfg = load_config(None, base + ["parallel.context=2", "parallel.tensor=2"])
+    with pytest.raises(ConfigError, match=r"world size 6 .* parallel\.tensor x parallel\.pipeline x parallel\.context "
+                                          r"\(4\)"):
+        validate(cfg, world_size=6)
+    validate(cfg, world_size=8)
