@@ -1,7 +1,7 @@
 """Sharded checkpoints that resume exactly.
 
 A checkpoint is a directory ``<dir>/step_<N>/`` holding
-- ``ds/``: DeepSpeed's checkpoint: model shards per TP/PP rank, ZeRO optimizer shards per DP rank,
+- ``ds/``: DeepSpeed's checkpoint: model shards per TP/PP rank, ZeRO optimizer shards per DP x CP rank,
   the LR scheduler;
 - ``rank_<R>.pt`` per global rank: what exact resume needs beyond the engine: the carried memory of
   the rank's lanes and layers, the data pipeline position, RNG states, progress counters, the
@@ -18,7 +18,7 @@ At each step boundary while it is pending, the ranks agree (one small all-reduce
 whether every writer is done; then the checkpoint is finalized as above. A writer's failure stops
 training with an error naming the file, and that checkpoint is never finalized.
 
-Resuming on another layout (tensor, pipeline and/or data-parallel size) is ``training.reshard``'s:
+Resuming on another layout (tensor, pipeline, data- and/or context-parallel size) is ``training.reshard``'s:
 weights, optimizer state, carried memory and data positions are mapped through global names
 (ZeRO-1/2; ZeRO-3 fails with a message).
 """
@@ -108,6 +108,7 @@ def layout() -> dict:
         "tensor": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
         "data": parallel_state.get_data_parallel_world_size(),
+        "context": parallel_state.get_context_parallel_world_size(),
     }
 
 
@@ -117,7 +118,13 @@ def coordinates() -> dict:
         "tensor": parallel_state.get_tensor_model_parallel_rank(),
         "pipeline": parallel_state.get_pipeline_model_parallel_rank(),
         "data": parallel_state.get_data_parallel_rank(),
+        "context": parallel_state.get_context_parallel_rank(),
     }
+
+
+def parallel_sizes(layout_: dict) -> tuple:
+    """(tensor, pipeline, data, context) sizes of a layout; checkpoints from before context parallelism had 1."""
+    return layout_["tensor"], layout_["pipeline"], layout_["data"], layout_.get("context", 1)
 
 
 def _list_files(root: str) -> Dict[str, int]:
@@ -418,7 +425,7 @@ class CheckpointManager:
         if manifest["global_lanes"] != trainer.cfg.data.global_lanes:
             raise CheckpointError(f"{path} was saved with data.global_lanes={manifest['global_lanes']}; this run has "
                                   f"{trainer.cfg.data.global_lanes}: the lanes (and their memory) would not continue")
-        if (saved["tensor"], saved["pipeline"], saved["data"]) != (now["tensor"], now["pipeline"], now["data"]):
+        if parallel_sizes(saved) != parallel_sizes(now):
             from training.reshard import load_resharded  # it builds on this module
 
             rank_state = load_resharded(trainer, path, manifest)

@@ -1,4 +1,5 @@
-"""Resume a checkpoint on another layout (tensor, pipeline and/or data-parallel size), optimizer state included.
+"""Resume a checkpoint on another layout (tensor, pipeline, data- and/or context-parallel size), optimizer state
+included.
 
 Why not DeepSpeed's universal checkpoint (``ds_to_universal`` + ``checkpoint.load_universal``): it
 keys every tensor by DeepSpeed's parameter name, and megatron-core stages name their layers locally
@@ -6,7 +7,8 @@ keys every tensor by DeepSpeed's parameter name, and megatron-core stages name t
 under one name; its pipeline support reads Megatron-DeepSpeed's PipelineModule files, which megatron's
 own schedules do not write. The mapping here does the same job with global names:
 
-1. Per old (tensor, pipeline) rank, the ZeRO files of its data-parallel ranks hold the flat fp32 master
+1. Per old (tensor, pipeline) rank, the ZeRO files of its data-parallel ranks (DeepSpeed's: DP x CP) hold the
+   flat fp32 master
    partitions and the base optimizer's flat state (Adam's exp_avg, exp_avg_sq; its step);
    DeepSpeed's ``param_slice_mappings`` say where each parameter's slice lies in each partition.
    The slices, concatenated in DP order, give the parameter's TP shard; names become global
@@ -19,7 +21,8 @@ own schedules do not write. The mapping here does the same job with global names
    fp32 masters cast to the model dtype, as after any optimizer step. LR schedule and engine counters
    come from the old model-states file.
 4. Rank state: the carried memory is regathered by (layer, lane, KV group)
-   (``training.memory_state.regather_memory``), data positions are merged over the old DP ranks,
+   (``training.memory_state.regather_memory``; the ranks of a CP group carry the same memory, the one
+   after the window's last segment: the last CP rank's is taken), data positions are merged over the old DP ranks,
    progress counters and the W&B run id come from old rank 0. RNG streams have no counterpart on
    another layout: every rank reseeds from (seed, step) the way a fresh run seeds from seed.
 """
@@ -41,7 +44,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from data_pipeline import merge_state_dicts
 from modeling.sharding import global_name, global_names, merge_tensor_parallel, split_tensor_parallel
-from training.checkpoint import CheckpointError, coordinates, layout, rng_state
+from training.checkpoint import CheckpointError, coordinates, layout, parallel_sizes, rng_state
 from training.memory_state import regather_memory
 
 RESHARDABLE_ZERO_STAGES = (1, 2)
@@ -52,7 +55,13 @@ ParamStates = Dict[str, Dict[str, torch.Tensor]]
 
 
 def describe(layout_: dict, zero_stage: int) -> str:
-    return f"tensor={layout_['tensor']} pipeline={layout_['pipeline']} data={layout_['data']} ZeRO-{zero_stage}"
+    tensor, pipeline, data, context = parallel_sizes(layout_)
+    return f"tensor={tensor} pipeline={pipeline} data={data} context={context} ZeRO-{zero_stage}"
+
+
+def context_rank(state: dict) -> int:
+    """A rank state's CP rank (0 in checkpoints from before context parallelism)."""
+    return state["coordinates"].get("context", 0)
 
 
 class SavedCheckpoint:
@@ -66,8 +75,8 @@ class SavedCheckpoint:
         self.rank_states = [torch.load(os.path.join(path, f"rank_{rank:05d}.pt"), mmap=True, weights_only=False)
                             for rank in range(self.layout["world_size"])]
         # DeepSpeed numbers model files by rank in the model-parallel group: the group's global ranks, sorted.
-        group = sorted((s["coordinates"] for s in self.rank_states if s["coordinates"]["data"] == 0),
-                       key=lambda c: c["rank"])
+        group = sorted((s["coordinates"] for s in self.rank_states
+                        if s["coordinates"]["data"] == 0 and context_rank(s) == 0), key=lambda c: c["rank"])
         self.model_parallel_rank = {(c["tensor"], c["pipeline"]): index for index, c in enumerate(group)}
 
     def model_states(self, tensor: int = 0, pipeline: int = 0) -> dict:
@@ -98,7 +107,9 @@ class SavedCheckpoint:
         """
         fragments: Dict[str, Dict[str, List[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
         scalars: dict = {}
-        for data in range(self.layout["data"]):
+        # DeepSpeed's data-parallel ranks are the DP x CP ranks; their partitions concatenate in its rank order.
+        _, _, data_size, context_size = parallel_sizes(self.layout)
+        for data in range(data_size * context_size):
             path = self._zero_file(tensor, pipeline, data)
             saved = torch.load(path, mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
             if any(any(group) for group in saved.get(PARAM_ALIGNMENT_PADDINGS, [])):
@@ -181,7 +192,7 @@ def write_into_engine(engine, model, states: ParamStates, scalars: dict, zero_st
     group_shapes = engine._get_zero_param_shapes()
     flat_groups = [{key: torch.cat([states[name][key].flatten() for name in shapes])
                     for key in states[next(iter(shapes))]} for shapes in group_shapes]
-    dp = parallel_state.get_data_parallel_world_size()
+    dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
     # The loader concatenates all saved partitions and reads global state from this DP rank's one.
     pieces = [{key: flat.tensor_split(dp) for key, flat in group.items()} for group in flat_groups]
     state_dict_list = [{
@@ -221,16 +232,17 @@ def resharded_rank_state(trainer, saved: SavedCheckpoint) -> dict:
     old = saved.rank_states
     first = next(s for s in old if s["coordinates"]["rank"] == 0)
     lanes = list(trainer.train_loader.lane_ids)
+    last_context_rank = parallel_sizes(saved.layout)[3] - 1
     try:
-        memory = regather_memory(old, saved.layout["tensor"], saved.layers_per_stage, trainer.cfg.data.global_lanes,
+        memory = regather_memory([s for s in old if context_rank(s) == last_context_rank], saved.layout["tensor"], saved.layers_per_stage, trainer.cfg.data.global_lanes,
                                  [layer.layer_number - 1 for layer in trainer.model.decoder.layers], lanes,
                                  parallel_state.get_tensor_model_parallel_rank(),
                                  parallel_state.get_tensor_model_parallel_world_size())
     except ValueError as error:
         raise CheckpointError(f"{saved.path}: {error}") from error
-    # TP/PP peers read the same lanes: one rank per old DP rank holds every lane's position.
-    data = merge_state_dicts([s["data"] for s in old
-                              if s["coordinates"]["tensor"] == 0 and s["coordinates"]["pipeline"] == 0])
+    # TP/PP/CP peers read the same lanes: one rank per old DP rank holds every lane's position.
+    data = merge_state_dicts([s["data"] for s in old if s["coordinates"]["tensor"] == 0
+                              and s["coordinates"]["pipeline"] == 0 and context_rank(s) == 0])
     return {"coordinates": coordinates(), "lane_ids": lanes, "memory": memory, "data": data,
             "rng": reseeded_rng_state(trainer.cfg.seed, first["train_state"]["step"]),
             "train_state": first["train_state"], "wandb_run_id": first["wandb_run_id"]}

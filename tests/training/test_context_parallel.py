@@ -4,6 +4,8 @@ References: the float64 loop of tests/model/reference.py over the whole window i
 memory exchange), one process training the same global batches (for training).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -145,8 +147,24 @@ def single_process(stdlib_shards, tmp_path_factory):
     return steps
 
 
+CHECKPOINT_INTERVAL = 2
+
+
+@pytest.fixture(scope="module")
+def context_parallel_run(stdlib_shards, tmp_path_factory):
+    """CP2 with checkpoints every CHECKPOINT_INTERVAL steps: (checkpoint root, steps)."""
+    run_dir = str(tmp_path_factory.mktemp("cp2"))
+    steps = run_distributed(train_worker, 2, train_overrides(stdlib_shards, run_dir, **TRAINING, **{
+        "parallel.context": 2, "checkpoint.interval": CHECKPOINT_INTERVAL}))[0]
+    return os.path.join(run_dir, "checkpoints"), steps
+
+
+@pytest.mark.slow
+def test_cp2_matches_single_process(context_parallel_run, single_process):
+    assert_same_steps(context_parallel_run[1], single_process)
+
+
 LAYOUTS = {
-    "cp2": (2, {"parallel.context": 2}),
     "cp4": (4, {"parallel.context": 4}),
     "cp2xtp2": (4, {"parallel.context": 2, "parallel.tensor": 2}),
     "cp2xpp2": (4, {"parallel.context": 2, "parallel.pipeline": 2, "parallel.micro_batch_lanes": 2}),
@@ -155,10 +173,35 @@ LAYOUTS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_training_matches_single_process(layout, single_process, stdlib_shards, tmp_path):
+def test_four_ranks_match_single_process(layout, single_process, stdlib_shards, tmp_path):
     world, extra = LAYOUTS[layout]
     steps = run_distributed(train_worker, world, train_overrides(stdlib_shards, str(tmp_path), **TRAINING, **extra))[0]
     assert_same_steps(steps, single_process)
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise(context_parallel_run, stdlib_shards, tmp_path):
+    root, uninterrupted = context_parallel_run
+    checkpoint = os.path.join(root, f"step_{CHECKPOINT_INTERVAL:08d}")
+    steps = run_distributed(train_worker, 2, train_overrides(stdlib_shards, str(tmp_path), **TRAINING, **{
+        "parallel.context": 2, "checkpoint.resume": checkpoint}))[0]
+    assert steps == uninterrupted[CHECKPOINT_INTERVAL:]
+
+
+@pytest.mark.slow
+def test_reshard_to_one_context_rank(context_parallel_run, single_process, stdlib_shards, tmp_path):
+    root, uninterrupted = context_parallel_run
+    checkpoint = os.path.join(root, f"step_{CHECKPOINT_INTERVAL:08d}")
+    # Both CP ranks carry the memory after the window's last segment (global ranks 0 and 1 are CP ranks 0, 1).
+    memories = [torch.load(os.path.join(checkpoint, f"rank_{rank:05d}.pt"), weights_only=False)["memory"]["layers"]
+                for rank in (0, 1)]
+    assert memories[0] is not None
+    for first, last in zip(*memories):
+        assert torch.equal(first["M"], last["M"]) and torch.equal(first["z"], last["z"])
+    steps = run_distributed(train_worker, 1, train_overrides(stdlib_shards, str(tmp_path), **TRAINING, **{
+        "checkpoint.resume": checkpoint}))[0]
+    assert_same_steps(steps, uninterrupted[CHECKPOINT_INTERVAL:])
+    assert_same_steps(steps, single_process[CHECKPOINT_INTERVAL:])
 
 
 def test_config_rules_name_their_keys(tmp_path):

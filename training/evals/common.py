@@ -139,11 +139,11 @@ def read_checkpoint(step_dir: str):
     cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(
         OmegaConf.structured(TrainConfig), OmegaConf.load(os.path.join(step_dir, "config.yaml")))).model
     tp, pp = manifest["layout"]["tensor"], manifest["layout"]["pipeline"]
-    # DeepSpeed numbers model files by rank within the model-parallel group of data-parallel rank 0.
+    # DeepSpeed numbers model files by rank within the model-parallel group of data- and context-parallel rank 0.
     coordinates = []
     for name in sorted(n for n in os.listdir(step_dir) if re.fullmatch(r"rank_\d+\.pt", n)):
         state = torch.load(os.path.join(step_dir, name), map_location="cpu", weights_only=False)
-        if state["coordinates"]["data"] == 0:
+        if state["coordinates"]["data"] == 0 and state["coordinates"].get("context", 0) == 0:
             coordinates.append(state["coordinates"])
     coordinates.sort(key=lambda c: c["rank"])
     if len(coordinates) != tp * pp:
