@@ -56,7 +56,8 @@ ParamStates = Dict[str, Dict[str, torch.Tensor]]
 
 def describe(layout_: dict, zero_stage: int) -> str:
     tensor, pipeline, data, context = parallel_sizes(layout_)
-    return f"tensor={tensor} pipeline={pipeline} data={data} context={context} ZeRO-{zero_stage}"
+    context_part = f" context={context}" if context > 1 else ""
+    return f"tensor={tensor} pipeline={pipeline} data={data}{context_part} ZeRO-{zero_stage}"
 
 
 def context_rank(state: dict) -> int:
@@ -233,8 +234,10 @@ def resharded_rank_state(trainer, saved: SavedCheckpoint) -> dict:
     first = next(s for s in old if s["coordinates"]["rank"] == 0)
     lanes = list(trainer.train_loader.lane_ids)
     last_context_rank = parallel_sizes(saved.layout)[3] - 1
+    memory_holders = [s for s in old if context_rank(s) == last_context_rank]
     try:
-        memory = regather_memory([s for s in old if context_rank(s) == last_context_rank], saved.layout["tensor"], saved.layers_per_stage, trainer.cfg.data.global_lanes,
+        memory = regather_memory(memory_holders, saved.layout["tensor"], saved.layers_per_stage,
+                                 trainer.cfg.data.global_lanes,
                                  [layer.layer_number - 1 for layer in trainer.model.decoder.layers], lanes,
                                  parallel_state.get_tensor_model_parallel_rank(),
                                  parallel_state.get_tensor_model_parallel_world_size())
