@@ -3,7 +3,6 @@ on_bad_sample='skip', skipped and counted exactly - the rest of the data still r
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -14,49 +13,20 @@ import numpy as np
 import pytest
 
 from data_pipeline import DataConfig, DataError, SourceConfig, build_train_loader, build_valid_loader
-from tests.data.helpers import epoch_documents
+from tests.data.helpers import epoch_documents, rewrite, sample_key, sample_offset
 
 SHARD = 3  # the shard that gets damaged
 K = 2  # the document within it
 
 
-def rewrite(path, fn):
-    """Rewrite a shard's members through fn, keeping the index's document offsets true (so the
-    damage is in the content, not in a shard/index mismatch)."""
-    with tarfile.open(path) as t:
-        items = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
-    with tarfile.open(path, "w") as t:
-        for name, data in fn(items):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    d = os.path.dirname(path)
-    index = json.load(open(os.path.join(d, "index.json")))
-    shard = next(s for s in index["shards"] if s["name"] == os.path.basename(path))
-    offsets = np.load(os.path.join(d, "doc_offsets.npy"))
-    for k in range(shard["n_documents"]):
-        offsets[shard["first_document"] + k] = sample_offset(path, k)
-    np.save(os.path.join(d, "doc_offsets.npy"), offsets)
-
-
-def sample_offset(path, k):
-    """Where sample k's first tar member (header included) begins."""
-    with tarfile.open(path) as t:
-        return min(m.offset for m in t.getmembers() if m.name.startswith(f"{key(k)}."))
-
-
-def key(k):
-    return f"{k:09d}"
-
-
 def replace_tokens(data_fn):
     def fn(items):
-        return [(n, data_fn(d) if n == f"{key(K)}.tokens.u16" else d) for n, d in items]
+        return [(n, data_fn(d) if n == f"{sample_key(K)}.tokens.u16" else d) for n, d in items]
     return fn
 
 
 def drop_tokens(items):
-    return [(n, d) for n, d in items if n != f"{key(K)}.tokens.u16"]
+    return [(n, d) for n, d in items if n != f"{sample_key(K)}.tokens.u16"]
 
 
 def corrupt_header(path):
@@ -72,7 +42,7 @@ def truncate_at(member, delta):
             off = sample_offset(path, K)
         else:
             with tarfile.open(path) as t:
-                off = t.getmember(f"{key(K)}.tokens.u16").offset_data
+                off = t.getmember(f"{sample_key(K)}.tokens.u16").offset_data
         with open(path, "r+b") as f:
             f.truncate(off + delta)
     return fn
@@ -141,7 +111,7 @@ def test_error_names_shard_and_document(damaged):
             next(ld)
     assert damaged["name"] in str(e.value)
     if damaged["category"] != "unreadable":
-        assert f"document {key(K)}" in str(e.value)
+        assert f"document {sample_key(K)}" in str(e.value)
 
 
 @pytest.mark.parametrize("lanes", [4, 48])
@@ -184,7 +154,7 @@ def test_index_declaring_an_empty_document(corpus, tmp_path):
     lengths[g] = 0
     np.save(os.path.join(d, "doc_tokens.npy"), lengths)
     json.dump(index, open(os.path.join(d, "index.json"), "w"))
-    with pytest.raises(DataError, match=rf"empty document.*{shard['name']} document {key(K)}"):
+    with pytest.raises(DataError, match=rf"empty document.*{shard['name']} document {sample_key(K)}"):
         build_train_loader(cfg_for(d, "error"), 0, 1)
     valid = build_valid_loader(cfg_for(d, "skip", valid_sources=[SourceConfig(d)]), 0, 1)
     batches = list(valid)

@@ -15,43 +15,21 @@ import pytest
 
 from data_pipeline import BYTES_EOS_ID, BYTES_PAD_ID, DataConfig, DataError, SourceConfig, build_train_loader
 from data_pipeline.make_shards import write_shards
-from tests.data.helpers import assert_batches_equal, concat_ranks, make_texts, write_jsonl
-from tests.data.test_bad_input import rewrite
-from tests.data.test_reader import run_until_epoch
-from tests.data.test_writer import train_bpe
+from tests.data.helpers import (
+    assert_batches_equal,
+    char_weights,
+    concat_ranks,
+    lane_documents_with_weights,
+    make_texts,
+    random_spans,
+    rewrite,
+    run_until_epoch,
+    train_bpe,
+    weighted_corpus,
+    write_docs,
+)
 
 SEG, NSEG = 64, 4
-
-
-def write_docs(path, docs):
-    with open(path, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps(doc) + "\n")
-    return str(path)
-
-
-def random_spans(text, rng):
-    """1-3 non-overlapping character spans of text with weights among 0, 0.5, 3 and 10."""
-    cuts = sorted(rng.choice(np.arange(len(text) + 1), size=min(6, len(text) + 1), replace=False).tolist())
-    pairs = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
-    return [[a, b, float(rng.choice([0.0, 0.5, 3.0, 10.0]))] for a, b in pairs[: int(rng.integers(1, 4))]]
-
-
-def weighted_corpus(n, seed):
-    """Every other document of make_texts with random weighted spans (ASCII and multi-byte text)."""
-    rng = np.random.default_rng(seed)
-    docs = []
-    for i, text in enumerate(make_texts(n, seed=seed)):
-        docs.append({"text": text, "loss_weights": random_spans(text, rng)} if i % 2 == 0 else {"text": text})
-    return docs
-
-
-def char_weights(doc):
-    weights = [1.0] * len(doc["text"])
-    for start, end, weight in doc.get("loss_weights") or []:
-        for c in range(start, end):
-            weights[c] = weight
-    return weights
 
 
 def byte_token_weights(doc):
@@ -69,33 +47,6 @@ def hf_token_weights(tok, doc):
 def label_weights(token_weights):
     """Position i predicts token i+1; the last position predicts the appended <eos> (weight 1)."""
     return list(token_weights[1:]) + [1.0]
-
-
-def lane_documents_with_weights(batches, lane, eos=BYTES_EOS_ID, pad=BYTES_PAD_ID):
-    """One lane's completed documents as {tokens, weights: loss_mask at each token's position},
-    asserting the layout: labels are the next token (whatever the weight), <eos> ends a document
-    with mask 0 and label pad, padding has mask 0."""
-    docs, cur = [], None
-    for b in batches:
-        row = b["lane_ids"].tolist().index(lane)
-        tok, lab, msk, rst = (b[k][row].tolist() for k in ("tokens", "labels", "loss_mask", "reset"))
-        seg_len = len(tok) // len(rst)
-        for p in range(len(tok)):
-            if p % seg_len == 0 and rst[p // seg_len]:
-                assert cur is None, "reset while a document is still running"
-                cur = {"tokens": [], "weights": [], "labels": []}
-            if cur is None:
-                assert (tok[p], lab[p], msk[p]) == (pad, pad, 0.0), f"bad padding at {p}"
-            elif tok[p] == eos:
-                assert (msk[p], lab[p]) == (0.0, pad), "a document's last token has no label"
-                assert cur["labels"] == cur["tokens"][1:] + [eos], "labels must be the next tokens"
-                docs.append({"tokens": tuple(cur["tokens"]), "weights": cur["weights"]})
-                cur = None
-            else:
-                cur["tokens"].append(tok[p])
-                cur["weights"].append(msk[p])
-                cur["labels"].append(lab[p])
-    return docs
 
 
 def assert_masks_match(batches, lanes, want, eos=BYTES_EOS_ID, pad=BYTES_PAD_ID):

@@ -15,9 +15,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from data_pipeline import (DataConfig, DataError, SourceConfig, build_train_loader, build_valid_loader,
-                           gather_state_dict, merge_state_dicts)
-from tests.data.helpers import assert_batches_equal, concat_ranks, epoch_documents, lane_documents
+from data_pipeline import (
+    DataConfig,
+    DataError,
+    SourceConfig,
+    build_train_loader,
+    build_valid_loader,
+    gather_state_dict,
+    merge_state_dicts,
+)
+from tests.data.helpers import assert_batches_equal, concat_ranks, epoch_documents, lane_documents, run_until_epoch
 from tests.distributed import run_distributed
 
 SEG, NSEG = 64, 4
@@ -28,19 +35,6 @@ def make_cfg(corpus, **kw) -> DataConfig:
                 seed=7, num_workers=2, shuffle_buffer=4)
     base.update(kw)
     return DataConfig(**base)
-
-
-def run_until_epoch(loaders, epoch: int, source: int = 0, max_steps: int = 3000):
-    """Global batches until every lane has begun `epoch` of `source` (earlier epochs are then complete)."""
-    batches, seen = [], None
-    for _ in range(max_steps):
-        batches.append(concat_ranks([next(ld) for ld in loaders]))
-        b = batches[-1]
-        reached = ((b["epoch"] >= epoch) & (b["source"] == source)).any(dim=1)
-        seen = reached if seen is None else seen | reached
-        if seen.all():
-            return batches
-    raise AssertionError(f"not every lane reached epoch {epoch} in {max_steps} steps")
 
 
 @pytest.mark.parametrize("lanes", [4, 48])
@@ -156,7 +150,8 @@ def test_resume_with_another_window_geometry_keeps_documents_whole(corpus):
 
 
 def test_sources_mix_by_token_weights(corpus, corpus_b):
-    cfg = make_cfg(corpus, num_workers=0, sources=[SourceConfig(corpus["dir"], 3.0), SourceConfig(corpus_b["dir"], 1.0)])
+    sources = [SourceConfig(corpus["dir"], 3.0), SourceConfig(corpus_b["dir"], 1.0)]
+    cfg = make_cfg(corpus, num_workers=0, sources=sources)
     ld = build_train_loader(cfg, 0, 1)
     batches = [next(ld) for _ in range(600)]
     longest = max(len(r) for r in corpus["ref"] + corpus_b["ref"]) + 1

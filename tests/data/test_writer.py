@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data_pipeline import DataConfig, DataError, SourceConfig, build_train_loader
 from data_pipeline.make_shards import build_stdlib_shards, tar_member, write_shards
-from tests.data.helpers import epoch_documents, make_texts, write_jsonl
+from tests.data.helpers import epoch_documents, make_texts, train_bpe, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,7 +38,7 @@ def read_back(out_dir):
                 samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
         assert len(samples) == shard["n_documents"]
         assert list(samples) == sorted(samples)
-        for key, files in samples.items():
+        for files in samples.values():
             ids = np.frombuffer(files[f"tokens.{'u16' if dtype.itemsize == 2 else 'u32'}"], dtype=dtype)
             meta = json.loads(files["json"])
             assert meta["n_tokens"] == len(ids)
@@ -92,17 +92,6 @@ def test_workers_change_nothing_but_speed(tmp_path):
     i2, d2 = read_back(str(tmp_path / "w2"))
     assert i1["dataset_id"] == i2["dataset_id"] and one["shards"] == two["shards"]
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(d1, d2))
-
-
-def train_bpe(path, texts, vocab_size=400):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    tok.save(str(path))
-    return tok
 
 
 def test_hf_tokenizer_round_trip_and_reader(tmp_path):

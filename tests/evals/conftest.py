@@ -6,15 +6,7 @@ import os
 import pytest
 
 from tests.distributed import run_distributed
-
-SEGMENT = 32
-PASSKEY_ARGS = ["--lengths", "256,320", "--depths", "0,50,100", "--trials", "2", "--batch-size", "4",
-                "--window-segments", "2"]
-PPL_BUCKETS = "64,128,256"
-ABLATED_HEADS = [(1, 0), (0, 3)]
-KEY_SCALE, QUERY_SCALE = 2.5, 1.5
-TEXTS = ["The memory of an Infini-attention layer is a matrix and a vector per head. " * 5,
-         "Streaming keeps them, and nothing else, from one segment to the next. " * 2]
+from tests.evals.helpers import ABLATED_HEADS, KEY_SCALE, PASSKEY_ARGS, PPL_BUCKETS, QUERY_SCALE, SEGMENT, TEXTS
 
 
 def cli_worker(rank, world, root):
@@ -79,10 +71,3 @@ def eval_runs(tmp_path_factory):
     key_scale/ (--memory-key-scale KEY_SCALE --memory-query-scale QUERY_SCALE),
     bf16/, half/ (bf16 memory products too), ppl_text/, ppl_shards/."""
     return run_distributed(cli_worker, 1, str(tmp_path_factory.mktemp("eval_runs")))[0]
-
-
-def exported_reference(export_dir):
-    """(ModelConfig, full state) of an export, for tests/evals/reference_model.py."""
-    from training.export import read_export
-
-    return read_export(export_dir)

@@ -6,15 +6,20 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import run_distributed
+from tests.tolerance import tolerance
 
-SEGMENT, SEGMENTS, VOCAB = 16, 3, 300
+SEGMENT, SEGMENTS, VOCAB, LAYERS, FFN_HIDDEN = 16, 3, 300, 2, 96
+# Two implementations of the same float32 layers, summing in their own orders.
+ROUNDING = tolerance(torch.float32, FFN_HIDDEN, LAYERS)
+# Inside one segment the memory is empty; the gate at -12 only scales each layer's attention by 1 - sigmoid(-12).
+GATE_LEAK = LAYERS * torch.sigmoid(torch.tensor(-12.0)).item()
 
 
 def hf_llama(tie: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(11 + tie)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=FFN_HIDDEN, num_hidden_layers=LAYERS,
                          num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
                          tie_word_embeddings=tie, initializer_range=0.2)
     return LlamaForCausalLM(config).eval()
@@ -121,10 +126,12 @@ def _check(result, case):
     assert want.abs().max() > 1.0
     cfg = result["cfg"]
     assert (cfg.gate_init, cfg.rotary_base, cfg.norm_epsilon, cfg.query_groups) == (-12.0, 500000, 1e-5, 2)
-    # Inside one segment the memory is empty; the gate only scales the output by 1 - sigmoid(-12).
-    torch.testing.assert_close(result["one_segment"][..., :VOCAB], want[:, :SEGMENT], rtol=1e-4, atol=1e-4)
+    scale = want.abs().max().item()
+    one_segment = ROUNDING + GATE_LEAK
+    torch.testing.assert_close(result["one_segment"][..., :VOCAB], want[:, :SEGMENT], rtol=one_segment,
+                               atol=one_segment * scale)
     # Gates forced local: every segment is the original model on that segment alone.
-    torch.testing.assert_close(result["ablated"][..., :VOCAB], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(result["ablated"][..., :VOCAB], want, rtol=ROUNDING, atol=ROUNDING * scale)
     # Gates at their initial -12: the memory barely moves the output.
     torch.testing.assert_close(result["gated"], result["ablated"], rtol=0, atol=1e-3)
     assert result["one_segment"].shape[-1] == cfg.padded_vocab_size() == 384
@@ -154,8 +161,10 @@ def test_cli_writes_an_export_that_loads_as_the_original(llamas, single):
     result = single["cli"]
     assert result["cfg"].segment_length == SEGMENT and not result["cfg"].learned_memory_scales
     assert not any("log_scale" in name for name in result["state"])
-    torch.testing.assert_close(result["logits"][:, :SEGMENT, :VOCAB], llamas[False]["logits"][:, :SEGMENT],
-                               rtol=1e-4, atol=1e-4)
+    want = llamas[False]["logits"][:, :SEGMENT]
+    bound = ROUNDING + GATE_LEAK
+    torch.testing.assert_close(result["logits"][:, :SEGMENT, :VOCAB], want, rtol=bound,
+                               atol=bound * want.abs().max().item())
 
 
 def test_cli_with_learned_memory_scales_starts_them_at_one(single):

@@ -9,9 +9,19 @@ import pytest
 import torch
 
 from data_pipeline.tokenizer import ByteTokenizer
-from tests.evals.conftest import ABLATED_HEADS, KEY_SCALE, QUERY_SCALE, exported_reference
-from training.evals.passkey import (FILLER, HEADER, NEEDLE, QUESTION, format_length, make_data, make_prompt,
-                                    parse_length, read_answer)
+from tests.evals.helpers import ABLATED_HEADS, KEY_SCALE, LOSS_TOLERANCE, QUERY_SCALE, exported_reference
+from tests.tolerance import tolerance
+from training.evals.passkey import (
+    FILLER,
+    HEADER,
+    NEEDLE,
+    QUESTION,
+    format_length,
+    make_data,
+    make_prompt,
+    parse_length,
+    read_answer,
+)
 
 
 def text_of(ids):
@@ -128,8 +138,7 @@ def test_make_data_can_ask_several_times_after_the_needle(tmp_path):
 
 def test_make_data_answer_weight_weighs_exactly_the_answers_key_digits(tmp_path):
     from data_pipeline import DataConfig, SourceConfig, build_train_loader
-    from tests.data.test_loss_weights import lane_documents_with_weights
-    from tests.data.test_reader import run_until_epoch
+    from tests.data.helpers import lane_documents_with_weights, run_until_epoch
 
     make_data(str(tmp_path / "w"), n_docs=6, max_len=2048, min_len=800, seed=5, questions=3, answer_weight=10)
     with open(tmp_path / "w" / "passkey.jsonl") as f:
@@ -171,6 +180,7 @@ def reference_answer_nll(state, cfg, prompt, answer, scales=(1.0, 1.0)):
     return -logprobs.sum().item()
 
 
+@pytest.mark.slow  # a float64 greedy decode of every trial
 @pytest.mark.parametrize("run", ["passkey", "ablated", "no_header", "heads", "key_scale"])
 def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
     cfg, state = exported_reference(os.path.join(eval_runs, "export"))
@@ -199,7 +209,7 @@ def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
         assert row["output"] == bytes(t for t in row["output_ids"] if t < 256).decode("utf-8", errors="replace")
         answer = np.frombuffer(f" {row['key']}".encode(), dtype=np.uint8)
         assert row["answer_nll"] == pytest.approx(reference_answer_nll(state, cfg, prompt, answer, scales) / 5,
-                                                  rel=1e-5)
+                                                  rel=LOSS_TOLERANCE)
         assert row["correct"] == (read_answer(row["output"]) == row["key"])
     for length in ("256", "320"):
         for depth in ("0", "50", "100"):
@@ -223,7 +233,8 @@ def test_half_memory_products_evaluate_in_bf16_close_to_float32(eval_runs):
     half, bf16, full = (np.array([r["answer_nll"] for r in runs[run]]) for run in ("half", "bf16", "passkey"))
     # The flag reaches the memory: its products round differently from bf16 weights alone.
     assert not np.array_equal(half, bf16)
-    np.testing.assert_allclose(half, full, rtol=0.03)
+    # bf16 rounds each layer's input and, with bf16 products, each layer's memory product: 2 layers.
+    np.testing.assert_allclose(half, full, rtol=tolerance(torch.bfloat16, 1, depth=4))
     assert not os.path.exists(os.path.join(eval_runs, "refused"))
 
 

@@ -3,9 +3,6 @@ import subprocess
 
 import pytest
 
-# The training tests' shard fixture and tiny-run overrides, shared.
-from tests.training.conftest import stdlib_shards, train_overrides  # noqa: F401
-
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SLURM_SCRIPTS = os.path.join(REPO, "..", "shared", "slurm")
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.launch.conftest import REPO, train_overrides
+from tests.training.helpers import losses_worker, train_overrides
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 20
 HEATMAP_INTERVAL = 4
 pytestmark = pytest.mark.slow
@@ -113,18 +114,6 @@ def history_rows(path):
     return rows
 
 
-def reference_worker(rank, world, config, overrides):
-    from training.config import load_config
-    from training.train import Trainer
-
-    trainer = Trainer(load_config(config, overrides))
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return [(h["step"], h["loss"]) for h in trainer.state.history if "loss" in h]
-
-
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("config") / "tiny.yaml"
@@ -200,9 +189,10 @@ def test_two_node_gloo_job_completes(straight_job, stdlib_shards, tiny_config, t
     assert [s["coordinates"]["rank"] for s in states] == [0, 1]
     assert not set(states[0]["lane_ids"]) & set(states[1]["lane_ids"])
 
-    # The same run started by plain processes (no SLURM) gives the same losses.
-    reference = run_distributed(reference_worker, 2, tiny_config,
-                                overrides(stdlib_shards, str(tmp_path / "reference")))[0]
+    # The same run started by plain processes (no SLURM) gives the same losses, bitwise: the same layout and one
+    # thread a process on both sides (the job's OMP_NUM_THREADS, run_distributed's), so the same sums in order.
+    reference = run_distributed(losses_worker, 2, overrides(stdlib_shards, str(tmp_path / "reference")),
+                                tiny_config)[0]
     assert losses(run_dir) == reference
 
     status = launcher("status", job_id)

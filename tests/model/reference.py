@@ -69,7 +69,8 @@ def reference_infini_attention(q, k, v, gate, memory=None, *, segment_length, up
         else:
             num = sk @ M
             den = sk @ z.unsqueeze(-1)
-            retrieved = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+            retrieved = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                                    torch.zeros_like(num))
             M = M + sk.transpose(-1, -2) @ (vs - retrieved)
         z = z + sk.sum(dim=2)
     return torch.cat(outputs, dim=2), (M, z)

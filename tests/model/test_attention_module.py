@@ -6,6 +6,7 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.model.reference import reference_infini_attention
+from tests.tolerance import assert_close
 
 S, B, HIDDEN, HEADS, GROUPS, SEGMENT = 12, 2, 32, 4, 2, 4
 
@@ -52,6 +53,8 @@ def test_attention_module_matches_hand_built_reference():
     ref, (ref_M, _) = reference_infini_attention(q, k, v, r["gate"], r["memory"], segment_length=SEGMENT,
                                                  update="linear", reset=r["reset"], rotary_pos_emb=r["rotary"])
     ref_out = ref.transpose(1, 2).reshape(B, S, HEADS * d) @ r["proj"].double().T
-    torch.testing.assert_close(r["out"].double(), ref_out.transpose(0, 1), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(r["M"].double(), ref_M, rtol=1e-5, atol=1e-5)
+    # float32 against float64: the QKV projection, attention and memory, the output projection.
+    assert_close(r["out"], ref_out.transpose(0, 1), torch.float32, max(HIDDEN, S), depth=3)
+    # The memory: S tokens' projected keys and values summed into it.
+    assert_close(r["M"], ref_M, torch.float32, max(HIDDEN, S), depth=2)
     assert math.isfinite(r["out"].abs().sum().item())

@@ -9,7 +9,7 @@ import pytest
 
 from modeling.config import ModelConfig
 from tests.distributed import run_distributed
-from tests.training.conftest import train_overrides
+from tests.training.helpers import train_overrides
 from training.plan import Layout, Workload, candidate_layouts, invalid_reason, load_model, memory_estimate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.training.conftest import train_overrides
+from tests.tolerance import assert_close
+from tests.training.helpers import STEP_TOKENS, fit_worker, loss_values, train_overrides, training_depth
 
 SAVE_AT = 3
 STEPS = 6
@@ -118,8 +119,8 @@ def test_resume_on_another_layout_continues_the_run(stdlib_shards, tmp_path, sav
         "schedule.steps": STEPS, **MODEL, **layout, **where}))[0]
     assert_same_state(loaded_state, saved_state)
     assert [s for s, _ in losses] == list(range(SAVE_AT + 1, STEPS + 1))
-    torch.testing.assert_close(torch.tensor([l for _, l in losses]), torch.tensor([l for _, l in straight[SAVE_AT:]]),
-                               rtol=1e-5, atol=1e-5)
+    assert_close(loss_values(losses), loss_values(straight[SAVE_AT:]), torch.float32, STEP_TOKENS,
+                 training_depth(STEPS - SAVE_AT))
 
 
 def load_error(rank, world, overrides):
@@ -132,17 +133,6 @@ def load_error(rank, world, overrides):
     except CheckpointError as error:
         return str(error)
     return None
-
-
-def fit_worker(rank, world, overrides):
-    from training.config import load_config
-    from training.train import Trainer
-
-    trainer = Trainer(load_config(None, overrides))
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.training.conftest import train_overrides
+from tests.training.helpers import train_overrides
 
 STEPS = 6
 CHECKPOINT_INTERVAL = 2

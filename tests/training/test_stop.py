@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.distributed import free_port, run_distributed
-from tests.training.conftest import train_overrides
+from tests.training.helpers import train_overrides
 from training.build_locks import BuildLockWatch, stale_locks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
