@@ -11,7 +11,8 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.model.reference import reference_infini_attention
-from tests.training.conftest import train_overrides
+from tests.tolerance import assert_close, tolerance
+from tests.training.helpers import train_overrides, training_depth
 
 # The memory exchange: 3 lanes, 8 segments of 4 tokens, GQA (4 query heads, 2 KV heads).
 LANES, HEADS, GROUPS, D, DV, N, SEGMENTS = 3, 4, 2, 8, 6, 4, 8
@@ -78,9 +79,11 @@ def test_memory_exchange_equals_whole_window(ranks):
         reset=RESET)
     probed_loss(ref_out, ref_M, ref_z, inputs, last_rank=True).backward()
 
-    # float64 shows the exchange exact (a dropped or doubled term would be off by far more than rounding);
-    # float32 stays within the single-process tolerances of tests/model/test_infini_attention.py.
-    for dtype, value_tol, grad_tol in ((torch.float64, 1e-12, 1e-12), (torch.float32, 1e-5, 1e-4)):
+    # Against the float64 loop: all tokens summed into the memory, then read (forward), and back (gradients).
+    # In float64 a dropped or doubled term would be off by far more than rounding.
+    tokens = SEGMENTS * N
+    for dtype in (torch.float64, torch.float32):
+        value_tol, grad_tol = tolerance(dtype, tokens, depth=2), tolerance(dtype, tokens, depth=4)
         results = run_distributed(exchange_worker, ranks, inputs, dtype)
         assert rel_err(torch.cat([r["out"] for r in results], dim=2), ref_out) < value_tol
         for r in results:  # every rank returns the memory after the window's last segment
@@ -98,10 +101,8 @@ STEPS = 4
 # 4 segments of 16 tokens a window, so that 2 and 4 CP ranks split it; documents of at most 400 tokens start
 # inside windows (at segments 1, 2 and 3 within the first steps: inside the first CP rank's group too).
 TRAINING = {"data.n_segments": 4, "data.max_doc_tokens": 400, "schedule.steps": STEPS, "model.update": "linear"}
-# The layouts add the same float32 terms in other orders (the memory's sums over segments, gradients over
-# 2-4 ranks): a relative error of about eps per sum over its length (hidden, FFN and vocabulary sums of at most
-# a few hundred terms), compounded through 4 layers and the optimizer's steps, stays within 100 eps (1.2e-5).
-TOLERANCE = 100 * torch.finfo(torch.float32).eps
+# The layouts sum the memory's writes, the loss and the weight gradients over a step's tokens in other orders.
+STEP_TOKENS = 4 * 4 * 16
 
 
 def train_worker(rank, world, overrides):
@@ -119,9 +120,9 @@ def train_worker(rank, world, overrides):
 
 def assert_same_steps(run, reference):
     assert [step for step, _, _ in run] == [step for step, _, _ in reference]
-    for column in (1, 2):  # losses, gradient norms
-        torch.testing.assert_close(torch.tensor([row[column] for row in run]),
-                                   torch.tensor([row[column] for row in reference]), rtol=TOLERANCE, atol=TOLERANCE)
+    for column, what in ((1, "losses"), (2, "gradient norms")):
+        assert_close([row[column] for row in run], [row[column] for row in reference], torch.float32, STEP_TOKENS,
+                     training_depth(STEPS), what)
 
 
 def window_resets(overrides):
