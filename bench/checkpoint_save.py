@@ -29,19 +29,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from modeling.flops import count_parameters  # noqa: E402
+from training.checkpoint import SaveReport  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.train import Trainer  # noqa: E402
 
 
 def bench_overrides(args, run_dir: str) -> list:
-    preset = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "configs", "model", f"{args.preset}.yaml")))
     gpu = torch.cuda.is_available()
     overrides = [
         f"defaults.model={args.preset}", f"run_dir={run_dir}", f"checkpoint.dir={os.path.join(run_dir, 'checkpoints')}",
-        f"data.segment_length={preset['segment_length']}", "data.n_segments=2", f"data.global_lanes={args.lanes}",
+        "data.n_segments=2", f"data.global_lanes={args.lanes}",
         "parallel.micro_batch_lanes=1", "parallel.zero_stage=1", "schedule.steps=100000", "schedule.warmup_steps=1",
         "validation.interval=0", "logging.interval=1", "logging.wandb.mode=disabled", "checkpoint.save_at_end=false",
         "checkpoint.keep_last=1", "precision=bf16" if gpu else "precision=fp32",
@@ -55,6 +54,14 @@ class Bench:
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self.batches = iter(trainer.train_loader)
+        self.finalized: list = []
+        # Each finalized save is recorded here and still reported (logged) by the trainer.
+        self._report = trainer.checkpoints.on_save
+        trainer.checkpoints.on_save = self._record
+
+    def _record(self, report: SaveReport) -> None:
+        self.finalized.append(report.metrics())
+        self._report(report)
 
     def step(self) -> float:
         metrics = self.trainer.train_step(next(self.batches))
@@ -62,12 +69,12 @@ class Bench:
         return metrics["step_time_s"]
 
     def reports(self) -> list:
-        return [row for row in self.trainer.state.history if "checkpoint/step" in row]
+        return self.finalized
 
     def save(self, label: str, asynchronous: bool, max_overlap_steps: int) -> dict:
         """One save; an asynchronous one is polled at step boundaries (as training does) until finalized."""
         finalized = len(self.reports())
-        self.trainer.checkpoints.save("bench", asynchronous=asynchronous)
+        self.trainer.checkpoints.save(self.trainer.state.step, "bench", asynchronous=asynchronous)
         step_times = []
         while len(self.reports()) == finalized:
             if len(step_times) == max_overlap_steps:

@@ -2,7 +2,7 @@
 
 Each case is a short real training run (``python -m training.train``: data pipeline, megatron-core
 schedule, DeepSpeed ZeRO-1 with fp32 master weights, bf16) in its own process; warm-up steps are
-excluded. Baselines, when ``--anchor`` points at ../shared/bench/anchor_bench.py, run in the same
+excluded. Baselines, when ``--anchor`` names the baseline script (anchor_bench.py), run in the same
 call: the compiled plain-PyTorch Llama (fp32 master weights + bf16 autocast) and megatron-core's
 local-spec GPT at sequence 2048.
 
@@ -36,14 +36,14 @@ from modeling.flops import count_parameters  # noqa: E402
 PEAK = 989e12
 
 COMMON = [
-    "precision=bf16", "data.segment_length=2048", "model.segment_length=2048", "data.n_segments=8",
+    "precision=bf16", "model.segment_length=2048", "data.n_segments=8",
     "data.num_workers=2", "parallel.micro_batch_lanes=1", "parallel.zero_stage=1", "schedule.warmup_steps=2",
     "logging.interval=1", "logging.wandb.mode=disabled", "checkpoint.save_at_end=false", "optimizer.lr=3e-4",
     "build_stdlib_shards=true", "data.sources=[{path: runs/data/python-stdlib}]",
 ]
 
 FAST = ["performance.compile_layers=true", "performance.loss_chunk_tokens=4096"]
-CPU = ["precision=fp32", "data.segment_length=64", "model.segment_length=64", "data.n_segments=4"]
+CPU = ["precision=fp32", "model.segment_length=64", "data.n_segments=4"]
 
 CASES = {
     # name: (model preset, processes (GPUs), extra overrides)
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="infini-1.3b,infini-350m")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--anchor", help="path of ../shared/bench/anchor_bench.py, to run its baselines here")
+    parser.add_argument("--anchor", help="path of the baseline script (anchor_bench.py), to run its baselines here")
     parser.add_argument("--anchor-modes", default="compiled amp megatron")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--tag", default="", help="suffix of the case labels (runs with overrides)")

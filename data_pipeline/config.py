@@ -17,18 +17,18 @@ class SourceConfig:
 
 
 @dataclass
-class DataConfig:
+class RunDataConfig:
+    """What a training run configures about its data: everything but the window's segment length and the
+    validation cap, which the run takes from its model and validation sections (``DataConfig`` adds them)."""
+
     sources: List[SourceConfig] = field(default_factory=list)
     # Validation data: these sources if given, else the documents of `sources` whose fixed,
     # data-derived hash falls below valid_fraction (they are then left out of training).
     valid_sources: List[SourceConfig] = field(default_factory=list)
     valid_fraction: float = 0.0
-    # Batches per validation pass; 0 = one full pass over the validation documents.
-    valid_batches: int = 0
 
     # Lanes of the global batch; the data-parallel size must divide it.
     global_lanes: int = 8
-    segment_length: int = 2048
     n_segments: int = 4
     seed: int = 1234
 
@@ -49,6 +49,16 @@ class DataConfig:
     vocab_size: int = 0
     # "error": raise on a bad sample or shard, naming it; "skip": skip it and count it.
     on_bad_sample: str = "error"
+
+
+@dataclass
+class DataConfig(RunDataConfig):
+    """The reader's whole configuration."""
+
+    # Tokens per segment; a window is n_segments of them.
+    segment_length: int = 2048
+    # Batches per validation pass; 0 = one full pass over the validation documents.
+    valid_batches: int = 0
 
 
 def validate(cfg: DataConfig) -> None:

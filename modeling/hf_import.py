@@ -4,7 +4,7 @@
         [--gate-init B] [--learned-memory-scales] [--make-vocab-size-divisible-by N]
 
 DIR is a ``save_pretrained`` directory of a ``LlamaForCausalLM`` (config.json and *.safetensors, or
-pytorch_model*.bin); EXPORT_DIR becomes an exported model (``training.export``): model.safetensors
+pytorch_model*.bin); EXPORT_DIR becomes an exported model (``modeling.export``): model.safetensors
 in our full TP=1 naming + model_config.yaml, plus the tokenizer.json if DIR has one. Train from it on
 any TP/PP layout with ``checkpoint.init_from=EXPORT_DIR`` (and the model section of the run config
 equal to model_config.yaml); the gates have their own learning rate (``optimizer.gate_lr``).
@@ -147,11 +147,11 @@ def read_hf_dir(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
 
 
 def write_export(cfg: ModelConfig, state: Dict[str, torch.Tensor], out_dir: str) -> str:
-    """The layout ``training.export.load_exported`` reads, written atomically (tensors keep their dtype)."""
+    """The layout ``modeling.export.load_exported`` reads, written atomically (tensors keep their dtype)."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from training.export import CONFIG, WEIGHTS
+    from modeling.export import CONFIG, WEIGHTS
 
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

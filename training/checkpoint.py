@@ -1,12 +1,4 @@
-"""Sharded checkpoints that resume exactly.
-
-A checkpoint is a directory ``<dir>/step_<N>/`` holding
-- ``ds/``: DeepSpeed's checkpoint: model shards per TP/PP rank, ZeRO optimizer shards per DP x CP rank,
-  the LR scheduler;
-- ``rank_<R>.pt`` per global rank: what exact resume needs beyond the engine: the carried memory of
-  the rank's lanes and layers, the data pipeline position, RNG states, progress counters, the
-  W&B run id;
-- ``config.yaml``: the resolved config; ``manifest.json`` (written last): layout and every file's size.
+"""Sharded checkpoints that resume exactly: saving, and restoring a run (the layout: training/checkpoint_layout.py).
 
 Saving is atomic: everything goes to ``.tmp-step_<N>/``, is flushed, and the directory is renamed;
 the ``latest`` pointer is replaced afterwards. A process killed at any moment leaves the previous
@@ -27,33 +19,24 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
 
 from training.async_checkpoint import SnapshottingCheckpointEngine, snapshot_to_host
-
-STEP_PREFIX = "step_"
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def step_dir_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
+from training.checkpoint_layout import (CONFIG, DEEPSPEED_TAG, FORMAT_VERSION, LATEST, MANIFEST, CheckpointError,
+                                        coordinates, find_latest_valid, layout, list_checkpoints, list_files,
+                                        parallel_sizes, rank_file, read_rank_state, step_dir_name, step_of, verify)
+from training.config import TrainConfig, save_resolved
+from training.reshard import load_resharded
+from training.rng import rng_state, set_rng_state
 
 
 def _fsync_file(path: str) -> None:
@@ -83,100 +66,6 @@ def _save_torch(obj, path: str) -> None:
     torch.save(obj, tmp)
     _fsync_file(tmp)
     os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-        state["megatron_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
-
-
-def layout() -> dict:
-    return {
-        "world_size": dist.get_world_size(),
-        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
-        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
-        "data": parallel_state.get_data_parallel_world_size(),
-        "context": parallel_state.get_context_parallel_world_size(),
-    }
-
-
-def coordinates() -> dict:
-    return {
-        "rank": dist.get_rank(),
-        "tensor": parallel_state.get_tensor_model_parallel_rank(),
-        "pipeline": parallel_state.get_pipeline_model_parallel_rank(),
-        "data": parallel_state.get_data_parallel_rank(),
-        "context": parallel_state.get_context_parallel_rank(),
-    }
-
-
-def parallel_sizes(layout_: dict) -> tuple:
-    """(tensor, pipeline, data, context) sizes of a layout; checkpoints from before context parallelism had 1."""
-    return layout_["tensor"], layout_["pipeline"], layout_["data"], layout_.get("context", 1)
-
-
-def _list_files(root: str) -> Dict[str, int]:
-    files = {}
-    for base, _, names in os.walk(root):
-        for name in names:
-            full = os.path.join(base, name)
-            files[os.path.relpath(full, root)] = os.path.getsize(full)
-    return files
-
-
-def verify(path: str) -> dict:
-    """The manifest of a complete checkpoint; a clear error naming what is missing or truncated."""
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.exists(manifest_path):
-        raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete (interrupted save?)")
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest: {error}") from error
-    for rel, size in manifest["files"].items():
-        full = os.path.join(path, rel)
-        if not os.path.exists(full):
-            raise CheckpointError(f"checkpoint shard missing: {full}")
-        actual = os.path.getsize(full)
-        if actual != size:
-            raise CheckpointError(f"checkpoint shard truncated or altered: {full} has {actual} bytes, expected {size}")
-    return manifest
-
-
-def list_checkpoints(root: str) -> List[str]:
-    if not os.path.isdir(root):
-        return []
-    names = sorted(n for n in os.listdir(root) if n.startswith(STEP_PREFIX))
-    return [os.path.join(root, n) for n in names]
-
-
-def find_latest_valid(root: str) -> Optional[str]:
-    """The newest checkpoint that verifies (the ``latest`` pointer first, then by step)."""
-    candidates = []
-    pointer = os.path.join(root, "latest")
-    if os.path.exists(pointer):
-        candidates.append(os.path.join(root, open(pointer).read().strip()))
-    candidates += list(reversed(list_checkpoints(root)))
-    for path in candidates:
-        try:
-            verify(path)
-            return path
-        except CheckpointError:
-            continue
-    return None
 
 
 @dataclass
@@ -231,7 +120,7 @@ def _write_snapshots(files: List[Tuple[str, object]], zipfile_serialization: boo
     for index, (path, state) in enumerate(files):
         try:
             if faults.fail_first_file and index == 0:
-                raise OSError("injected writer failure (checkpoint.inject_writer_failure_at_steps)")
+                raise OSError("injected writer failure (debug.inject_writer_failure_at_steps)")
             torch.save(state, path, _use_new_zipfile_serialization=zipfile_serialization)
             _fsync_file(path)
         except Exception as error:
@@ -261,15 +150,35 @@ def resume_path(cfg) -> Optional[str]:
     return resume
 
 
-class CheckpointManager:
-    """Saves and restores a Trainer; every rank calls save/load (they are collective)."""
+class Stateful(Protocol):
+    """A piece of a run that a rank file keeps: ``state_dict`` is what it stores under the piece's name."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        cfg = trainer.cfg.checkpoint
-        self.root = checkpoints_root(trainer.cfg)
-        self.keep_last = cfg.keep_last
-        self.keep_every = cfg.keep_every
+    def state_dict(self): ...
+
+    def load_state_dict(self, state) -> None: ...
+
+
+class CheckpointManager:
+    """Saves and restores a run's state; every rank calls save/load (they are collective).
+
+    A checkpoint holds the DeepSpeed engine (model, optimizer, LR schedule) and per rank a file of its
+    coordinates, lanes and RNG states, and of ``states``: each named object's ``state_dict`` under its name
+    (the carried memory, the data loader's position, the progress counters, the W&B run id). Each
+    finalized save is handed to ``on_save``. ``model`` is this rank's stage of the model the engine wraps:
+    a checkpoint of another layout is mapped onto its parameters (``training.reshard``).
+    """
+
+    def __init__(self, cfg: TrainConfig, engine, model, lane_ids: List[int], states: Dict[str, Stateful],
+                 on_save: Callable[[SaveReport], None]):
+        self.cfg = cfg
+        self.engine = engine
+        self.model = model
+        self.lane_ids = list(lane_ids)
+        self.states = states
+        self.on_save = on_save
+        self.root = checkpoints_root(cfg)
+        self.keep_last = cfg.checkpoint.keep_last
+        self.keep_every = cfg.checkpoint.keep_every
         # Created by the first asynchronous save.
         self._writer: Optional[ThreadPoolExecutor] = None
         self._writer_status_group = None
@@ -278,55 +187,58 @@ class CheckpointManager:
 
     def last_saved_step(self) -> Optional[int]:
         paths = list_checkpoints(self.root)
-        return int(os.path.basename(paths[-1])[len(STEP_PREFIX):]) if paths else None
+        return step_of(paths[-1]) if paths else None
 
     # -- saving -------------------------------------------------------------------------------
-    def save(self, reason: str = "interval", asynchronous: bool = False) -> None:
+    def rank_state(self) -> dict:
+        """This rank's part of a checkpoint beyond DeepSpeed's."""
+        return {"coordinates": coordinates(), "lane_ids": self.lane_ids, "rng": rng_state(),
+                **{name: piece.state_dict() for name, piece in self.states.items()}}
+
+    def save(self, step: int, reason: str = "interval", asynchronous: bool = False) -> None:
         """Collective. Waits for a pending asynchronous save first. A synchronous save is finalized
         on return; an asynchronous one returns once the state is snapshotted, and ``poll``/``wait``
-        finalize it. Each finalized save goes to ``trainer.report_checkpoint``."""
-        trainer = self.trainer
+        finalize it. Each finalized save goes to ``on_save``."""
         started = time.perf_counter()
         self.wait()
-        step = trainer.state.step
         save = _SaveInProgress(step, reason, os.path.join(self.root, ".tmp-" + step_dir_name(step)),
                                os.path.join(self.root, step_dir_name(step)), started, asynchronous)
         rank = dist.get_rank()
         if rank == 0:
             shutil.rmtree(save.tmp, ignore_errors=True)
             os.makedirs(save.tmp)
-            trainer.save_resolved_config(os.path.join(save.tmp, "config.yaml"))
+            save_resolved(self.cfg, os.path.join(save.tmp, CONFIG))
         dist.barrier()
-        rank_file = os.path.join(save.tmp, f"rank_{rank:05d}.pt")
-        kill_midway = step in trainer.cfg.checkpoint.inject_kill_during_save_at_steps and rank == 0
+        rank_path = rank_file(save.tmp, rank)
+        kill_midway = step in self.cfg.debug.inject_kill_during_save_at_steps and rank == 0
         if asynchronous:
-            self._start_writing(save, rank_file, kill_midway)
+            self._start_writing(save, rank_path, kill_midway)
             return
-        trainer.engine.save_checkpoint(save.tmp, tag="ds", save_latest=False)
-        _save_torch(trainer.rank_state(), rank_file)
+        self.engine.save_checkpoint(save.tmp, tag=DEEPSPEED_TAG, save_latest=False)
+        _save_torch(self.rank_state(), rank_path)
         if kill_midway:
             os.kill(os.getpid(), signal.SIGKILL)
         dist.barrier()
         self._finalize(save)
 
-    def _start_writing(self, save: _SaveInProgress, rank_file: str, kill_midway: bool) -> None:
+    def _start_writing(self, save: _SaveInProgress, rank_path: str, kill_midway: bool) -> None:
         """Snapshot DeepSpeed's files and the rank state on this thread; write them on the writer's."""
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
             # gloo: a CPU flag needs no device synchronisation, whatever the training backend.
             self._writer_status_group = dist.new_group(backend="gloo")
             # DeepSpeed builds its own engine from this config: the files get the same serialization.
-            self._snapshotting_engine = SnapshottingCheckpointEngine(self.trainer.engine._config)
-        engine = self.trainer.engine
+            self._snapshotting_engine = SnapshottingCheckpointEngine(self.engine._config)
+        engine = self.engine
         live_engine = engine.checkpoint_engine
         engine.checkpoint_engine = self._snapshotting_engine
         try:
-            engine.save_checkpoint(save.tmp, tag="ds", save_latest=False)
+            engine.save_checkpoint(save.tmp, tag=DEEPSPEED_TAG, save_latest=False)
         finally:
             engine.checkpoint_engine = live_engine
         files = self._snapshotting_engine.take_files()
-        files.append((rank_file, snapshot_to_host(self.trainer.rank_state())))
-        cfg = self.trainer.cfg.checkpoint
+        files.append((rank_path, snapshot_to_host(self.rank_state())))
+        cfg = self.cfg.debug
         first_rank = dist.get_rank() == 0
         faults = _InjectedWriterFaults(
             delay_seconds=cfg.inject_writer_delay_s, kill_after_first_file=kill_midway,
@@ -376,7 +288,6 @@ class CheckpointManager:
         """Once every rank's files are written: rank 0 flushes, writes the manifest, renames, points
         ``latest`` at it and prunes; all ranks wait for that. ``write_seconds``: how long every rank's
         writer took to flush its files (asynchronous saves); a synchronous save's are flushed here."""
-        trainer = self.trainer
         rank = dist.get_rank()
         if write_seconds is None:
             # A synchronous save's files went through torch.save unflushed; the writers flush their own.
@@ -386,23 +297,23 @@ class CheckpointManager:
                         _fsync_file(os.path.join(base, name))
             write_seconds = time.perf_counter() - save.started
         if rank == 0:
-            files = _list_files(save.tmp)
+            files = list_files(save.tmp)
             manifest = {"format": FORMAT_VERSION, "step": save.step, "reason": save.reason, "layout": layout(),
-                        "zero_stage": trainer.cfg.parallel.zero_stage, "global_lanes": trainer.cfg.data.global_lanes,
+                        "zero_stage": self.cfg.parallel.zero_stage, "global_lanes": self.cfg.data.global_lanes,
                         "files": files, "saved_at": time.time()}
             _write_atomic(os.path.join(save.tmp, MANIFEST), json.dumps(manifest, indent=1).encode())
             if os.path.exists(save.final):
                 shutil.rmtree(save.final)
             os.replace(save.tmp, save.final)
             _fsync_dir(self.root)
-            _write_atomic(os.path.join(self.root, "latest"), step_dir_name(save.step).encode())
+            _write_atomic(os.path.join(self.root, LATEST), step_dir_name(save.step).encode())
             self._prune()
         dist.barrier()
         seconds = time.perf_counter() - save.started
-        trainer.report_checkpoint(SaveReport(
+        self.on_save(SaveReport(
             path=save.final, step=save.step, reason=save.reason, asynchronous=save.asynchronous,
             blocking_seconds=save.blocking_seconds if save.asynchronous else seconds, write_seconds=write_seconds,
-            seconds=seconds, size_bytes=sum(_list_files(save.final).values()) if rank == 0 else 0))
+            seconds=seconds, size_bytes=sum(list_files(save.final).values()) if rank == 0 else 0))
 
     def close(self) -> None:
         """Stop the writer thread once it has written the save in hand; a pending save stays unfinalized."""
@@ -413,30 +324,34 @@ class CheckpointManager:
         paths = list_checkpoints(self.root)
         keep = set(paths[-self.keep_last:])
         for path in paths:
-            step = int(os.path.basename(path)[len(STEP_PREFIX):])
+            step = step_of(path)
             if path not in keep and not (self.keep_every and step % self.keep_every == 0):
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- loading ------------------------------------------------------------------------------
     def load(self, path: str) -> None:
-        trainer = self.trainer
+        """Restore the engine and every rank's state from ``path`` (collective); a checkpoint saved on another
+        layout goes through ``training.reshard``."""
         manifest = verify(path)
         saved, now = manifest["layout"], layout()
-        if manifest["global_lanes"] != trainer.cfg.data.global_lanes:
+        global_lanes = self.cfg.data.global_lanes
+        if manifest["global_lanes"] != global_lanes:
             raise CheckpointError(f"{path} was saved with data.global_lanes={manifest['global_lanes']}; this run has "
-                                  f"{trainer.cfg.data.global_lanes}: the lanes (and their memory) would not continue")
+                                  f"{global_lanes}: the lanes (and their memory) would not continue")
         if parallel_sizes(saved) != parallel_sizes(now):
-            from training.reshard import load_resharded  # it builds on this module
-
-            rank_state = load_resharded(trainer, path, manifest)
+            rank_state = load_resharded(path, manifest, self.cfg, self.engine, self.model, self.lane_ids)
         else:
-            load_path, _ = trainer.engine.load_checkpoint(path, tag="ds", load_optimizer_states=True,
-                                                          load_lr_scheduler_states=True)
+            load_path, _ = self.engine.load_checkpoint(path, tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
             if load_path is None:
-                raise CheckpointError(f"DeepSpeed could not load {os.path.join(path, 'ds')}")
-            rank_state = torch.load(os.path.join(path, f"rank_{dist.get_rank():05d}.pt"), weights_only=False)
+                raise CheckpointError(f"DeepSpeed could not load {os.path.join(path, DEEPSPEED_TAG)}")
+            rank_state = read_rank_state(path, dist.get_rank())
         # ZeRO restores the optimizer's state but not its groups' current LR; the scheduler knows it.
-        scheduler = trainer.engine.lr_scheduler
+        scheduler = self.engine.lr_scheduler
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
-        trainer.load_rank_state(rank_state)
+        if rank_state["lane_ids"] != self.lane_ids:
+            raise ValueError(f"rank state holds lanes {rank_state['lane_ids']}, this rank runs {self.lane_ids}")
+        for name, piece in self.states.items():
+            piece.load_state_dict(rank_state[name])
+        set_rng_state(rank_state["rng"])

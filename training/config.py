@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline import DataConfig
+from data_pipeline import DataConfig, RunDataConfig
 from modeling.config import ModelConfig
 
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -30,7 +30,8 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage: 0-1 with pipelines; 0-3 without."""
+    """DeepSpeed ZeRO stage: 1 with pipeline parallelism (parallel.pipeline > 1); 1, 2 or 3 without. (Stage 0
+    refuses the backward megatron's schedules run.)"""
     micro_batch_lanes: int = 1
     """Lanes per microbatch; a rank's lanes (global_lanes / dp) run as that many / this microbatches."""
     sequence_parallel: bool = False
@@ -77,6 +78,9 @@ class ScheduleConfig:
     warmup_steps: int = 20
     decay: str = "cosine"
     """'cosine', 'linear' or 'constant' after warmup, from lr down to min_lr at the last step."""
+    max_minutes: Optional[float] = None
+    """A time budget for the training loop: when it runs out, every rank stops after the same step, saves a
+    checkpoint and the run ends as at its last step (exit status 0, the export written). None: no budget."""
 
 
 @dataclass
@@ -100,13 +104,13 @@ class CheckpointConfig:
     step boundary after every rank's writer is done. Needs host memory for one checkpoint's shards of the rank.
     Saves at the end and on a signal stay synchronous (nothing runs after them); any save first waits for a
     pending one."""
-    inject_kill_during_save_at_steps: List[int] = field(default_factory=list)
-    """Fault injection for tests and drills: rank 0 kills itself (SIGKILL) midway through these saves (with
-    async_save, its background writer does, after writing its first file)."""
-    inject_writer_delay_s: float = 0.0
-    """Fault injection for tests and drills: the background writer sleeps this long before each save."""
-    inject_writer_failure_at_steps: List[int] = field(default_factory=list)
-    """Fault injection for tests and drills: rank 0's background writer fails on its first file of these saves."""
+
+
+@dataclass
+class ExportConfig:
+    dir: Optional[str] = None
+    """After training (the schedule's last step or schedule.max_minutes), write the final weights here as an
+    exported model directory (modeling.export: model.safetensors + model_config.yaml). None: no export."""
 
 
 @dataclass
@@ -137,6 +141,22 @@ class ValidationConfig:
     interval: int = 0
     """Validate every N steps (0: never)."""
     batches: int = 4
+    """Batches per validation pass (0: one full pass over the validation documents)."""
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests and drills."""
+
+    inject_nonfinite_at_steps: List[int] = field(default_factory=list)
+    """These steps' losses are made NaN."""
+    inject_kill_during_save_at_steps: List[int] = field(default_factory=list)
+    """Rank 0 kills itself (SIGKILL) midway through these saves (with checkpoint.async_save, its background
+    writer does, after writing its first file)."""
+    inject_writer_delay_s: float = 0.0
+    """The background checkpoint writer sleeps this long before each save."""
+    inject_writer_failure_at_steps: List[int] = field(default_factory=list)
+    """Rank 0's background checkpoint writer fails on its first file of these saves."""
 
 
 @dataclass
@@ -147,22 +167,23 @@ class TrainConfig:
     """'bf16' (fp32 master weights), 'fp32', or 'auto': bf16 on GPUs, fp32 on the CPU."""
     max_nonfinite_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
-    inject_nonfinite_at_steps: List[int] = field(default_factory=list)
-    """Fault injection for tests and drills: these steps' losses are made NaN."""
     build_stdlib_shards: bool = False
     """Write the built-in python-stdlib shards to stdlib_shards_dir when a data source reads that directory and it
     holds no index yet; never into any other path."""
     stdlib_shards_dir: str = "runs/data/python-stdlib"
     """Where the built-in python-stdlib shards are written and read."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: RunDataConfig = field(default_factory=RunDataConfig)
+    """The window's segment length is model.segment_length; a validation pass's cap is validation.batches."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def _load_yaml(path: str) -> DictConfig:
@@ -174,11 +195,24 @@ def _load_yaml(path: str) -> DictConfig:
         raise ConfigError(f"{path}: cannot parse: {error}") from error
 
 
+# Keys whose value another key holds: a config that sets them is told which.
+SET_ELSEWHERE = {
+    "data.segment_length": "model.segment_length",
+    "data.valid_batches": "validation.batches",
+    "inject_nonfinite_at_steps": "debug.inject_nonfinite_at_steps",
+    "checkpoint.inject_kill_during_save_at_steps": "debug.inject_kill_during_save_at_steps",
+    "checkpoint.inject_writer_delay_s": "debug.inject_writer_delay_s",
+    "checkpoint.inject_writer_failure_at_steps": "debug.inject_writer_failure_at_steps",
+}
+
+
 def _merge(schema: DictConfig, layer: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(schema, layer)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
+        if key in SET_ELSEWHERE:
+            raise ConfigError(f"{source}: {key} is not a key; set {SET_ELSEWHERE[key]}") from error
         raise ConfigError(f"{source}: bad key {key!r}: {error.msg if hasattr(error, 'msg') else error}") from error
 
 
@@ -231,30 +265,32 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
          f"parallel.context={par.context} needs model.update=linear (got {cfg.model.update!r}): the delta update "
          "reads the memory before each write, so context-parallel ranks would have to run one after another")
     need(par.micro_batch_lanes >= 1, "parallel.micro_batch_lanes must be >= 1")
-    need(par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0-3, got {par.zero_stage}")
-    need(par.pipeline == 1 or par.zero_stage <= 1,
+    need(par.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {par.zero_stage} (DeepSpeed's "
+         "stage 0 refuses the backward that megatron's schedules run)")
+    need(par.pipeline == 1 or par.zero_stage == 1,
          f"parallel.zero_stage={par.zero_stage} with parallel.pipeline={par.pipeline}: ZeRO-2 and ZeRO-3 shard "
-         "gradients during backward, which pipeline schedules do not allow; use zero_stage 0 or 1 with pipelines")
+         "gradients during backward, which pipeline schedules do not allow; use parallel.zero_stage=1 with "
+         "pipeline parallelism, or parallel.pipeline=1")
     need(cfg.model.num_layers % par.pipeline == 0,
          f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.pipeline ({par.pipeline})")
     need(not par.sequence_parallel or par.tensor > 1,
          f"parallel.sequence_parallel needs parallel.tensor > 1 (got {par.tensor}): it splits the sequence over "
          "the tensor-parallel ranks")
-    window = cfg.data.n_segments * cfg.data.segment_length
+    window = cfg.data.n_segments * cfg.model.segment_length
     need(not par.sequence_parallel or (window // par.context) % par.tensor == 0,
-         f"parallel.sequence_parallel splits each rank's share of a window, data.n_segments x data.segment_length = "
+         f"parallel.sequence_parallel splits each rank's share of a window, data.n_segments x model.segment_length = "
          f"{window} tokens / parallel.context ({par.context}), over parallel.tensor ({par.tensor}) ranks: it must be "
          "divisible")
     need(cfg.model.num_attention_heads % par.tensor == 0,
          f"model.num_attention_heads ({cfg.model.num_attention_heads}) must be divisible by parallel.tensor ({par.tensor})")
-    need(cfg.data.segment_length == cfg.model.segment_length,
-         f"data.segment_length ({cfg.data.segment_length}) must equal model.segment_length ({cfg.model.segment_length})")
     need(cfg.data.vocab_size in (0, cfg.model.vocab_size),
          f"data.vocab_size ({cfg.data.vocab_size}) must be 0 or model.vocab_size ({cfg.model.vocab_size})")
     need(cfg.schedule.steps >= 1, "schedule.steps must be >= 1")
     need(0 <= cfg.schedule.warmup_steps <= cfg.schedule.steps, "schedule.warmup_steps must be in [0, schedule.steps]")
     need(cfg.schedule.decay in ("cosine", "linear", "constant"),
          f"schedule.decay must be cosine, linear or constant, got {cfg.schedule.decay!r}")
+    need(cfg.schedule.max_minutes is None or cfg.schedule.max_minutes > 0,
+         f"schedule.max_minutes must be > 0 (or null: no time budget), got {cfg.schedule.max_minutes}")
     need(cfg.optimizer.lr > 0 and cfg.optimizer.gate_lr > 0, "optimizer.lr and optimizer.gate_lr must be > 0")
     need(0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr, "optimizer.min_lr must be in [0, optimizer.lr]")
     need(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")
@@ -263,7 +299,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
          f"performance.compile_loss needs parallel.tensor = 1 (got {cfg.parallel.tensor}): with tensor parallelism "
          "the vocabulary is split and megatron's vocab-parallel cross-entropy is used")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
-    need(cfg.checkpoint.inject_writer_delay_s >= 0, "checkpoint.inject_writer_delay_s must be >= 0")
+    need(cfg.validation.batches >= 0, "validation.batches must be >= 0")
+    need(cfg.debug.inject_writer_delay_s >= 0, "debug.inject_writer_delay_s must be >= 0")
     mode = cfg.logging.wandb.mode
     need(mode in (None, "online", "offline", "disabled"), f"logging.wandb.mode must be online, offline or disabled, got {mode!r}")
     if world_size is not None:
@@ -277,6 +314,12 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
         need((cfg.data.global_lanes // dp) % par.micro_batch_lanes == 0,
              f"lanes per data-parallel rank ({cfg.data.global_lanes // dp}) must be divisible by "
              f"parallel.micro_batch_lanes ({par.micro_batch_lanes})")
+
+
+def loader_config(cfg: TrainConfig) -> DataConfig:
+    """The data pipeline's configuration of a run: its data section, the model's segment length and the
+    validation cap."""
+    return DataConfig(**vars(cfg.data), segment_length=cfg.model.segment_length, valid_batches=cfg.validation.batches)
 
 
 def save_resolved(cfg: TrainConfig, path: str) -> None:

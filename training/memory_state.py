@@ -17,9 +17,11 @@ class CarriedMemory:
     Resets inside the data zero a lane's memory where a new document starts, in the layers.
     """
 
-    def __init__(self, num_slots: int, num_layers: int):
+    def __init__(self, num_slots: int, num_layers: int, device=None):
         self.num_slots = num_slots
         self.num_layers = num_layers
+        # Where load_state_dict puts the memory (None: where the saved tensors are).
+        self.device = device
         self._slots: List[Optional[List[InfiniMemory]]] = [None] * num_slots
 
     def get(self, slot: int) -> Optional[List[InfiniMemory]]:
@@ -46,7 +48,7 @@ class CarriedMemory:
             layers.append({"M": M, "z": z})
         return {"layers": layers}
 
-    def load_state_dict(self, state: Dict[str, object], device=None) -> None:
+    def load_state_dict(self, state: Dict[str, object]) -> None:
         layers = state["layers"]
         if layers is None:
             self._slots = [None] * self.num_slots
@@ -58,8 +60,8 @@ class CarriedMemory:
             raise ValueError(f"saved memory holds {lanes} lanes, not divisible into {self.num_slots} microbatches")
         per_slot = lanes // self.num_slots
         self._slots = [
-            [InfiniMemory(layer["M"][s * per_slot:(s + 1) * per_slot].to(device),
-                          layer["z"][s * per_slot:(s + 1) * per_slot].to(device)) for layer in layers]
+            [InfiniMemory(layer["M"][s * per_slot:(s + 1) * per_slot].to(self.device),
+                          layer["z"][s * per_slot:(s + 1) * per_slot].to(self.device)) for layer in layers]
             for s in range(self.num_slots)
         ]
 

@@ -7,12 +7,12 @@ keys every tensor by DeepSpeed's parameter name, and megatron-core stages name t
 under one name; its pipeline support reads Megatron-DeepSpeed's PipelineModule files, which megatron's
 own schedules do not write. The mapping here does the same job with global names:
 
-1. Per old (tensor, pipeline) rank, the ZeRO files of its data-parallel ranks (DeepSpeed's: DP x CP) hold the
-   flat fp32 master
-   partitions and the base optimizer's flat state (Adam's exp_avg, exp_avg_sq; its step);
-   DeepSpeed's ``param_slice_mappings`` say where each parameter's slice lies in each partition.
-   The slices, concatenated in DP order, give the parameter's TP shard; names become global
-   (``modeling.sharding.global_name``: layer offset of the stage, the tied output layer).
+1. Per old (tensor, pipeline) rank, the ZeRO files of its data-parallel ranks (DeepSpeed's: the data- x
+   context-parallel ranks) hold the flat fp32 master partitions and the base optimizer's flat state
+   (Adam's exp_avg, exp_avg_sq; its step); DeepSpeed's ``param_slice_mappings`` say where each
+   parameter's slice lies in each partition. The slices, concatenated in DP order, give the parameter's
+   TP shard; names become global (``modeling.sharding.global_name``: layer offset of the stage, the tied
+   output layer).
 2. The old TP shards merge into the full tensor and split for this rank, by the partition dim and
    stride of this rank's parameter (QKV by contiguous KV groups, SwiGLU's fc1 with stride 2, the
    padded vocabulary by rows; the padded size does not depend on TP).
@@ -21,21 +21,21 @@ own schedules do not write. The mapping here does the same job with global names
    fp32 masters cast to the model dtype, as after any optimizer step. LR schedule and engine counters
    come from the old model-states file.
 4. Rank state: the carried memory is regathered by (layer, lane, KV group)
-   (``training.memory_state.regather_memory``; the ranks of a CP group carry the same memory, the one
-   after the window's last segment: the last CP rank's is taken), data positions are merged over the old DP ranks,
+   (``training.memory_state.regather_memory``; the ranks of a CP group carry the same memory, the one after
+   the window's last segment: the last CP rank's is taken), data positions are merged over the old DP ranks,
    progress counters and the W&B run id come from old rank 0. RNG streams have no counterpart on
    another layout: every rank reseeds from (seed, step) the way a fresh run seeds from seed.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from collections import defaultdict
 from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, BASE_OPTIMIZER_STATE_STEP, CLIP_GRAD, DS_VERSION,
                                             LOSS_SCALER, OPTIMIZER_STATE_DICT, PARAM_ALIGNMENT_PADDINGS,
                                             PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
@@ -44,8 +44,11 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from data_pipeline import merge_state_dicts
 from modeling.sharding import global_name, global_names, merge_tensor_parallel, split_tensor_parallel
-from training.checkpoint import CheckpointError, coordinates, layout, parallel_sizes, rng_state
+from training.checkpoint_layout import (CheckpointError, SavedCheckpoint, context_rank, coordinates, layout,
+                                        parallel_sizes)
+from training.config import TrainConfig
 from training.memory_state import regather_memory
+from training.rng import rng_state
 
 RESHARDABLE_ZERO_STAGES = (1, 2)
 # What the ZeRO-1/2 optimizer keeps beside its partitions, copied from the saved files unchanged.
@@ -60,81 +63,48 @@ def describe(layout_: dict, zero_stage: int) -> str:
     return f"tensor={tensor} pipeline={pipeline} data={data}{context_part} ZeRO-{zero_stage}"
 
 
-def context_rank(state: dict) -> int:
-    """A rank state's CP rank (0 in checkpoints from before context parallelism)."""
-    return state["coordinates"].get("context", 0)
+def stage_names(saved: SavedCheckpoint, pipeline: int, layers_per_stage: int, tie_embeddings: bool) -> Dict[str, str]:
+    """Local parameter name -> global name, for an old pipeline stage."""
+    shapes = saved.model_states(0, pipeline)["param_shapes"]
+    return {name: global_name(name, pipeline * layers_per_stage, tie_embeddings) for group in shapes for name in group}
 
 
-class SavedCheckpoint:
-    """A checkpoint's files, addressed by the (tensor, pipeline, data) coordinates of the run that saved it."""
+def shard_states(saved: SavedCheckpoint, tensor: int, pipeline: int) -> Tuple[ParamStates, dict, dict]:
+    """One old (tensor, pipeline) rank's optimizer state, merged over its DP ranks.
 
-    def __init__(self, path: str, manifest: dict, num_layers: int, tie_embeddings: bool):
-        self.path = path
-        self.layout = manifest["layout"]
-        self.layers_per_stage = num_layers // self.layout["pipeline"]
-        self.tie_embeddings = tie_embeddings
-        self.rank_states = [torch.load(os.path.join(path, f"rank_{rank:05d}.pt"), mmap=True, weights_only=False)
-                            for rank in range(self.layout["world_size"])]
-        # DeepSpeed numbers model files by rank in the model-parallel group: the group's global ranks, sorted.
-        group = sorted((s["coordinates"] for s in self.rank_states
-                        if s["coordinates"]["data"] == 0 and context_rank(s) == 0), key=lambda c: c["rank"])
-        self.model_parallel_rank = {(c["tensor"], c["pipeline"]): index for index, c in enumerate(group)}
-
-    def model_states(self, tensor: int = 0, pipeline: int = 0) -> dict:
-        mp_rank = self.model_parallel_rank[(tensor, pipeline)]
-        return torch.load(os.path.join(self.path, "ds", f"mp_rank_{mp_rank:02d}_model_states.pt"), mmap=True,
-                          weights_only=False)
-
-    def _zero_file(self, tensor: int, pipeline: int, data: int) -> str:
-        mp_rank = self.model_parallel_rank[(tensor, pipeline)]
-        names = [f"{prefix}zero_pp_rank_{data}_mp_rank_{mp_rank:02d}_optim_states.pt" for prefix in ("", "bf16_")]
-        for name in names:
-            if os.path.exists(os.path.join(self.path, "ds", name)):
-                return os.path.join(self.path, "ds", name)
-        raise CheckpointError(f"{self.path}: no ZeRO optimizer file {names[0]} (or {names[1]})")
-
-    def stage_names(self, pipeline: int) -> Dict[str, str]:
-        """Local parameter name -> global name, for an old pipeline stage."""
-        shapes = self.model_states(0, pipeline)["param_shapes"]
-        return {name: global_name(name, pipeline * self.layers_per_stage, self.tie_embeddings)
-                for group in shapes for name in group}
-
-    def shard_states(self, tensor: int, pipeline: int) -> Tuple[ParamStates, dict, dict]:
-        """One old (tensor, pipeline) rank's optimizer state, merged over its DP ranks.
-
-        Returns per local parameter name its fp32 master and elementwise optimizer state (its TP
-        shard, in the parameter's shape); the optimizer's scalar state (Adam's step), which all
-        groups and partitions share; and the ZeRO optimizer's other saved state.
-        """
-        fragments: Dict[str, Dict[str, List[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
-        scalars: dict = {}
-        # DeepSpeed's data-parallel ranks are the DP x CP ranks; their partitions concatenate in its rank order.
-        _, _, data_size, context_size = parallel_sizes(self.layout)
-        for data in range(data_size * context_size):
-            path = self._zero_file(tensor, pipeline, data)
-            saved = torch.load(path, mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
-            if any(any(group) for group in saved.get(PARAM_ALIGNMENT_PADDINGS, [])):
-                raise CheckpointError(f"{path} was saved with zero_optimization.parameter_alignment; resharding "
-                                      "reads unaligned ZeRO partitions only")
-            for group, mapping in enumerate(saved[PARAM_SLICE_MAPPINGS]):
-                flat = {"fp32": saved[SINGLE_PARTITION_OF_FP32_GROUPS][group]}
-                for key, value in saved[BASE_OPTIMIZER_STATE][group].items():
-                    if torch.is_tensor(value) and value.shape == flat["fp32"].shape:
-                        flat[key] = value
-                    else:
-                        _agree(scalars, key, value, path)
-                for name, address in mapping.items():
-                    for key, tensor_ in flat.items():
-                        fragments[name][key].append(tensor_.narrow(0, address.start, address.numel))
-        states: ParamStates = {}
-        for group in self.model_states(tensor, pipeline)["param_shapes"]:
-            for name, shape in group.items():
-                states[name] = {key: torch.cat(parts) for key, parts in fragments[name].items()}
-                if "fp32" not in states[name] or any(t.numel() != shape.numel() for t in states[name].values()):
-                    raise CheckpointError(f"{self.path}: the ZeRO partitions of tensor={tensor} pipeline={pipeline} "
-                                          f"do not add up to parameter {name} {tuple(shape)}")
-                states[name] = {key: t.view(shape) for key, t in states[name].items()}
-        return states, scalars, {key: saved[key] for key in _ZERO_GLOBAL_STATE}
+    Returns per local parameter name its fp32 master and elementwise optimizer state (its TP
+    shard, in the parameter's shape); the optimizer's scalar state (Adam's step), which all
+    groups and partitions share; and the ZeRO optimizer's other saved state.
+    """
+    fragments: Dict[str, Dict[str, List[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+    scalars: dict = {}
+    # DeepSpeed's data-parallel ranks are the DP x CP ranks; their partitions concatenate in its rank order.
+    _, _, data_size, context_size = parallel_sizes(saved.layout)
+    for data in range(data_size * context_size):
+        path = saved.zero_file(tensor, pipeline, data)
+        zero = saved.zero_states(tensor, pipeline, data)[OPTIMIZER_STATE_DICT]
+        if any(any(group) for group in zero.get(PARAM_ALIGNMENT_PADDINGS, [])):
+            raise CheckpointError(f"{path} was saved with zero_optimization.parameter_alignment; resharding "
+                                  "reads unaligned ZeRO partitions only")
+        for group, mapping in enumerate(zero[PARAM_SLICE_MAPPINGS]):
+            flat = {"fp32": zero[SINGLE_PARTITION_OF_FP32_GROUPS][group]}
+            for key, value in zero[BASE_OPTIMIZER_STATE][group].items():
+                if torch.is_tensor(value) and value.shape == flat["fp32"].shape:
+                    flat[key] = value
+                else:
+                    _agree(scalars, key, value, path)
+            for name, address in mapping.items():
+                for key, tensor_ in flat.items():
+                    fragments[name][key].append(tensor_.narrow(0, address.start, address.numel))
+    states: ParamStates = {}
+    for group in saved.model_states(tensor, pipeline)["param_shapes"]:
+        for name, shape in group.items():
+            states[name] = {key: torch.cat(parts) for key, parts in fragments[name].items()}
+            if "fp32" not in states[name] or any(t.numel() != shape.numel() for t in states[name].values()):
+                raise CheckpointError(f"{saved.path}: the ZeRO partitions of tensor={tensor} pipeline={pipeline} "
+                                      f"do not add up to parameter {name} {tuple(shape)}")
+            states[name] = {key: t.view(shape) for key, t in states[name].items()}
+    return states, scalars, {key: zero[key] for key in _ZERO_GLOBAL_STATE}
 
 
 def _agree(scalars: dict, key: str, value, path: str) -> None:
@@ -144,7 +114,8 @@ def _agree(scalars: dict, key: str, value, path: str) -> None:
     scalars[key] = value
 
 
-def resharded_optimizer_states(model, saved: SavedCheckpoint) -> Tuple[ParamStates, dict, dict]:
+def resharded_optimizer_states(model, saved: SavedCheckpoint, layers_per_stage: int,
+                               tie_embeddings: bool) -> Tuple[ParamStates, dict, dict]:
     """Per local parameter of this rank: fp32 master and optimizer state, cut from the old layout's shards."""
     params = dict(model.named_parameters())
     local_by_global = {full: local for local, full in global_names(model).items()}
@@ -154,11 +125,11 @@ def resharded_optimizer_states(model, saved: SavedCheckpoint) -> Tuple[ParamStat
     scalars, zero_state = {}, {}
     for pipeline in range(saved.layout["pipeline"]):
         # The tied embedding is on the first and the last stage: take it once.
-        wanted = {old: full for old, full in saved.stage_names(pipeline).items()
+        wanted = {old: full for old, full in stage_names(saved, pipeline, layers_per_stage, tie_embeddings).items()
                   if full in local_by_global and local_by_global[full] not in out}
         if not wanted:
             continue
-        shards = [saved.shard_states(tensor, pipeline) for tensor in range(saved.layout["tensor"])]
+        shards = [shard_states(saved, tensor, pipeline) for tensor in range(saved.layout["tensor"])]
         zero_state = shards[0][2]
         for _, shard_scalars, _ in shards:
             for key, value in shard_scalars.items():
@@ -228,47 +199,49 @@ def reseeded_rng_state(seed: int, step: int) -> dict:
     return rng_state()
 
 
-def resharded_rank_state(trainer, saved: SavedCheckpoint) -> dict:
-    """This rank's Trainer.rank_state on the new layout, built from all old ranks' states."""
+def resharded_rank_state(saved: SavedCheckpoint, cfg: TrainConfig, layers: List[int], lane_ids: List[int],
+                         layers_per_stage: int) -> dict:
+    """This rank's rank state on the new layout (its global ``layers``, counted from 0, and ``lane_ids``), built
+    from all old ranks' states: the carried memory regathered, data positions merged, RNG reseeded, and
+    everything else (progress counters, the W&B run id) as old rank 0 saved it."""
     old = saved.rank_states
     first = next(s for s in old if s["coordinates"]["rank"] == 0)
-    lanes = list(trainer.train_loader.lane_ids)
     last_context_rank = parallel_sizes(saved.layout)[3] - 1
     memory_holders = [s for s in old if context_rank(s) == last_context_rank]
     try:
-        memory = regather_memory(memory_holders, saved.layout["tensor"], saved.layers_per_stage,
-                                 trainer.cfg.data.global_lanes,
-                                 [layer.layer_number - 1 for layer in trainer.model.decoder.layers], lanes,
-                                 parallel_state.get_tensor_model_parallel_rank(),
+        memory = regather_memory(memory_holders, saved.layout["tensor"], layers_per_stage, cfg.data.global_lanes,
+                                 layers, lane_ids, parallel_state.get_tensor_model_parallel_rank(),
                                  parallel_state.get_tensor_model_parallel_world_size())
     except ValueError as error:
         raise CheckpointError(f"{saved.path}: {error}") from error
     # TP/PP/CP peers read the same lanes: one rank per old DP rank holds every lane's position.
     data = merge_state_dicts([s["data"] for s in old if s["coordinates"]["tensor"] == 0
                               and s["coordinates"]["pipeline"] == 0 and context_rank(s) == 0])
-    return {"coordinates": coordinates(), "lane_ids": lanes, "memory": memory, "data": data,
-            "rng": reseeded_rng_state(trainer.cfg.seed, first["train_state"]["step"]),
-            "train_state": first["train_state"], "wandb_run_id": first["wandb_run_id"]}
+    return {**first, "coordinates": coordinates(), "lane_ids": list(lane_ids), "memory": memory, "data": data,
+            "rng": reseeded_rng_state(cfg.seed, first["train_state"]["step"])}
 
 
-def load_resharded(trainer, path: str, manifest: dict) -> dict:
-    """Load ``path``, saved on another layout, into the trainer's engine and model (collective).
+def load_resharded(path: str, manifest: dict, cfg: TrainConfig, engine, model, lane_ids: List[int]) -> dict:
+    """Load ``path``, saved on another layout, into this run's engine and model (collective).
 
-    Returns this rank's state for ``Trainer.load_rank_state``.
+    Returns this rank's state in the form of a rank file of this layout (``CheckpointManager.rank_state``).
     """
-    saved_stage, zero_stage = manifest["zero_stage"], trainer.cfg.parallel.zero_stage
+    saved_stage, zero_stage = manifest["zero_stage"], cfg.parallel.zero_stage
     was, now = describe(manifest["layout"], saved_stage), describe(layout(), zero_stage)
     if saved_stage not in RESHARDABLE_ZERO_STAGES or zero_stage not in RESHARDABLE_ZERO_STAGES:
         raise CheckpointError(
             f"{path} was saved with {was}; this run has {now}. Changing the layout is supported from and to "
             "ZeRO-1/2 only: resume a ZeRO-3 checkpoint on its own tensor, pipeline and data-parallel sizes, or "
             "export the model (training.export) and start the new layout with checkpoint.init_from (fresh optimizer)")
-    saved = SavedCheckpoint(path, manifest, trainer.cfg.model.num_layers, trainer.cfg.model.tie_embeddings)
-    states, scalars, zero_state = resharded_optimizer_states(trainer.model, saved)
-    write_into_engine(trainer.engine, trainer.model, states, scalars, zero_state)
-    restore_engine_counters(trainer.engine, saved.model_states())
-    rank_state = resharded_rank_state(trainer, saved)
-    trainer.print(f"resharded {path}: saved with {was}, now {now}; weights, fp32 master weights and optimizer "
-                  f"state (step {rank_state['train_state']['step']}) re-split, carried memory regathered, RNG "
-                  "reseeded from (seed, step)")
+    saved = SavedCheckpoint(path, manifest)
+    layers_per_stage = cfg.model.num_layers // saved.layout["pipeline"]
+    states, scalars, zero_state = resharded_optimizer_states(model, saved, layers_per_stage, cfg.model.tie_embeddings)
+    write_into_engine(engine, model, states, scalars, zero_state)
+    restore_engine_counters(engine, saved.model_states())
+    layers = [layer.layer_number - 1 for layer in model.decoder.layers]
+    rank_state = resharded_rank_state(saved, cfg, layers, lane_ids, layers_per_stage)
+    if dist.get_rank() == 0:
+        print(f"resharded {path}: saved with {was}, now {now}; weights, fp32 master weights and optimizer "
+              f"state (step {rank_state['train_state']['step']}) re-split, carried memory regathered, RNG "
+              "reseeded from (seed, step)", flush=True)
     return rank_state

@@ -13,7 +13,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 from training.stop import EXIT_STOPPED_TO_RESUME, StopSignals, block_stop_signals, write_outcome
@@ -34,15 +34,15 @@ from data_pipeline.make_shards import build_stdlib_shards
 from data_pipeline.shards import INDEX_NAME
 from modeling.config import build_transformer_config
 from modeling.cpu_compat import megatron_on_cpu
+from modeling.export import export_model, load_weights_into
 from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import build_model
 from training.build_locks import BuildLockWatch
-from training.checkpoint import (CheckpointManager, SaveReport, checkpoints_root, coordinates, find_latest_valid,
-                                 resume_path, rng_state, set_rng_state)
-from training.config import ConfigError, TrainConfig, load_config, save_resolved, validate
+from training.checkpoint import CheckpointManager, SaveReport, checkpoints_root, resume_path
+from training.checkpoint_layout import find_latest_valid
+from training.config import ConfigError, TrainConfig, load_config, loader_config, save_resolved, validate
 from training.distributed import device, init_distributed, init_model_parallel
-from training.export import load_weights_into
 from training.memory_state import CarriedMemory
 from training.metrics import ConsoleSink, JsonlSink, device_peak_tflops, gate_values, max_over_world
 from training.optim import build_engine
@@ -63,7 +63,26 @@ class TrainState:
     consumed_tokens: int = 0
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
-    history: List[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class WandbRunId:
+    """The W&B run this run logs to (None until one is opened): a resumed job continues it."""
+
+    value: Optional[str] = None
+
+    def state_dict(self) -> Optional[str]:
+        return self.value
+
+    def load_state_dict(self, state: Optional[str]) -> None:
+        self.value = state
 
 
 def seed_everything(seed: int) -> None:
@@ -174,7 +193,8 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.cp_rank = parallel_state.get_context_parallel_rank()
         self.lanes_per_rank = cfg.data.global_lanes // self.dp_size
-        self.window = cfg.data.n_segments * cfg.data.segment_length
+        self.window = cfg.data.n_segments * cfg.model.segment_length
+        self.data_config = loader_config(cfg)
 
         prepare_data(cfg)
         self.model = build_stage_model(cfg, self.bf16)
@@ -185,17 +205,21 @@ class Trainer:
             load_weights_into(self.model, cfg.checkpoint.init_from)
             self.print(f"initialised weights from {cfg.checkpoint.init_from}")
         self.engine = build_engine(self.model, cfg, self.lanes_per_rank, self.bf16)
-        self.train_loader = build_train_loader(cfg.data, self.dp_rank, self.dp_size)
+        self.train_loader = build_train_loader(self.data_config, self.dp_rank, self.dp_size)
         if self.train_loader.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
                               f"vocabulary ({self.train_loader.vocab_size})")
         self.num_slots = self.lanes_per_rank // cfg.parallel.micro_batch_lanes
-        self.carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers))
+        self.carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers), device=device())
         self.state = TrainState()
-        self.wandb_run_id: Optional[str] = None
+        self.wandb_run_id = WandbRunId()
         # main() installs its handlers first thing; fit() installs them for other callers.
         self.stop = stop or StopSignals()
-        self.checkpoints = CheckpointManager(self)
+        self.checkpoints = CheckpointManager(
+            cfg, self.engine, self.model, self.train_loader.lane_ids,
+            {"memory": self.carried, "data": self.train_loader, "train_state": self.state,
+             "wandb_run_id": self.wandb_run_id},
+            on_save=self.report_checkpoint)
         if resume:
             self.checkpoints.load(resume)
             self.print(f"resumed from {resume} at step {self.state.step}")
@@ -206,48 +230,31 @@ class Trainer:
             save_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             self.sinks = [ConsoleSink(cfg.logging.interval), JsonlSink(os.path.join(cfg.run_dir, "metrics.jsonl"))]
         # After loading a checkpoint: its run id makes a resumed job continue the same W&B run.
-        wandb_sink = open_wandb(cfg, self.rank, self.wandb_run_id, gates=lambda: gate_values(self.model))
+        wandb_sink = open_wandb(cfg, self.rank, self.wandb_run_id.value, gates=lambda: gate_values(self.model))
         if wandb_sink is not None:
             self.sinks.append(wandb_sink)
-            self.wandb_run_id = wandb_sink.run_id
+            self.wandb_run_id.value = wandb_sink.run_id
 
     def print(self, message: str) -> None:
         if self.rank == 0:
             print(message, flush=True)
 
-    def save_resolved_config(self, path: str) -> None:
-        save_resolved(self.cfg, path)
-
-    def rank_state(self) -> dict:
-        """This rank's part of a checkpoint beyond DeepSpeed's: memory, data position, RNG, progress."""
-        return {
-            "coordinates": coordinates(),
-            "lane_ids": list(self.train_loader.lane_ids),
-            "memory": self.carried.state_dict(),
-            "data": self.train_loader.state_dict(),
-            "rng": rng_state(),
-            "train_state": {k: v for k, v in vars(self.state).items() if k != "history"},
-            "wandb_run_id": self.wandb_run_id,
-        }
-
-    def load_rank_state(self, state: dict) -> None:
-        if state["lane_ids"] != list(self.train_loader.lane_ids):
-            raise ValueError(f"rank state holds lanes {state['lane_ids']}, this rank runs {self.train_loader.lane_ids}")
-        self.carried.load_state_dict(state["memory"], device=device())
-        self.train_loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        for key, value in state["train_state"].items():
-            setattr(self.state, key, value)
-        self.wandb_run_id = state["wandb_run_id"]
-
     def request_stop(self, signum, frame=None) -> None:
         """Stop as on this signal (SIGUSR1 or SIGTERM) at the next step boundary."""
         self.stop.request(signum)
 
+    def past_deadline(self, deadline: float) -> bool:
+        """Whether any rank's clock (time.monotonic()) passed ``deadline``. Collective: all ranks stop at the
+        same step."""
+        flag = torch.tensor([float(time.monotonic() >= deadline)], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
     def save_checkpoint(self, reason: str) -> None:
         # Only interval saves are asynchronous: the run stops after the others, so a snapshot would
         # only add its copy.
-        self.checkpoints.save(reason, asynchronous=self.cfg.checkpoint.async_save and reason == "interval")
+        asynchronous = self.cfg.checkpoint.async_save and reason == "interval"
+        self.checkpoints.save(self.state.step, reason, asynchronous=asynchronous)
 
     def report_checkpoint(self, report: SaveReport) -> None:
         """Called by CheckpointManager when a save is finalized (at a later step, for an asynchronous one)."""
@@ -269,7 +276,7 @@ class Trainer:
         started = time.perf_counter()
         microbatches = self.microbatches(batch)
         self.model.train()
-        injected = self.state.step + 1 in cfg.inject_nonfinite_at_steps
+        injected = self.state.step + 1 in cfg.debug.inject_nonfinite_at_steps
         result: StepResult = run_schedule(self.model, self.carried, microbatches, forward_only=False,
                                           loss_scale=float("nan") if injected else 1.0, engine=self.engine)
         allreduce_tied_embedding_grads(self.model)
@@ -315,13 +322,11 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        loader = build_valid_loader(self.cfg.data, self.dp_rank, self.dp_size)
+        loader = build_valid_loader(self.data_config, self.dp_rank, self.dp_size)
         carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers))
         self.model.eval()
         loss_sum, weight, tokens = 0.0, 0.0, 0
-        for index, batch in enumerate(loader):
-            if index >= self.cfg.validation.batches:
-                break
+        for batch in loader:
             result = run_schedule(self.model, carried, self.microbatches(batch), forward_only=True)
             loss_sum += result.loss_sum
             weight += result.weight
@@ -331,17 +336,21 @@ class Trainer:
         return {"valid/loss": loss, "valid/ppl": float(np.exp(min(loss, 50.0))), "valid/tokens": tokens}
 
     def log(self, metrics: dict) -> None:
-        self.state.history.append({"step": self.state.step, **metrics})
         for sink in self.sinks:
             sink.log(self.state.step, metrics)
 
     def fit(self) -> bool:
-        """Train to schedule.steps; False when stopped by a signal, after saving the last finished step.
+        """Train to schedule.steps, or until schedule.max_minutes ran out after a step, then save (checkpoint.
+        save_at_end; always after a time budget) and export (export.dir); False when stopped by a signal, after
+        saving the last finished step.
 
         A signal is acted on at the next step boundary (after the step's validation and save, if any),
         where the ranks agree on it; before the first step there is nothing new to save."""
         cfg = self.cfg
         self.stop.install()
+        budget = cfg.schedule.max_minutes
+        deadline = time.monotonic() + budget * 60.0 if budget is not None else None
+        out_of_time = False
         batches = iter(self.train_loader)
         stopped_by = None
         while self.state.step < cfg.schedule.steps:
@@ -354,6 +363,10 @@ class Trainer:
                 self.log(self.validate())
             if cfg.checkpoint.interval and self.state.step % cfg.checkpoint.interval == 0:
                 self.save_checkpoint("interval")
+            if deadline is not None and self.past_deadline(deadline):
+                self.print(f"stopped at step {self.state.step}: schedule.max_minutes={budget:g} ran out")
+                out_of_time = True
+                break
         self.checkpoints.wait()
         if stopped_by is not None:
             name = signal.Signals(stopped_by).name
@@ -365,8 +378,13 @@ class Trainer:
                 self.save_checkpoint("signal")
             self.print(f"stopped on {name} at step {self.state.step}, saved; resume with checkpoint.resume=auto")
             return False
-        if cfg.checkpoint.save_at_end and self.checkpoints.last_saved_step() != self.state.step:
+        if out_of_time and self.checkpoints.last_saved_step() != self.state.step:
+            self.save_checkpoint("time_budget")
+        elif cfg.checkpoint.save_at_end and self.checkpoints.last_saved_step() != self.state.step:
             self.save_checkpoint("end")
+        if cfg.export.dir:
+            export_model(self.model, cfg.model, cfg.export.dir)
+            self.print(f"exported {cfg.export.dir}")
         return True
 
     def close(self) -> None:

@@ -11,12 +11,12 @@
 #    asking SHORT_QUESTIONS times, made with SHORT_DATA_ARGS (default --no-header --distractors 3:
 #    without the prompt's 150-byte header, three other numbers each), in OUT/data_short. Distractors
 #    teach the model to answer from a read that mixes in other numbers, which doubled the length to
-#    which retrieval holds (docs/RESULTS.md, attempt 9).
+#    which retrieval holds (docs/long-context.md).
 # 2. A first phase on the short documents (SHORT_STEPS steps or SHORT_MINUTES, OUT/train_short,
 #    exported to OUT/export_short) with SHORT_OVERRIDES after TRAIN_OVERRIDES (default: segments of
 #    64, 64 lanes of 8 segments, LR 1e-3). Documents this short leave the memory a few hundred tokens
 #    when the question is read, few enough for retrieval through it to be learned from scratch in a
-#    few hundred steps (docs/RESULTS.md). The weights do not depend on the segment length, so the
+#    few hundred steps (docs/long-context.md). The weights do not depend on the segment length, so the
 #    second phase, on the long documents at the config's segment of 512, starts from them
 #    (checkpoint.init_from) for the rest of TRAIN_MINUTES (its schedule, or fewer steps if the
 #    budget runs out) and exports the model (OUT/export).
@@ -24,7 +24,7 @@
 #    forced local (OUT/passkey, OUT/passkey_ablated: JSON, markdown, heatmap); EVAL_ARGS go to both.
 #    The memory is read as the model learned to (the config's model.learned_memory_scales); evaluation
 #    scales on top of that (e.g. EVAL_ARGS="--memory-key-scale 2") are for experiments only.
-# 4. OUT/RESULTS.md: both side by side, ready for docs/RESULTS.md.
+# 4. OUT/RESULTS.md: both side by side, with the training settings, seeds and wall time.
 #
 # Every setting is an environment variable; TRAIN_OVERRIDES takes key=value overrides of the run
 # config (both phases) and LAUNCH the launcher (e.g. "torchrun --nproc-per-node 2").
@@ -45,8 +45,8 @@ SHORT_MIN_LEN=${SHORT_MIN_LEN:-256}
 SHORT_MAX_LEN=${SHORT_MAX_LEN:-512}
 SHORT_QUESTIONS=${SHORT_QUESTIONS:-2}
 SHORT_DATA_ARGS=${SHORT_DATA_ARGS:---no-header --distractors 3}
-SHORT_OVERRIDES=${SHORT_OVERRIDES:-model.segment_length=64 data.segment_length=64 data.n_segments=8 \
-data.global_lanes=64 parallel.micro_batch_lanes=64 optimizer.lr=1e-3 schedule.warmup_steps=50}
+SHORT_OVERRIDES=${SHORT_OVERRIDES:-model.segment_length=64 data.n_segments=8 data.global_lanes=64 \
+parallel.micro_batch_lanes=64 optimizer.lr=1e-3 schedule.warmup_steps=50}
 TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
 LAUNCH=${LAUNCH:-python}
 LENGTHS=${LENGTHS:-1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1m}
@@ -57,35 +57,35 @@ EVAL_ARGS=${EVAL_ARGS:-}
 
 started=$(date +%s)
 # shellcheck disable=SC2086  # DATA_ARGS is a word list
-python -m training.evals.passkey make-data --out "$OUT/data" --docs "$DOCS" ${MIN_LEN:+--min-len "$MIN_LEN"} \
+python -m evals.passkey make-data --out "$OUT/data" --docs "$DOCS" ${MIN_LEN:+--min-len "$MIN_LEN"} \
     --max-len "$MAX_LEN" --questions "$QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 1 $DATA_ARGS
 init_from=""
 long_minutes=$TRAIN_MINUTES
 if [ "$SHORT_MINUTES" != 0 ]; then
     short_started=$(date +%s)
     # shellcheck disable=SC2086  # SHORT_DATA_ARGS, LAUNCH and the overrides are word lists
-    python -m training.evals.passkey make-data --out "$OUT/data_short" --docs "$DOCS" --min-len "$SHORT_MIN_LEN" \
+    python -m evals.passkey make-data --out "$OUT/data_short" --docs "$DOCS" --min-len "$SHORT_MIN_LEN" \
         --max-len "$SHORT_MAX_LEN" --questions "$SHORT_QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 2 \
         $SHORT_DATA_ARGS
     # shellcheck disable=SC2086
-    $LAUNCH -m training.evals.train_export --config "$CONFIG" --export "$OUT/export_short" \
-        --max-minutes "$SHORT_MINUTES" "run_dir=$OUT/train_short" "data.sources=[{path: $OUT/data_short/shards}]" \
-        "schedule.steps=$SHORT_STEPS" $TRAIN_OVERRIDES $SHORT_OVERRIDES
+    $LAUNCH -m training.train --config "$CONFIG" "export.dir=$OUT/export_short" "schedule.max_minutes=$SHORT_MINUTES" \
+        "run_dir=$OUT/train_short" "data.sources=[{path: $OUT/data_short/shards}]" "schedule.steps=$SHORT_STEPS" \
+        $TRAIN_OVERRIDES $SHORT_OVERRIDES
     init_from="checkpoint.init_from=$OUT/export_short"
     long_minutes=$(python -c "print(max($TRAIN_MINUTES - ($(date +%s) - $short_started) / 60, 0.5))")
 fi
 # shellcheck disable=SC2086
-$LAUNCH -m training.evals.train_export --config "$CONFIG" --export "$OUT/export" --max-minutes "$long_minutes" \
+$LAUNCH -m training.train --config "$CONFIG" "export.dir=$OUT/export" "schedule.max_minutes=$long_minutes" \
     "run_dir=$OUT/train" "data.sources=[{path: $OUT/data/shards}]" $init_from $TRAIN_OVERRIDES
 trained=$(date +%s)
 for variant in memory ablated; do
     flag=""; dir="$OUT/passkey"
     if [ "$variant" = ablated ]; then flag="--ablate-memory"; dir="$OUT/passkey_ablated"; fi
     # shellcheck disable=SC2086
-    python -m training.evals.passkey --model "$OUT/export" --lengths "$LENGTHS" --depths "$DEPTHS" \
+    python -m evals.passkey --model "$OUT/export" --lengths "$LENGTHS" --depths "$DEPTHS" \
         --trials "$TRIALS" --batch-size "$BATCH" --out "$dir" $flag $EVAL_ARGS
 done
-python -m training.evals.passkey report --memory "$OUT/passkey" --ablated "$OUT/passkey_ablated" \
+python -m evals.passkey report --memory "$OUT/passkey" --ablated "$OUT/passkey_ablated" \
     --model "$OUT/export" --train-dir "$OUT/train" --train-seconds $((trained - started)) \
     --total-seconds $(($(date +%s) - started)) --out "$OUT/RESULTS.md"
 echo "done in $(( ($(date +%s) - started) / 60 )) min: $OUT/RESULTS.md"

@@ -15,8 +15,8 @@ def cli_worker(rank, world, root):
     from data_pipeline.make_shards import write_shards
     from tests.evals.models import tiny_config, tiny_model
     from training.distributed import init_single_process
-    from training.evals import passkey, perplexity
-    from training.export import export_model
+    from evals import passkey, perplexity
+    from modeling.export import export_model
 
     init_single_process()
     cfg = tiny_config(segment_length=SEGMENT, update="delta", learned_memory_scales=True)

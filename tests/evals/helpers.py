@@ -20,6 +20,6 @@ LOSS_TOLERANCE = tolerance(torch.float32, 96, 2 * -(-LONGEST // SEGMENT))
 
 def exported_reference(export_dir):
     """(ModelConfig, full state) of an export, for tests/evals/reference_model.py."""
-    from training.export import read_export
+    from modeling.export import read_export
 
     return read_export(export_dir)

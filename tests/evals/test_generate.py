@@ -30,10 +30,11 @@ def worker(rank, world, export_dir):
     from training.distributed import init_single_process
 
     init_single_process()
+    from evals.generate import main as generate_cli
     from modeling import generate as generation
     from modeling.streaming import StreamingModel
     from tests.evals.models import full_state, tiny_config, tiny_model
-    from training.export import export_model
+    from modeling.export import export_model
 
     out = {}
     for update in ("linear", "delta"):
@@ -56,7 +57,7 @@ def worker(rank, world, export_dir):
     for args in (["--max-new-tokens", "10"], ["--top-p", "0.9", "--seed", "1"], ["--top-p", "0.9", "--seed", "1"]):
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
-            generation.main(["--model", export_dir, "--prompt", CLI_PROMPT, "--window-segments", "1"] + args)
+            generate_cli(["--model", export_dir, "--prompt", CLI_PROMPT, "--window-segments", "1"] + args)
         printed.append(buffer.getvalue())
     out["cli"] = dict(printed=printed, want=want, margin=margin)
     return out

@@ -102,7 +102,7 @@ def single_worker(rank, world, cases, export_dir):
     from modeling.cpu_compat import megatron_on_cpu
     from modeling.hf_import import main
     from training.distributed import init_single_process
-    from training.export import load_exported, read_export
+    from modeling.export import load_exported, read_export
 
     init_single_process()
     results = {tie: _imported(case, 1, 1) for tie, case in cases.items()}

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from data_pipeline.tokenizer import ByteTokenizer
-from tests.evals.helpers import ABLATED_HEADS, KEY_SCALE, LOSS_TOLERANCE, QUERY_SCALE, exported_reference
-from tests.tolerance import tolerance
-from training.evals.passkey import (
+from evals.passkey import (
     FILLER,
     HEADER,
     NEEDLE,
@@ -22,6 +20,8 @@ from training.evals.passkey import (
     parse_length,
     read_answer,
 )
+from tests.evals.helpers import ABLATED_HEADS, KEY_SCALE, LOSS_TOLERANCE, QUERY_SCALE, exported_reference
+from tests.tolerance import tolerance
 
 
 def text_of(ids):

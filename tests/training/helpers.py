@@ -4,6 +4,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from tests import recording
+
 # The tiny run's shape, for tolerances (tests/tolerance.py): the largest sum inside the model runs over the
 # MLP's hidden size, the largest of a step over its tokens (the loss, the weight gradients).
 LAYERS = 4
@@ -22,7 +24,6 @@ def train_overrides(shards: str, run_dir: str, **extra) -> list:
         "model.num_query_groups": 2,
         "model.ffn_hidden_size": FFN_HIDDEN,
         "model.segment_length": 16,
-        "data.segment_length": 16,
         "data.n_segments": 2,
         "data.global_lanes": 4,
         "data.num_workers": 0,
@@ -46,11 +47,12 @@ def fit_worker(rank: int, world: int, overrides: list, config: Optional[str] = N
     from training.train import Trainer
 
     trainer = Trainer(load_config(config, overrides))
+    history = recording.record(trainer)
     try:
         trainer.fit()
     finally:
         trainer.close()
-    return trainer.state.history
+    return history
 
 
 def losses_worker(rank: int, world: int, overrides: list, config: Optional[str] = None) -> List[Tuple[int, float]]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from modeling.export import read_export
 from tests.tolerance import assert_close, tolerance
 from tests.training.helpers import (
     FFN_HIDDEN,
@@ -24,7 +25,6 @@ from tests.training.helpers import (
     train_overrides,
     training_depth,
 )
-from training.export import read_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,7 +52,7 @@ def straight_and_resumed(shards, tmp_path, world, extra, steps=6, resume_world=N
     (4, {"parallel.tensor": 2, "parallel.pipeline": 2, "parallel.zero_stage": 1}),
     (2, {"parallel.zero_stage": 2}),
     # The delayed writer writes after later steps changed the live state: only a true snapshot resumes exactly.
-    (2, {"parallel.zero_stage": 1, "checkpoint.async_save": True, "checkpoint.inject_writer_delay_s": 1.0}),
+    (2, {"parallel.zero_stage": 1, "checkpoint.async_save": True, "debug.inject_writer_delay_s": 1.0}),
     # The learned memory scales and their Adam state are saved and restored like any weight.
     (1, {"model.learned_memory_scales": True}),
 ], ids=["tp2xpp2-zero1", "dp2-zero2", "dp2-zero1-async", "single-learned-memory-scales"])
@@ -82,10 +82,10 @@ def test_kill_during_save_then_auto_resume(stdlib_shards, tmp_path, async_save):
     # Asynchronous: rank 0's background writer kills the process after its first file, the delay keeping the
     # write pending over the next step boundaries (where nothing may finalize it).
     base = {"schedule.steps": 6, "checkpoint.interval": 2, "checkpoint.async_save": async_save,
-            "checkpoint.inject_writer_delay_s": 0.5 if async_save else 0.0}
+            "debug.inject_writer_delay_s": 0.5 if async_save else 0.0}
     with pytest.raises(RuntimeError, match="exit code -9|rank 0"):
         run_distributed(losses_worker, 2, train_overrides(stdlib_shards, run_dir, **base, **{
-            "checkpoint.inject_kill_during_save_at_steps": "[4]"}), timeout=180)
+            "debug.inject_kill_during_save_at_steps": "[4]"}), timeout=180)
     ckpts = os.path.join(run_dir, "checkpoints")
     assert sorted(os.listdir(ckpts)) == [".tmp-step_00000004", "latest", "step_00000002"]
     resumed = run_distributed(losses_worker, 2, train_overrides(stdlib_shards, run_dir, **base,
@@ -97,13 +97,13 @@ def test_kill_during_save_then_auto_resume(stdlib_shards, tmp_path, async_save):
 
 @pytest.mark.slow
 def test_training_continues_while_the_writer_writes(stdlib_shards, tmp_path):
-    from training.checkpoint import verify
+    from training.checkpoint_layout import verify
 
     run_dir = str(tmp_path / "run")
     delay = 1.0
     history = run_distributed(fit_worker, 1, train_overrides(stdlib_shards, run_dir, **{
         "schedule.steps": 5, "checkpoint.interval": 2, "checkpoint.async_save": True,
-        "checkpoint.inject_writer_delay_s": delay}))[0]
+        "debug.inject_writer_delay_s": delay}))[0]
     reports = {row["checkpoint/step"]: row for row in history if "checkpoint/step" in row}
     assert sorted(reports) == [2, 4]
     first = reports[2]
@@ -122,7 +122,7 @@ def test_training_continues_while_the_writer_writes(stdlib_shards, tmp_path):
 
 
 def failing_save_worker(rank, world, overrides):
-    from training.checkpoint import CheckpointError
+    from training.checkpoint_layout import CheckpointError
     from training.config import load_config
     from training.train import Trainer
 
@@ -138,12 +138,12 @@ def failing_save_worker(rank, world, overrides):
 
 @pytest.mark.slow
 def test_writer_failure_is_an_error_and_never_finalized(stdlib_shards, tmp_path):
-    from training.checkpoint import find_latest_valid
+    from training.checkpoint_layout import find_latest_valid
 
     run_dir = str(tmp_path / "run")
     messages = run_distributed(failing_save_worker, 2, train_overrides(stdlib_shards, run_dir, **{
         "schedule.steps": 6, "checkpoint.interval": 2, "checkpoint.async_save": True,
-        "checkpoint.inject_writer_failure_at_steps": "[4]"}))
+        "debug.inject_writer_failure_at_steps": "[4]"}))
     ckpts = os.path.join(run_dir, "checkpoints")
     failed_file = os.path.join(ckpts, ".tmp-step_00000004", "ds", "mp_rank_00_model_states.pt")
     assert messages[0] is not None and f"checkpoint writer failed writing {failed_file}" in messages[0]
@@ -154,7 +154,7 @@ def test_writer_failure_is_an_error_and_never_finalized(stdlib_shards, tmp_path)
 
 
 def load_worker(rank, world, overrides):
-    from training.checkpoint import CheckpointError
+    from training.checkpoint_layout import CheckpointError
     from training.config import load_config
     from training.train import Trainer
 
@@ -187,7 +187,7 @@ def export_worker(rank, world, overrides, out_dir):
 
     from modeling.cpu_compat import megatron_on_cpu
     from training.config import load_config
-    from training.export import export_model
+    from modeling.export import export_model
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
@@ -211,7 +211,7 @@ def export_worker(rank, world, overrides, out_dir):
 def reload_worker(rank, world, out_dir):
     from modeling.cpu_compat import megatron_on_cpu
     from training.distributed import init_single_process
-    from training.export import load_exported
+    from modeling.export import load_exported
 
     init_single_process()
     model, cfg = load_exported(out_dir)

@@ -11,6 +11,7 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.model.reference import reference_infini_attention
+from tests.recording import record
 from tests.tolerance import assert_close, tolerance
 from tests.training.helpers import train_overrides, training_depth
 
@@ -111,11 +112,12 @@ def train_worker(rank, world, overrides):
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
     try:
         trainer.fit()
     finally:
         trainer.close()
-    return [(h["step"], h["loss"], h["grad_norm"]) for h in trainer.state.history if "loss" in h]
+    return [(h["step"], h["loss"], h["grad_norm"]) for h in history if "loss" in h]
 
 
 def assert_same_steps(run, reference):
@@ -128,9 +130,9 @@ def assert_same_steps(run, reference):
 def window_resets(overrides):
     """The reset flags [steps, lanes, n_segments] of the run's first STEPS batches."""
     from data_pipeline import build_train_loader
-    from training.config import load_config
+    from training.config import load_config, loader_config
 
-    loader = build_train_loader(load_config(None, overrides).data, 0, 1)
+    loader = build_train_loader(loader_config(load_config(None, overrides)), 0, 1)
     try:
         return torch.stack([next(loader)["reset"] for _ in range(STEPS)])
     finally:

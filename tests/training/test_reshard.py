@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.recording import record
 from tests.tolerance import assert_close
 from tests.training.helpers import STEP_TOKENS, fit_worker, loss_values, train_overrides, training_depth
 
@@ -28,7 +29,7 @@ def global_state(trainer) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from modeling.sharding import full_tensors
-    from training.checkpoint import coordinates
+    from training.checkpoint_layout import coordinates
 
     model, engine = trainer.model, trainer.engine
     params = dict(model.named_parameters())
@@ -44,7 +45,7 @@ def global_state(trainer) -> dict:
         "adam_steps": {float(s["step"]) for s in engine.optimizer.optimizer.state.values()},
         "lr": engine.lr_scheduler.get_last_lr(),
         "global_steps": engine.global_steps,
-        "train_state": {k: v for k, v in vars(trainer.state).items() if k != "history"},
+        "train_state": dict(vars(trainer.state)),
     }
     first_layer = model.decoder.layers[0].layer_number - 1
     pieces = [None] * dist.get_world_size()
@@ -69,6 +70,7 @@ def train_and_gather(rank, world, overrides):
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
     gathered = global_state(trainer) if trainer.state.step == SAVE_AT else None
     batches = iter(trainer.train_loader)
     try:
@@ -79,7 +81,7 @@ def train_and_gather(rank, world, overrides):
                 gathered = global_state(trainer)
     finally:
         trainer.close()
-    return [(h["step"], h["loss"]) for h in trainer.state.history if "loss" in h], gathered
+    return [(h["step"], h["loss"]) for h in history if "loss" in h], gathered
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +126,7 @@ def test_resume_on_another_layout_continues_the_run(stdlib_shards, tmp_path, sav
 
 
 def load_error(rank, world, overrides):
-    from training.checkpoint import CheckpointError
+    from training.checkpoint_layout import CheckpointError
     from training.config import load_config
     from training.train import Trainer
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.recording import record
 from tests.training.helpers import train_overrides
 
 STEPS = 6
@@ -30,11 +31,12 @@ def train_worker(rank, world, overrides):
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
     try:
         trainer.fit()
     finally:
         trainer.close()
-    return [(h["step"], h["loss"], h["grad_norm"]) for h in trainer.state.history if "loss" in h]
+    return [(h["step"], h["loss"], h["grad_norm"]) for h in history if "loss" in h]
 
 
 def assert_same_steps(run, reference):
@@ -159,8 +161,7 @@ def test_sequence_parallel_needs_tensor_parallel_and_a_divisible_window(tmp_path
     base = train_overrides(str(tmp_path / "shards"), str(tmp_path / "run"))
     with pytest.raises(ConfigError, match=r"parallel\.sequence_parallel needs parallel\.tensor > 1 \(got 1\)"):
         load_config(None, base + ["parallel.sequence_parallel=true"])
-    odd = ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.segment_length=15", "data.segment_length=15",
-           "data.n_segments=1"]
-    with pytest.raises(ConfigError, match=r"data\.n_segments x data\.segment_length = 15 .* parallel\.tensor \(2\)"):
+    odd = ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.segment_length=15", "data.n_segments=1"]
+    with pytest.raises(ConfigError, match=r"data\.n_segments x model\.segment_length = 15 .* parallel\.tensor \(2\)"):
         load_config(None, base + odd)
     load_config(None, base + odd[:2])

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tests.distributed import free_port, run_distributed
+from tests.recording import record
 from tests.training.helpers import train_overrides
 from training.build_locks import BuildLockWatch, stale_locks
 
@@ -141,6 +142,7 @@ def stop_inside_worker(rank, world, overrides, during):
     from training.train import Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
     target = trainer if during == "validation" else trainer.checkpoints
     name = "validate" if during == "validation" else "save"
     original = getattr(target, name)
@@ -155,13 +157,13 @@ def stop_inside_worker(rank, world, overrides, during):
     finally:
         trainer.close()
     manifests = sorted(os.listdir(os.path.join(trainer.checkpoints.root)))
-    return finished, [h["step"] for h in trainer.state.history], manifests
+    return finished, [h["step"] for h in history], manifests
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("during, extra", [
     ("validation", {"validation.interval": 2, "validation.batches": 1, "data.valid_fraction": 0.2}),
-    ("save", {"checkpoint.interval": 2, "checkpoint.async_save": True, "checkpoint.inject_writer_delay_s": 0.5}),
+    ("save", {"checkpoint.interval": 2, "checkpoint.async_save": True, "debug.inject_writer_delay_s": 0.5}),
 ])
 def test_a_signal_during_validation_or_a_save_stops_at_that_step_boundary(stdlib_shards, tmp_path, during, extra):
     run_dir = str(tmp_path / "run")

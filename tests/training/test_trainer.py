@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.recording import record
 from tests.tolerance import assert_close, tolerance
 from tests.training.helpers import LAYERS, STEP_TOKENS, fit_worker, losses_worker, train_overrides
 
@@ -24,7 +25,7 @@ def reference_worker(rank, world, overrides, carry):
     """One process, no schedule, no DeepSpeed: each lane's windows in order through the plain model."""
     from data_pipeline import build_train_loader
     from modeling.cpu_compat import megatron_on_cpu
-    from training.config import load_config
+    from training.config import load_config, loader_config
     from training.distributed import init_distributed, init_model_parallel
     from training.train import build_stage_model
 
@@ -33,7 +34,7 @@ def reference_worker(rank, world, overrides, carry):
     init_model_parallel(1, 1)
     model = build_stage_model(cfg, bf16=False)
     model.eval()
-    loader = build_train_loader(cfg.data, 0, 1)
+    loader = build_train_loader(loader_config(cfg), 0, 1)
     memory = [None] * cfg.data.global_lanes
     losses = []
     with torch.no_grad(), megatron_on_cpu():
@@ -132,6 +133,7 @@ def nonfinite_worker(rank, world, overrides):
     from training.train import NonFiniteLossError, Trainer
 
     trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
     batches = iter(trainer.train_loader)
     weights, outcome = [], None
     try:
@@ -142,13 +144,13 @@ def nonfinite_worker(rank, world, overrides):
         outcome = str(error)
     finally:
         trainer.close()
-    return dict(history=trainer.state.history, weights=weights, outcome=outcome)
+    return dict(history=history, weights=weights, outcome=outcome)
 
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_stop_the_run(stdlib_shards, tmp_path):
     overrides = train_overrides(stdlib_shards, str(tmp_path), **{
-        "schedule.steps": 8, "max_nonfinite_steps": 3, "inject_nonfinite_at_steps": "[2,4,5,6]"})
+        "schedule.steps": 8, "max_nonfinite_steps": 3, "debug.inject_nonfinite_at_steps": "[2,4,5,6]"})
     result = run_distributed(nonfinite_worker, 2, overrides + ["parallel.zero_stage=2"])[0]
     history, weights = result["history"], result["weights"]
     # Step 2 is skipped: the weights after it equal those after step 1; step 3 updates again.
@@ -159,6 +161,46 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run(stdlib_shards, tmp_path):
     assert all(torch.isfinite(w).all() for step in weights for w in step.values())
     outcome = result["outcome"]
     assert outcome is not None and "3 consecutive steps" in outcome and "step 6" in outcome
+
+
+def budget_worker(rank, world, overrides):
+    from training.config import load_config
+    from training.train import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    history = record(trainer)
+    try:
+        finished = trainer.fit()
+    finally:
+        trainer.close()
+    return dict(finished=finished, step=trainer.state.step, logged=[h["step"] for h in history if "loss" in h])
+
+
+def merged_checkpoint_worker(rank, world, step_dir, export_dir):
+    from evals.common import read_checkpoint
+    from modeling.export import read_export
+    from training.distributed import init_single_process
+
+    init_single_process()
+    return read_checkpoint(step_dir)[1], read_export(export_dir)[1]
+
+
+@pytest.mark.slow
+def test_time_budget_ends_the_run_with_a_checkpoint_and_an_export(stdlib_shards, tmp_path):
+    run_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
+    # A budget shorter than any step: every rank stops after the first one.
+    overrides = train_overrides(stdlib_shards, run_dir, **{
+        "schedule.steps": 50, "schedule.max_minutes": 1e-6, "export.dir": export_dir})
+    result = run_distributed(budget_worker, 2, overrides + ["parallel.tensor=2"])
+    assert [r["finished"] for r in result] == [True, True] and [r["step"] for r in result] == [1, 1]
+    assert result[0]["logged"] == [1]
+    step_dir = os.path.join(run_dir, "checkpoints", "step_00000001")
+    assert json.load(open(os.path.join(step_dir, "manifest.json")))["reason"] == "time_budget"
+    # The export holds the weights the checkpoint saved (merged from DeepSpeed's TP shards on one device).
+    saved, exported = run_distributed(merged_checkpoint_worker, 1, step_dir, export_dir)[0]
+    assert set(saved) == set(exported)
+    for name, tensor in exported.items():
+        assert torch.equal(saved[name].float(), tensor), name
 
 
 @pytest.mark.slow
@@ -184,7 +226,7 @@ def run_cli(*args, timeout=600):
     (["model.hidden_sise=8"], "hidden_sise"),
     (["schedule.steps=many"], "schedule.steps"),
     (["parallel.pipeline=2", "parallel.zero_stage=2", "model.num_layers=2"], "zero_stage=2 with parallel.pipeline=2"),
-    (["data.segment_length=32"], "data.segment_length (32) must equal model.segment_length (64)"),
+    (["data.segment_length=32"], "data.segment_length is not a key; set model.segment_length"),
     (["performance.compile_loss=true", "parallel.tensor=2"], "performance.compile_loss needs parallel.tensor = 1"),
     (["model.recompute=true", "model.recompute_attention=true"],
      "model.recompute (whole layers) and model.recompute_attention"),

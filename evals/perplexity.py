@@ -1,6 +1,6 @@
 """Loss and perplexity by position bucket on long documents, with and without the memory.
 
-    python -m training.evals.perplexity --model DIR (--shards DIR | --text FILE [FILE ...])
+    python -m evals.perplexity --model DIR (--shards DIR | --text FILE [FILE ...])
         [--buckets 1k,4k,16k,64k,256k,1m] [--max-docs N] [--min-doc-tokens N] [--max-doc-tokens N]
         [--no-ablation] [--out DIR] [--tokenizer T] [--dtype auto|fp32|bf16] [--device D] [--window-segments K]
 
@@ -26,7 +26,7 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from training.evals.passkey import format_length, parse_length
+from evals.passkey import format_length, parse_length
 
 DEFAULT_BUCKETS = "1k,4k,16k,64k,256k,1m"
 
@@ -112,9 +112,9 @@ def markdown_table(result: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from training.evals.common import add_model_arguments, load_for_eval
+    from evals.common import add_model_arguments, load_for_eval
 
-    ap = argparse.ArgumentParser(prog="python -m training.evals.perplexity", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m evals.perplexity", description=__doc__.split("\n\n")[0])
     add_model_arguments(ap)
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", metavar="DIR", help="a shard set (directory or index.json)")

@@ -1,11 +1,11 @@
 """Passkey retrieval (Mohtashami & Jaggi 2023, the format of Infini-attention's Table 3), streamed.
 
-    python -m training.evals.passkey --model DIR [--lengths 1k,2k,4k,...,1m] [--depths 0,25,50,75,100]
+    python -m evals.passkey --model DIR [--lengths 1k,2k,4k,...,1m] [--depths 0,25,50,75,100]
         [--trials N] [--out DIR] [--ablate-memory | --ablate-heads L:H,...] [--batch-size B] [--seed S]
         [--tokenizer T] [--dtype auto|fp32|bf16] [--device D] [--window-segments K]
-    python -m training.evals.passkey make-data --out DIR --docs N [--max-len 8192] [--min-len N]
+    python -m evals.passkey make-data --out DIR --docs N [--max-len 8192] [--min-len N]
         [--questions Q] [--answer-weight W] [--no-header] [--distractors N] [--seed S]
-    python -m training.evals.passkey report --memory DIR --ablated DIR --model EXPORT --out FILE
+    python -m evals.passkey report --memory DIR --ablated DIR --model EXPORT --out FILE
         [--train-dir RUN_DIR] [--train-seconds S] [--total-seconds S]
 
 A trial is L tokens: the prompt (a task description, filler sentences repeated, the needle "The
@@ -24,7 +24,7 @@ make-data writes training documents in the same format (random length, depth and
 after the question; --questions Q asks Q times, at random places after the needle and at the end)
 as DIR/passkey.jsonl and byte-level shards in DIR/shards; --answer-weight W gives the key digits of
 every answer loss weight W (default 1: no weights). report puts a run with memory and one with
---ablate-memory side by side (docs/RESULTS.md).
+--ablate-memory side by side (docs/long-context.md).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def evaluate(loaded, lengths: Sequence[int], depths: Sequence[float], trials: in
     digit, teacher-forced: a graded measure, ln 10 = 2.30 at chance), and every trial."""
     from modeling.generate import continue_stream
     from modeling.streaming import StreamingModel
-    from training.evals.common import decode
+    from evals.common import decode
 
     stream = StreamingModel(loaded.model, loaded.vocab_size, window_segments)
     # The answer's own tokens plus one, so "12345" cannot pass as a prefix of a longer number. The
@@ -241,7 +241,7 @@ def _learned_scales(state, layer: int, kind: str) -> str:
 def report(memory_dir: str, ablated_dir: str, model_dir: str, train_dir: Optional[str] = None,
            train_seconds: Optional[float] = None, total_seconds: Optional[float] = None) -> str:
     """Markdown: setup, per-layer gates, accuracy with and without memory side by side, full tables."""
-    from training.export import read_export
+    from modeling.export import read_export
 
     with_memory, ablated = load_result(memory_dir), load_result(ablated_dir)
     cfg, state = read_export(model_dir)
@@ -360,7 +360,7 @@ def make_data(out: str, n_docs: int, max_len: int, min_len: Optional[int], seed:
 
 
 def _report_main(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.evals.passkey report",
+    ap = argparse.ArgumentParser(prog="python -m evals.passkey report",
                                  description="the with-memory and ablated passkey runs side by side, in markdown")
     ap.add_argument("--memory", required=True, metavar="DIR", help="--out of the run with memory")
     ap.add_argument("--ablated", required=True, metavar="DIR", help="--out of the --ablate-memory run")
@@ -378,7 +378,7 @@ def _report_main(argv: Sequence[str]) -> int:
 
 
 def _make_data_main(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.evals.passkey make-data",
+    ap = argparse.ArgumentParser(prog="python -m evals.passkey make-data",
                                  description="passkey training documents as byte-level shards")
     ap.add_argument("--out", required=True, metavar="DIR")
     ap.add_argument("--docs", type=int, required=True)
@@ -408,9 +408,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _make_data_main(argv[1:])
     if argv[:1] == ["report"]:
         return _report_main(argv[1:])
-    from training.evals.common import ablation, add_model_arguments, load_for_eval
+    from evals.common import ablation, add_model_arguments, load_for_eval
 
-    ap = argparse.ArgumentParser(prog="python -m training.evals.passkey", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m evals.passkey", description=__doc__.split("\n\n")[0])
     add_model_arguments(ap)
     ap.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"comma-separated (default {DEFAULT_LENGTHS})")
     ap.add_argument("--depths", default=DEFAULT_DEPTHS, help="needle depths in percent")

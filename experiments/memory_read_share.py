@@ -1,6 +1,6 @@
 """How much of each head's memory read falls on the passkey needle: why retrieval fades with length.
 
-    python bench/memory_read_share.py --model EXPORT [--lengths 512,2k,8k] [--depths 0,50] [--no-header]
+    python experiments/memory_read_share.py --model EXPORT [--lengths 512,2k,8k] [--depths 0,50] [--no-header]
         [--reference-memory 1k] [--memory-key-scale C] [--memory-query-scale C]
 
 A head's memory read at a query is the mean of every value written before the query's segment,
@@ -39,8 +39,8 @@ from modeling import layers  # noqa: E402
 from modeling.cpu_compat import megatron_on_cpu  # noqa: E402
 from modeling.infini_attention import sigma  # noqa: E402
 from training.distributed import init_single_process  # noqa: E402
-from training.evals.common import load_model, positive_float  # noqa: E402
-from training.evals.passkey import NEEDLE, make_prompt, parse_length, random_key  # noqa: E402
+from evals.common import load_model, positive_float  # noqa: E402
+from evals.passkey import NEEDLE, make_prompt, parse_length, random_key  # noqa: E402
 
 
 def capture_attention_inputs(model, ids: np.ndarray) -> list:

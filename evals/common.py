@@ -1,6 +1,6 @@
 """What the evaluation and generation CLIs share: loading a model on one device, tokenizers, arguments.
 
-A model is an exported directory (``training.export``: model.safetensors + model_config.yaml) or a
+A model is an exported directory (``modeling.export``: model.safetensors + model_config.yaml) or a
 trainer checkpoint: a ``step_N`` directory or the checkpoint root (its latest valid step). A
 checkpoint of any TP/PP layout is merged into one full state dict from DeepSpeed's per model-parallel
 rank module files (ZeRO-3 keeps no weights there: export such runs first).
@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from omegaconf import OmegaConf
 
 from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
 from modeling.config import ModelConfig, build_transformer_config
+from modeling.export import CONFIG, WEIGHTS, read_export
 from modeling.model import build_model
 from modeling.sharding import global_name, load_full_state_dict, merge_tensor_parallel
-from training.export import CONFIG, WEIGHTS, read_export
+from training.checkpoint_layout import SavedCheckpoint, find_step_dir
 
 
 @dataclass
@@ -52,7 +51,7 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                          "(needs --dtype bf16; the memory itself stays float32)")
     ap.add_argument("--memory-key-scale", type=positive_float, default=1.0, metavar="C",
                     help="write the memory with sigma(C * k) instead of sigma(k), times a model's learned key "
-                         "scales: above 1 sharpens which tokens a read weighs (docs/RESULTS.md, attempts 15-16)")
+                         "scales: above 1 sharpens which tokens a read weighs (docs/long-context.md)")
     ap.add_argument("--memory-query-scale", type=positive_float, default=1.0, metavar="C",
                     help="read the memory with sigma(C * q) instead of sigma(q), times a model's learned query "
                          "scales: above 1 shrinks the weight of the query's inactive dimensions")
@@ -61,7 +60,7 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                           help="force every gate fully local (the model sees one segment only)")
     ablation.add_argument("--ablate-heads", type=parse_heads, default=None, metavar="L:H,...",
                           help="force only these heads' gates local: layer:head pairs counted from 0, as "
-                               "bench/memory_read_share.py prints them")
+                               "experiments/memory_read_share.py prints them")
 
 
 def positive_float(text: str) -> float:
@@ -106,20 +105,6 @@ def decode(tokenizer, ids) -> str:
     return tokenizer.decode(ids)
 
 
-def _checkpoint_step_dir(path: str) -> Optional[str]:
-    from training.checkpoint import MANIFEST, find_latest_valid, verify
-
-    if os.path.exists(os.path.join(path, MANIFEST)):
-        verify(path)
-        return path
-    if os.path.isdir(path) and any(n.startswith("step_") for n in os.listdir(path)):
-        latest = find_latest_valid(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path}: no complete checkpoint (every step_* lacks a valid manifest)")
-        return latest
-    return None
-
-
 def _partition_attributes(cfg: ModelConfig) -> Dict[str, tuple]:
     """(partition_dim, stride) of every TP-split parameter, from a meta-device TP=1 model."""
     with torch.device("meta"):
@@ -132,34 +117,20 @@ def _partition_attributes(cfg: ModelConfig) -> Dict[str, tuple]:
 
 def read_checkpoint(step_dir: str):
     """(ModelConfig, full state dict) of a trainer checkpoint of any TP/PP layout (ZeRO 0-2)."""
-    from training.config import TrainConfig
-
-    with open(os.path.join(step_dir, "manifest.json")) as f:
-        manifest = json.load(f)
+    saved = SavedCheckpoint(step_dir)
     cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(
-        OmegaConf.structured(TrainConfig), OmegaConf.load(os.path.join(step_dir, "config.yaml")))).model
-    tp, pp = manifest["layout"]["tensor"], manifest["layout"]["pipeline"]
-    # DeepSpeed numbers model files by rank within the model-parallel group of data- and context-parallel rank 0.
-    coordinates = []
-    for name in sorted(n for n in os.listdir(step_dir) if re.fullmatch(r"rank_\d+\.pt", n)):
-        state = torch.load(os.path.join(step_dir, name), map_location="cpu", weights_only=False)
-        if state["coordinates"]["data"] == 0 and state["coordinates"].get("context", 0) == 0:
-            coordinates.append(state["coordinates"])
-    coordinates.sort(key=lambda c: c["rank"])
-    if len(coordinates) != tp * pp:
-        raise ValueError(f"{step_dir}: found {len(coordinates)} data-parallel rank 0 states, expected {tp * pp}")
+        OmegaConf.structured(ModelConfig), OmegaConf.load(saved.config_path()).model))
+    tp, pp = saved.layout["tensor"], saved.layout["pipeline"]
     layers_per_stage = cfg.num_layers // pp
     pieces: Dict[str, Dict[int, torch.Tensor]] = {}
-    for mp_rank, coord in enumerate(coordinates):
-        path = os.path.join(step_dir, "ds", f"mp_rank_{mp_rank:02d}_model_states.pt")
-        module = torch.load(path, map_location="cpu", weights_only=False)["module"]
-        for name, tensor in module.items():
+    for tensor_rank, pipeline_rank in saved.model_parallel_rank:
+        for name, tensor in saved.model_states(tensor_rank, pipeline_rank)["module"].items():
             if tensor is None or name.endswith("_extra_state"):
                 continue
             if name == "output_layer.weight" and cfg.tie_embeddings:
                 continue  # a last stage's copy of the tied embedding
-            name = global_name(name, coord["pipeline"] * layers_per_stage, cfg.tie_embeddings)
-            pieces.setdefault(name, {})[coord["tensor"]] = tensor
+            name = global_name(name, pipeline_rank * layers_per_stage, cfg.tie_embeddings)
+            pieces.setdefault(name, {})[tensor_rank] = tensor
     split = _partition_attributes(cfg)
     state = {}
     for name, by_rank in pieces.items():
@@ -170,7 +141,7 @@ def read_checkpoint(step_dir: str):
             state[name] = shards[0]
     if any(t.numel() == 0 for t in state.values()):
         raise ValueError(f"{step_dir}: the module files hold no weights (ZeRO-3); export the model with "
-                         "training.export.export_model and evaluate the export")
+                         "training.export and evaluate the export")
     return cfg, state
 
 
@@ -181,7 +152,7 @@ def load_model(path: str, device="cpu", dtype=torch.float32, half_memory_product
     if os.path.exists(os.path.join(path, WEIGHTS)) and os.path.exists(os.path.join(path, CONFIG)):
         cfg, state = read_export(path)
     else:
-        step_dir = _checkpoint_step_dir(path)
+        step_dir = find_step_dir(path)
         if step_dir is None:
             raise FileNotFoundError(f"{path} is neither an exported model ({WEIGHTS} + {CONFIG}) nor a checkpoint")
         cfg, state = read_checkpoint(step_dir)
