@@ -2,7 +2,8 @@
 
 A checkpoint is a directory ``<root>/step_<N>/`` holding
 - ``ds/``: DeepSpeed's checkpoint: per model-parallel rank ``mp_rank_XX_model_states.pt`` (the module
-  and the LR scheduler), per (data-parallel rank, model-parallel rank) a ZeRO optimizer file;
+  and the LR scheduler), per (DeepSpeed data-parallel rank, model-parallel rank) a ZeRO optimizer file,
+  DeepSpeed's data-parallel ranks being the data- x context-parallel ranks;
 - ``rank_<R>.pt`` per global rank: what exact resume needs beyond the engine (its ``coordinates`` in
   the layout, lane ids, carried memory, data position, RNG states, progress counters, W&B run id);
 - ``config.yaml``: the resolved config; ``manifest.json`` (written last): the layout, the ZeRO stage,
@@ -59,6 +60,7 @@ def layout() -> dict:
         "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
         "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
         "data": parallel_state.get_data_parallel_world_size(),
+        "context": parallel_state.get_context_parallel_world_size(),
     }
 
 
@@ -76,7 +78,20 @@ def coordinates() -> dict:
         "tensor": parallel_state.get_tensor_model_parallel_rank(),
         "pipeline": parallel_state.get_pipeline_model_parallel_rank(),
         "data": parallel_state.get_data_parallel_rank(),
+        "context": parallel_state.get_context_parallel_rank(),
     }
+
+
+def parallel_sizes(layout_: dict) -> tuple:
+    """(tensor, pipeline, data, context, virtual pipeline) sizes of a layout; checkpoints from before context
+    parallelism had 1."""
+    return (layout_["tensor"], layout_["pipeline"], layout_["data"], layout_.get("context", 1),
+            layout_["virtual_pipeline"])
+
+
+def context_rank(state: dict) -> int:
+    """A rank state's context-parallel rank (0 in checkpoints from before context parallelism)."""
+    return state["coordinates"].get("context", 0)
 
 
 def list_files(root: str) -> Dict[str, int]:
@@ -152,8 +167,8 @@ def read_rank_state(path: str, rank: int) -> dict:
 
 
 class SavedCheckpoint:
-    """A verified checkpoint's files, addressed by the (tensor, pipeline, data) coordinates of the run that
-    saved it. Tensors load on the CPU, memory-mapped."""
+    """A verified checkpoint's files, addressed by the (tensor, pipeline, data, context) coordinates of the run
+    that saved it. Tensors load on the CPU, memory-mapped."""
 
     def __init__(self, path: str, manifest: Optional[dict] = None):
         self.path = path
@@ -163,10 +178,10 @@ class SavedCheckpoint:
         self.rank_states = [torch.load(rank_file(path, rank), map_location="cpu", mmap=True, weights_only=False)
                             for rank in range(self.layout["world_size"])]
         # DeepSpeed numbers model files by rank in the model-parallel group: the group's global ranks, sorted.
-        group = sorted((s["coordinates"] for s in self.rank_states if s["coordinates"]["data"] == 0),
-                       key=lambda c: c["rank"])
+        group = sorted((s["coordinates"] for s in self.rank_states
+                        if s["coordinates"]["data"] == 0 and context_rank(s) == 0), key=lambda c: c["rank"])
         if len(group) != self.layout["tensor"] * self.layout["pipeline"]:
-            raise CheckpointError(f"{path}: found {len(group)} data-parallel rank 0 states, expected "
+            raise CheckpointError(f"{path}: found {len(group)} data- and context-parallel rank 0 states, expected "
                                   f"{self.layout['tensor'] * self.layout['pipeline']}")
         self.model_parallel_rank = {(c["tensor"], c["pipeline"]): index for index, c in enumerate(group)}
 

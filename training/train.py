@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from training.stop import EXIT_STOPPED_TO_RESUME, StopSignals, block_stop_signals, write_outcome
 
@@ -46,7 +46,8 @@ from training.distributed import device, init_distributed, init_model_parallel
 from training.memory_state import CarriedMemory
 from training.metrics import ConsoleSink, JsonlSink, device_peak_tflops, gate_values, max_over_world
 from training.optim import build_engine
-from training.step import StepResult, allreduce_tied_embedding_grads, is_finite, run_schedule, split_microbatches
+from training.step import (Microbatch, StepResult, allreduce_tied_embedding_grads, context_share, is_finite,
+                           run_schedule, split_microbatches)
 from training.wandb_sink import open_wandb
 
 
@@ -192,7 +193,8 @@ class Trainer:
         self.cfg = cfg
         env = init_distributed()
         validate(cfg, env.world_size)
-        init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed, cfg.parallel.virtual_pipeline)
+        init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed, context_parallel=cfg.parallel.context,
+                            virtual_pipeline=cfg.parallel.virtual_pipeline)
         seed_everything(cfg.seed)
         self.rank = env.rank
         self.world_size = env.world_size
@@ -201,6 +203,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = cfg.performance.tf32
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
         self.lanes_per_rank = cfg.data.global_lanes // self.dp_size
         self.window = cfg.data.n_segments * cfg.model.segment_length
         self.data_config = loader_config(cfg)
@@ -279,10 +282,15 @@ class Trainer:
         if self.rank == 0:
             self.log(metrics)
 
+    def microbatches(self, batch) -> List[Microbatch]:
+        """This rank's microbatches of a batch of its data-parallel rank's lanes (its CP share of them)."""
+        share = context_share(batch, self.cp_rank, self.cfg.parallel.context)
+        return split_microbatches(share, self.cfg.parallel.micro_batch_lanes, device())
+
     def train_step(self, batch) -> dict:
         cfg = self.cfg
         started = time.perf_counter()
-        microbatches = split_microbatches(batch, cfg.parallel.micro_batch_lanes, device())
+        microbatches = self.microbatches(batch)
         self.model.train()
         injected = self.state.step + 1 in cfg.debug.inject_nonfinite_at_steps
         result: StepResult = run_schedule(self.model, self.carried, microbatches, forward_only=False,
@@ -335,8 +343,7 @@ class Trainer:
         self.model.eval()
         loss_sum, weight, tokens = 0.0, 0.0, 0
         for batch in loader:
-            result = run_schedule(self.model, carried, split_microbatches(batch, self.cfg.parallel.micro_batch_lanes,
-                                                                          device()), forward_only=True)
+            result = run_schedule(self.model, carried, self.microbatches(batch), forward_only=True)
             loss_sum += result.loss_sum
             weight += result.weight
             tokens += result.tokens

@@ -146,13 +146,11 @@ def test_zero3_layout_change_fails_naming_both_layouts(stdlib_shards, tmp_path, 
     message = run_distributed(load_error, 2, train_overrides(stdlib_shards, zero3, **{
         "parallel.zero_stage": 3, "parallel.tensor": 2, "checkpoint.resume": "auto"}))[0]
     assert message is not None
-    assert "tensor=1 pipeline=1 virtual_pipeline=1 data=2 ZeRO-3" in message
-    assert "tensor=2 pipeline=1 virtual_pipeline=1 data=1 ZeRO-3" in message
+    assert "tensor=1 pipeline=1 data=2 ZeRO-3" in message and "tensor=2 pipeline=1 data=1 ZeRO-3" in message
     # Into ZeRO-3 from a ZeRO-1 checkpoint of another layout: refused too.
     checkpoints = saving_run[0]
     message = run_distributed(load_error, 1, train_overrides(stdlib_shards, str(tmp_path / "into_zero3"), **{
         "parallel.zero_stage": 3, **MODEL, "checkpoint.dir": checkpoints,
         "checkpoint.resume": "auto"}))[0]
     assert message is not None
-    assert "tensor=2 pipeline=2 virtual_pipeline=1 data=1 ZeRO-1" in message
-    assert "tensor=1 pipeline=1 virtual_pipeline=1 data=1 ZeRO-3" in message
+    assert "tensor=2 pipeline=2 data=1 ZeRO-1" in message and "tensor=1 pipeline=1 data=1 ZeRO-3" in message
