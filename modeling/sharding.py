@@ -91,9 +91,17 @@ def gather_from_tensor_parallel(local: torch.Tensor, param) -> torch.Tensor:
 
 @torch.no_grad()
 def load_full_state_dict(model, full_state: Dict[str, torch.Tensor]) -> None:
-    """Copy this rank's part of a full state dict into the model; every local parameter must be there."""
+    """Copy this rank's part of a full state dict into the model; every local parameter must be there, and
+    every layer parameter of the state dict must be one the model's layers have (a weight of another
+    architecture is never dropped silently)."""
+    names = global_names(model)
+    layer_parts = {_LAYER.sub("", full) for full in names.values() if _LAYER.match(full)}
+    unexpected = sorted(k for k in full_state if _LAYER.match(k) and _LAYER.sub("", k) not in layer_parts)
+    if layer_parts and unexpected:
+        raise KeyError(f"the full state dict holds layer parameters this model does not have: {unexpected[:3]}"
+                       f"{' ...' if len(unexpected) > 3 else ''}")
     for name, param in model.named_parameters():
-        full_name = global_names(model)[name]
+        full_name = names[name]
         if full_name not in full_state:
             raise KeyError(f"parameter {full_name!r} missing from the full state dict")
         shard = shard_for_this_rank(full_state[full_name], param)

@@ -115,7 +115,7 @@ def model_worker(rank, world, tp):
     from modeling.cpu_compat import megatron_on_cpu
     from modeling.init import init_weights
     from modeling.model import build_model
-    from modeling.sharding import full_state_dict, full_tensors
+    from modeling.sharding import full_state_dict, full_tensors, load_full_state_dict
     from training.distributed import init_distributed, init_model_parallel
 
     init_distributed()
@@ -131,7 +131,14 @@ def model_worker(rank, world, tp):
             loss, _ = model(tokens, labels=tokens)
         loss.sum().backward()
         grads = full_tensors(model, {n: p.grad for n, p in model.named_parameters()})
-        results[learned] = dict(weights=full_state_dict(model), grads=grads, loss=loss.detach())
+        results[learned] = dict(weights=full_state_dict(model), grads=grads, loss=loss.detach(), model=model)
+    mismatches = []
+    for source, target in ((True, False), (False, True)):
+        try:
+            load_full_state_dict(results[target].pop("model"), results[source]["weights"])
+        except KeyError as error:
+            mismatches.append(str(error))
+    results["mismatches"] = mismatches
     return results
 
 
@@ -151,6 +158,12 @@ def test_init_gives_scales_of_exactly_one_and_leaves_every_other_weight_as_witho
     assert on["weights"].keys() - scales.keys() == off["weights"].keys()
     for name, weight in off["weights"].items():
         assert torch.equal(on["weights"][name], weight), name
+
+
+def test_weights_with_and_without_scales_do_not_load_into_each_other(tp1_models):
+    into_plain, into_learned = tp1_models["mismatches"]
+    assert "does not have" in into_plain and "memory_key_log_scale" in into_plain
+    assert "missing" in into_learned and "log_scale" in into_learned
 
 
 def test_model_with_scales_of_one_trains_as_the_paper_bit_for_bit(tp1_models):
