@@ -8,6 +8,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from tests.distributed import run_distributed
 from tests.model.reference import reference_infini_attention
 from tests.model.test_infini_attention import G, H, N, make_inputs, make_memory, rel_err
+from tests.tolerance import tolerance
 
 
 def core_module(learned: bool, **config_overrides):
@@ -51,16 +52,19 @@ def test_learned_scales_times_evaluation_scales_match_float64_reference(update):
         *ref_inputs, ref_params["gate"], tuple(m.double() for m in memory), segment_length=N, update=update,
         memory_key_scale=1.5 * ref_params["memory_key_log_scale"].exp(),
         memory_query_scale=0.75 * ref_params["memory_query_log_scale"].exp())
-    assert rel_err(out, ref_out) < 1e-5 and rel_err(M, ref_M) < 1e-5 and rel_err(z, ref_z) < 1e-5
+    # float32 against float64: all tokens summed into the memory, then read (forward), and back (gradients).
+    forward, backward = tolerance(torch.float32, q.shape[2], depth=2), tolerance(torch.float32, q.shape[2], depth=4)
+    assert rel_err(out, ref_out) < forward and rel_err(M, ref_M) < forward and rel_err(z, ref_z) < forward
 
     probe = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64)
     (ref_out * probe).sum().add((ref_M * 0.3).sum()).backward()
     (out * probe.float()).sum().add((M * 0.3).sum()).backward()
     for got, want in zip(inputs, ref_inputs):
-        assert rel_err(got.grad, want.grad) < 1e-4
+        assert rel_err(got.grad, want.grad) < backward
     for name, param in module.named_parameters():
         assert param.grad.abs().min() > 0, name  # every head's scale is trained
-        assert rel_err(param.grad, ref_params[name].grad) < 1e-4, name
+        # A head's scale (and gate) gradient sums over all its lanes, tokens and dimensions.
+        assert rel_err(param.grad, ref_params[name].grad) < tolerance(torch.float32, q[:, 0].numel(), depth=4), name
 
 
 @pytest.mark.parametrize("update", ["linear", "delta"])
