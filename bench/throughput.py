@@ -2,7 +2,7 @@
 
 Each case is a short real training run (``python -m training.train``: data pipeline, megatron-core
 schedule, DeepSpeed ZeRO-1 with fp32 master weights, bf16) in its own process; warm-up steps are
-excluded. Baselines, when ``--anchor`` points at ../shared/bench/anchor_bench.py, run in the same
+excluded. Baselines, when ``--anchor`` names the baseline script (anchor_bench.py), run in the same
 call: the compiled plain-PyTorch Llama (fp32 master weights + bf16 autocast) and megatron-core's
 local-spec GPT at sequence 2048.
 
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="infini-1.3b,infini-350m")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--anchor", help="path of ../shared/bench/anchor_bench.py, to run its baselines here")
+    parser.add_argument("--anchor", help="path of the baseline script (anchor_bench.py), to run its baselines here")
     parser.add_argument("--anchor-modes", default="compiled amp megatron")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--tag", default="", help="suffix of the case labels (runs with overrides)")

@@ -21,7 +21,7 @@ from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
 from modeling.config import ModelConfig, build_transformer_config
 from modeling.export import CONFIG, WEIGHTS, read_export
 from modeling.model import build_model
-from modeling.sharding import global_name, load_full_state_dict, merge_tensor_parallel
+from modeling.sharding import load_full_state_dict, merge_tensor_parallel, split_chunk_name
 from training.checkpoint_layout import SavedCheckpoint, find_step_dir
 
 
@@ -51,7 +51,7 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                          "(needs --dtype bf16; the memory itself stays float32)")
     ap.add_argument("--memory-key-scale", type=positive_float, default=1.0, metavar="C",
                     help="write the memory with sigma(C * k) instead of sigma(k), times a model's learned key "
-                         "scales: above 1 sharpens which tokens a read weighs (docs/RESULTS.md, attempts 15-16)")
+                         "scales: above 1 sharpens which tokens a read weighs (docs/long-context.md)")
     ap.add_argument("--memory-query-scale", type=positive_float, default=1.0, metavar="C",
                     help="read the memory with sigma(C * q) instead of sigma(q), times a model's learned query "
                          "scales: above 1 shrinks the weight of the query's inactive dimensions")
@@ -120,16 +120,15 @@ def read_checkpoint(step_dir: str):
     saved = SavedCheckpoint(step_dir)
     cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(
         OmegaConf.structured(ModelConfig), OmegaConf.load(saved.config_path()).model))
-    tp, pp = saved.layout["tensor"], saved.layout["pipeline"]
-    layers_per_stage = cfg.num_layers // pp
+    tp = saved.layout["tensor"]
     pieces: Dict[str, Dict[int, torch.Tensor]] = {}
     for tensor_rank, pipeline_rank in saved.model_parallel_rank:
         for name, tensor in saved.model_states(tensor_rank, pipeline_rank)["module"].items():
             if tensor is None or name.endswith("_extra_state"):
                 continue
-            if name == "output_layer.weight" and cfg.tie_embeddings:
+            if split_chunk_name(name)[1] == "output_layer.weight" and cfg.tie_embeddings:
                 continue  # a last stage's copy of the tied embedding
-            name = global_name(name, pipeline_rank * layers_per_stage, cfg.tie_embeddings)
+            name = saved.global_name(name, pipeline_rank, cfg.num_layers, cfg.tie_embeddings)
             pieces.setdefault(name, {})[tensor_rank] = tensor
     split = _partition_attributes(cfg)
     state = {}

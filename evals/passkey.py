@@ -24,7 +24,7 @@ make-data writes training documents in the same format (random length, depth and
 after the question; --questions Q asks Q times, at random places after the needle and at the end)
 as DIR/passkey.jsonl and byte-level shards in DIR/shards; --answer-weight W gives the key digits of
 every answer loss weight W (default 1: no weights). report puts a run with memory and one with
---ablate-memory side by side (docs/RESULTS.md).
+--ablate-memory side by side (docs/long-context.md).
 """
 
 from __future__ import annotations

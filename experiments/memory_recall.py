@@ -13,7 +13,7 @@ gates forced local (memory ablated: chance is ln 10 = 2.30 nats a key token). Pr
 the mean key loss over the last 10% of the steps and the first step whose loss (mean of 20) fell
 below 0.5 nats.
 
-This is how the passkey recipe's failure was narrowed down (docs/RESULTS.md): recall through the
+What it shows (docs/long-context.md): recall through the
 memory is learned within a few hundred steps when the memory holds ~100 tokens, much later (or not
 within the run) when it holds ~500, and the delta update learns it far slower than the linear one.
 """

@@ -2,7 +2,7 @@
 
     python experiments/plain_transformer_passkey.py DATA/passkey.jsonl [--window 512] [--steps 600] [--lr 2e-3]
 
-An independent reference for the passkey recipe (docs/RESULTS.md): a small causal transformer
+An independent reference for the passkey recipe (docs/long-context.md): a small causal transformer
 (LayerNorm, GELU, RoPE, PyTorch's default initialisation, no memory) trained on the documents of
 `python -m evals.passkey make-data` (one document per row, cut or padded to --window bytes,
 the make-data loss weights applied), printing the weighted loss and the key digits' own loss. When

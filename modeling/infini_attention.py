@@ -14,7 +14,9 @@ g * A_mem + (1 - g) * A_dot. Optional memory scales c_k and c_q write sigma(c_k 
 sigma(c_q Q) in place of sigma(K) and sigma(Q) (1, the default, is the paper): one number for every
 head, or one per KV head (c_k) and per query head (c_q), e.g. the core module's learned scales.
 
-Nothing here touches torch.distributed: tensor parallelism only changes which heads a rank sees.
+Tensor parallelism only changes which heads a rank sees. With context parallelism (``context_group``)
+this call runs one rank's contiguous share of a window's segments, and the memory before its first
+segment comes from the other ranks (modeling/context_parallel.py): its only use of torch.distributed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from modeling.context_parallel import exchange_memory
 
 UPDATE_RULES = ("linear", "delta")
 
@@ -99,9 +103,16 @@ def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
 
 
-def _check_inputs(q, k, v, gate, memory, segment_length, update, reset, scales):
+def spans_ranks(context_group) -> bool:
+    return context_group is not None and context_group.size() > 1
+
+
+def _check_inputs(q, k, v, gate, memory, segment_length, update, reset, scales, context_group):
     if update not in UPDATE_RULES:
         raise ValueError(f"update rule must be one of {UPDATE_RULES}, got {update!r}")
+    if update == "delta" and spans_ranks(context_group):
+        raise ValueError("the delta update reads M_{s-1} before each write, so context-parallel ranks would have "
+                         "to run one after another; context parallelism needs the linear update")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be [batch, heads, tokens, head_dim]; got shapes "
@@ -174,11 +185,13 @@ def local_attention(q, k, v, segment_length, rotary_pos_emb=None):
     return out.reshape(b, s, h, n, dv).transpose(1, 2).reshape(b, h, t, dv)
 
 
-def _memories_before_segments(sk, v, memory, reset, update, state_dtype):
+def _memories_before_segments(sk, v, memory, reset, update, state_dtype, context_group=None):
     """M_{s-1}, z_{s-1} for every segment s, and the memory after the last one.
 
     sk: sigma(K) [b, g, s, n, d]; v: [b, g, s, n, dv], both in the products' operand dtype; the
-    memory and its updates are summed in state_dtype.
+    memory and its updates are summed in state_dtype. With context parallelism (linear update only)
+    the segments are this rank's share of the window, ``memory`` the memory at the window's start,
+    and the final memory the one after the window's last segment (on every rank).
     Returns M_before [b, g, s, d, dv], z_before [b, g, s, d], final InfiniMemory.
     """
     b, g, s, n, d = sk.shape
@@ -190,6 +203,8 @@ def _memories_before_segments(sk, v, memory, reset, update, state_dtype):
 
     if update == "linear":
         M_updates = (sk.transpose(-1, -2) @ v).to(state_dtype)  # [b, g, s, d, dv]
+        if spans_ranks(context_group):
+            return _memories_before_segments_of_rank(M_updates, z_updates, (M0, z0), reset, context_group)
         M_before = _exclusive_cumsum_with_resets(M_updates, M0, reset, extra_dims=2)
         z_before = _exclusive_cumsum_with_resets(z_updates, z0, reset, extra_dims=1)
         final = InfiniMemory(M_before[:, :, -1] + M_updates[:, :, -1], z_before[:, :, -1] + z_updates[:, :, -1])
@@ -207,6 +222,22 @@ def _memories_before_segments(sk, v, memory, reset, update, state_dtype):
         M = M + (sk_i.transpose(-1, -2) @ (v[:, :, i] - retrieve(sk_i, M, z)).to(sk.dtype)).to(state_dtype)
         z = z + z_updates[:, :, i]
     return torch.stack(M_list, dim=2), torch.stack(z_list, dim=2), InfiniMemory(M, z)
+
+
+def _memories_before_segments_of_rank(M_updates, z_updates, memory, reset, context_group):
+    """The linear update's memories before this rank's segments: its own writes summed from an empty
+    memory, plus the memory before its first segment (from the exchange) where no reset came between."""
+    M_own = _exclusive_cumsum_with_resets(M_updates, torch.zeros_like(memory[0]), reset, extra_dims=2)
+    z_own = _exclusive_cumsum_with_resets(z_updates, torch.zeros_like(memory[1]), reset, extra_dims=1)
+    writes = (M_own[:, :, -1] + M_updates[:, :, -1], z_own[:, :, -1] + z_updates[:, :, -1])
+    b, s = M_updates.shape[0], M_updates.shape[2]
+    has_reset = reset.any(dim=1) if reset is not None else torch.zeros(b, dtype=torch.bool, device=M_updates.device)
+    (M_in, z_in), final = exchange_memory(memory, writes, has_reset, context_group)
+    no_reset_yet = (torch.ones(b, s, dtype=torch.bool, device=M_updates.device) if reset is None
+                    else reset.cumsum(dim=1) == 0).to(M_updates.dtype)
+    M_before = M_own + M_in.unsqueeze(2) * no_reset_yet.view(b, 1, s, 1, 1)
+    z_before = z_own + z_in.unsqueeze(2) * no_reset_yet.view(b, 1, s, 1)
+    return M_before, z_before, InfiniMemory(*final)
 
 
 def _exclusive_cumsum_with_resets(updates, initial, reset, extra_dims):
@@ -243,6 +274,7 @@ def infini_attention(
     half_memory_products: bool = False,
     memory_key_scale: Union[float, torch.Tensor] = 1.0,
     memory_query_scale: Union[float, torch.Tensor] = 1.0,
+    context_group=None,
 ):
     """Infini-attention over ``tokens = n_segments * segment_length`` tokens.
 
@@ -257,12 +289,16 @@ def infini_attention(
     one positive scale per KV head. Above 1 it sharpens what a read weighs (sigma is exp below 0).
     memory_query_scale: the memory is read with sigma(memory_query_scale * q): a number > 0 or a
     tensor [h], one per query head. Gradients flow into scale tensors.
+    context_group: a process group of several ranks for context parallelism (linear update only): q, k,
+    v and reset are this rank's contiguous share of a window's segments, in rank order; memory is the
+    memory at the window's start (the same on every rank). The returned memory is the one after the
+    window's last segment, on every rank of the group.
 
     Returns (out [b, h, t, dv] in q's dtype, InfiniMemory after the last segment). Gradients flow
     through the memory across all segments (and into the given memory).
     """
     _check_inputs(q, k, v, gate, memory, segment_length, update, reset,
-                  dict(memory_key_scale=memory_key_scale, memory_query_scale=memory_query_scale))
+                  dict(memory_key_scale=memory_key_scale, memory_query_scale=memory_query_scale), context_group)
     b, h, t, d = q.shape
     g, dv = k.shape[1], v.shape[3]
     s, n = t // segment_length, segment_length
@@ -273,7 +309,7 @@ def infini_attention(
     operand_dtype = q.dtype if half_memory_products else state_dtype
     sk = scaled_sigma(k, memory_key_scale, operand_dtype).reshape(b, g, s, n, d)
     M_before, z_before, final = _memories_before_segments(sk, v.to(operand_dtype).reshape(b, g, s, n, dv), memory,
-                                                          reset, update, state_dtype)
+                                                          reset, update, state_dtype, context_group)
     sq = scaled_sigma(q, memory_query_scale, operand_dtype).reshape(b, g, h // g, s, n, d)
     from_memory = retrieve(sq, M_before.unsqueeze(2), z_before.unsqueeze(2)).reshape(b, h, t, dv)
 

@@ -85,7 +85,9 @@ class InfiniCoreAttention(MegatronModule):
     ``config.infini_learned_memory_scales`` it also owns the memory's learned scales, kept as logs so
     they stay positive: the memory writes sigma(exp(memory_key_log_scale) * k), one per KV head, and is
     read with sigma(exp(memory_query_log_scale) * q), one per query head (TP-partitioned the same way).
-    The configured ``infini_memory_key_scale`` / ``infini_memory_query_scale`` multiply on top.
+    The configured ``infini_memory_key_scale`` / ``infini_memory_query_scale`` multiply on top. With context
+    parallelism (a CP group of several ranks in pg_collection) it runs this rank's share of the window's
+    segments and exchanges the memory with the other ranks of the group.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, cp_comm_type=None,
@@ -94,6 +96,7 @@ class InfiniCoreAttention(MegatronModule):
         if softmax_scale is not None:
             raise ValueError("Infini-attention uses 1/sqrt(head_dim); softmax_scale must be None")
         tp_size = pg_collection.tp.size() if pg_collection is not None else 1
+        self.context_group = getattr(pg_collection, "cp", None)
         heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
         if heads % tp_size or groups % tp_size:
             raise ValueError(f"num_attention_heads ({heads}) and num_query_groups ({groups}) must be divisible "
@@ -127,7 +130,8 @@ class InfiniCoreAttention(MegatronModule):
         return infini_attention(query, key, value, self.gate, memory, segment_length=self.segment_length,
                                 update=self.update, reset=reset, rotary_pos_emb=rotary_pos_emb,
                                 half_memory_products=self.half_memory_products,
-                                memory_key_scale=key_scale, memory_query_scale=query_scale)
+                                memory_key_scale=key_scale, memory_query_scale=query_scale,
+                                context_group=self.context_group)
 
 
 class InfiniSelfAttention(SelfAttention):

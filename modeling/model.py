@@ -33,6 +33,10 @@ class InfiniGPTModel(GPTModel):
     window over the TP ranks along the sequence; norms and residuals run on [t / tp, b, h] slices, the
     column-parallel projections gather the sequence and the row-parallel ones scatter it again, and the
     output layer gathers it. The Infini memories are the same as without it (sharded by heads).
+
+    With context parallelism (megatron's CP group of several ranks) input_ids, labels and reset are this
+    rank's contiguous share of the window's segments; the memory in is the one at the window's start and
+    the memory out the one after its end, the same on every rank of the group.
     """
 
     def __init__(self, config: InfiniTransformerConfig, vocab_size: int, *, pre_process: bool = True,
@@ -51,6 +55,9 @@ class InfiniGPTModel(GPTModel):
             rotary_base=rotary_base,
             vp_stage=vp_stage,
         )
+        # RoPE positions restart in every segment and a context-parallel rank holds whole segments:
+        # megatron's slicing of the positions over the CP ranks must not apply.
+        self.rotary_pos_emb.cp_group = None
         tp_group = self.pg_collection.tp
         for name, param in self.named_parameters():
             if sums_gradient_over_tensor_parallel(name, param, config):
@@ -150,6 +157,22 @@ _compiled_token_cross_entropy = torch.compile(token_cross_entropy)
 
 
 def build_model(config: InfiniTransformerConfig, vocab_size: int, *, pre_process: bool = True,
-                post_process: bool = True, tie_embeddings: bool = False, rotary_base: int = 10000) -> InfiniGPTModel:
+                post_process: bool = True, tie_embeddings: bool = False, rotary_base: int = 10000,
+                vp_stage: Optional[int] = None) -> InfiniGPTModel:
     return InfiniGPTModel(config, vocab_size, pre_process=pre_process, post_process=post_process,
-                          share_embeddings_and_output_weights=tie_embeddings, rotary_base=rotary_base)
+                          share_embeddings_and_output_weights=tie_embeddings, rotary_base=rotary_base,
+                          vp_stage=vp_stage)
+
+
+class ModelChunks(torch.nn.ModuleList):
+    """A pipeline rank's model chunks (its virtual pipeline stages, ``vp_stage`` 0, 1, ...) in order: one
+    module, so one optimizer and one DeepSpeed engine hold all of them. Parameter names start with the
+    chunk index. ``forward(chunk, ...)`` runs that chunk's ``InfiniGPTModel.forward``."""
+
+    def forward(self, chunk: int, *args, **kwargs):
+        return self[chunk](*args, **kwargs)
+
+    @property
+    def layers(self) -> list:
+        """Every local transformer layer, chunk by chunk."""
+        return [layer for chunk in self for layer in chunk.layers]

@@ -10,7 +10,7 @@ embeddings, a last stage's ``output_layer.weight`` is a copy of ``embedding.word
 from __future__ import annotations
 
 import re
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,8 +30,27 @@ def global_name(local_name: str, first_layer: int, tied_output: bool) -> str:
     return local_name
 
 
+def rank_layers(num_layers: int, pipeline: int, virtual_pipeline: int, pipeline_rank: int) -> List[int]:
+    """Global indices of the layers a pipeline rank holds, chunk by chunk: with ``virtual_pipeline`` chunks of
+    ``n = num_layers / (pipeline * virtual_pipeline)`` layers, chunk c of rank p holds layers from
+    ``(c * pipeline + p) * n`` (megatron's ``get_transformer_layer_offset``)."""
+    per_chunk = num_layers // (pipeline * virtual_pipeline)
+    return [(chunk * pipeline + pipeline_rank) * per_chunk + i
+            for chunk in range(virtual_pipeline) for i in range(per_chunk)]
+
+
+def split_chunk_name(name: str) -> Tuple[int, str]:
+    """(chunk index, name inside the chunk) of a ``ModelChunks`` parameter name."""
+    chunk, local = name.split(".", 1)
+    return int(chunk), local
+
+
 def global_names(model) -> Dict[str, str]:
-    """Local parameter name -> name in the full (single-stage) model."""
+    """Local parameter name -> name in the full (single-stage) model. ``model`` is one stage's model or a
+    ``ModuleList`` of a rank's model chunks (``modeling.model.ModelChunks``: names start with the chunk index)."""
+    if isinstance(model, torch.nn.ModuleList):
+        return {f"{index}.{local}": full for index, chunk in enumerate(model)
+                for local, full in global_names(chunk).items()}
     first_layer = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else 0
     return {name: global_name(name, first_layer, model.share_embeddings_and_output_weights)
             for name, _ in model.named_parameters()}
@@ -72,9 +91,17 @@ def gather_from_tensor_parallel(local: torch.Tensor, param) -> torch.Tensor:
 
 @torch.no_grad()
 def load_full_state_dict(model, full_state: Dict[str, torch.Tensor]) -> None:
-    """Copy this rank's part of a full state dict into the model; every local parameter must be there."""
+    """Copy this rank's part of a full state dict into the model; every local parameter must be there, and
+    every layer parameter of the state dict must be one the model's layers have (a weight of another
+    architecture is never dropped silently)."""
+    names = global_names(model)
+    layer_parts = {_LAYER.sub("", full) for full in names.values() if _LAYER.match(full)}
+    unexpected = sorted(k for k in full_state if _LAYER.match(k) and _LAYER.sub("", k) not in layer_parts)
+    if layer_parts and unexpected:
+        raise KeyError(f"the full state dict holds layer parameters this model does not have: {unexpected[:3]}"
+                       f"{' ...' if len(unexpected) > 3 else ''}")
     for name, param in model.named_parameters():
-        full_name = global_names(model)[name]
+        full_name = names[name]
         if full_name not in full_state:
             raise KeyError(f"parameter {full_name!r} missing from the full state dict")
         shard = shard_for_this_rank(full_state[full_name], param)

@@ -12,9 +12,9 @@ At each step boundary while it is pending, the ranks agree (one small all-reduce
 whether every writer is done; then the checkpoint is finalized as above. A writer's failure stops
 training with an error naming the file, and that checkpoint is never finalized.
 
-Resuming on another layout (tensor, pipeline and/or data-parallel size) is ``training.reshard``'s:
-weights, optimizer state, carried memory and data positions are mapped through global names
-(ZeRO-1/2; ZeRO-3 fails with a message).
+Resuming on another layout (tensor, pipeline, virtual pipeline, data- and/or context-parallel size) is
+``training.reshard``'s: weights, optimizer state, carried memory and data positions are mapped through
+global names (ZeRO-1/2; ZeRO-3 fails with a message).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import torch.distributed as dist
 from training.async_checkpoint import SnapshottingCheckpointEngine, snapshot_to_host
 from training.checkpoint_io import ChecksummingCheckpointEngine, file_crc32, save_with_crc32
 from training.checkpoint_layout import (CONFIG, DEEPSPEED_TAG, FORMAT_VERSION, LATEST, MANIFEST, CheckpointError,
-                                        coordinates, layout, list_checkpoints, list_files, list_unfinished,
-                                        manifest_files, rank_file, read_rank_state, resume_candidates, step_dir_name,
-                                        step_of, verify)
+                                        check_format, coordinates, layout, list_checkpoints, list_files,
+                                        list_unfinished, manifest_files, parallel_sizes, rank_file, read_rank_state,
+                                        resume_candidates, step_dir_name, step_of, verify)
 from training.config import ConfigError, TrainConfig, save_resolved
 from training.reshard import load_resharded
 from training.rng import rng_state, set_rng_state
@@ -402,12 +402,13 @@ class CheckpointManager:
         """Restore the engine and every rank's state from ``checkpoint`` (collective); a checkpoint saved on
         another layout goes through ``training.reshard``."""
         path, manifest = checkpoint.path, checkpoint.manifest
+        check_format(path, manifest)
         saved, now = manifest["layout"], layout()
         global_lanes = self.cfg.data.global_lanes
         if manifest["global_lanes"] != global_lanes:
             raise CheckpointError(f"{path} was saved with data.global_lanes={manifest['global_lanes']}; this run has "
                                   f"{global_lanes}: the lanes (and their memory) would not continue")
-        if (saved["tensor"], saved["pipeline"], saved["data"]) != (now["tensor"], now["pipeline"], now["data"]):
+        if parallel_sizes(saved) != parallel_sizes(now):
             rank_state = load_resharded(path, manifest, self.cfg, self.engine, self.model, self.lane_ids)
         else:
             load_path, _ = self.engine.load_checkpoint(path, tag=DEEPSPEED_TAG, load_optimizer_states=True,

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory ``<root>/step_<N>/`` holding
 - ``ds/``: DeepSpeed's checkpoint: per model-parallel rank ``mp_rank_XX_model_states.pt`` (the module
-  and the LR scheduler), per (data-parallel rank, model-parallel rank) a ZeRO optimizer file;
+  and the LR scheduler), per (DeepSpeed data-parallel rank, model-parallel rank) a ZeRO optimizer file,
+  DeepSpeed's data-parallel ranks being the data- x context-parallel ranks;
 - ``rank_<R>.pt`` per global rank: what exact resume needs beyond the engine (its ``coordinates`` in
   the layout, lane ids, carried memory, data position, RNG states, progress counters, W&B run id);
 - ``config.yaml``: the resolved config; ``manifest.json`` (written last): the layout, the ZeRO stage,
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from modeling.sharding import global_name, rank_layers, split_chunk_name
 from training.checkpoint_io import file_crc32
 
 STEP_PREFIX = "step_"
@@ -31,9 +33,10 @@ LATEST = "latest"
 CONFIG = "config.yaml"
 DEEPSPEED_TAG = "ds"
 """The sub-directory DeepSpeed's ``save_checkpoint``/``load_checkpoint`` write and read (their ``tag``)."""
-FORMAT_VERSION = 2
-"""Format 2 records each file as ``{"bytes": size, "crc32": checksum}``; format 1 recorded sizes only (and is
-verified by size)."""
+FORMAT_VERSION = 3
+"""3: the manifest records each file as ``{"bytes": size, "crc32": checksum}``; 2: sizes only (verified by size).
+Both name parameters by model chunk (``<chunk>.<name in the chunk>``, ``modeling.model.ModelChunks``)."""
+READABLE_FORMATS = (2, 3)
 UNFINISHED_PREFIX = ".tmp-"
 """A save in progress writes ``.tmp-step_<N>/`` and renames it when complete."""
 
@@ -60,8 +63,17 @@ def layout() -> dict:
         "world_size": dist.get_world_size(),
         "tensor": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
         "data": parallel_state.get_data_parallel_world_size(),
+        "context": parallel_state.get_context_parallel_world_size(),
     }
+
+
+def check_format(path: str, manifest: dict) -> None:
+    """A checkpoint of a format this code does not read cannot be resumed: its names would not match."""
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path} has checkpoint format {manifest.get('format')}; this version reads formats "
+                              f"{' and '.join(map(str, READABLE_FORMATS))} only (parameters named by model chunk)")
 
 
 def coordinates() -> dict:
@@ -71,7 +83,20 @@ def coordinates() -> dict:
         "tensor": parallel_state.get_tensor_model_parallel_rank(),
         "pipeline": parallel_state.get_pipeline_model_parallel_rank(),
         "data": parallel_state.get_data_parallel_rank(),
+        "context": parallel_state.get_context_parallel_rank(),
     }
+
+
+def parallel_sizes(layout_: dict) -> tuple:
+    """(tensor, pipeline, data, context, virtual pipeline) sizes of a layout; checkpoints from before context
+    parallelism had 1."""
+    return (layout_["tensor"], layout_["pipeline"], layout_["data"], layout_.get("context", 1),
+            layout_["virtual_pipeline"])
+
+
+def context_rank(state: dict) -> int:
+    """A rank state's context-parallel rank (0 in checkpoints from before context parallelism)."""
+    return state["coordinates"].get("context", 0)
 
 
 def list_files(root: str) -> Dict[str, int]:
@@ -187,22 +212,34 @@ def read_rank_state(path: str, rank: int) -> dict:
 
 
 class SavedCheckpoint:
-    """A verified checkpoint's files, addressed by the (tensor, pipeline, data) coordinates of the run that
-    saved it. Tensors load on the CPU, memory-mapped."""
+    """A verified checkpoint's files, addressed by the (tensor, pipeline, data, context) coordinates of the run
+    that saved it. Tensors load on the CPU, memory-mapped."""
 
     def __init__(self, path: str, manifest: Optional[dict] = None):
         self.path = path
         self.manifest = verify(path) if manifest is None else manifest
+        check_format(path, self.manifest)
         self.layout = self.manifest["layout"]
         self.rank_states = [torch.load(rank_file(path, rank), map_location="cpu", mmap=True, weights_only=False)
                             for rank in range(self.layout["world_size"])]
         # DeepSpeed numbers model files by rank in the model-parallel group: the group's global ranks, sorted.
-        group = sorted((s["coordinates"] for s in self.rank_states if s["coordinates"]["data"] == 0),
-                       key=lambda c: c["rank"])
+        group = sorted((s["coordinates"] for s in self.rank_states
+                        if s["coordinates"]["data"] == 0 and context_rank(s) == 0), key=lambda c: c["rank"])
         if len(group) != self.layout["tensor"] * self.layout["pipeline"]:
-            raise CheckpointError(f"{path}: found {len(group)} data-parallel rank 0 states, expected "
+            raise CheckpointError(f"{path}: found {len(group)} data- and context-parallel rank 0 states, expected "
                                   f"{self.layout['tensor'] * self.layout['pipeline']}")
         self.model_parallel_rank = {(c["tensor"], c["pipeline"]): index for index, c in enumerate(group)}
+
+    def rank_layers(self, pipeline: int, num_layers: int) -> List[int]:
+        """The global layers saved pipeline rank ``pipeline`` held, in its local order (chunk by chunk)."""
+        return rank_layers(num_layers, self.layout["pipeline"], self.layout["virtual_pipeline"], pipeline)
+
+    def global_name(self, name: str, pipeline: int, num_layers: int, tie_embeddings: bool) -> str:
+        """The full-model name of a parameter of saved pipeline rank ``pipeline``, named as DeepSpeed saved it
+        (``<chunk>.<name in the chunk>``)."""
+        layers = self.rank_layers(pipeline, num_layers)
+        chunk, local = split_chunk_name(name)
+        return global_name(local, layers[chunk * len(layers) // self.layout["virtual_pipeline"]], tie_embeddings)
 
     def config_path(self) -> str:
         return os.path.join(self.path, CONFIG)

@@ -29,6 +29,10 @@ class ConfigError(ValueError):
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    virtual_pipeline: int = 1
+    """Model chunks per pipeline rank: with V > 1 each rank holds V chunks of num_layers / (pipeline x V) layers
+    (chunk c of rank p: layers from (c x pipeline + p) x that), run by megatron's interleaved 1F1B schedule. The
+    pipeline bubble shrinks by V for V times as many point-to-point transfers; 1: the plain 1F1B schedule."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 1 with pipeline parallelism (parallel.pipeline > 1); 1, 2 or 3 without. (Stage 0
     refuses the backward megatron's schedules run.)"""
@@ -37,6 +41,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """megatron's sequence parallelism inside the TP group (parallel.tensor > 1): norms and residuals hold
     1/tensor of the window's tokens per rank; the TP all-reduces become all-gathers and reduce-scatters."""
+    context: int = 1
+    """Context parallelism: each window's segments are split into this many contiguous groups, one per rank
+    of a CP group; a rank runs its share of every layer, and only the Infini memory (one all-gather of
+    d_k x d_v per KV head and layer) crosses ranks. Needs model.update=linear. Gradients are reduced over
+    the data-parallel x context-parallel ranks."""
 
 
 @dataclass
@@ -287,6 +296,8 @@ NUMERIC_RANGES = {
     "data.vocab_size": AT_LEAST_0,
     "parallel.tensor": AT_LEAST_1,
     "parallel.pipeline": AT_LEAST_1,
+    "parallel.virtual_pipeline": AT_LEAST_1,
+    "parallel.context": AT_LEAST_1,
     "parallel.micro_batch_lanes": AT_LEAST_1,
     "optimizer.lr": POSITIVE,
     "optimizer.min_lr": AT_LEAST_0,
@@ -344,6 +355,12 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(str(error)) from error
     need(cfg.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     par = cfg.parallel
+    need(cfg.data.n_segments % par.context == 0,
+         f"data.n_segments ({cfg.data.n_segments}) must be divisible by parallel.context ({par.context}): each "
+         "context-parallel rank runs a whole number of a window's segments")
+    need(par.context == 1 or cfg.model.update == "linear",
+         f"parallel.context={par.context} needs model.update=linear (got {cfg.model.update!r}): the delta update "
+         "reads the memory before each write, so context-parallel ranks would have to run one after another")
     need(par.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {par.zero_stage} (DeepSpeed's "
          "stage 0 refuses the backward that megatron's schedules run)")
     need(par.pipeline == 1 or par.zero_stage == 1,
@@ -352,13 +369,20 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
          "pipeline parallelism, or parallel.pipeline=1")
     need(cfg.model.num_layers % par.pipeline == 0,
          f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.pipeline ({par.pipeline})")
+    need(par.virtual_pipeline == 1 or par.pipeline > 1,
+         f"parallel.virtual_pipeline={par.virtual_pipeline} needs parallel.pipeline > 1: it interleaves model chunks "
+         "over the pipeline ranks")
+    need(cfg.model.num_layers % (par.pipeline * par.virtual_pipeline) == 0,
+         f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.pipeline x parallel.virtual_pipeline "
+         f"({par.pipeline} x {par.virtual_pipeline})")
     need(not par.sequence_parallel or par.tensor > 1,
          f"parallel.sequence_parallel needs parallel.tensor > 1 (got {par.tensor}): it splits the sequence over "
          "the tensor-parallel ranks")
     window = cfg.data.n_segments * cfg.model.segment_length
-    need(not par.sequence_parallel or window % par.tensor == 0,
-         f"parallel.sequence_parallel splits each window of data.n_segments x model.segment_length = {window} tokens "
-         f"over parallel.tensor ({par.tensor}) ranks: it must be divisible")
+    need(not par.sequence_parallel or (window // par.context) % par.tensor == 0,
+         f"parallel.sequence_parallel splits each rank's share of a window, data.n_segments x model.segment_length = "
+         f"{window} tokens / parallel.context ({par.context}), over parallel.tensor ({par.tensor}) ranks: it must be "
+         "divisible")
     need(cfg.model.num_attention_heads % par.tensor == 0,
          f"model.num_attention_heads ({cfg.model.num_attention_heads}) must be divisible by parallel.tensor ({par.tensor})")
     need(cfg.data.vocab_size in (0, cfg.model.vocab_size),
@@ -382,15 +406,23 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
     mode = cfg.logging.wandb.mode
     need(mode in (None, "online", "offline", "disabled"), f"logging.wandb.mode must be online, offline or disabled, got {mode!r}")
     if world_size is not None:
-        model_parallel = par.tensor * par.pipeline
+        model_parallel = par.tensor * par.pipeline * par.context
         need(world_size % model_parallel == 0,
-             f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline ({model_parallel})")
+             f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x parallel.context "
+             f"({model_parallel})")
         dp = world_size // model_parallel
         need(cfg.data.global_lanes % dp == 0,
              f"data.global_lanes ({cfg.data.global_lanes}) must be divisible by the data-parallel size ({dp})")
         need((cfg.data.global_lanes // dp) % par.micro_batch_lanes == 0,
              f"lanes per data-parallel rank ({cfg.data.global_lanes // dp}) must be divisible by "
              f"parallel.micro_batch_lanes ({par.micro_batch_lanes})")
+        microbatches = cfg.data.global_lanes // dp // par.micro_batch_lanes
+        # megatron's interleaved schedule runs the microbatches in groups of parallel.pipeline per chunk.
+        need(par.virtual_pipeline == 1 or microbatches % par.pipeline == 0,
+             f"parallel.virtual_pipeline={par.virtual_pipeline} runs the microbatches in groups of parallel.pipeline "
+             f"({par.pipeline}): the microbatches per step (data.global_lanes / data-parallel size / "
+             f"parallel.micro_batch_lanes = {cfg.data.global_lanes} / {dp} / {par.micro_batch_lanes} = {microbatches}) "
+             "must be a multiple of it")
 
 
 def loader_config(cfg: TrainConfig) -> DataConfig:

@@ -75,15 +75,20 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     return env
 
 
-def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, seed: int = 1234) -> None:
+def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, seed: int = 1234,
+                        context_parallel: int = 1, virtual_pipeline: int = 1) -> None:
+    """megatron's groups in its default rank order tp-cp-ep-dp-pp: TP ranks adjacent, then CP, DP, PP.
+    ``virtual_pipeline`` > 1 selects megatron's interleaved pipeline schedule."""
     world = dist.get_world_size()
-    if world % (tensor_parallel * pipeline_parallel):
+    if world % (tensor_parallel * pipeline_parallel * context_parallel):
         raise ValueError(
             f"world size {world} is not divisible by tensor_parallel ({tensor_parallel}) x "
-            f"pipeline_parallel ({pipeline_parallel})"
+            f"pipeline_parallel ({pipeline_parallel}) x context_parallel ({context_parallel})"
         )
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
+    parallel_state.initialize_model_parallel(
+        tensor_parallel, pipeline_parallel, context_parallel_size=context_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None)
     if torch.cuda.is_available():
         model_parallel_cuda_manual_seed(seed)
     else:

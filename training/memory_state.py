@@ -10,69 +10,80 @@ from modeling.infini_attention import InfiniMemory
 
 
 class CarriedMemory:
-    """Per microbatch slot (a fixed group of this rank's lanes), the memory of every local layer.
+    """Per model chunk and microbatch slot (a fixed group of this rank's lanes), the memory of every
+    layer of the chunk.
 
     Stored detached: gradients flow through the memory inside a window (full BPTT over its
     segments) and stop between windows. A slot that has not run yet holds None (empty memory).
     Resets inside the data zero a lane's memory where a new document starts, in the layers.
     """
 
-    def __init__(self, num_slots: int, num_layers: int, device=None):
+    def __init__(self, num_slots: int, layers_per_chunk: List[int], device=None):
         self.num_slots = num_slots
-        self.num_layers = num_layers
+        self.layers_per_chunk = list(layers_per_chunk)
+        self.num_layers = sum(self.layers_per_chunk)
         # Where load_state_dict puts the memory (None: where the saved tensors are).
         self.device = device
-        self._slots: List[Optional[List[InfiniMemory]]] = [None] * num_slots
+        self._slots: List[List[Optional[List[InfiniMemory]]]] = self._empty()
 
-    def get(self, slot: int) -> Optional[List[InfiniMemory]]:
-        return self._slots[slot]
+    def _empty(self) -> List[List[Optional[List[InfiniMemory]]]]:
+        return [[None] * self.num_slots for _ in self.layers_per_chunk]
 
-    def set(self, slot: int, memories: List[InfiniMemory]) -> None:
-        if len(memories) != self.num_layers:
-            raise ValueError(f"expected memory for {self.num_layers} layers, got {len(memories)}")
-        self._slots[slot] = [InfiniMemory(m.M.detach(), m.z.detach()) for m in memories]
+    def get(self, chunk: int, slot: int) -> Optional[List[InfiniMemory]]:
+        return self._slots[chunk][slot]
+
+    def set(self, chunk: int, slot: int, memories: List[InfiniMemory]) -> None:
+        if len(memories) != self.layers_per_chunk[chunk]:
+            raise ValueError(f"expected memory for the {self.layers_per_chunk[chunk]} layers of chunk {chunk}, "
+                             f"got {len(memories)}")
+        self._slots[chunk][slot] = [InfiniMemory(m.M.detach(), m.z.detach()) for m in memories]
 
     def max_norm(self) -> float:
         """Largest Frobenius norm of one head's M over lanes, heads and layers (0 when empty)."""
-        norms = [m.M.flatten(2).norm(dim=-1).max() for slot in self._slots if slot for m in slot]
+        norms = [m.M.flatten(2).norm(dim=-1).max() for chunk in self._slots for slot in chunk if slot for m in slot]
         return torch.stack(norms).max().item() if norms else 0.0
 
     def state_dict(self) -> Dict[str, object]:
-        """Per layer, M and z of all the rank's lanes in lane order ([lanes, g, d, dv] / [lanes, g, d])."""
-        if any(slot is None for slot in self._slots):
+        """Per local layer (chunk by chunk), M and z of all the rank's lanes in lane order ([lanes, g, d, dv] /
+        [lanes, g, d])."""
+        if any(slot is None for chunk in self._slots for slot in chunk):
             return {"layers": None}
         layers = []
-        for layer in range(self.num_layers):
-            M = torch.cat([slot[layer].M for slot in self._slots]).cpu()
-            z = torch.cat([slot[layer].z for slot in self._slots]).cpu()
-            layers.append({"M": M, "z": z})
+        for chunk in self._slots:
+            for layer in range(len(chunk[0])):
+                layers.append({"M": torch.cat([slot[layer].M for slot in chunk]).cpu(),
+                               "z": torch.cat([slot[layer].z for slot in chunk]).cpu()})
         return {"layers": layers}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         layers = state["layers"]
         if layers is None:
-            self._slots = [None] * self.num_slots
+            self._slots = self._empty()
             return
         if len(layers) != self.num_layers:
-            raise ValueError(f"saved memory has {len(layers)} layers, this stage has {self.num_layers}")
+            raise ValueError(f"saved memory has {len(layers)} layers, this rank has {self.num_layers}")
         lanes = layers[0]["M"].shape[0]
         if lanes % self.num_slots:
             raise ValueError(f"saved memory holds {lanes} lanes, not divisible into {self.num_slots} microbatches")
         per_slot = lanes // self.num_slots
-        self._slots = [
-            [InfiniMemory(layer["M"][s * per_slot:(s + 1) * per_slot].to(self.device),
-                          layer["z"][s * per_slot:(s + 1) * per_slot].to(self.device)) for layer in layers]
-            for s in range(self.num_slots)
-        ]
+        self._slots = []
+        first = 0
+        for count in self.layers_per_chunk:
+            chunk_layers = layers[first:first + count]
+            first += count
+            self._slots.append([
+                [InfiniMemory(layer["M"][s * per_slot:(s + 1) * per_slot].to(self.device),
+                              layer["z"][s * per_slot:(s + 1) * per_slot].to(self.device)) for layer in chunk_layers]
+                for s in range(self.num_slots)])
 
 
-def regather_memory(saved: List[dict], saved_tensor_size: int, saved_layers_per_stage: int, global_lanes: int,
+def regather_memory(saved: List[dict], saved_tensor_size: int, saved_layers: List[List[int]], global_lanes: int,
                     layers: List[int], lanes: List[int], tensor_rank: int, tensor_size: int) -> Dict[str, object]:
     """The carried memory of one rank of another layout, from the memory every rank of a checkpoint saved.
 
     ``saved``: per old rank, ``{"coordinates", "lane_ids", "memory"}`` (as in its rank state): the
-    memory of its lanes, of its pipeline stage's layers, of the KV groups its TP rank owns (contiguous,
-    ``groups / tp`` each). Returns, in ``CarriedMemory.state_dict`` form, global ``layers`` for
+    memory of its lanes, of its pipeline rank's layers (``saved_layers[pipeline rank]``: their global
+    indices in local order), of the KV groups its TP rank owns (contiguous, ``groups / tp`` each). Returns, in ``CarriedMemory.state_dict`` form, global ``layers`` for
     ``lanes`` (in that order) and the KV groups of ``tensor_rank`` of ``tensor_size``. Every
     (layer, lane, group) must be saved exactly once.
     """
@@ -85,7 +96,8 @@ def regather_memory(saved: List[dict], saved_tensor_size: int, saved_layers_per_
     mine = slice(tensor_rank * groups // tensor_size, (tensor_rank + 1) * groups // tensor_size)
     out = []
     for layer in layers:
-        stage, local = divmod(layer, saved_layers_per_stage)
+        stage = next(stage for stage, held in enumerate(saved_layers) if layer in held)
+        local = saved_layers[stage].index(layer)
         holders = [s for s in saved if s["coordinates"]["pipeline"] == stage]
         sample = holders[0]["memory"]["layers"][local]["M"]
         M = torch.zeros(global_lanes, groups, *sample.shape[2:], dtype=sample.dtype)

@@ -102,12 +102,13 @@ class ConsoleSink:
 
 
 def gate_values(model) -> Dict[int, List[float]]:
-    """sigmoid(beta) per head for every layer (global layer index), gathered over TP and PP.
+    """sigmoid(beta) per head for every layer (global layer index), gathered over TP and PP. ``model``: a
+    stage's model or a rank's ``ModelChunks``.
 
     Each (TP rank, PP stage) of the model-parallel group reports once; TP ranks hold consecutive heads.
     """
     local = {}
-    for layer in model.decoder.layers:
+    for layer in model.layers:
         gate = layer.self_attention.core_attention.gate.detach().float()
         local[layer.layer_number - 1] = torch.sigmoid(gate).cpu().tolist()
     world = parallel_state.get_model_parallel_group()

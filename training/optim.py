@@ -16,7 +16,9 @@ class MegatronMpu:
     """The ``mpu`` DeepSpeed expects, answered by megatron-core's parallel_state.
 
     DeepSpeed shards ZeRO state over the data-parallel group and sums gradient norms over the
-    model-parallel group (TP x PP), counting TP-duplicated parameters once.
+    model-parallel group (TP x PP), counting TP-duplicated parameters once. Its data-parallel group is
+    megatron's with the context-parallel ranks: a CP rank's gradients hold its share of the window's
+    tokens, so they are reduced over DP x CP (as megatron does), and ZeRO shards over those ranks too.
     """
 
     get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
@@ -26,9 +28,18 @@ class MegatronMpu:
     get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
     get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
     get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
-    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
-    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+
+    @staticmethod
+    def get_data_parallel_group():
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+    @staticmethod
+    def get_data_parallel_rank():
+        return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+    @staticmethod
+    def get_data_parallel_world_size():
+        return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
 
     @staticmethod
     def get_model_parallel_rank():

@@ -13,10 +13,10 @@ microbatches in flight, the last the output layer and the logits):
 
 * Weights, gradients, optimizer state. bf16 (the GPU trainer): bf16 weights (2 bytes) and gradients (2),
   fp32 master weights (4) and Adam's two moments (8): 16 bytes a parameter. fp32 (the CPU trainer):
-  fp32 weights (4) and gradients (4), Adam (8) and, with ZeRO >= 1, DeepSpeed's fp32 copy of the
-  partition it steps (4). ZeRO-1 shards master weights and Adam state over DP, ZeRO-2 also the
-  gradients, ZeRO-3 also the weights. Weights split over TP (all of them, norms included: a small
-  overcount) and over PP by layers.
+  fp32 weights (4) and gradients (4), Adam (8) and DeepSpeed's fp32 copy of the partition
+  it steps (4). ZeRO-1 shards master weights and Adam state over DP x CP (the trainer's
+  optimizer group), ZeRO-2 also the gradients, ZeRO-3 also the weights. Weights split over TP
+  (all of them, norms included: a small overcount) and over PP by layers.
 * Activations, derived from what the layer's autograd saves (``layer_activation_bytes``; the counts
   were checked tensor by tensor with ``torch.autograd.graph.saved_tensors_hooks`` on the CPU).
   Megatron-LM's 34 s b h + 5 a s^2 b becomes, per token of one layer: the two norms' inputs (and in
@@ -33,8 +33,10 @@ microbatches in flight, the last the output layer and the logits):
   time in backward. CP divides a microbatch's tokens by C. Compiled layers (performance.compile_layers):
   torch.compile's partitioner keeps SwiGLU's FC1 output and recomputes the elementwise rest, the
   one difference from the eager count that the GPU peaks show (docs/planner.md).
-* Microbatches in flight on the first stage: 1 without PP, min(PP, m) with 1F1B, and megatron's
-  interleaved warm-up ((V-1) PP + 2 (PP-1) + 1 chunks of L / (PP V) layers) with V > 1.
+* Microbatches in flight on the first stage: megatron's warm-up forwards on pipeline rank 0
+  (``get_pp_rank_microbatches``) plus the steady state's first forward, which runs before the first
+  backward: 1 without PP, min(PP, m) whole stages with 1F1B, and min((V-1) PP + 2 (PP-1) + 1, m V)
+  chunks of L / (PP V) layers with the interleaved schedule (V > 1).
 * The logits: the output layer and cross-entropy of one microbatch (a chunk of loss_chunk_tokens
   when chunked): megatron's cross-entropy keeps the fp32 softmax, beside which the bf16 logits'
   gradient exists in backward; the compiled loss keeps the bf16 logits and their bf16 gradient.
@@ -53,19 +55,21 @@ Step time, no overlap assumed between compute and communication:
 * Pipeline bubble: compute x (PP - 1) / (m V).
 * TP: per layer and microbatch, 2 all-reduces of the activations forward and 2 backward (with SP the
   same volume as all-gather + reduce-scatter), ring cost 2 (t-1)/t bytes / NVLink bandwidth.
-* DP: gradient reduce-scatter + parameter all-gather, 2 (d-1)/d x the stage's weights, over the
-  inter-node links (NVLink when the TP x CP x DP group fits in a node); ZeRO-3 gathers the weights
-  again in forward and backward (1.5x).
+* DP: gradient reduce-scatter + parameter all-gather over the DP x CP ranks (g of them), 2 (g-1)/g x
+  the stage's weights, over the inter-node links (NVLink when the TP x CP x DP block of ranks, in the
+  trainer's tp-cp-dp-pp order, fits in a node); ZeRO-3 gathers the weights again in forward and
+  backward (1.5x).
 * PP: per microbatch and chunk, the activations sent forward and their gradient back.
 * CP: per layer and microbatch, an all-gather of each rank's memory update (M and z) forward and a
   reduce-scatter of its gradient backward.
 
-Validity: TP divides the heads and the KV groups and is at most --gpus-per-node; SP only with TP > 1;
-PP V divides the layers; CP divides the window's segments and needs the linear update; ZeRO-2/3
-not with PP > 1 (DeepSpeed forbids it with pipelines); TP PP CP DP = GPUs; DP divides the global
-lanes and the micro-batch lanes divide a DP rank's lanes; V > 1 needs PP > 1 and the microbatches
-a multiple of PP (megatron's interleaved schedule). ``--runnable-only`` keeps layouts the trainer's
-config can express today (no SP, V = 1, CP = 1).
+Validity, the rules of ``training.config.validate`` (every layout enumerated is a trainer config):
+TP PP CP DP = GPUs; TP divides the heads; ZeRO 1, 2 or 3, and only 1 with PP > 1; PP V divides the
+layers, V > 1 needs PP > 1 and the microbatches a multiple of PP (megatron's interleaved schedule);
+SP needs TP > 1 and TP dividing a CP rank's share of the window (window / CP tokens); CP divides the
+window's segments and needs the linear update; DP divides the global lanes and the micro-batch lanes
+divide a DP rank's lanes; the compiled loss needs TP = 1. Besides those, what megatron and the
+hardware impose: TP divides the KV groups and the padded vocabulary and is at most --gpus-per-node.
 """
 
 from __future__ import annotations
@@ -110,9 +114,9 @@ class Layout:
         return self.tp * self.pp * self.cp * self.dp
 
     @property
-    def runnable_today(self) -> bool:
-        """Expressible with the trainer's current config keys (no SP, virtual pipeline or CP)."""
-        return not self.sp and self.vp == 1 and self.cp == 1
+    def gradient_ranks(self) -> int:
+        """The ranks that reduce gradients and shard ZeRO state: DP x CP."""
+        return self.dp * self.cp
 
 
 @dataclass(frozen=True)
@@ -223,13 +227,14 @@ def microbatches_per_step(layout: Layout, workload: Workload) -> int:
 
 
 def microbatches_in_flight(layout: Layout, microbatches: int) -> float:
-    """Microbatches of a whole stage's activations held on the first stage at the peak."""
+    """Microbatches of a whole stage's activations held on the first stage at the peak: megatron's
+    warm-up forwards on pipeline rank 0 and the steady state's first forward, each of one chunk."""
     if layout.pp == 1:
         return 1.0
     if layout.vp == 1:
-        return float(min(layout.pp, microbatches))
-    chunks = min((layout.vp - 1) * layout.pp + 2 * (layout.pp - 1) + 1, microbatches * layout.vp)
-    return chunks / layout.vp
+        return float(min(layout.pp, microbatches))  # PP - 1 warm-up forwards + 1
+    warmup = 2 * (layout.pp - 1) + (layout.vp - 1) * layout.pp
+    return min(warmup + 1, microbatches * layout.vp) / layout.vp
 
 
 def state_bytes(model: ModelConfig, layout: Layout, precision: str, stage: str) -> Dict[str, float]:
@@ -243,16 +248,13 @@ def state_bytes(model: ModelConfig, layout: Layout, precision: str, stage: str) 
         layers += 0 if model.tie_embeddings and layout.pp == 1 else embedding
     params = layers / layout.tp
     e = activation_bytes(precision)
-    master = 0 if precision == "fp32" and layout.zero == 0 else 4
-    optimizer = (master + 8) * params
+    optimizer = (4 + 8) * params / layout.gradient_ranks  # fp32 master weights and Adam's moments
     gradients = e * params
     weights = e * params
-    if layout.zero >= 1:
-        optimizer /= layout.dp
     if layout.zero >= 2:
-        gradients /= layout.dp
+        gradients /= layout.gradient_ranks
     if layout.zero >= 3:
-        weights /= layout.dp
+        weights /= layout.gradient_ranks
     return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "parameters": params}
 
 
@@ -274,9 +276,7 @@ REDUCE_BUCKET_ELEMENTS = 5e8
 
 def gradient_bucket_bytes(layout: Layout, precision: str) -> float:
     """DeepSpeed ZeRO's contiguous gradient-reduction bucket: fp32 for ZeRO-1 (its accumulator), the
-    gradients' dtype for ZeRO-2/3; none without ZeRO."""
-    if layout.zero == 0:
-        return 0.0
+    gradients' dtype for ZeRO-2/3."""
     return REDUCE_BUCKET_ELEMENTS * (4 if layout.zero == 1 else activation_bytes(precision))
 
 
@@ -340,10 +340,11 @@ def step_seconds(model: ModelConfig, layout: Layout, workload: Workload, hardwar
         tp_time = (collectives * layers * microbatches * 2 * (layout.tp - 1) / layout.tp * activation_message
                    / nvlink)
     dp_time = 0.0
-    if layout.dp > 1:
+    if layout.gradient_ranks > 1:
         weights = state_bytes(model, layout, workload.precision, "first")["parameters"]
         link = nvlink if layout.tp * layout.cp * layout.dp <= hardware.gpus_per_node else internode
-        volume = 2 * (layout.dp - 1) / layout.dp * weights * e * (1.5 if layout.zero == 3 else 1.0)
+        ranks = layout.gradient_ranks
+        volume = 2 * (ranks - 1) / ranks * weights * e * (1.5 if layout.zero == 3 else 1.0)
         dp_time = volume / link
     pp_time = 0.0
     if layout.pp > 1:
@@ -367,6 +368,7 @@ def invalid_reason(model: ModelConfig, layout: Layout, workload: Workload, gpus:
     """Why a layout cannot run, or None."""
     segments = workload.window // model.segment_length
     lanes_per_rank = workload.global_lanes // layout.dp if workload.global_lanes % layout.dp == 0 else 0
+    cp_share = workload.window // layout.cp
     rules = [
         (layout.gpus == gpus, f"TP x PP x CP x DP = {layout.gpus}, not {gpus} GPUs"),
         (model.num_attention_heads % layout.tp == 0,
@@ -375,6 +377,8 @@ def invalid_reason(model: ModelConfig, layout: Layout, workload: Workload, gpus:
         (layout.tp <= gpus_per_node, f"TP {layout.tp} spans more than a node ({gpus_per_node} GPUs)"),
         (model.padded_vocab_size() % layout.tp == 0, f"TP {layout.tp} does not divide the padded vocabulary"),
         (not layout.sp or layout.tp > 1, "SP needs TP > 1"),
+        (not layout.sp or cp_share % layout.tp == 0,
+         f"SP: TP {layout.tp} does not divide a CP rank's {cp_share} tokens of the window"),
         (model.num_layers % (layout.pp * layout.vp) == 0,
          f"PP x V = {layout.pp * layout.vp} does not divide {model.num_layers} layers"),
         (layout.vp == 1 or layout.pp > 1, "V > 1 needs PP > 1"),
@@ -382,7 +386,10 @@ def invalid_reason(model: ModelConfig, layout: Layout, workload: Workload, gpus:
          f"CP {layout.cp} does not divide the window's {segments} segments"),
         (layout.cp == 1 or model.update == "linear",
          "CP needs the linear update (the delta rule's memory is sequential over segments)"),
-        (layout.zero <= 1 or layout.pp == 1, f"ZeRO-{layout.zero} with PP {layout.pp} (DeepSpeed forbids it)"),
+        (layout.zero in (1, 2, 3), f"ZeRO-{layout.zero}: the trainer runs stage 1, 2 or 3"),
+        (layout.zero == 1 or layout.pp == 1,
+         f"ZeRO-{layout.zero} with PP {layout.pp} (gradients sharded during a pipeline's backward)"),
+        (not workload.compile_loss or layout.tp == 1, f"the compiled loss with TP {layout.tp} (needs TP 1)"),
         (layout.recompute in RECOMPUTE, f"recompute {layout.recompute!r}"),
         (lanes_per_rank > 0, f"DP {layout.dp} does not divide {workload.global_lanes} global lanes"),
         (lanes_per_rank % layout.micro_lanes == 0,
@@ -401,18 +408,15 @@ def candidate_layouts(gpus: int, micro_lanes: Iterable[int] = (1, 2, 4), vps: It
         if gpus % (tp * pp * cp):
             continue
         dp = gpus // (tp * pp * cp)
-        for sp, vp, zero, recompute, mb in itertools.product((False, True), vps, (0, 1, 2, 3), RECOMPUTE,
+        for sp, vp, zero, recompute, mb in itertools.product((False, True), vps, (1, 2, 3), RECOMPUTE,
                                                              micro_lanes):
             yield Layout(tp, sp, pp, vp, cp, dp, zero, recompute, mb)
 
 
-def plan(model: ModelConfig, workload: Workload, gpus: int, hardware: Hardware,
-         runnable_only: bool = False) -> List[Plan]:
+def plan(model: ModelConfig, workload: Workload, gpus: int, hardware: Hardware) -> List[Plan]:
     """Every valid layout, fastest first among those that fit, then those that do not."""
     plans = []
     for layout in candidate_layouts(gpus):
-        if runnable_only and not layout.runnable_today:
-            continue
         if invalid_reason(model, layout, workload, gpus, hardware.gpus_per_node):
             continue
         memory = memory_estimate(model, layout, workload)
@@ -435,8 +439,7 @@ def load_model(name_or_path: str) -> ModelConfig:
 
 def format_table(plans: List[Plan]) -> str:
     header = ("| TP | SP | PP | V | CP | DP | ZeRO | recompute | mb lanes | weights | grads | optim "
-              "| act/mb x in flight | logits | carried mem | ZeRO bucket | total GiB | step s | tokens/s | fits "
-              "| runnable today |")
+              "| act/mb x in flight | logits | carried mem | ZeRO bucket | total GiB | step s | tokens/s | fits |")
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for p in plans:
         lay, mem = p.layout, p.memory
@@ -446,8 +449,7 @@ def format_table(plans: List[Plan]) -> str:
             f"| {mem.optimizer / GIB:.1f} | {mem.activations_per_microbatch / GIB:.1f} x {mem.in_flight:g} "
             f"| {mem.logits / GIB:.1f} | {mem.carried_memory / GIB:.2f} | {mem.gradient_bucket / GIB:.1f} "
             f"| {mem.total / GIB:.1f} "
-            f"| {p.step_seconds:.2f} | {p.tokens_per_second:,.0f} | {'yes' if p.fits else 'no'} "
-            f"| {'yes' if lay.runnable_today else 'no'} |")
+            f"| {p.step_seconds:.2f} | {p.tokens_per_second:,.0f} | {'yes' if p.fits else 'no'} |")
     return "\n".join(lines)
 
 
@@ -471,8 +473,6 @@ def parse_args(argv=None):
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="achieved fraction of peak on compute")
     parser.add_argument("--nvlink-gbps", type=float, default=Hardware.nvlink_gbps)
     parser.add_argument("--internode-gbps", type=float, default=Hardware.internode_gbps)
-    parser.add_argument("--runnable-only", action="store_true",
-                        help="only layouts the trainer's config expresses today (no SP, V = 1, CP = 1)")
     parser.add_argument("--top", type=int, default=20, help="rows to print")
     return parser.parse_args(argv)
 
@@ -494,7 +494,7 @@ def main(argv=None) -> int:
                         args.loss_chunk_tokens, args.compile_loss, args.compile_layers)
     hardware = Hardware(args.gpu_memory_gb, args.gpus_per_node, args.peak_tflops, args.mfu, args.nvlink_gbps,
                         args.internode_gbps)
-    plans = plan(model, workload, args.gpus, hardware, args.runnable_only)
+    plans = plan(model, workload, args.gpus, hardware)
     total, _ = count_parameters(model)
     print(f"{args.model}: {total / 1e9:.2f}B parameters, {args.gpus} GPUs of {args.gpu_memory_gb:g} GB, window "
           f"{window} tokens ({window // model.segment_length} segments of {model.segment_length}), "

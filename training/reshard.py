@@ -1,4 +1,5 @@
-"""Resume a checkpoint on another layout (tensor, pipeline and/or data-parallel size), optimizer state included.
+"""Resume a checkpoint on another layout (tensor, pipeline, virtual pipeline, data- and/or context-parallel size),
+optimizer state included.
 
 Why not DeepSpeed's universal checkpoint (``ds_to_universal`` + ``checkpoint.load_universal``): it
 keys every tensor by DeepSpeed's parameter name, and megatron-core stages name their layers locally
@@ -6,11 +7,12 @@ keys every tensor by DeepSpeed's parameter name, and megatron-core stages name t
 under one name; its pipeline support reads Megatron-DeepSpeed's PipelineModule files, which megatron's
 own schedules do not write. The mapping here does the same job with global names:
 
-1. Per old (tensor, pipeline) rank, the ZeRO files of its data-parallel ranks hold the flat fp32 master
-   partitions and the base optimizer's flat state (Adam's exp_avg, exp_avg_sq; its step);
-   DeepSpeed's ``param_slice_mappings`` say where each parameter's slice lies in each partition.
-   The slices, concatenated in DP order, give the parameter's TP shard; names become global
-   (``modeling.sharding.global_name``: layer offset of the stage, the tied output layer).
+1. Per old (tensor, pipeline) rank, the ZeRO files of its data-parallel ranks (DeepSpeed's: the data- x
+   context-parallel ranks) hold the flat fp32 master partitions and the base optimizer's flat state
+   (Adam's exp_avg, exp_avg_sq; its step); DeepSpeed's ``param_slice_mappings`` say where each
+   parameter's slice lies in each partition. The slices, concatenated in DP order, give the parameter's
+   TP shard; names become global (``modeling.sharding.global_name``: layer offset of the rank's model
+   chunk, the tied output layer).
 2. The old TP shards merge into the full tensor and split for this rank, by the partition dim and
    stride of this rank's parameter (QKV by contiguous KV groups, SwiGLU's fc1 with stride 2, the
    padded vocabulary by rows; the padded size does not depend on TP).
@@ -19,7 +21,8 @@ own schedules do not write. The mapping here does the same job with global names
    fp32 masters cast to the model dtype, as after any optimizer step. LR schedule and engine counters
    come from the old model-states file.
 4. Rank state: the carried memory is regathered by (layer, lane, KV group)
-   (``training.memory_state.regather_memory``), data positions are merged over the old DP ranks,
+   (``training.memory_state.regather_memory``; the ranks of a CP group carry the same memory, the one after
+   the window's last segment: the last CP rank's is taken), data positions are merged over the old DP ranks,
    progress counters and the W&B run id come from old rank 0. RNG streams have no counterpart on
    another layout: every rank reseeds from (seed, step) the way a fresh run seeds from seed.
 """
@@ -40,8 +43,9 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from data_pipeline import merge_state_dicts
-from modeling.sharding import global_name, global_names, merge_tensor_parallel, split_tensor_parallel
-from training.checkpoint_layout import CheckpointError, SavedCheckpoint, coordinates, layout
+from modeling.sharding import global_names, merge_tensor_parallel, split_tensor_parallel
+from training.checkpoint_layout import (CheckpointError, SavedCheckpoint, context_rank, coordinates, layout,
+                                        parallel_sizes)
 from training.config import TrainConfig
 from training.memory_state import regather_memory
 from training.rng import rng_state
@@ -54,13 +58,16 @@ ParamStates = Dict[str, Dict[str, torch.Tensor]]
 
 
 def describe(layout_: dict, zero_stage: int) -> str:
-    return f"tensor={layout_['tensor']} pipeline={layout_['pipeline']} data={layout_['data']} ZeRO-{zero_stage}"
+    tensor, pipeline, data, context, virtual_pipeline = parallel_sizes(layout_)
+    context_part = f" context={context}" if context > 1 else ""
+    virtual_part = f" virtual_pipeline={virtual_pipeline}" if virtual_pipeline > 1 else ""
+    return f"tensor={tensor} pipeline={pipeline}{virtual_part} data={data}{context_part} ZeRO-{zero_stage}"
 
 
-def stage_names(saved: SavedCheckpoint, pipeline: int, layers_per_stage: int, tie_embeddings: bool) -> Dict[str, str]:
-    """Local parameter name -> global name, for an old pipeline stage."""
+def stage_names(saved: SavedCheckpoint, pipeline: int, num_layers: int, tie_embeddings: bool) -> Dict[str, str]:
+    """Local parameter name -> global name, for an old pipeline rank."""
     shapes = saved.model_states(0, pipeline)["param_shapes"]
-    return {name: global_name(name, pipeline * layers_per_stage, tie_embeddings) for group in shapes for name in group}
+    return {name: saved.global_name(name, pipeline, num_layers, tie_embeddings) for group in shapes for name in group}
 
 
 def shard_states(saved: SavedCheckpoint, tensor: int, pipeline: int) -> Tuple[ParamStates, dict, dict]:
@@ -72,7 +79,9 @@ def shard_states(saved: SavedCheckpoint, tensor: int, pipeline: int) -> Tuple[Pa
     """
     fragments: Dict[str, Dict[str, List[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
     scalars: dict = {}
-    for data in range(saved.layout["data"]):
+    # DeepSpeed's data-parallel ranks are the DP x CP ranks; their partitions concatenate in its rank order.
+    _, _, data_size, context_size, _ = parallel_sizes(saved.layout)
+    for data in range(data_size * context_size):
         path = saved.zero_file(tensor, pipeline, data)
         zero = saved.zero_states(tensor, pipeline, data)[OPTIMIZER_STATE_DICT]
         if any(any(group) for group in zero.get(PARAM_ALIGNMENT_PADDINGS, [])):
@@ -106,7 +115,7 @@ def _agree(scalars: dict, key: str, value, path: str) -> None:
     scalars[key] = value
 
 
-def resharded_optimizer_states(model, saved: SavedCheckpoint, layers_per_stage: int,
+def resharded_optimizer_states(model, saved: SavedCheckpoint, num_layers: int,
                                tie_embeddings: bool) -> Tuple[ParamStates, dict, dict]:
     """Per local parameter of this rank: fp32 master and optimizer state, cut from the old layout's shards."""
     params = dict(model.named_parameters())
@@ -117,7 +126,7 @@ def resharded_optimizer_states(model, saved: SavedCheckpoint, layers_per_stage: 
     scalars, zero_state = {}, {}
     for pipeline in range(saved.layout["pipeline"]):
         # The tied embedding is on the first and the last stage: take it once.
-        wanted = {old: full for old, full in stage_names(saved, pipeline, layers_per_stage, tie_embeddings).items()
+        wanted = {old: full for old, full in stage_names(saved, pipeline, num_layers, tie_embeddings).items()
                   if full in local_by_global and local_by_global[full] not in out}
         if not wanted:
             continue
@@ -156,7 +165,7 @@ def write_into_engine(engine, model, states: ParamStates, scalars: dict, zero_st
     group_shapes = engine._get_zero_param_shapes()
     flat_groups = [{key: torch.cat([states[name][key].flatten() for name in shapes])
                     for key in states[next(iter(shapes))]} for shapes in group_shapes]
-    dp = parallel_state.get_data_parallel_world_size()
+    dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
     # The loader concatenates all saved partitions and reads global state from this DP rank's one.
     pieces = [{key: flat.tensor_split(dp) for key, flat in group.items()} for group in flat_groups]
     state_dict_list = [{
@@ -191,22 +200,25 @@ def reseeded_rng_state(seed: int, step: int) -> dict:
     return rng_state()
 
 
-def resharded_rank_state(saved: SavedCheckpoint, cfg: TrainConfig, layers: List[int], lane_ids: List[int],
-                         layers_per_stage: int) -> dict:
+def resharded_rank_state(saved: SavedCheckpoint, cfg: TrainConfig, layers: List[int], lane_ids: List[int]) -> dict:
     """This rank's rank state on the new layout (its global ``layers``, counted from 0, and ``lane_ids``), built
     from all old ranks' states: the carried memory regathered, data positions merged, RNG reseeded, and
     everything else (progress counters, the W&B run id) as old rank 0 saved it."""
     old = saved.rank_states
     first = next(s for s in old if s["coordinates"]["rank"] == 0)
+    last_context_rank = parallel_sizes(saved.layout)[3] - 1
+    memory_holders = [s for s in old if context_rank(s) == last_context_rank]
     try:
-        memory = regather_memory(old, saved.layout["tensor"], layers_per_stage, cfg.data.global_lanes, layers,
-                                 lane_ids, parallel_state.get_tensor_model_parallel_rank(),
+        saved_layers = [saved.rank_layers(pipeline, cfg.model.num_layers)
+                        for pipeline in range(saved.layout["pipeline"])]
+        memory = regather_memory(memory_holders, saved.layout["tensor"], saved_layers, cfg.data.global_lanes,
+                                 layers, lane_ids, parallel_state.get_tensor_model_parallel_rank(),
                                  parallel_state.get_tensor_model_parallel_world_size())
     except ValueError as error:
         raise CheckpointError(f"{saved.path}: {error}") from error
-    # TP/PP peers read the same lanes: one rank per old DP rank holds every lane's position.
-    data = merge_state_dicts([s["data"] for s in old
-                              if s["coordinates"]["tensor"] == 0 and s["coordinates"]["pipeline"] == 0])
+    # TP/PP/CP peers read the same lanes: one rank per old DP rank holds every lane's position.
+    data = merge_state_dicts([s["data"] for s in old if s["coordinates"]["tensor"] == 0
+                              and s["coordinates"]["pipeline"] == 0 and context_rank(s) == 0])
     return {**first, "coordinates": coordinates(), "lane_ids": list(lane_ids), "memory": memory, "data": data,
             "rng": reseeded_rng_state(cfg.seed, first["train_state"]["step"])}
 
@@ -224,12 +236,11 @@ def load_resharded(path: str, manifest: dict, cfg: TrainConfig, engine, model, l
             "ZeRO-1/2 only: resume a ZeRO-3 checkpoint on its own tensor, pipeline and data-parallel sizes, or "
             "export the model (training.export) and start the new layout with checkpoint.init_from (fresh optimizer)")
     saved = SavedCheckpoint(path, manifest)
-    layers_per_stage = cfg.model.num_layers // saved.layout["pipeline"]
-    states, scalars, zero_state = resharded_optimizer_states(model, saved, layers_per_stage, cfg.model.tie_embeddings)
+    states, scalars, zero_state = resharded_optimizer_states(model, saved, cfg.model.num_layers,
+                                                             cfg.model.tie_embeddings)
     write_into_engine(engine, model, states, scalars, zero_state)
     restore_engine_counters(engine, saved.model_states())
-    layers = [layer.layer_number - 1 for layer in model.decoder.layers]
-    rank_state = resharded_rank_state(saved, cfg, layers, lane_ids, layers_per_stage)
+    rank_state = resharded_rank_state(saved, cfg, [layer.layer_number - 1 for layer in model.layers], lane_ids)
     if dist.get_rank() == 0:
         print(f"resharded {path}: saved with {was}, now {now}; weights, fp32 master weights and optimizer "
               f"state (step {rank_state['train_state']['step']}) re-split, carried memory regathered, RNG "

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from training.stop import EXIT_STOPPED_TO_RESUME, StopSignals, block_stop_signals, write_outcome
 
@@ -37,7 +37,7 @@ from modeling.cpu_compat import megatron_on_cpu
 from modeling.export import export_model, load_weights_into
 from modeling.flops import model_cost
 from modeling.init import init_weights
-from modeling.model import build_model
+from modeling.model import ModelChunks, build_model
 from training.build_locks import BuildLockWatch
 from training.checkpoint import CheckpointManager, SaveReport, checkpoints_root, clear_for_fresh_start, resume_point
 from training.checkpoint_layout import CheckpointError, find_latest_valid
@@ -46,7 +46,8 @@ from training.distributed import device, init_distributed, init_model_parallel
 from training.memory_state import CarriedMemory
 from training.metrics import ConsoleSink, JsonlSink, device_peak_tflops, gate_values, max_over_world
 from training.optim import build_engine
-from training.step import StepResult, allreduce_tied_embedding_grads, is_finite, run_schedule, split_microbatches
+from training.step import (Microbatch, StepResult, allreduce_tied_embedding_grads, context_share, is_finite,
+                           run_schedule, split_microbatches)
 from training.wandb_sink import open_wandb
 
 
@@ -131,12 +132,14 @@ def prepare_data(cfg: TrainConfig) -> None:
         dist.barrier()
 
 
-def build_stage_model(cfg: TrainConfig, bf16: bool):
-    """This rank's pipeline stage of the model, its TP shard of every layer."""
+def build_stage_model(cfg: TrainConfig, bf16: bool) -> ModelChunks:
+    """This rank's model chunks (parallel.virtual_pipeline of them), their TP shard of every layer."""
+    virtual = cfg.parallel.virtual_pipeline
     transformer_config = build_transformer_config(
         cfg.model,
         tensor_parallel_size=cfg.parallel.tensor,
         pipeline_parallel_size=cfg.parallel.pipeline,
+        virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
         sequence_parallel=cfg.parallel.sequence_parallel,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
@@ -152,26 +155,35 @@ def build_stage_model(cfg: TrainConfig, bf16: bool):
         calculate_per_token_loss=True,
         # p2p's CUDA synchronisation is megatron's default; there is nothing to synchronise on the CPU.
         batch_p2p_sync=torch.cuda.is_available(),
+        # Interleaved, a rank sends activations forward and gradients back to the same peer when
+        # parallel.pipeline is 2: batched, the two would pair up in posting order, crossed. megatron's
+        # separate sends and receives take one of the directions on another group; they overlap with compute.
+        batch_p2p_comm=virtual == 1,
+        overlap_p2p_comm=virtual > 1,
     )
-    # With tied embeddings over several stages, megatron moves the last stage's copy to CUDA to sync it.
-    with megatron_on_cpu():
-        model = build_model(
-            transformer_config,
-            cfg.model.padded_vocab_size(cfg.parallel.tensor),
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
-            tie_embeddings=cfg.model.tie_embeddings,
-            rotary_base=cfg.model.rotary_base,
-        )
-    if model.share_embeddings_and_output_weights and model.post_process and not model.pre_process:
-        # This stage's output weight is the first stage's embedding: DeepSpeed's gradient norm skips the copy.
-        model.output_layer.weight.ds_pipe_replicated = True
-    model = model.to(device())
-    init_weights(model, cfg.seed)
-    if cfg.performance.compile_layers:
-        for layer in model.decoder.layers:
-            layer.compile()
-    return model
+    chunks = ModelChunks()
+    for vp_stage in range(virtual):
+        # With tied embeddings over several stages, megatron moves the last stage's copy to CUDA to sync it.
+        with megatron_on_cpu():
+            chunk = build_model(
+                transformer_config,
+                cfg.model.padded_vocab_size(cfg.parallel.tensor),
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                tie_embeddings=cfg.model.tie_embeddings,
+                rotary_base=cfg.model.rotary_base,
+                vp_stage=vp_stage,
+            )
+        if chunk.share_embeddings_and_output_weights and chunk.post_process and not chunk.pre_process:
+            # This stage's output weight is the first stage's embedding: DeepSpeed's gradient norm skips the copy.
+            chunk.output_layer.weight.ds_pipe_replicated = True
+        chunk = chunk.to(device())
+        init_weights(chunk, cfg.seed)
+        if cfg.performance.compile_layers:
+            for layer in chunk.decoder.layers:
+                layer.compile()
+        chunks.append(chunk)
+    return chunks
 
 
 class Trainer:
@@ -181,7 +193,8 @@ class Trainer:
         self.cfg = cfg
         env = init_distributed()
         validate(cfg, env.world_size)
-        init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed)
+        init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed, context_parallel=cfg.parallel.context,
+                            virtual_pipeline=cfg.parallel.virtual_pipeline)
         seed_everything(cfg.seed)
         self.rank = env.rank
         self.world_size = env.world_size
@@ -190,6 +203,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = cfg.performance.tf32
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
         self.lanes_per_rank = cfg.data.global_lanes // self.dp_size
         self.window = cfg.data.n_segments * cfg.model.segment_length
         self.data_config = loader_config(cfg)
@@ -210,7 +224,7 @@ class Trainer:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
                               f"vocabulary ({self.train_loader.vocab_size})")
         self.num_slots = self.lanes_per_rank // cfg.parallel.micro_batch_lanes
-        self.carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers), device=device())
+        self.carried = self.new_carried_memory()
         self.state = TrainState()
         self.wandb_run_id = WandbRunId()
         # main() installs its handlers first thing; fit() installs them for other callers.
@@ -238,6 +252,10 @@ class Trainer:
         if wandb_sink is not None:
             self.sinks.append(wandb_sink)
             self.wandb_run_id.value = wandb_sink.run_id
+
+    def new_carried_memory(self) -> CarriedMemory:
+        """Empty memory for every (model chunk, microbatch slot) of this rank."""
+        return CarriedMemory(self.num_slots, [len(chunk.layers) for chunk in self.model], device=device())
 
     def print(self, message: str) -> None:
         if self.rank == 0:
@@ -270,10 +288,15 @@ class Trainer:
         if self.rank == 0:
             self.log(metrics)
 
+    def microbatches(self, batch) -> List[Microbatch]:
+        """This rank's microbatches of a batch of its data-parallel rank's lanes (its CP share of them)."""
+        share = context_share(batch, self.cp_rank, self.cfg.parallel.context)
+        return split_microbatches(share, self.cfg.parallel.micro_batch_lanes, device())
+
     def train_step(self, batch) -> dict:
         cfg = self.cfg
         started = time.perf_counter()
-        microbatches = split_microbatches(batch, cfg.parallel.micro_batch_lanes, device())
+        microbatches = self.microbatches(batch)
         self.model.train()
         injected = self.state.step + 1 in cfg.debug.inject_nonfinite_at_steps
         result: StepResult = run_schedule(self.model, self.carried, microbatches, forward_only=False,
@@ -322,12 +345,11 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         loader = build_valid_loader(self.data_config, self.dp_rank, self.dp_size)
-        carried = CarriedMemory(self.num_slots, len(self.model.decoder.layers))
+        carried = self.new_carried_memory()
         self.model.eval()
         loss_sum, weight, tokens = 0.0, 0.0, 0
         for batch in loader:
-            result = run_schedule(self.model, carried, split_microbatches(batch, self.cfg.parallel.micro_batch_lanes,
-                                                                          device()), forward_only=True)
+            result = run_schedule(self.model, carried, self.microbatches(batch), forward_only=True)
             loss_sum += result.loss_sum
             weight += result.weight
             tokens += result.tokens

@@ -11,12 +11,12 @@
 #    asking SHORT_QUESTIONS times, made with SHORT_DATA_ARGS (default --no-header --distractors 3:
 #    without the prompt's 150-byte header, three other numbers each), in OUT/data_short. Distractors
 #    teach the model to answer from a read that mixes in other numbers, which doubled the length to
-#    which retrieval holds (docs/RESULTS.md, attempt 9).
+#    which retrieval holds (docs/long-context.md).
 # 2. A first phase on the short documents (SHORT_STEPS steps or SHORT_MINUTES, OUT/train_short,
 #    exported to OUT/export_short) with SHORT_OVERRIDES after TRAIN_OVERRIDES (default: segments of
 #    64, 64 lanes of 8 segments, LR 1e-3). Documents this short leave the memory a few hundred tokens
 #    when the question is read, few enough for retrieval through it to be learned from scratch in a
-#    few hundred steps (docs/RESULTS.md). The weights do not depend on the segment length, so the
+#    few hundred steps (docs/long-context.md). The weights do not depend on the segment length, so the
 #    second phase, on the long documents at the config's segment of 512, starts from them
 #    (checkpoint.init_from) for the rest of TRAIN_MINUTES (its schedule, or fewer steps if the
 #    budget runs out) and exports the model (OUT/export).
@@ -24,7 +24,7 @@
 #    forced local (OUT/passkey, OUT/passkey_ablated: JSON, markdown, heatmap); EVAL_ARGS go to both.
 #    The memory is read as the model learned to (the config's model.learned_memory_scales); evaluation
 #    scales on top of that (e.g. EVAL_ARGS="--memory-key-scale 2") are for experiments only.
-# 4. OUT/RESULTS.md: both side by side, ready for docs/RESULTS.md.
+# 4. OUT/RESULTS.md: both side by side, with the training settings, seeds and wall time.
 #
 # Every setting is an environment variable; TRAIN_OVERRIDES takes key=value overrides of the run
 # config (both phases) and LAUNCH the launcher (e.g. "torchrun --nproc-per-node 2").

@@ -8,6 +8,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from tests.distributed import run_distributed
 from tests.model.reference import reference_infini_attention
 from tests.model.test_infini_attention import G, H, N, make_inputs, make_memory, rel_err
+from tests.tolerance import tolerance
 
 
 def core_module(learned: bool, **config_overrides):
@@ -51,16 +52,19 @@ def test_learned_scales_times_evaluation_scales_match_float64_reference(update):
         *ref_inputs, ref_params["gate"], tuple(m.double() for m in memory), segment_length=N, update=update,
         memory_key_scale=1.5 * ref_params["memory_key_log_scale"].exp(),
         memory_query_scale=0.75 * ref_params["memory_query_log_scale"].exp())
-    assert rel_err(out, ref_out) < 1e-5 and rel_err(M, ref_M) < 1e-5 and rel_err(z, ref_z) < 1e-5
+    # float32 against float64: all tokens summed into the memory, then read (forward), and back (gradients).
+    forward, backward = tolerance(torch.float32, q.shape[2], depth=2), tolerance(torch.float32, q.shape[2], depth=4)
+    assert rel_err(out, ref_out) < forward and rel_err(M, ref_M) < forward and rel_err(z, ref_z) < forward
 
     probe = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64)
     (ref_out * probe).sum().add((ref_M * 0.3).sum()).backward()
     (out * probe.float()).sum().add((M * 0.3).sum()).backward()
     for got, want in zip(inputs, ref_inputs):
-        assert rel_err(got.grad, want.grad) < 1e-4
+        assert rel_err(got.grad, want.grad) < backward
     for name, param in module.named_parameters():
         assert param.grad.abs().min() > 0, name  # every head's scale is trained
-        assert rel_err(param.grad, ref_params[name].grad) < 1e-4, name
+        # A head's scale (and gate) gradient sums over all its lanes, tokens and dimensions.
+        assert rel_err(param.grad, ref_params[name].grad) < tolerance(torch.float32, q[:, 0].numel(), depth=4), name
 
 
 @pytest.mark.parametrize("update", ["linear", "delta"])
@@ -115,7 +119,7 @@ def model_worker(rank, world, tp):
     from modeling.cpu_compat import megatron_on_cpu
     from modeling.init import init_weights
     from modeling.model import build_model
-    from modeling.sharding import full_state_dict, full_tensors
+    from modeling.sharding import full_state_dict, full_tensors, load_full_state_dict
     from training.distributed import init_distributed, init_model_parallel
 
     init_distributed()
@@ -131,7 +135,14 @@ def model_worker(rank, world, tp):
             loss, _ = model(tokens, labels=tokens)
         loss.sum().backward()
         grads = full_tensors(model, {n: p.grad for n, p in model.named_parameters()})
-        results[learned] = dict(weights=full_state_dict(model), grads=grads, loss=loss.detach())
+        results[learned] = dict(weights=full_state_dict(model), grads=grads, loss=loss.detach(), model=model)
+    mismatches = []
+    for source, target in ((True, False), (False, True)):
+        try:
+            load_full_state_dict(results[target].pop("model"), results[source]["weights"])
+        except KeyError as error:
+            mismatches.append(str(error))
+    results["mismatches"] = mismatches
     return results
 
 
@@ -151,6 +162,12 @@ def test_init_gives_scales_of_exactly_one_and_leaves_every_other_weight_as_witho
     assert on["weights"].keys() - scales.keys() == off["weights"].keys()
     for name, weight in off["weights"].items():
         assert torch.equal(on["weights"][name], weight), name
+
+
+def test_weights_with_and_without_scales_do_not_load_into_each_other(tp1_models):
+    into_plain, into_learned = tp1_models["mismatches"]
+    assert "does not have" in into_plain and "memory_key_log_scale" in into_plain
+    assert "missing" in into_learned and "log_scale" in into_learned
 
 
 def test_model_with_scales_of_one_trains_as_the_paper_bit_for_bit(tp1_models):

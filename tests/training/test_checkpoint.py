@@ -197,7 +197,7 @@ def export_worker(rank, world, overrides, out_dir):
     with torch.no_grad(), megatron_on_cpu():
         trainer.model.eval()
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            logits, _ = trainer.model(ids, None, None, None)
+            logits, _ = trainer.model[0](ids, None, None, None)
             gathered = [torch.empty_like(logits) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
             torch.distributed.all_gather(gathered, logits.contiguous(),
                                          group=parallel_state.get_tensor_model_parallel_group())

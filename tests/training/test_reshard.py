@@ -47,17 +47,17 @@ def global_state(trainer) -> dict:
         "global_steps": engine.global_steps,
         "train_state": dict(vars(trainer.state)),
     }
-    first_layer = model.decoder.layers[0].layer_number - 1
+    layers = [layer.layer_number - 1 for layer in model.layers]
     pieces = [None] * dist.get_world_size()
-    dist.all_gather_object(pieces, (coordinates(), list(trainer.train_loader.lane_ids), first_layer,
+    dist.all_gather_object(pieces, (coordinates(), list(trainer.train_loader.lane_ids), layers,
                                     trainer.carried.state_dict()))
     memory = {}
-    for coords, lanes, first, carried in pieces:
-        for index, layer in enumerate(carried["layers"]):
+    for coords, lanes, global_layers, carried in pieces:
+        for global_layer, layer in zip(global_layers, carried["layers"]):
             groups = layer["M"].shape[1]
             for row, lane in enumerate(lanes):
                 for group in range(groups):
-                    key = (first + index, lane, coords["tensor"] * groups + group)
+                    key = (global_layer, lane, coords["tensor"] * groups + group)
                     memory[key] = (layer["M"][row, group], layer["z"][row, group])
     state["memory"] = memory
     return state

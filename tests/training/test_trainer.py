@@ -32,7 +32,7 @@ def reference_worker(rank, world, overrides, carry):
     cfg = load_config(None, overrides)
     init_distributed()
     init_model_parallel(1, 1)
-    model = build_stage_model(cfg, bf16=False)
+    model = build_stage_model(cfg, bf16=False)[0]
     model.eval()
     loader = build_train_loader(loader_config(cfg), 0, 1)
     memory = [None] * cfg.data.global_lanes
@@ -107,7 +107,7 @@ def attention_calls_worker(rank, world, overrides):
     cfg = load_config(None, overrides)
     init_distributed()
     init_model_parallel(1, 1)
-    model = build_stage_model(cfg, bf16=False)
+    model = build_stage_model(cfg, bf16=False)[0]
     calls = []
     for layer in model.decoder.layers:
         layer.self_attention.core_attention.register_forward_pre_hook(lambda *_: calls.append(1))
