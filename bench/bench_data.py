@@ -57,25 +57,45 @@ def train_bpe(path: str, vocab_size: int) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.save(path)
     return path
 
 
 def bench_writer(inputs, out, tokenizer, workers, source=None):
-    s = write_shards(inputs, out, tokenizer, workers=workers, shard_size="64MB", on_bad="skip", overwrite=True,
-                     progress=False, source=source)
+    s = write_shards(
+        inputs,
+        out,
+        tokenizer,
+        workers=workers,
+        shard_size="64MB",
+        on_bad="skip",
+        overwrite=True,
+        progress=False,
+        source=source,
+    )
     return s
 
 
-def bench_reader(index_dir: str, seconds: float, repeats: int, workers: int, lanes: int, seg: int,
-                 nseg: int) -> dict:
+def bench_reader(index_dir: str, seconds: float, repeats: int, workers: int, lanes: int, seg: int, nseg: int) -> dict:
     """Tokens (not padding; with BPE its pad is <eos>, so <eos> is not counted) and positions per
     second delivered to the calling process, best of `repeats` runs; and the time from
     load_state_dict to the first batch."""
-    cfg = DataConfig(sources=[SourceConfig(index_dir)], global_lanes=lanes, segment_length=seg, n_segments=nseg,
-                     num_workers=workers, shuffle_buffer=32)
+    cfg = DataConfig(
+        sources=[SourceConfig(index_dir)],
+        global_lanes=lanes,
+        segment_length=seg,
+        n_segments=nseg,
+        num_workers=workers,
+        shuffle_buffer=32,
+    )
     ld = build_train_loader(cfg, 0, 1)
     best = {"positions_per_s": 0.0, "tokens_per_s": 0.0}
     for _ in range(repeats):
@@ -122,27 +142,39 @@ def main() -> None:
                 out = os.path.join(work, f"{name.replace(' ', '_')}_{tok_name.split()[0]}")
                 s = bench_writer(inputs, out, tok, workers, source)
                 writer.append((name, tok_name, workers, s))
-                print(f"writer {name:10s} {tok_name:8s} workers={workers}: {s['input_mb_per_s']:6.1f} MB/s, "
-                      f"{s['tokens_per_s'] / 1e6:5.2f} M tokens/s ({s['documents']} docs)", flush=True)
+                print(
+                    f"writer {name:10s} {tok_name:8s} workers={workers}: {s['input_mb_per_s']:6.1f} MB/s, "
+                    f"{s['tokens_per_s'] / 1e6:5.2f} M tokens/s ({s['documents']} docs)",
+                    flush=True,
+                )
 
     for corpus in ("stdlib_bytes", "stdlib_BPE", "short_docs_bytes", "short_docs_BPE"):
         for workers in (0, 2):
             r = bench_reader(os.path.join(work, corpus), a.seconds, a.repeats, workers, lanes=16, seg=2048, nseg=4)
             rows.append((corpus, workers, r))
-            print(f"reader {corpus:17s} num_workers={workers}: {r['tokens_per_s'] / 1e6:6.2f} M tokens/s "
-                  f"({r['positions_per_s'] / 1e6:6.2f} M positions/s incl. padding), resume to first batch "
-                  f"{r['resume_first_batch_s']:.2f} s, epochs {r['epochs']}", flush=True)
+            print(
+                f"reader {corpus:17s} num_workers={workers}: {r['tokens_per_s'] / 1e6:6.2f} M tokens/s "
+                f"({r['positions_per_s'] / 1e6:6.2f} M positions/s incl. padding), resume to first batch "
+                f"{r['resume_first_batch_s']:.2f} s, epochs {r['epochs']}",
+                flush=True,
+            )
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; date {time.strftime('%Y-%m-%d')}; load average {os.getloadavg()}")
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}; date {time.strftime('%Y-%m-%d')}; load average {os.getloadavg()}"
+    )
     print("\n| writer input | tokenizer | workers | MB/s of text | M tokens/s |\n|---|---|---|---|---|")
     for name, tok_name, workers, s in writer:
         print(f"| {name} | {tok_name} | {workers} | {s['input_mb_per_s']:.1f} | {s['tokens_per_s'] / 1e6:.2f} |")
-    print("\n| reader shards | num_workers | M tokens/s | M positions/s | resume to first batch (s) |\n"
-          "|---|---|---|---|---|")
+    print(
+        "\n| reader shards | num_workers | M tokens/s | M positions/s | resume to first batch (s) |\n"
+        "|---|---|---|---|---|"
+    )
     for corpus, workers, r in rows:
-        print(f"| {corpus} | {workers} | {r['tokens_per_s'] / 1e6:.2f} | {r['positions_per_s'] / 1e6:.2f} | "
-              f"{r['resume_first_batch_s']:.2f} |")
+        print(
+            f"| {corpus} | {workers} | {r['tokens_per_s'] / 1e6:.2f} | {r['positions_per_s'] / 1e6:.2f} | "
+            f"{r['resume_first_batch_s']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -39,11 +39,21 @@ from training.train import Trainer  # noqa: E402
 def bench_overrides(args, run_dir: str) -> list:
     gpu = torch.cuda.is_available()
     overrides = [
-        f"defaults.model={args.preset}", f"run_dir={run_dir}", f"checkpoint.dir={os.path.join(run_dir, 'checkpoints')}",
-        "data.n_segments=2", f"data.global_lanes={args.lanes}",
-        "parallel.micro_batch_lanes=1", "parallel.zero_stage=1", "schedule.steps=100000", "schedule.warmup_steps=1",
-        "validation.interval=0", "logging.interval=1", "logging.wandb.mode=disabled", "checkpoint.save_at_end=false",
-        "checkpoint.keep_last=1", "precision=bf16" if gpu else "precision=fp32",
+        f"defaults.model={args.preset}",
+        f"run_dir={run_dir}",
+        f"checkpoint.dir={os.path.join(run_dir, 'checkpoints')}",
+        "data.n_segments=2",
+        f"data.global_lanes={args.lanes}",
+        "parallel.micro_batch_lanes=1",
+        "parallel.zero_stage=1",
+        "schedule.steps=100000",
+        "schedule.warmup_steps=1",
+        "validation.interval=0",
+        "logging.interval=1",
+        "logging.wandb.mode=disabled",
+        "checkpoint.save_at_end=false",
+        "checkpoint.keep_last=1",
+        "precision=bf16" if gpu else "precision=fp32",
     ]
     if gpu:
         overrides.append("performance.loss_chunk_tokens=4096")
@@ -84,9 +94,12 @@ class Bench:
             self.trainer.checkpoints.poll()
         report = self.reports()[-1]
         return {
-            "save": label, "blocking_s": report["checkpoint/blocking_seconds"],
-            "write_s": report["checkpoint/write_seconds"], "total_s": report["checkpoint/seconds"],
-            "gb": report["checkpoint/gb"], "gb_per_s": report["checkpoint/gb_per_s"],
+            "save": label,
+            "blocking_s": report["checkpoint/blocking_seconds"],
+            "write_s": report["checkpoint/write_seconds"],
+            "total_s": report["checkpoint/seconds"],
+            "gb": report["checkpoint/gb"],
+            "gb_per_s": report["checkpoint/gb_per_s"],
             "steps_while_writing": len(step_times),
             "step_s_while_writing": statistics.median(step_times) if step_times else None,
         }
@@ -99,8 +112,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps before timing (optimizer state appears)")
     parser.add_argument("--baseline-steps", type=int, default=3, help="steps timed without a save running")
     parser.add_argument("--async-saves", type=int, default=2)
-    parser.add_argument("--max-overlap-steps", type=int, default=200,
-                        help="steps to run while an asynchronous save is pending before waiting for it")
+    parser.add_argument(
+        "--max-overlap-steps",
+        type=int,
+        default=200,
+        help="steps to run while an asynchronous save is pending before waiting for it",
+    )
     parser.add_argument("--out", default="runs/bench/checkpoint_save")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints written")
     args = parser.parse_args(argv)
@@ -118,8 +135,9 @@ def main(argv=None) -> int:
         results = [bench.save("sync", asynchronous=False, max_overlap_steps=args.max_overlap_steps)]
         for index in range(args.async_saves):
             bench.step()  # a later step: its own checkpoint directory
-            results.append(bench.save(f"async #{index + 1}", asynchronous=True,
-                                      max_overlap_steps=args.max_overlap_steps))
+            results.append(
+                bench.save(f"async #{index + 1}", asynchronous=True, max_overlap_steps=args.max_overlap_steps)
+            )
     finally:
         trainer.close()
     if not args.keep:
@@ -127,18 +145,28 @@ def main(argv=None) -> int:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     total_parameters, _ = count_parameters(trainer.cfg.model)
-    summary = {"device": device, "preset": args.preset, "parameters": total_parameters,
-               "precision": "bf16" if trainer.bf16 else "fp32", "baseline_step_s": baseline_step_s, "saves": results}
+    summary = {
+        "device": device,
+        "preset": args.preset,
+        "parameters": total_parameters,
+        "precision": "bf16" if trainer.bf16 else "fp32",
+        "baseline_step_s": baseline_step_s,
+        "saves": results,
+    }
     with open(os.path.join(run_dir, "checkpoint_save.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\n{device}, preset {args.preset} ({total_parameters / 1e6:,.1f}M parameters, {summary['precision']}, "
-          f"ZeRO-1, one rank); step time without a save: {baseline_step_s:.3f} s\n")
+    print(
+        f"\n{device}, preset {args.preset} ({total_parameters / 1e6:,.1f}M parameters, {summary['precision']}, "
+        f"ZeRO-1, one rank); step time without a save: {baseline_step_s:.3f} s\n"
+    )
     print("| save | blocking s | write s | total s | GB | GB/s | steps while writing | step s while writing |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         step_s = f"{r['step_s_while_writing']:.3f}" if r["step_s_while_writing"] is not None else "-"
-        print(f"| {r['save']} | {r['blocking_s']:.2f} | {r['write_s']:.2f} | {r['total_s']:.2f} | {r['gb']:.3f} | "
-              f"{r['gb_per_s']:.3f} | {r['steps_while_writing']} | {step_s} |")
+        print(
+            f"| {r['save']} | {r['blocking_s']:.2f} | {r['write_s']:.2f} | {r['total_s']:.2f} | {r['gb']:.3f} | "
+            f"{r['gb_per_s']:.3f} | {r['steps_while_writing']} | {step_s} |"
+        )
     return 0
 
 

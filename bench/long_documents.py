@@ -57,9 +57,19 @@ def main(argv=None) -> int:
         # Enough documents that no lane runs dry during the run.
         count = args.lanes * max(1, -(-args.steps * window // length))
         shards = make_documents(args.out, length, count)
-        result = run_case(args.case, args.steps, args.warmup, args.out,
-                          [f"data.sources=[{{path: {shards}}}]", f"data.global_lanes={args.lanes}",
-                           "data.shuffle_buffer=1", "build_stdlib_shards=false"], tag=f"doc{length}")
+        result = run_case(
+            args.case,
+            args.steps,
+            args.warmup,
+            args.out,
+            [
+                f"data.sources=[{{path: {shards}}}]",
+                f"data.global_lanes={args.lanes}",
+                "data.shuffle_buffer=1",
+                "build_stdlib_shards=false",
+            ],
+            tag=f"doc{length}",
+        )
         result["document_tokens"] = length
         results.append(result)
         print(json.dumps(result), flush=True)
@@ -72,8 +82,10 @@ def main(argv=None) -> int:
             print(f"| {r['document_tokens']:,} | error | | | {r['error'][-150:]!r} |")
         else:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-            print(f"| {r['document_tokens']:,} | {r['tokens_per_s']:,.0f} | {mfu} | "
-                  f"{r['peak_memory_gb']:.1f} | {100 * r['padding_fraction']:.1f}% |")
+            print(
+                f"| {r['document_tokens']:,} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                f"{r['peak_memory_gb']:.1f} | {100 * r['padding_fraction']:.1f}% |"
+            )
     return 0
 
 

@@ -59,8 +59,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     preset, extra = CASES[args.case]
     os.makedirs(args.out, exist_ok=True)
-    overrides = [f"defaults.model={preset}", f"run_dir={args.out}/run", f"schedule.steps={args.warmup + args.steps}",
-                 *COMMON, *extra, *args.overrides]
+    overrides = [
+        f"defaults.model={preset}",
+        f"run_dir={args.out}/run",
+        f"schedule.steps={args.warmup + args.steps}",
+        *COMMON,
+        *extra,
+        *args.overrides,
+    ]
     trainer = Trainer(load_config(os.path.join(REPO, "configs", "tiny_cpu.yaml"), overrides))
     batches = iter(trainer.train_loader)
     for _ in range(args.warmup):
@@ -81,8 +87,10 @@ def main(argv=None) -> int:
     for event in device_events:
         by_category[category(event.key)] += event.self_device_time_total
     busy = sum(by_category.values())
-    print(f"\n{args.case}: {args.steps} profiled steps, wall {wall_us / 1e6:.2f} s, last step "
-          f"{metrics['tokens_per_s']:,.0f} tokens/s, MFU {100 * (metrics['mfu'] or 0):.1f}%")
+    print(
+        f"\n{args.case}: {args.steps} profiled steps, wall {wall_us / 1e6:.2f} s, last step "
+        f"{metrics['tokens_per_s']:,.0f} tokens/s, MFU {100 * (metrics['mfu'] or 0):.1f}%"
+    )
     print("\n| category | GPU ms per step | share of wall |")
     print("| --- | ---: | ---: |")
     for label, total in sorted(by_category.items(), key=lambda kv: -kv[1]):
@@ -90,9 +98,12 @@ def main(argv=None) -> int:
     print(f"| GPU idle | {(wall_us - busy) / 1e3 / args.steps:,.1f} | {100 * (wall_us - busy) / wall_us:.1f}% |")
     print("\n| top kernels | calls per step | GPU ms per step | category |")
     print("| --- | ---: | ---: | --- |")
-    for event in sorted(device_events, key=lambda e: -e.self_device_time_total)[:args.top]:
-        print(f"| {event.key[:90]} | {event.count // args.steps} | {event.self_device_time_total / 1e3 / args.steps:,.2f} | "
-              f"{category(event.key)} |")
+    for event in sorted(device_events, key=lambda e: -e.self_device_time_total)[: args.top]:
+        print(
+            f"| {event.key[:90]} | {event.count // args.steps} "
+            f"| {event.self_device_time_total / 1e3 / args.steps:,.2f} | "
+            f"{category(event.key)} |"
+        )
     return 0
 
 

@@ -36,10 +36,19 @@ from modeling.flops import count_parameters  # noqa: E402
 PEAK = 989e12
 
 COMMON = [
-    "precision=bf16", "model.segment_length=2048", "data.n_segments=8",
-    "data.num_workers=2", "parallel.micro_batch_lanes=1", "parallel.zero_stage=1", "schedule.warmup_steps=2",
-    "logging.interval=1", "logging.wandb.mode=disabled", "checkpoint.save_at_end=false", "optimizer.lr=3e-4",
-    "build_stdlib_shards=true", "data.sources=[{path: runs/data/python-stdlib}]",
+    "precision=bf16",
+    "model.segment_length=2048",
+    "data.n_segments=8",
+    "data.num_workers=2",
+    "parallel.micro_batch_lanes=1",
+    "parallel.zero_stage=1",
+    "schedule.warmup_steps=2",
+    "logging.interval=1",
+    "logging.wandb.mode=disabled",
+    "checkpoint.save_at_end=false",
+    "optimizer.lr=3e-4",
+    "build_stdlib_shards=true",
+    "data.sources=[{path: runs/data/python-stdlib}]",
 ]
 
 FAST = ["performance.compile_layers=true", "performance.loss_chunk_tokens=4096"]
@@ -56,12 +65,14 @@ CASES = {
     # through two pipeline stages of two tensor-parallel ranks each.
     "infini-1.3b-tp2pp2": ("1.3b", 4, ["data.global_lanes=4", "parallel.tensor=2", "parallel.pipeline=2", *FAST]),
     # Eight GPUs: the same twice over data parallel (ZeRO-1 over the two replicas).
-    "infini-1.3b-tp2pp2dp2": ("1.3b", 8, ["data.global_lanes=8", "parallel.tensor=2", "parallel.pipeline=2",
-                                          *FAST]),
+    "infini-1.3b-tp2pp2dp2": ("1.3b", 8, ["data.global_lanes=8", "parallel.tensor=2", "parallel.pipeline=2", *FAST]),
     # 7B: fp32 master weights and Adam state (~16 bytes a parameter) need all 8 cards; windows of two
     # segments keep the activations of the 4 microbatches in flight on the first stage within 80 GB.
-    "infini-7b-tp2pp4": ("7b", 8, ["data.global_lanes=16", "data.n_segments=2", "parallel.tensor=2",
-                                   "parallel.pipeline=4", *FAST]),
+    "infini-7b-tp2pp4": (
+        "7b",
+        8,
+        ["data.global_lanes=16", "data.n_segments=2", "parallel.tensor=2", "parallel.pipeline=4", *FAST],
+    ),
     "infini-350m": ("350m", 1, ["data.global_lanes=8", *FAST]),
     "infini-125m": ("125m", 1, ["data.global_lanes=8", *FAST]),
     # CPU checks of this script (gloo): one process, and the 4-GPU layout as 4 processes.
@@ -75,11 +86,22 @@ def run_case(name: str, steps: int, warmup: int, out_dir: str, overrides=(), tag
     preset, nproc, extra = CASES[name]
     label = f"{name}-{tag}" if tag else name
     run_dir = os.path.join(out_dir, label)
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else \
-        [sys.executable]
-    cmd = [*launcher, "-m", "training.train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
-           f"defaults.model={preset}", f"run_dir={run_dir}", f"schedule.steps={steps}", *COMMON, *extra,
-           *overrides]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+    )
+    cmd = [
+        *launcher,
+        "-m",
+        "training.train",
+        "--config",
+        os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+        f"defaults.model={preset}",
+        f"run_dir={run_dir}",
+        f"schedule.steps={steps}",
+        *COMMON,
+        *extra,
+        *overrides,
+    ]
     started = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     with open(os.path.join(out_dir, f"{label}.log"), "w") as f:
@@ -97,11 +119,15 @@ def run_case(name: str, steps: int, warmup: int, out_dir: str, overrides=(), tag
     total, _ = count_parameters(cfg)
     anchor_flops = 6 * total + 12 * cfg.num_layers * cfg.hidden_size * segment
     return {
-        "case": label, "gpus": nproc, "tokens_per_s": tokens_per_s,
+        "case": label,
+        "gpus": nproc,
+        "tokens_per_s": tokens_per_s,
         "mfu": statistics.median(r["mfu"] for r in steady) if steady[0].get("mfu") is not None else None,
         "mfu_anchor_convention": tokens_per_s * anchor_flops / (PEAK * nproc),
         "peak_memory_gb": max(r.get("gpu_memory_gb", 0.0) for r in rows),
-        "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "steps": len(rows),
+        "loss_first": rows[0]["loss"],
+        "loss_last": rows[-1]["loss"],
+        "steps": len(rows),
         "losses": {r["step"]: r["loss"] for r in rows},
         "padding_fraction": statistics.mean(r["padding_fraction"] for r in steady),
         "wall_s": time.time() - started,
@@ -133,8 +159,11 @@ def main(argv=None) -> int:
     parser.add_argument("--anchor-modes", default="compiled amp megatron")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--tag", default="", help="suffix of the case labels (runs with overrides)")
-    parser.add_argument("--reference", help="one of --cases (same lanes and data): print each run's largest "
-                        "per-step loss difference from it, to check that another layout trains the same")
+    parser.add_argument(
+        "--reference",
+        help="one of --cases (same lanes and data): print each run's largest "
+        "per-step loss difference from it, to check that another layout trains the same",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value run-config overrides for every case")
     args = parser.parse_args(argv)
     if args.reference and args.reference not in args.cases.split(","):
@@ -147,8 +176,7 @@ def main(argv=None) -> int:
         print(json.dumps({key: value for key, value in result.items() if key != "losses"}), flush=True)
     anchor_lines = []
     if args.anchor:
-        proc = subprocess.run([sys.executable, args.anchor, *args.anchor_modes.split()], capture_output=True,
-                              text=True)
+        proc = subprocess.run([sys.executable, args.anchor, *args.anchor_modes.split()], capture_output=True, text=True)
         anchor_lines = [line for line in proc.stdout.splitlines() if "tok/s" in line or "OOM" in line]
         if proc.returncode != 0:
             anchor_lines.append(f"anchor exit {proc.returncode}: {proc.stderr[-800:]}")
@@ -157,8 +185,10 @@ def main(argv=None) -> int:
     reference_label = f"{args.reference}-{args.tag}" if args.tag else args.reference
     reference = next((r for r in results if r["case"] == reference_label and "error" not in r), None)
     gap_header = f" max per-step loss difference from {args.reference} |" if args.reference else ""
-    print(f"\n| case | GPUs | tokens/s | MFU (ours) | MFU (anchor convention) | peak GiB | loss first -> last |"
-          f"{gap_header}")
+    print(
+        f"\n| case | GPUs | tokens/s | MFU (ours) | MFU (anchor convention) | peak GiB | loss first -> last |"
+        f"{gap_header}"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if args.reference else ""))
     for r in results:
         if "error" in r:
@@ -166,9 +196,11 @@ def main(argv=None) -> int:
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         gap = f" {_loss_gap(r, reference)} |" if args.reference else ""
-        print(f"| {r['case']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {mfu} | "
-              f"{100 * r['mfu_anchor_convention']:.1f}% | {r['peak_memory_gb']:.1f} | "
-              f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} |{gap}")
+        print(
+            f"| {r['case']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {mfu} | "
+            f"{100 * r['mfu_anchor_convention']:.1f}% | {r['peak_memory_gb']:.1f} | "
+            f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} |{gap}"
+        )
     for line in anchor_lines:
         print("anchor:", line)
     return 0

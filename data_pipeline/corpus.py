@@ -97,8 +97,7 @@ def _control_field(text: str, name: str) -> str:
     raise DataError(f"no {name} field")
 
 
-def package_document(pkg: Package, version: str, tree: str, max_doc_bytes: int,
-                     downloads: Sequence[str] = ()) -> dict:
+def package_document(pkg: Package, version: str, tree: str, max_doc_bytes: int, downloads: Sequence[str] = ()) -> dict:
     """The document of an unpacked package (`tree`: a source tree, or a documentation package's
     file system), with its manifest entry. The licences come from the tree's copyright file."""
     doc = pkg.kind == "doc"
@@ -110,18 +109,31 @@ def package_document(pkg: Package, version: str, tree: str, max_doc_bytes: int,
         licences, machine_readable = copyright_licences(f.read())
     built = tree_document(tree, f"{_KINDS[pkg.kind]} {base} {version}", max_doc_bytes, doc=doc)
     licence = ", ".join(licences) if machine_readable else "see debian/copyright: " + ", ".join(licences)
-    record = {"id": pkg.doc_id, "text": built.text, "source": f"debian-{pkg.kind} {base} {version}",
-              "licence": licence}
-    entry = {"id": pkg.doc_id, "kind": pkg.kind, "package": base, "version": version,
-             "licences": licences, "licence_families": sorted({licence_family(n) for n in licences}),
-             "copyright_machine_readable": machine_readable, "bytes": len(built.text.encode()),
-             "files": len(built.files), "files_skipped": built.skipped, "files_truncated": built.truncated,
-             "downloads": {os.path.basename(p): _sha256(p) for p in downloads}}
+    record = {"id": pkg.doc_id, "text": built.text, "source": f"debian-{pkg.kind} {base} {version}", "licence": licence}
+    entry = {
+        "id": pkg.doc_id,
+        "kind": pkg.kind,
+        "package": base,
+        "version": version,
+        "licences": licences,
+        "licence_families": sorted({licence_family(n) for n in licences}),
+        "copyright_machine_readable": machine_readable,
+        "bytes": len(built.text.encode()),
+        "files": len(built.files),
+        "files_skipped": built.skipped,
+        "files_truncated": built.truncated,
+        "downloads": {os.path.basename(p): _sha256(p) for p in downloads},
+    }
     return {"record": record, "entry": entry}
 
 
-def write_splits(docs: Iterable[dict], out_dir: str, heldout_fraction: float, tokenizer: str = "bytes",
-                 unavailable: Sequence[dict] = ()) -> dict:
+def write_splits(
+    docs: Iterable[dict],
+    out_dir: str,
+    heldout_fraction: float,
+    tokenizer: str = "bytes",
+    unavailable: Sequence[dict] = (),
+) -> dict:
     """DIR/train.jsonl.xz, DIR/heldout.jsonl.xz and DIR/manifest.json from package_document() results, in
     the given order. The same documents give byte-identical files. `unavailable`: listed packages that
     could not be downloaded ({"id", "error"}). Returns the manifest."""
@@ -137,14 +149,26 @@ def write_splits(docs: Iterable[dict], out_dir: str, heldout_fraction: float, to
         entries.append(entry)
     if len({e["id"] for e in entries}) != len(entries):
         raise DataError("two documents have the same id")
-    manifest = {"suite": SUITE, "archive": ARCHIVE, "heldout_fraction": heldout_fraction,
-                "tokenizer": tok.spec(), "splits": {}, "documents": entries, "unavailable": list(unavailable)}
+    manifest = {
+        "suite": SUITE,
+        "archive": ARCHIVE,
+        "heldout_fraction": heldout_fraction,
+        "tokenizer": tok.spec(),
+        "splits": {},
+        "documents": entries,
+        "unavailable": list(unavailable),
+    }
     for split in SPLITS:
         data = lzma.compress(b"".join(lines[split]), preset=_XZ_PRESET)
         _write_atomic(os.path.join(out_dir, f"{split}.jsonl.xz"), data)
         counts = [e["tokens"] for e in entries if e["split"] == split]
-        manifest["splits"][split] = {"file": f"{split}.jsonl.xz", "documents": len(counts), "tokens": sum(counts),
-                                     "xz_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest["splits"][split] = {
+            "file": f"{split}.jsonl.xz",
+            "documents": len(counts),
+            "tokens": sum(counts),
+            "xz_bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
     _write_atomic(os.path.join(out_dir, MANIFEST_NAME), (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 
@@ -169,12 +193,24 @@ class Apt:
         with open(sources, "w") as f:
             for kind in ("deb", "deb-src"):
                 f.write(f"{kind} [signed-by={KEYRING}] {ARCHIVE} {SUITE} main\n")
-        self.options = ["-o", f"Dir::Etc::SourceList={sources}", "-o", "Dir::Etc::SourceParts=/nonexistent",
-                        "-o", f"Dir::State::Lists={self.root}/lists", "-o", f"Dir::Cache={self.root}/cache",
-                        "-o", "Dir::Etc::Preferences=/nonexistent",
-                        "-o", f"Dir::Etc::PreferencesParts={self.root}/preferences.d",
-                        # Downloads land in directories of ours, which apt's unprivileged user may not write.
-                        "-o", "APT::Sandbox::User=root", "-q"]
+        self.options = [
+            "-o",
+            f"Dir::Etc::SourceList={sources}",
+            "-o",
+            "Dir::Etc::SourceParts=/nonexistent",
+            "-o",
+            f"Dir::State::Lists={self.root}/lists",
+            "-o",
+            f"Dir::Cache={self.root}/cache",
+            "-o",
+            "Dir::Etc::Preferences=/nonexistent",
+            "-o",
+            f"Dir::Etc::PreferencesParts={self.root}/preferences.d",
+            # Downloads land in directories of ours, which apt's unprivileged user may not write.
+            "-o",
+            "APT::Sandbox::User=root",
+            "-q",
+        ]
 
     def run(self, args: List[str], cwd: Optional[str] = None) -> None:
         r = subprocess.run(["apt-get", *self.options, *args], cwd=cwd, capture_output=True, text=True)
@@ -192,8 +228,7 @@ class Apt:
             part = dest + ".part"
             shutil.rmtree(part, ignore_errors=True)
             os.makedirs(part)
-            self.run(["source", "--download-only", pkg.name] if pkg.kind == "src" else ["download", pkg.name],
-                     cwd=part)
+            self.run(["source", "--download-only", pkg.name] if pkg.kind == "src" else ["download", pkg.name], cwd=part)
             os.replace(part, dest)
         files = sorted(os.path.join(dest, n) for n in os.listdir(dest) if not n.startswith("."))
         if sum(f.endswith(want) for f in files) != 1:
@@ -211,16 +246,23 @@ def unpack(pkg: Package, files: Sequence[str], dest: str) -> str:
     else:
         deb = next(f for f in files if f.endswith(".deb"))
         cmd = ["dpkg-deb", "-x", deb, dest]
-        version = subprocess.run(["dpkg-deb", "-f", deb, "Version"], capture_output=True, text=True,
-                                 check=True).stdout.strip()
+        version = subprocess.run(
+            ["dpkg-deb", "-f", deb, "Version"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise DataError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-2000:]}")
     return version
 
 
-def fetch(out_dir: str, packages: Sequence[Package], target_tokens: Optional[int] = None,
-          heldout_fraction: float = 0.1, max_doc_bytes: int = 1_000_000, log=print) -> dict:
+def fetch(
+    out_dir: str,
+    packages: Sequence[Package],
+    target_tokens: Optional[int] = None,
+    heldout_fraction: float = 0.1,
+    max_doc_bytes: int = 1_000_000,
+    log=print,
+) -> dict:
     """Downloads, unpacks and converts the packages in list order (until `target_tokens` bytes-tokenizer
     tokens when given), then writes the splits and the manifest. Downloads stay in DIR/downloads, so
     a second run converts without the network (delete them to fetch newer versions)."""
@@ -247,16 +289,19 @@ def fetch(out_dir: str, packages: Sequence[Package], target_tokens: Optional[int
         docs.append(d)
         total += d["entry"]["bytes"]
         e = d["entry"]
-        log(f"[{i + 1}/{len(packages)}] {pkg.kind} {e['package']} {version}: {e['bytes'] / 1e6:.2f} MB, "
+        log(
+            f"[{i + 1}/{len(packages)}] {pkg.kind} {e['package']} {version}: {e['bytes'] / 1e6:.2f} MB, "
             f"{e['files']} files ({e['files_skipped']} not text, {e['files_truncated']} past the limit); "
-            f"{total / 1e6:.1f} MB in all")
+            f"{total / 1e6:.1f} MB in all"
+        )
     manifest = write_splits(docs, out_dir, heldout_fraction, unavailable=unavailable)
     log(f"fetched and written in {time.perf_counter() - t0:.0f} s")
     return manifest
 
 
-def build_shards(text_dir: str, out_dir: str, tokenizer: str = "bytes", shard_size: str = "64MB",
-                 overwrite: bool = False) -> Dict[str, dict]:
+def build_shards(
+    text_dir: str, out_dir: str, tokenizer: str = "bytes", shard_size: str = "64MB", overwrite: bool = False
+) -> Dict[str, dict]:
     """OUT/train and OUT/heldout: shard sets of the two splits. Each split's text is unpacked next to
     them for the writer and removed after."""
     os.makedirs(out_dir, exist_ok=True)
@@ -272,8 +317,14 @@ def build_shards(text_dir: str, out_dir: str, tokenizer: str = "bytes", shard_si
         except lzma.LZMAError as e:
             raise DataError(f"{src}: not a valid .xz file ({e})") from None
         try:
-            summaries[split] = write_shards([plain], os.path.join(out_dir, split), tokenizer, shard_size=shard_size,
-                                            overwrite=overwrite, progress=False)
+            summaries[split] = write_shards(
+                [plain],
+                os.path.join(out_dir, split),
+                tokenizer,
+                shard_size=shard_size,
+                overwrite=overwrite,
+                progress=False,
+            )
         finally:
             os.remove(plain)
     return summaries
@@ -285,9 +336,11 @@ def describe(manifest: dict) -> str:
     lines = [f"{len(docs)} documents, {sum(tokens):,} tokens ({manifest['tokenizer']['kind']} tokenizer)"]
     for split, s in manifest["splits"].items():
         sizes = [e["tokens"] for e in docs if e["split"] == split]
-        lines.append(f"  {split}: {s['documents']} documents, {s['tokens']:,} tokens, {s['xz_bytes'] / 2**20:.1f} MiB "
-                     f"xz; >= 32K: {sum(n >= 32 << 10 for n in sizes)}, >= 256K: {sum(n >= 256 << 10 for n in sizes)}"
-                     f", >= 1M: {sum(n >= 1 << 20 for n in sizes)}")
+        lines.append(
+            f"  {split}: {s['documents']} documents, {s['tokens']:,} tokens, {s['xz_bytes'] / 2**20:.1f} MiB "
+            f"xz; >= 32K: {sum(n >= 32 << 10 for n in sizes)}, >= 256K: {sum(n >= 256 << 10 for n in sizes)}"
+            f", >= 1M: {sum(n >= 1 << 20 for n in sizes)}"
+        )
     families = Counter(f for e in docs for f in e["licence_families"])
     lines.append("licence families (documents): " + ", ".join(f"{k} {v}" for k, v in families.most_common()))
     return "\n".join(lines)
@@ -313,8 +366,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.command == "fetch":
             if not 0 <= a.heldout_fraction < 1:
                 ap.error(f"--heldout-fraction must be in [0, 1), not {a.heldout_fraction}")
-            manifest = fetch(a.out, read_package_list(a.packages), a.target_tokens, a.heldout_fraction,
-                             parse_size(a.max_doc_bytes), log=lambda m: print(m, file=sys.stderr))
+            manifest = fetch(
+                a.out,
+                read_package_list(a.packages),
+                a.target_tokens,
+                a.heldout_fraction,
+                parse_size(a.max_doc_bytes),
+                log=lambda m: print(m, file=sys.stderr),
+            )
             print(describe(manifest), file=sys.stderr)
         else:
             for split, summary in build_shards(a.text, a.out, a.tokenizer, a.shard_size, a.overwrite).items():

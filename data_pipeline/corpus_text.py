@@ -19,10 +19,30 @@ _SKIP_DIRS = {".git", ".hg", ".svn", ".bzr", ".pc", "__pycache__"}
 # Sphinx output: the reST sources duplicate the pages, the rest is theme and images.
 _SKIP_DOC_DIRS = _SKIP_DIRS | {"_sources", "_static", "_images"}
 # Generated build scaffolding that repeats across packages and teaches nothing about the package.
-_GENERATED_NAMES = {"configure", "config.guess", "config.sub", "ltmain.sh", "aclocal.m4", "Makefile.in",
-                    "install-sh", "depcomp", "missing", "compile", "test-driver", "ylwrap", "mdate-sh",
-                    "texinfo.tex", "config.rpath", "libtool.m4", "ltoptions.m4", "ltsugar.m4", "ltversion.m4",
-                    "lt~obsolete.m4", "package-lock.json", "yarn.lock"}
+_GENERATED_NAMES = {
+    "configure",
+    "config.guess",
+    "config.sub",
+    "ltmain.sh",
+    "aclocal.m4",
+    "Makefile.in",
+    "install-sh",
+    "depcomp",
+    "missing",
+    "compile",
+    "test-driver",
+    "ylwrap",
+    "mdate-sh",
+    "texinfo.tex",
+    "config.rpath",
+    "libtool.m4",
+    "ltoptions.m4",
+    "ltsugar.m4",
+    "ltversion.m4",
+    "lt~obsolete.m4",
+    "package-lock.json",
+    "yarn.lock",
+}
 _SKIP_SUFFIXES = (".svg", ".min.js", ".min.css", ".map", ".eps", ".ps", ".pdf", ".xpm", ".pbm", ".pgm", ".ppm")
 # Documentation packages: only these (after a .gz is opened) are read; HTML is converted to text.
 _DOC_SUFFIXES = (".html", ".htm", ".xhtml", ".txt", ".text", ".rst", ".md", ".pod", ".info")
@@ -114,8 +134,31 @@ def tree_document(root: str, title: str, max_bytes: int, doc: bool = False) -> T
     return out
 
 
-_BLOCK = {"p", "div", "section", "article", "table", "tr", "ul", "ol", "dl", "blockquote", "pre", "figure",
-          "h1", "h2", "h3", "h4", "h5", "h6", "hr", "header", "footer", "main", "aside"}
+_BLOCK = {
+    "p",
+    "div",
+    "section",
+    "article",
+    "table",
+    "tr",
+    "ul",
+    "ol",
+    "dl",
+    "blockquote",
+    "pre",
+    "figure",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "hr",
+    "header",
+    "footer",
+    "main",
+    "aside",
+}
 _LINE = {"br", "li", "dt", "dd", "th", "td", "caption", "title"}
 _HIDDEN = {"script", "style", "head", "nav", "noscript", "template"}
 
@@ -187,19 +230,41 @@ def copyright_licences(text: str) -> Tuple[List[str], bool]:
 
 
 # Family of a DEP-5 licence name (the first pattern that matches wins) ...
-_FAMILY_NAMES = [("AGPL", r"agpl"), ("LGPL", r"lgpl"), ("GFDL", r"gfdl"), ("GPL", r"gpl"), ("Apache", r"apache"),
-                 ("BSD", r"bsd"), ("MIT/Expat", r"\bmit\b|expat|\bx11\b"), ("ISC", r"\bisc\b"),
-                 ("PSF", r"psf|python"), ("Artistic", r"artistic"), ("MPL", r"mpl"), ("Zlib", r"zlib"),
-                 ("public domain", r"public.?domain"), ("CC0", r"cc0"), ("Creative Commons", r"cc-by"),
-                 ("PostgreSQL", r"postgres"), ("OpenSSL", r"openssl|ssleay"), ("Unicode", r"unicode")]
+_FAMILY_NAMES = [
+    ("AGPL", r"agpl"),
+    ("LGPL", r"lgpl"),
+    ("GFDL", r"gfdl"),
+    ("GPL", r"gpl"),
+    ("Apache", r"apache"),
+    ("BSD", r"bsd"),
+    ("MIT/Expat", r"\bmit\b|expat|\bx11\b"),
+    ("ISC", r"\bisc\b"),
+    ("PSF", r"psf|python"),
+    ("Artistic", r"artistic"),
+    ("MPL", r"mpl"),
+    ("Zlib", r"zlib"),
+    ("public domain", r"public.?domain"),
+    ("CC0", r"cc0"),
+    ("Creative Commons", r"cc-by"),
+    ("PostgreSQL", r"postgres"),
+    ("OpenSSL", r"openssl|ssleay"),
+    ("Unicode", r"unicode"),
+]
 # ... and the phrases that name a family in a copyright file that is not machine-readable.
-_FAMILY_PHRASES = {"GPL": r"GNU General Public License", "LGPL": r"GNU (Lesser|Library) General Public",
-                   "GFDL": r"GNU Free Documentation License", "Apache": r"Apache License",
-                   "BSD": r"Redistribution and use in source and binary forms",
-                   "MIT/Expat": r"Permission is hereby granted, free of charge", "Artistic": r"Artistic License",
-                   "PSF": r"Python Software Foundation License", "public domain": r"public domain",
-                   "PostgreSQL": r"PostgreSQL (Database Management System|Global Development Group)",
-                   "MPL": r"Mozilla Public License", "Zlib": r"the origin of this software must not be misrepresented"}
+_FAMILY_PHRASES = {
+    "GPL": r"GNU General Public License",
+    "LGPL": r"GNU (Lesser|Library) General Public",
+    "GFDL": r"GNU Free Documentation License",
+    "Apache": r"Apache License",
+    "BSD": r"Redistribution and use in source and binary forms",
+    "MIT/Expat": r"Permission is hereby granted, free of charge",
+    "Artistic": r"Artistic License",
+    "PSF": r"Python Software Foundation License",
+    "public domain": r"public domain",
+    "PostgreSQL": r"PostgreSQL (Database Management System|Global Development Group)",
+    "MPL": r"Mozilla Public License",
+    "Zlib": r"the origin of this software must not be misrepresented",
+}
 
 
 def licence_family(name: str) -> str:

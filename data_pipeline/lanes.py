@@ -22,8 +22,18 @@ class Source:
     a shard order and a split of the documents in that order into `lanes` contiguous ranges of
     about equal token count (whole documents; with `fill_every_lane` at least one per lane)."""
 
-    def __init__(self, ss: ShardSet, src_idx: int, mask: np.ndarray, append_eos: bool, seed: int, lanes: int,
-                 shuffle: bool, fill_every_lane: bool, label: str):
+    def __init__(
+        self,
+        ss: ShardSet,
+        src_idx: int,
+        mask: np.ndarray,
+        append_eos: bool,
+        seed: int,
+        lanes: int,
+        shuffle: bool,
+        fill_every_lane: bool,
+        label: str,
+    ):
         self.ss, self.src_idx, self.mask, self.seed, self.lanes = ss, src_idx, mask, seed, lanes
         self.shuffle, self.fill_every_lane, self.label = shuffle, fill_every_lane, label
         self.eff_len = np.asarray(ss.doc_tokens, dtype=np.int64) + (1 if append_eos else 0)
@@ -38,8 +48,10 @@ class Source:
         self.n_docs = int(self.acc_count.sum())
         self.n_tokens = int(self.acc_tokens.sum())
         if fill_every_lane and self.n_docs < lanes:
-            raise DataError(f"source {label}: {self.n_docs} usable documents cannot fill {lanes} lanes; "
-                            "use more data, fewer global_lanes or looser document filters")
+            raise DataError(
+                f"source {label}: {self.n_docs} usable documents cannot fill {lanes} lanes; "
+                "use more data, fewer global_lanes or looser document filters"
+            )
         self._bounds: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def accepted(self, shard: int) -> np.ndarray:
@@ -50,8 +62,11 @@ class Source:
         if epoch in self._bounds:
             return self._bounds[epoch]
         n_shards = len(self.ss.names)
-        order = (np.random.default_rng([self.seed, self.src_idx, epoch]).permutation(n_shards)
-                 if self.shuffle else np.arange(n_shards))
+        order = (
+            np.random.default_rng([self.seed, self.src_idx, epoch]).permutation(n_shards)
+            if self.shuffle
+            else np.arange(n_shards)
+        )
         cnt_cum = np.concatenate([[0], np.cumsum(self.acc_count[order])])
         tok_cum = np.concatenate([[0], np.cumsum(self.acc_tokens[order])])
         total, lanes = int(tok_cum[-1]), self.lanes
@@ -101,8 +116,16 @@ class Cursor:
     drops the documents already emitted, so no token data is ever stored in the state.
     `bad` counts are those before the block (re-reading the block counts its bad samples again)."""
 
-    def __init__(self, source: Source, lane: int, block: int, shuffle: bool, one_pass: bool, on_bad: str,
-                 state: Optional[dict] = None):
+    def __init__(
+        self,
+        source: Source,
+        lane: int,
+        block: int,
+        shuffle: bool,
+        one_pass: bool,
+        on_bad: str,
+        state: Optional[dict] = None,
+    ):
         self.source, self.lane, self.block, self.shuffle, self.one_pass = source, lane, block, shuffle, one_pass
         st = state or {"epoch": 0, "piece": 0, "block_start": 0, "emitted": 0, "bad": {}, "done": False}
         self.epoch, self.piece = int(st["epoch"]), int(st["piece"])
@@ -117,8 +140,14 @@ class Cursor:
         self._fill_end = 0
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "piece": self.piece, "block_start": self.block_start,
-                "emitted": self.emitted, "bad": dict(self._bad_at_block), "done": self.done}
+        return {
+            "epoch": self.epoch,
+            "piece": self.piece,
+            "block_start": self.block_start,
+            "emitted": self.emitted,
+            "bad": dict(self._bad_at_block),
+            "done": self.done,
+        }
 
     def next_doc(self) -> Optional[Document]:
         """The next document's token ids and weights (None once a one-pass cursor is through)."""
@@ -158,8 +187,10 @@ class Cursor:
                     self.done = True
                     return
                 if self.epoch > started_epoch:
-                    raise DataError(f"source {self.source.label}, lane {self.lane}: no readable document in all of "
-                                    f"epoch {self.epoch} (skipped: {dict(self.bad.counts)})")
+                    raise DataError(
+                        f"source {self.source.label}, lane {self.lane}: no readable document in all of "
+                        f"epoch {self.epoch} (skipped: {dict(self.bad.counts)})"
+                    )
                 self.epoch, self.piece, self.block_start = self.epoch + 1, 0, 0
                 continue
             shard, wanted = pieces[self.piece]
@@ -173,9 +204,13 @@ class Cursor:
                     break
             if docs:
                 self._docs, self._fill_end = docs, last + 1
-                self._perm = (np.random.default_rng([self.source.seed, self.source.src_idx, self.lane, self.epoch,
-                                                     self.piece, self.block_start]).permutation(len(docs))
-                              if self.shuffle else np.arange(len(docs)))
+                self._perm = (
+                    np.random.default_rng(
+                        [self.source.seed, self.source.src_idx, self.lane, self.epoch, self.piece, self.block_start]
+                    ).permutation(len(docs))
+                    if self.shuffle
+                    else np.arange(len(docs))
+                )
                 return
             self._next_piece()
 
@@ -187,8 +222,15 @@ class Lane:
     its weight's share of the lane's tokens so far (ties: lowest index), so mixing is exact and
     needs no random state. One-pass (validation) lanes read their sources one after the other."""
 
-    def __init__(self, lane_id: int, cursors: List[Cursor], weights: Sequence[float], eos_id: Optional[int],
-                 one_pass: bool, state: Optional[dict] = None):
+    def __init__(
+        self,
+        lane_id: int,
+        cursors: List[Cursor],
+        weights: Sequence[float],
+        eos_id: Optional[int],
+        one_pass: bool,
+        state: Optional[dict] = None,
+    ):
         self.lane_id, self.cursors, self.eos_id, self.one_pass = lane_id, cursors, eos_id, one_pass
         w = np.asarray(weights, dtype=np.float64)
         self.weights = w / w.sum()
@@ -203,8 +245,15 @@ class Lane:
         self._refetch = self.cur_src >= 0
 
     def state(self) -> dict:
-        return {"cursors": [c.state() for c in self.cursors], "cur": self.cur_src, "off": self.off,
-                "mix": list(self.mix), "docs": self.docs, "tokens": self.tokens, "pad": self.pad}
+        return {
+            "cursors": [c.state() for c in self.cursors],
+            "cur": self.cur_src,
+            "off": self.off,
+            "mix": list(self.mix),
+            "docs": self.docs,
+            "tokens": self.tokens,
+            "pad": self.pad,
+        }
 
     def bad_counts(self) -> Dict[str, int]:
         out: Dict[str, int] = {}
@@ -254,8 +303,17 @@ class Lane:
         self.docs += 1
         return True
 
-    def fill(self, seg_len: int, tokens: np.ndarray, mask: np.ndarray, weight: Optional[np.ndarray],
-             reset: np.ndarray, epoch: np.ndarray, source: np.ndarray, pad_id: int) -> int:
+    def fill(
+        self,
+        seg_len: int,
+        tokens: np.ndarray,
+        mask: np.ndarray,
+        weight: Optional[np.ndarray],
+        reset: np.ndarray,
+        epoch: np.ndarray,
+        source: np.ndarray,
+        pad_id: int,
+    ) -> int:
         """Fill one lane's window; returns the label of its last position (the document's next
         token, when the document goes on into the next window; else pad_id). mask is 1 where a
         position has a label, weight (None: the data has no weights) the label token's loss weight

@@ -63,8 +63,19 @@ class _Data:
         self.sources: List[Source] = []
         for k, (ss, label) in enumerate(zip(chosen, labels)):
             mask = self._mask(ss, label, keep_held)
-            self.sources.append(Source(ss, k, mask, cfg.append_eos, cfg.seed, cfg.global_lanes, shuffle=train,
-                                       fill_every_lane=train, label=label))
+            self.sources.append(
+                Source(
+                    ss,
+                    k,
+                    mask,
+                    cfg.append_eos,
+                    cfg.seed,
+                    cfg.global_lanes,
+                    shuffle=train,
+                    fill_every_lane=train,
+                    label=label,
+                )
+            )
             missing = ss.missing_local_shards()
             if missing:
                 msg = f"source {label}: {len(missing)} missing shard(s), e.g. {missing[0]}"
@@ -74,8 +85,10 @@ class _Data:
         self.fingerprint = {
             "split": split,
             "sources": [[s.ss.dataset_id, float(w)] for s, w in zip(self.sources, weights)],
-            **{k: getattr(cfg, k) for k in ("seed", "global_lanes", "shuffle_buffer", "min_doc_tokens",
-                                             "max_doc_tokens", "append_eos")},
+            **{
+                k: getattr(cfg, k)
+                for k in ("seed", "global_lanes", "shuffle_buffer", "min_doc_tokens", "max_doc_tokens", "append_eos")
+            },
             "valid_fraction": cfg.valid_fraction if hash_split else 0.0,
         }
 
@@ -86,19 +99,28 @@ class _Data:
         if empty.any():
             d = int(np.flatnonzero(empty)[0])
             shard = int(np.searchsorted(ss.first_doc, d, side="right")) - 1
-            msg = (f"{ss.index_path}: {int(empty.sum())} empty document(s), e.g. shard {ss.urls[shard]} "
-                   f"document {doc_key(d - int(ss.first_doc[shard]))}")
+            msg = (
+                f"{ss.index_path}: {int(empty.sum())} empty document(s), e.g. shard {ss.urls[shard]} "
+                f"document {doc_key(d - int(ss.first_doc[shard]))}"
+            )
             if cfg.on_bad_sample == "error":
                 raise DataError(msg + " (set on_bad_sample='skip' to skip and count them)")
             log.warning("%s; skipping them", msg)
         short = ~empty & (lens < cfg.min_doc_tokens)
         long = lens > cfg.max_doc_tokens if cfg.max_doc_tokens else np.zeros(len(lens), dtype=bool)
         mask = ~(empty | short | long)
-        stats = {"source": label, "documents": len(lens), "empty": int(empty.sum()), "too_short": int(short.sum()),
-                 "too_long": int(long.sum())}
+        stats = {
+            "source": label,
+            "documents": len(lens),
+            "empty": int(empty.sum()),
+            "too_short": int(short.sum()),
+            "too_long": int(long.sum()),
+        }
         if keep_held is not None:
-            held = np.concatenate([held_out_unit(n, int(c)) for n, c in zip(ss.names, ss.n_docs)]
-                                  or [np.zeros(0)]) < self.cfg.valid_fraction
+            held = (
+                np.concatenate([held_out_unit(n, int(c)) for n, c in zip(ss.names, ss.n_docs)] or [np.zeros(0)])
+                < self.cfg.valid_fraction
+            )
             stats["held_out" if not keep_held else "not_held_out"] = int((mask & (held != keep_held)).sum())
             mask &= held == keep_held
         stats["used"] = int(mask.sum())
@@ -108,9 +130,18 @@ class _Data:
     def make_lane(self, lane_id: int, state: Optional[dict]) -> Lane:
         train = self.split == "train"
         block = self.cfg.shuffle_buffer if train else 1
-        cursors = [Cursor(src, lane_id, block, shuffle=train and block > 1, one_pass=not train,
-                          on_bad=self.cfg.on_bad_sample, state=state["cursors"][k] if state else None)
-                   for k, src in enumerate(self.sources)]
+        cursors = [
+            Cursor(
+                src,
+                lane_id,
+                block,
+                shuffle=train and block > 1,
+                one_pass=not train,
+                on_bad=self.cfg.on_bad_sample,
+                state=state["cursors"][k] if state else None,
+            )
+            for k, src in enumerate(self.sources)
+        ]
         eos = self.eos_id if self.cfg.append_eos else None
         return Lane(lane_id, cursors, self.weights, eos, one_pass=not train, state=state)
 
@@ -137,10 +168,15 @@ class _Packing:
 
     def __init__(self, n_lanes: int, seg_len: int, n_segments: int, token_dtype: np.dtype, weighted: bool):
         width = seg_len * n_segments
-        fields = [("epoch", np.int32, (n_lanes, n_segments)), ("source", np.int32, (n_lanes, n_segments)),
-                  ("tokens", token_dtype, (n_lanes, width)), ("carry", token_dtype, (n_lanes,)),
-                  ("weight", np.float32, (n_lanes, width if weighted else 0)),
-                  ("mask", np.uint8, (n_lanes, width)), ("reset", np.bool_, (n_lanes, n_segments))]
+        fields = [
+            ("epoch", np.int32, (n_lanes, n_segments)),
+            ("source", np.int32, (n_lanes, n_segments)),
+            ("tokens", token_dtype, (n_lanes, width)),
+            ("carry", token_dtype, (n_lanes,)),
+            ("weight", np.float32, (n_lanes, width if weighted else 0)),
+            ("mask", np.uint8, (n_lanes, width)),
+            ("reset", np.bool_, (n_lanes, n_segments)),
+        ]
         self.fields, off = [], 0
         for name, dtype, shape in fields:
             dtype = np.dtype(dtype)
@@ -150,8 +186,10 @@ class _Packing:
         self.size = off
 
     def views(self, buf: np.ndarray) -> Dict[str, np.ndarray]:
-        return {name: buf[off : off + dtype.itemsize * int(np.prod(shape))].view(dtype).reshape(shape)
-                for name, off, dtype, shape in self.fields}
+        return {
+            name: buf[off : off + dtype.itemsize * int(np.prod(shape))].view(dtype).reshape(shape)
+            for name, off, dtype, shape in self.fields
+        }
 
 
 class _LaneDataset(IterableDataset):
@@ -159,8 +197,9 @@ class _LaneDataset(IterableDataset):
     so the workers' items in worker order hold the rank's lanes in order), packed, with every
     lane's state after the step attached."""
 
-    def __init__(self, data: _Data, lanes: List[int], states: Dict[int, Optional[dict]], workers: int,
-                 n_batches: Optional[int]):
+    def __init__(
+        self, data: _Data, lanes: List[int], states: Dict[int, Optional[dict]], workers: int, n_batches: Optional[int]
+    ):
         self.data, self.lanes, self.states, self.workers, self.n_batches = data, lanes, states, workers, n_batches
 
     def __iter__(self) -> Iterator[dict]:
@@ -182,11 +221,22 @@ class _LaneDataset(IterableDataset):
                 v["source"].fill(-1)
                 for r, lane in enumerate(lanes):
                     weight = v["weight"][r] if self.data.weighted else None
-                    v["carry"][r] = lane.fill(cfg.segment_length, v["tokens"][r], v["mask"][r], weight, v["reset"][r],
-                                              v["epoch"][r], v["source"][r], pad)
-                yield {"packed": torch.from_numpy(buf), "n": len(lanes),
-                       "_states": {int(l.lane_id): l.state() for l in lanes},
-                       "_bad": {int(l.lane_id): l.bad_counts() for l in lanes}}
+                    v["carry"][r] = lane.fill(
+                        cfg.segment_length,
+                        v["tokens"][r],
+                        v["mask"][r],
+                        weight,
+                        v["reset"][r],
+                        v["epoch"][r],
+                        v["source"][r],
+                        pad,
+                    )
+                yield {
+                    "packed": torch.from_numpy(buf),
+                    "n": len(lanes),
+                    "_states": {int(l.lane_id): l.state() for l in lanes},
+                    "_bad": {int(l.lane_id): l.bad_counts() for l in lanes},
+                }
                 step += 1
         finally:
             for lane in lanes:
@@ -204,9 +254,17 @@ def _start(ds: _LaneDataset, workers: int, cfg: DataConfig) -> Iterator[dict]:
     if workers == 0:
         return iter(ds)
     # fork: workers inherit the opened indexes; timeout: a stuck worker becomes an error.
-    return iter(DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=cfg.prefetch,
-                           multiprocessing_context="fork", timeout=cfg.worker_timeout_s,
-                           worker_init_fn=_ignore_stop_signals))
+    return iter(
+        DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=cfg.prefetch,
+            multiprocessing_context="fork",
+            timeout=cfg.worker_timeout_s,
+            worker_init_fn=_ignore_stop_signals,
+        )
+    )
 
 
 def _close(it: Optional[Iterator[dict]]) -> None:
@@ -249,14 +307,20 @@ def _assemble(data: _Data, lane_ids: List[int], parts: List[dict]) -> dict:
         r += p["n"]
     # By whether a label exists, not by its weight: a token of weight 0 keeps its label.
     labels[~labelled] = data.pad_id
-    return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-            "loss_mask": torch.from_numpy(mask), "reset": torch.from_numpy(reset),
-            "lane_ids": torch.tensor(lane_ids, dtype=torch.int64), "epoch": torch.from_numpy(epoch),
-            "source": torch.from_numpy(source)}
+    return {
+        "tokens": torch.from_numpy(tokens),
+        "labels": torch.from_numpy(labels),
+        "loss_mask": torch.from_numpy(mask),
+        "reset": torch.from_numpy(reset),
+        "lane_ids": torch.tensor(lane_ids, dtype=torch.int64),
+        "epoch": torch.from_numpy(epoch),
+        "source": torch.from_numpy(source),
+    }
 
 
-def _batches(data: _Data, lane_ids: List[int], workers: int, progress: _Progress,
-             n_batches: Optional[int]) -> Iterator[dict]:
+def _batches(
+    data: _Data, lane_ids: List[int], workers: int, progress: _Progress, n_batches: Optional[int]
+) -> Iterator[dict]:
     """Batches from progress.states on; each batch's lane states are recorded as it is handed
     out, so progress describes the batches consumed, whatever the workers prefetched."""
     it = _start(_LaneDataset(data, lane_ids, dict(progress.states), workers, n_batches), workers, data.cfg)
@@ -320,14 +384,18 @@ class _RankLoader:
             for k, v in (prog.bad.get(i) or _snapshot_bad(prog.states[i])).items():
                 skipped[k] = skipped.get(k, 0) + v
         states = [prog.states[i] for i in self.lane_ids]
-        return {"step": prog.step,
-                "documents": sum(s["docs"] for s in states),
-                "tokens": sum(s["tokens"] for s in states),
-                "padding": sum(s["pad"] for s in states),
-                "skipped": skipped,
-                "filtered": self._data.filtered,
-                "epochs": [[min(s["cursors"][k]["epoch"] for s in states), max(s["cursors"][k]["epoch"] for s in states)]
-                           for k in range(len(self._data.sources))]}
+        return {
+            "step": prog.step,
+            "documents": sum(s["docs"] for s in states),
+            "tokens": sum(s["tokens"] for s in states),
+            "padding": sum(s["pad"] for s in states),
+            "skipped": skipped,
+            "filtered": self._data.filtered,
+            "epochs": [
+                [min(s["cursors"][k]["epoch"] for s in states), max(s["cursors"][k]["epoch"] for s in states)]
+                for k in range(len(self._data.sources))
+            ],
+        }
 
 
 class TrainLoader(_RankLoader):
@@ -344,7 +412,7 @@ class TrainLoader(_RankLoader):
         super().__init__(cfg, dp_rank, dp_size, "train")
         self._it: Optional[Iterator[dict]] = None
 
-    def __iter__(self) -> "TrainLoader":
+    def __iter__(self) -> TrainLoader:
         return self
 
     def __next__(self) -> dict:
@@ -368,8 +436,13 @@ class TrainLoader(_RankLoader):
 
     def state_dict(self) -> dict:
         """The position after the last batch returned: plain python (picklable, torch.save-able)."""
-        return {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": self._data.fingerprint,
-                "step": self.step, "lanes": {i: self._progress.states[i] for i in self.lane_ids}}
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "fingerprint": self._data.fingerprint,
+            "step": self.step,
+            "lanes": {i: self._progress.states[i] for i in self.lane_ids},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`. It may come from another dp_size (same global_lanes); it must hold
@@ -379,9 +452,11 @@ class TrainLoader(_RankLoader):
         lanes = {int(k): v for k, v in state["lanes"].items()}
         missing = [i for i in self.lane_ids if i not in lanes]
         if missing:
-            raise ValueError(f"data state lacks lanes {missing[:8]}{'...' if len(missing) > 8 else ''} of rank "
-                             f"{self.dp_rank}/{self.dp_size}; load the merged state of all ranks "
-                             "(data_pipeline.gather_state_dict or merge_state_dicts)")
+            raise ValueError(
+                f"data state lacks lanes {missing[:8]}{'...' if len(missing) > 8 else ''} of rank "
+                f"{self.dp_rank}/{self.dp_size}; load the merged state of all ranks "
+                "(data_pipeline.gather_state_dict or merge_state_dicts)"
+            )
         self.close()
         self._progress = _Progress({i: lanes[i] for i in self.lane_ids}, int(state["step"]))
 

@@ -34,15 +34,37 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .shards import (DOC_OFFSETS_NAME, DOC_TOKENS_NAME, FORMAT, INDEX_NAME, TOKEN_EXT, VERSION, WEIGHTS_EXT,
-                     DataError, dataset_id, doc_key, shard_name, warn_limited)
+from .shards import (
+    DOC_OFFSETS_NAME,
+    DOC_TOKENS_NAME,
+    FORMAT,
+    INDEX_NAME,
+    TOKEN_EXT,
+    VERSION,
+    WEIGHTS_EXT,
+    DataError,
+    dataset_id,
+    doc_key,
+    shard_name,
+    warn_limited,
+)
 from .tokenizer import load_tokenizer, token_dtype
 from .weights import check_spans, token_weights, weight_runs
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 _CHUNK_BYTES = 4 << 20
 _CHUNK_DOCS = 2048
 _KINDS = (".jsonl.gz", ".jsonl", ".txt", ".parquet")
@@ -137,8 +159,17 @@ def _is_text_type(t) -> bool:
 
     if pa.types.is_dictionary(t):
         return _is_text_type(t.value_type)
-    return any(f(t) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
-                              pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view))
+    return any(
+        f(t)
+        for f in (
+            pa.types.is_string,
+            pa.types.is_large_string,
+            pa.types.is_string_view,
+            pa.types.is_binary,
+            pa.types.is_large_binary,
+            pa.types.is_binary_view,
+        )
+    )
 
 
 def _parquet_values(path: str, text_field: str) -> Iterator[list]:
@@ -225,8 +256,12 @@ def _text_of(kind: str, payload, field: str, weights_field: str) -> Tuple[Option
             try:
                 payload.encode("utf-8")
             except UnicodeEncodeError as e:
-                return (None, None, "lone_surrogate",
-                        f"field {field!r} holds a lone surrogate U+{ord(payload[e.start]):04X} at character {e.start}")
+                return (
+                    None,
+                    None,
+                    "lone_surrogate",
+                    f"field {field!r} holds a lone surrogate U+{ord(payload[e.start]):04X} at character {e.start}",
+                )
         if obj.get(weights_field) is not None:
             try:
                 spans = check_spans(obj[weights_field], len(payload), "character")
@@ -330,8 +365,9 @@ class _ShardWriter:
     def _roll(self) -> None:
         self.close()
         name = shard_name(len(self.shards))
-        self.shards.append({"name": name, "n_documents": 0, "n_tokens": 0, "n_bytes": 0,
-                            "first_document": len(self.doc_tokens)})
+        self.shards.append(
+            {"name": name, "n_documents": 0, "n_tokens": 0, "n_bytes": 0, "first_document": len(self.doc_tokens)}
+        )
         self._file = open(os.path.join(self.out_dir, name), "wb")
 
     def close(self) -> None:
@@ -343,8 +379,11 @@ class _ShardWriter:
 
 
 def _shard_set_files(directory: str) -> List[str]:
-    return [n for n in os.listdir(directory)
-            if n in (INDEX_NAME, DOC_TOKENS_NAME, DOC_OFFSETS_NAME) or re.fullmatch(r"shard-\d+\.tar", n)]
+    return [
+        n
+        for n in os.listdir(directory)
+        if n in (INDEX_NAME, DOC_TOKENS_NAME, DOC_OFFSETS_NAME) or re.fullmatch(r"shard-\d+\.tar", n)
+    ]
 
 
 def _prepare_output(out: str, overwrite: bool) -> Tuple[str, bool]:
@@ -376,8 +415,9 @@ def _publish(staging: str, out: str) -> None:
     os.rmdir(staging)
 
 
-def _tokenized(chunks: Iterator[Tuple[List[RawDoc], int]], tokenizer: str, tok, workers: int, field: str,
-               weights_field: str):
+def _tokenized(
+    chunks: Iterator[Tuple[List[RawDoc], int]], tokenizer: str, tok, workers: int, field: str, weights_field: str
+):
     if workers <= 1:
         for chunk, n in chunks:
             yield _tokenize(chunk, field, weights_field, tok), n
@@ -395,10 +435,21 @@ def _tokenized(chunks: Iterator[Tuple[List[RawDoc], int]], tokenizer: str, tok, 
             yield res.get(), m
 
 
-def write_shards(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *, shard_size="256MB",
-                 workers: int = 1, text_field: str = "text", weights_field: str = "loss_weights", on_bad: str = "error",
-                 overwrite: bool = False, progress: bool = True, source: Optional[str] = None,
-                 max_files: Optional[int] = None) -> dict:
+def write_shards(
+    inputs: Sequence[str],
+    output: str,
+    tokenizer: str = "bytes",
+    *,
+    shard_size="256MB",
+    workers: int = 1,
+    text_field: str = "text",
+    weights_field: str = "loss_weights",
+    on_bad: str = "error",
+    overwrite: bool = False,
+    progress: bool = True,
+    source: Optional[str] = None,
+    max_files: Optional[int] = None,
+) -> dict:
     """Write the shard set; returns a summary (index path, counts, throughput, skipped by reason,
     ignored files by extension). on_bad: "error" raises on the first bad document (naming file and
     line/row), "skip" counts it. weights_field: the .jsonl field of a document's weighted character
@@ -416,10 +467,25 @@ def write_shards(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *
         raise DataError(f"no input files ({format_ignored(ignored)})")
     staging, created = _prepare_output(output, overwrite)
     try:
-        summary = _write_set(files, staging, tok, tokenizer, shard_size=shard_size, workers=workers,
-                             text_field=text_field, weights_field=weights_field, on_bad=on_bad, progress=progress,
-                             created_by={"inputs": list(inputs), "source": source, "text_field": text_field,
-                                         "n_files": len(files), **({"ignored": ignored} if ignored else {})})
+        summary = _write_set(
+            files,
+            staging,
+            tok,
+            tokenizer,
+            shard_size=shard_size,
+            workers=workers,
+            text_field=text_field,
+            weights_field=weights_field,
+            on_bad=on_bad,
+            progress=progress,
+            created_by={
+                "inputs": list(inputs),
+                "source": source,
+                "text_field": text_field,
+                "n_files": len(files),
+                **({"ignored": ignored} if ignored else {}),
+            },
+        )
         _publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -429,8 +495,20 @@ def write_shards(inputs: Sequence[str], output: str, tokenizer: str = "bytes", *
     return {"index": os.path.join(output, INDEX_NAME), "files": len(files), "ignored": ignored, **summary}
 
 
-def _write_set(files: Sequence[str], out_dir: str, tok, tokenizer: str, *, shard_size, workers: int,
-               text_field: str, weights_field: str, on_bad: str, progress: bool, created_by: dict) -> dict:
+def _write_set(
+    files: Sequence[str],
+    out_dir: str,
+    tok,
+    tokenizer: str,
+    *,
+    shard_size,
+    workers: int,
+    text_field: str,
+    weights_field: str,
+    on_bad: str,
+    progress: bool,
+    created_by: dict,
+) -> dict:
     """Shards, document arrays and index of `files` into `out_dir`; the summary's counts and throughput."""
     dtype = token_dtype(tok.vocab_size)
     writer = _ShardWriter(out_dir, dtype, parse_size(shard_size))
@@ -442,8 +520,9 @@ def _write_set(files: Sequence[str], out_dir: str, tok, tokenizer: str, *, shard
     in_bytes = 0
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
-            for results, n in _tokenized(_chunks(_iter_raw(files, text_field)), tokenizer, tok, workers, text_field,
-                                         weights_field):
+            for results, n in _tokenized(
+                _chunks(_iter_raw(files, text_field)), tokenizer, tok, workers, text_field, weights_field
+            ):
                 for label, ids, runs, cat, msg in results:
                     if ids is None:
                         if on_bad == "error":
@@ -464,10 +543,19 @@ def _write_set(files: Sequence[str], out_dir: str, tok, tokenizer: str, *, shard
     np.save(os.path.join(out_dir, DOC_OFFSETS_NAME), np.asarray(writer.doc_offsets, dtype=np.int64))
     spec = tok.spec()
     index = {
-        "format": FORMAT, "version": VERSION, "tokenizer": spec, "dtype": dtype.name,
-        "dataset_id": dataset_id([s["name"] for s in writer.shards], [s["n_documents"] for s in writer.shards],
-                                 doc_tokens, {k: v for k, v in spec.items() if k != "path"}),
-        "n_documents": len(doc_tokens), "n_tokens": int(doc_tokens.sum()), "doc_tokens": DOC_TOKENS_NAME,
+        "format": FORMAT,
+        "version": VERSION,
+        "tokenizer": spec,
+        "dtype": dtype.name,
+        "dataset_id": dataset_id(
+            [s["name"] for s in writer.shards],
+            [s["n_documents"] for s in writer.shards],
+            doc_tokens,
+            {k: v for k, v in spec.items() if k != "path"},
+        ),
+        "n_documents": len(doc_tokens),
+        "n_tokens": int(doc_tokens.sum()),
+        "doc_tokens": DOC_TOKENS_NAME,
         "doc_offsets": DOC_OFFSETS_NAME,
         "shards": writer.shards,
         "created_by": {**created_by, "skipped": dict(skipped)},
@@ -479,26 +567,53 @@ def _write_set(files: Sequence[str], out_dir: str, tok, tokenizer: str, *, shard
     with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
         json.dump(index, f, indent=1)
     out_bytes = sum(s["n_bytes"] for s in writer.shards)
-    return {"documents": len(doc_tokens), "tokens": index["n_tokens"], "shards": len(writer.shards),
-            "input_bytes": in_bytes, "output_bytes": out_bytes, "seconds": seconds,
-            "input_mb_per_s": in_bytes / 1e6 / seconds, "tokens_per_s": index["n_tokens"] / seconds,
-            "weighted_documents": writer.weighted_documents, "skipped": dict(skipped)}
+    return {
+        "documents": len(doc_tokens),
+        "tokens": index["n_tokens"],
+        "shards": len(writer.shards),
+        "input_bytes": in_bytes,
+        "output_bytes": out_bytes,
+        "seconds": seconds,
+        "input_mb_per_s": in_bytes / 1e6 / seconds,
+        "tokens_per_s": index["n_tokens"] / seconds,
+        "weighted_documents": writer.weighted_documents,
+        "skipped": dict(skipped),
+    }
 
 
-def build_stdlib_shards(output_dir: str, tokenizer: str = "bytes", max_files: Optional[int] = None,
-                        shard_size="8MB", workers: int = 1, overwrite: bool = False, progress: bool = False) -> str:
+def build_stdlib_shards(
+    output_dir: str,
+    tokenizer: str = "bytes",
+    max_files: Optional[int] = None,
+    shard_size="8MB",
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> str:
     """Shards of this interpreter's standard library (no download). The few empty and non-UTF-8
     files are skipped and counted in the index. Returns the index path."""
-    return write_shards([], output_dir, tokenizer, shard_size=shard_size, workers=workers, on_bad="skip",
-                        overwrite=overwrite, progress=progress, source="python-stdlib", max_files=max_files)["index"]
+    return write_shards(
+        [],
+        output_dir,
+        tokenizer,
+        shard_size=shard_size,
+        workers=workers,
+        on_bad="skip",
+        overwrite=overwrite,
+        progress=progress,
+        source="python-stdlib",
+        max_files=max_files,
+    )["index"]
 
 
 def format_summary(s: dict) -> str:
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(s["skipped"].items())) or "none"
-    return (f"wrote {s['documents']} documents, {s['tokens']} tokens from {s['files']} files into {s['shards']} "
-            f"shards ({s['output_bytes'] / 1e6:.1f} MB) in {s['seconds']:.1f} s: {s['input_mb_per_s']:.1f} MB/s of "
-            f"text, {s['tokens_per_s'] / 1e6:.2f} M tokens/s; skipped: {skipped}; {format_ignored(s['ignored'])}\n"
-            f"index: {s['index']}")
+    return (
+        f"wrote {s['documents']} documents, {s['tokens']} tokens from {s['files']} files into {s['shards']} "
+        f"shards ({s['output_bytes'] / 1e6:.1f} MB) in {s['seconds']:.1f} s: {s['input_mb_per_s']:.1f} MB/s of "
+        f"text, {s['tokens_per_s'] / 1e6:.2f} M tokens/s; skipped: {skipped}; {format_ignored(s['ignored'])}\n"
+        f"index: {s['index']}"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -509,8 +624,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--shard-size", default="256MB")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--text-field", default="text")
-    ap.add_argument("--weights-field", default="loss_weights",
-                    help="optional .jsonl field: [[start_char, end_char, weight], ...] per-token loss weights")
+    ap.add_argument(
+        "--weights-field",
+        default="loss_weights",
+        help="optional .jsonl field: [[start_char, end_char, weight], ...] per-token loss weights",
+    )
     ap.add_argument("--on-bad", choices=("error", "skip"), default="error")
     ap.add_argument("--source", choices=("python-stdlib",))
     ap.add_argument("--max-files", type=int)
@@ -521,9 +639,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("give INPUT files or --source")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        s = write_shards(a.inputs, a.output, a.tokenizer, shard_size=a.shard_size, workers=a.workers,
-                         text_field=a.text_field, weights_field=a.weights_field, on_bad=a.on_bad, overwrite=a.overwrite,
-                         progress=not a.no_progress, source=a.source, max_files=a.max_files)
+        s = write_shards(
+            a.inputs,
+            a.output,
+            a.tokenizer,
+            shard_size=a.shard_size,
+            workers=a.workers,
+            text_field=a.text_field,
+            weights_field=a.weights_field,
+            on_bad=a.on_bad,
+            overwrite=a.overwrite,
+            progress=not a.no_progress,
+            source=a.source,
+            max_files=a.max_files,
+        )
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 1

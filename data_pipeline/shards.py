@@ -130,7 +130,9 @@ def read_index(index_path: str) -> dict:
         with open(index_path) as f:
             index = json.load(f)
     except FileNotFoundError:
-        raise DataError(f"no shard index at {index_path} (write one with python -m data_pipeline.make_shards)") from None
+        raise DataError(
+            f"no shard index at {index_path} (write one with python -m data_pipeline.make_shards)"
+        ) from None
     except json.JSONDecodeError as e:
         raise DataError(f"{index_path}: not a valid index ({e})") from None
     if index.get("format") != FORMAT or index.get("version") != VERSION:
@@ -148,8 +150,10 @@ def open_shard_set(path: str, index: Optional[str] = None) -> ShardSet:
         elif os.path.isdir(path):
             index = os.path.join(path, INDEX_NAME)
         else:
-            raise DataError(f"source {path!r} is neither a shard directory nor an index.json; "
-                            "for a shard pattern or pipe: URL also give the index")
+            raise DataError(
+                f"source {path!r} is neither a shard directory nor an index.json; "
+                "for a shard pattern or pipe: URL also give the index"
+            )
         path = ""
     meta = read_index(index)
     root = os.path.dirname(os.path.abspath(index))
@@ -172,8 +176,18 @@ def open_shard_set(path: str, index: Optional[str] = None) -> ShardSet:
         if a.shape != (int(n_docs.sum()),):
             raise DataError(f"{index}: {meta[key]} has {a.shape[0]} entries, the shards hold {n_docs.sum()} documents")
         arrays.append(a)
-    ss = ShardSet(index, urls, names, n_docs, first, *arrays, meta["tokenizer"], meta["dtype"], meta["dataset_id"],
-                  int(meta.get("weighted_documents", 0)))
+    ss = ShardSet(
+        index,
+        urls,
+        names,
+        n_docs,
+        first,
+        *arrays,
+        meta["tokenizer"],
+        meta["dtype"],
+        meta["dataset_id"],
+        int(meta.get("weighted_documents", 0)),
+    )
     for k, s in enumerate(shards):
         if int(ss.lengths(k).sum()) != s["n_tokens"]:
             raise DataError(f"{index}: shard {s['name']} n_tokens disagrees with {meta['doc_tokens']}")
@@ -242,8 +256,9 @@ def _token_weights(data: bytes, n_tokens: int) -> np.ndarray:
     return expand_runs(check_spans(runs, n_tokens, "token"), n_tokens)
 
 
-def read_documents(ss: ShardSet, shard: int, wanted: np.ndarray, start: int,
-                   bad: BadSamples) -> Iterator[Tuple[int, np.ndarray, Optional[np.ndarray]]]:
+def read_documents(
+    ss: ShardSet, shard: int, wanted: np.ndarray, start: int, bad: BadSamples
+) -> Iterator[Tuple[int, np.ndarray, Optional[np.ndarray]]]:
     """Yield (position in `wanted`, token ids, float32 weight per token or None when the document
     has none) for documents wanted[start:] of one shard, in order.
 

@@ -46,7 +46,7 @@ def check_spans(value, length: int, unit: str) -> List[Span]:
             raise ValueError(f"span {i} {json.dumps(span)} is not a non-empty range within the {length} {unit}s")
         spans.append((start, end, float(weight)))
     spans.sort()
-    for (_, prev_end, _), (start, end, _) in zip(spans, spans[1:]):
+    for (_, prev_end, _), (start, _, _) in zip(spans, spans[1:]):
         if start < prev_end:
             raise ValueError(f"spans overlap: one ends at {unit} {prev_end}, another starts at {start}")
     return spans

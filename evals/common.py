@@ -38,29 +38,59 @@ class Loaded:
 
 
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", required=True, metavar="DIR",
-                    help="an exported model directory, a checkpoint step_N directory or a checkpoint root")
-    ap.add_argument("--tokenizer", default=None,
-                    help="'bytes' or a tokenizer.json (default: DIR/tokenizer.json if present, else bytes)")
-    ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                    help="weights and activations (memory is float32 either way); auto: bf16 on a GPU")
+    ap.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="an exported model directory, a checkpoint step_N directory or a checkpoint root",
+    )
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="'bytes' or a tokenizer.json (default: DIR/tokenizer.json if present, else bytes)",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="weights and activations (memory is float32 either way); auto: bf16 on a GPU",
+    )
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--window-segments", type=int, default=16, help="segments per forward call when streaming")
-    ap.add_argument("--half-memory-products", action="store_true",
-                    help="the memory's matmuls on bf16 operands as in training with performance.half_memory_products "
-                         "(needs --dtype bf16; the memory itself stays float32)")
-    ap.add_argument("--memory-key-scale", type=positive_float, default=1.0, metavar="C",
-                    help="write the memory with sigma(C * k) instead of sigma(k), times a model's learned key "
-                         "scales: above 1 sharpens which tokens a read weighs (docs/long-context.md)")
-    ap.add_argument("--memory-query-scale", type=positive_float, default=1.0, metavar="C",
-                    help="read the memory with sigma(C * q) instead of sigma(q), times a model's learned query "
-                         "scales: above 1 shrinks the weight of the query's inactive dimensions")
+    ap.add_argument(
+        "--half-memory-products",
+        action="store_true",
+        help="the memory's matmuls on bf16 operands as in training with performance.half_memory_products "
+        "(needs --dtype bf16; the memory itself stays float32)",
+    )
+    ap.add_argument(
+        "--memory-key-scale",
+        type=positive_float,
+        default=1.0,
+        metavar="C",
+        help="write the memory with sigma(C * k) instead of sigma(k), times a model's learned key "
+        "scales: above 1 sharpens which tokens a read weighs (docs/long-context.md)",
+    )
+    ap.add_argument(
+        "--memory-query-scale",
+        type=positive_float,
+        default=1.0,
+        metavar="C",
+        help="read the memory with sigma(C * q) instead of sigma(q), times a model's learned query "
+        "scales: above 1 shrinks the weight of the query's inactive dimensions",
+    )
     ablation = ap.add_mutually_exclusive_group()
-    ablation.add_argument("--ablate-memory", action="store_true",
-                          help="force every gate fully local (the model sees one segment only)")
-    ablation.add_argument("--ablate-heads", type=parse_heads, default=None, metavar="L:H,...",
-                          help="force only these heads' gates local: layer:head pairs counted from 0, as "
-                               "experiments/memory_read_share.py prints them")
+    ablation.add_argument(
+        "--ablate-memory", action="store_true", help="force every gate fully local (the model sees one segment only)"
+    )
+    ablation.add_argument(
+        "--ablate-heads",
+        type=parse_heads,
+        default=None,
+        metavar="L:H,...",
+        help="force only these heads' gates local: layer:head pairs counted from 0, as "
+        "experiments/memory_read_share.py prints them",
+    )
 
 
 def positive_float(text: str) -> float:
@@ -108,18 +138,25 @@ def decode(tokenizer, ids) -> str:
 def _partition_attributes(cfg: ModelConfig) -> Dict[str, tuple]:
     """(partition_dim, stride) of every TP-split parameter, from a meta-device TP=1 model."""
     with torch.device("meta"):
-        model = build_model(build_transformer_config(cfg),
-                            cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings,
-                            rotary_base=cfg.rotary_base)
-    return {name: (p.partition_dim, getattr(p, "partition_stride", 1)) for name, p in model.named_parameters()
-            if getattr(p, "tensor_model_parallel", False)}
+        model = build_model(
+            build_transformer_config(cfg),
+            cfg.padded_vocab_size(),
+            tie_embeddings=cfg.tie_embeddings,
+            rotary_base=cfg.rotary_base,
+        )
+    return {
+        name: (p.partition_dim, getattr(p, "partition_stride", 1))
+        for name, p in model.named_parameters()
+        if getattr(p, "tensor_model_parallel", False)
+    }
 
 
 def read_checkpoint(step_dir: str):
     """(ModelConfig, full state dict) of a trainer checkpoint of any TP/PP layout (ZeRO 0-2)."""
     saved = SavedCheckpoint(step_dir)
-    cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(
-        OmegaConf.structured(ModelConfig), OmegaConf.load(saved.config_path()).model))
+    cfg: ModelConfig = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(saved.config_path()).model)
+    )
     tp = saved.layout["tensor"]
     pieces: Dict[str, Dict[int, torch.Tensor]] = {}
     for tensor_rank, pipeline_rank in saved.model_parallel_rank:
@@ -139,13 +176,21 @@ def read_checkpoint(step_dir: str):
         else:
             state[name] = shards[0]
     if any(t.numel() == 0 for t in state.values()):
-        raise ValueError(f"{step_dir}: the module files hold no weights (ZeRO-3); export the model with "
-                         "training.export and evaluate the export")
+        raise ValueError(
+            f"{step_dir}: the module files hold no weights (ZeRO-3); export the model with "
+            "training.export and evaluate the export"
+        )
     return cfg, state
 
 
-def load_model(path: str, device="cpu", dtype=torch.float32, half_memory_products: bool = False,
-               memory_key_scale: float = 1.0, memory_query_scale: float = 1.0):
+def load_model(
+    path: str,
+    device="cpu",
+    dtype=torch.float32,
+    half_memory_products: bool = False,
+    memory_key_scale: float = 1.0,
+    memory_query_scale: float = 1.0,
+):
     """(model in eval mode, ModelConfig) on one device from an export or a checkpoint. Needs megatron's
     parallel state at TP = PP = 1 (``training.distributed.init_single_process``)."""
     if os.path.exists(os.path.join(path, WEIGHTS)) and os.path.exists(os.path.join(path, CONFIG)):
@@ -155,10 +200,15 @@ def load_model(path: str, device="cpu", dtype=torch.float32, half_memory_product
         if step_dir is None:
             raise FileNotFoundError(f"{path} is neither an exported model ({WEIGHTS} + {CONFIG}) nor a checkpoint")
         cfg, state = read_checkpoint(step_dir)
-    tc = build_transformer_config(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True,
-                                  infini_half_memory_products=half_memory_products,
-                                  infini_memory_key_scale=memory_key_scale,
-                                  infini_memory_query_scale=memory_query_scale)
+    tc = build_transformer_config(
+        cfg,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=True,
+        infini_half_memory_products=half_memory_products,
+        infini_memory_key_scale=memory_key_scale,
+        infini_memory_query_scale=memory_query_scale,
+    )
     model = build_model(tc, cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings, rotary_base=cfg.rotary_base)
     load_full_state_dict(model, {k: v.to(dtype) for k, v in state.items()})
     return model.to(device).eval(), cfg
@@ -173,13 +223,16 @@ def load_for_eval(args: argparse.Namespace) -> Loaded:
         device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
     if args.half_memory_products and dtype != torch.bfloat16:
-        raise SystemExit(f"error: --half-memory-products needs bf16 weights and activations, got --dtype {args.dtype} "
-                         f"on {device}")
+        raise SystemExit(
+            f"error: --half-memory-products needs bf16 weights and activations, got --dtype {args.dtype} on {device}"
+        )
     init_single_process()
-    model, cfg = load_model(args.model, device, dtype, args.half_memory_products, args.memory_key_scale,
-                            args.memory_query_scale)
+    model, cfg = load_model(
+        args.model, device, dtype, args.half_memory_products, args.memory_key_scale, args.memory_query_scale
+    )
     spec = args.tokenizer
     if spec is None:
         bundled = os.path.join(args.model, "tokenizer.json")

@@ -28,8 +28,12 @@ def main(argv=None) -> int:
     source.add_argument("--prompt-file", help="a UTF-8 file holding the prompt")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: greedy)")
-    ap.add_argument("--temperature", type=float, default=None,
-                    help="sampling temperature (default 1.0 with --top-p, else greedy); 0 = greedy")
+    ap.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature (default 1.0 with --top-p, else greedy); 0 = greedy",
+    )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     text = a.prompt if a.prompt is not None else open(a.prompt_file, encoding="utf-8").read()
@@ -44,8 +48,15 @@ def main(argv=None) -> int:
     generator = torch.Generator(device=loaded.device).manual_seed(a.seed)
     stream = StreamingModel(loaded.model, loaded.vocab_size, a.window_segments)
     with ablation(a, loaded.model):
-        new = generate(stream, prompt, a.max_new_tokens, temperature=temperature, top_p=top_p,
-                       generator=generator, eos_id=loaded.tokenizer.eos_id)
+        new = generate(
+            stream,
+            prompt,
+            a.max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+            eos_id=loaded.tokenizer.eos_id,
+        )
     sys.stdout.write(decode(loaded.tokenizer, new[0].tolist()) + "\n")
     return 0
 

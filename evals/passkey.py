@@ -40,15 +40,17 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-HEADER = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-          "I will quiz you about the important information there.")
+HEADER = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 DISTRACTOR = " The room number is {number}."
 DEFAULT_LENGTHS = "1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1m"
 DEFAULT_DEPTHS = "0,25,50,75,100"
-_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2}
+_UNITS = {"": 1, "k": 1024, "m": 1024**2}
 
 
 def parse_length(text: str) -> int:
@@ -60,7 +62,7 @@ def parse_length(text: str) -> int:
 
 
 def format_length(n: int) -> str:
-    for unit, size in (("M", 1024 ** 2), ("K", 1024)):
+    for unit, size in (("M", 1024**2), ("K", 1024)):
         if n and n % size == 0:
             return f"{n // size}{unit}"
     return str(n)
@@ -77,8 +79,9 @@ def random_key(rng: np.random.Generator) -> str:
 def make_prompt(tokenizer, length: int, depth: float, key: str, header: bool = True) -> np.ndarray:
     """Token ids of exactly `length` tokens; depth in [0, 1] places the needle in the filler. Without
     the header, the prompt is filler, needle and question alone."""
-    intro, needle, question = (_encode(tokenizer, t) for t in (HEADER if header else "", NEEDLE.format(key=key),
-                                                                QUESTION))
+    intro, needle, question = (
+        _encode(tokenizer, t) for t in (HEADER if header else "", NEEDLE.format(key=key), QUESTION)
+    )
     fixed = len(intro) + len(needle) + len(question)
     if length < fixed:
         raise ValueError(f"a passkey prompt needs at least {fixed} tokens, got length {length}")
@@ -110,19 +113,29 @@ def answer_losses(stream, last_logits: torch.Tensor, answers: List[np.ndarray]) 
     # Rows are padded at the end; a position's logits never depend on the tokens after it.
     ids = torch.zeros(len(answers), longest, dtype=torch.long, device=last_logits.device)
     for row, answer in enumerate(answers):
-        ids[row, :len(answer)] = torch.from_numpy(answer)
+        ids[row, : len(answer)] = torch.from_numpy(answer)
     logits = torch.cat([last_logits[:, None], stream.feed(ids)[:, :-1]], dim=1)
     logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None])[..., 0]
-    return [-float(logprobs[row, :len(answer)].sum()) for row, answer in enumerate(answers)]
+    return [-float(logprobs[row, : len(answer)].sum()) for row, answer in enumerate(answers)]
 
 
-def evaluate(loaded, lengths: Sequence[int], depths: Sequence[float], trials: int, *, seed: int = 0,
-             batch_size: int = 16, window_segments: int = 16, header: bool = True, log=print) -> dict:
+def evaluate(
+    loaded,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 16,
+    window_segments: int = 16,
+    header: bool = True,
+    log=print,
+) -> dict:
     """Per (length, depth percent): accuracy of greedy decoding and the answer's loss (nats per key
     digit, teacher-forced: a graded measure, ln 10 = 2.30 at chance), and every trial."""
+    from evals.common import decode
     from modeling.generate import continue_stream
     from modeling.streaming import StreamingModel
-    from evals.common import decode
 
     stream = StreamingModel(loaded.model, loaded.vocab_size, window_segments)
     # The answer's own tokens plus one, so "12345" cannot pass as a prefix of a longer number. The
@@ -135,9 +148,10 @@ def evaluate(loaded, lengths: Sequence[int], depths: Sequence[float], trials: in
         cases = [(d, t, trial_key(seed, length, d, t)) for d in depths for t in range(trials)]
         t0 = time.perf_counter()
         for i in range(0, len(cases), batch_size):
-            batch = cases[i:i + batch_size]
-            prompts = np.stack([make_prompt(loaded.tokenizer, length - new_tokens, d / 100.0, key, header)
-                                for d, _, key in batch])
+            batch = cases[i : i + batch_size]
+            prompts = np.stack(
+                [make_prompt(loaded.tokenizer, length - new_tokens, d / 100.0, key, header) for d, _, key in batch]
+            )
             stream.reset()
             last = stream.prefill(torch.from_numpy(prompts).to(loaded.device))
             prompted = stream.snapshot()
@@ -146,21 +160,44 @@ def evaluate(loaded, lengths: Sequence[int], depths: Sequence[float], trials: in
             out = continue_stream(stream, last, new_tokens)
             for (depth, trial, key), ids, loss in zip(batch, out.tolist(), losses):
                 text = decode(loaded.tokenizer, ids)
-                rows.append({"length": length, "depth": depth, "trial": trial, "key": key, "output": text,
-                             "output_ids": ids, "correct": read_answer(text) == key,
-                             "answer_nll": loss / len(key)})
+                rows.append(
+                    {
+                        "length": length,
+                        "depth": depth,
+                        "trial": trial,
+                        "key": key,
+                        "output": text,
+                        "output_ids": ids,
+                        "correct": read_answer(text) == key,
+                        "answer_nll": loss / len(key),
+                    }
+                )
         done = [r for r in rows if r["length"] == length]
-        log(f"length {format_length(length):>5}: accuracy {np.mean([r['correct'] for r in done]):6.1%}, "
+        log(
+            f"length {format_length(length):>5}: accuracy {np.mean([r['correct'] for r in done]):6.1%}, "
             f"answer {np.mean([r['answer_nll'] for r in done]):.3f} nats/digit "
-            f"({len(done)} trials, {time.perf_counter() - t0:.1f} s)")
+            f"({len(done)} trials, {time.perf_counter() - t0:.1f} s)"
+        )
 
     def mean_of(field):
-        return {length: {depth: float(np.mean([r[field] for r in rows if r["length"] == length and r["depth"] == depth]))
-                         for depth in depths} for length in lengths}
+        return {
+            length: {
+                depth: float(np.mean([r[field] for r in rows if r["length"] == length and r["depth"] == depth]))
+                for depth in depths
+            }
+            for length in lengths
+        }
 
-    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed,
-            "accuracy": mean_of("correct"), "answer_nll": mean_of("answer_nll"), "rows": rows,
-            "seconds": time.perf_counter() - started}
+    return {
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "trials": trials,
+        "seed": seed,
+        "accuracy": mean_of("correct"),
+        "answer_nll": mean_of("answer_nll"),
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def markdown_table(result: dict, field: str = "accuracy") -> str:
@@ -171,18 +208,21 @@ def markdown_table(result: dict, field: str = "accuracy") -> str:
     def cell(v):
         return f"{100 * v:.1f}" if field == "accuracy" else f"{v:.3f}"
 
-    lines = ["| depth \\ length | " + " | ".join(format_length(n) for n in lengths) + " |",
-             "| --- |" + " ---: |" * len(lengths)]
+    lines = [
+        "| depth \\ length | " + " | ".join(format_length(n) for n in lengths) + " |",
+        "| --- |" + " ---: |" * len(lengths),
+    ]
     for depth in depths:
         lines.append(f"| {depth:g}% | " + " | ".join(cell(values[n][depth]) for n in lengths) + " |")
-    lines.append("| **mean** | " + " | ".join(f"**{cell(np.mean(list(values[n].values())))}**" for n in lengths)
-                 + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{cell(np.mean(list(values[n].values())))}**" for n in lengths) + " |")
     return "\n".join(lines) + "\n"
 
 
 def markdown_tables(result: dict) -> str:
-    return ("Accuracy (%):\n\n" + markdown_table(result) + "\nAnswer loss (nats per key digit, teacher-forced; "
-            "chance ln 10 = 2.30):\n\n" + markdown_table(result, "answer_nll"))
+    return (
+        "Accuracy (%):\n\n" + markdown_table(result) + "\nAnswer loss (nats per key digit, teacher-forced; "
+        "chance ln 10 = 2.30):\n\n" + markdown_table(result, "answer_nll")
+    )
 
 
 def save_heatmap(result: dict, path: str, title: str) -> None:
@@ -211,11 +251,18 @@ def save_heatmap(result: dict, path: str, title: str) -> None:
 
 def write_results(result: dict, out_dir: str, title: str) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "passkey.json"), "markdown": os.path.join(out_dir, "passkey.md"),
-             "heatmap": os.path.join(out_dir, "passkey_heatmap.png")}
-    serialisable = dict(result, **{field: {str(n): {f"{d:g}": v for d, v in by_depth.items()}
-                                           for n, by_depth in result[field].items()}
-                                   for field in ("accuracy", "answer_nll")})
+    paths = {
+        "json": os.path.join(out_dir, "passkey.json"),
+        "markdown": os.path.join(out_dir, "passkey.md"),
+        "heatmap": os.path.join(out_dir, "passkey_heatmap.png"),
+    }
+    serialisable = dict(
+        result,
+        **{
+            field: {str(n): {f"{d:g}": v for d, v in by_depth.items()} for n, by_depth in result[field].items()}
+            for field in ("accuracy", "answer_nll")
+        },
+    )
     with open(paths["json"], "w") as f:
         json.dump(serialisable, f, indent=1)
     with open(paths["markdown"], "w") as f:
@@ -238,58 +285,96 @@ def _learned_scales(state, layer: int, kind: str) -> str:
     return f"{kind} {scale.mean():.2f} [{scale.min():.2f}, {scale.max():.2f}]"
 
 
-def report(memory_dir: str, ablated_dir: str, model_dir: str, train_dir: Optional[str] = None,
-           train_seconds: Optional[float] = None, total_seconds: Optional[float] = None) -> str:
+def report(
+    memory_dir: str,
+    ablated_dir: str,
+    model_dir: str,
+    train_dir: Optional[str] = None,
+    train_seconds: Optional[float] = None,
+    total_seconds: Optional[float] = None,
+) -> str:
     """Markdown: setup, per-layer gates, accuracy with and without memory side by side, full tables."""
     from modeling.export import read_export
 
     with_memory, ablated = load_result(memory_dir), load_result(ablated_dir)
     cfg, state = read_export(model_dir)
-    gates = [torch.sigmoid(state[f"decoder.layers.{i}.self_attention.core_attention.gate"].float())
-             for i in range(cfg.num_layers)]
-    lines = ["### Passkey retrieval", "",
-             f"Model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
-             f"segment {cfg.segment_length}, {cfg.update} memory, vocabulary {cfg.vocab_size}; evaluated with memory "
-             f"key scale {with_memory.get('memory_key_scale', 1.0):g} and query scale "
-             f"{with_memory.get('memory_query_scale', 1.0):g} (sigma(c k) written, sigma(c q) read; 1 is the paper's)"
-             + (", times the learned per-head scales." if cfg.learned_memory_scales else ".")]
+    gates = [
+        torch.sigmoid(state[f"decoder.layers.{i}.self_attention.core_attention.gate"].float())
+        for i in range(cfg.num_layers)
+    ]
+    lines = [
+        "### Passkey retrieval",
+        "",
+        f"Model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
+        f"segment {cfg.segment_length}, {cfg.update} memory, vocabulary {cfg.vocab_size}; evaluated with memory "
+        f"key scale {with_memory.get('memory_key_scale', 1.0):g} and query scale "
+        f"{with_memory.get('memory_query_scale', 1.0):g} (sigma(c k) written, sigma(c q) read; 1 is the paper's)"
+        + (", times the learned per-head scales." if cfg.learned_memory_scales else "."),
+    ]
     if train_dir and os.path.exists(os.path.join(train_dir, "metrics.jsonl")):
         with open(os.path.join(train_dir, "metrics.jsonl")) as f:
             steps = [json.loads(line) for line in f if '"loss"' in line]
         if steps:
-            lines.append(f"Training: {steps[-1]['step']} steps, {steps[-1].get('consumed_tokens', 0):,} "
-                         f"tokens, final loss {steps[-1]['loss']:.4f}.")
+            lines.append(
+                f"Training: {steps[-1]['step']} steps, {steps[-1].get('consumed_tokens', 0):,} "
+                f"tokens, final loss {steps[-1]['loss']:.4f}."
+            )
     if torch.cuda.is_available():
         lines.append(f"Device: {torch.cuda.get_device_name()}.")
     if train_seconds is not None and total_seconds is not None:
-        lines.append(f"Wall time: {train_seconds / 60:.1f} min data + training + export, "
-                     f"{total_seconds / 60:.1f} min in all.")
-    lines += ["Gates sigmoid(beta), mean [min, max] over heads, per layer: "
-              + "; ".join(f"{i}: {g.mean():.3f} [{g.min():.3f}, {g.max():.3f}]" for i, g in enumerate(gates)) + "."]
+        lines.append(
+            f"Wall time: {train_seconds / 60:.1f} min data + training + export, {total_seconds / 60:.1f} min in all."
+        )
+    lines += [
+        "Gates sigmoid(beta), mean [min, max] over heads, per layer: "
+        + "; ".join(f"{i}: {g.mean():.3f} [{g.min():.3f}, {g.max():.3f}]" for i, g in enumerate(gates))
+        + "."
+    ]
     if cfg.learned_memory_scales:
-        lines.append("Learned memory scales, mean [min, max] over heads, per layer: "
-                     + "; ".join(f"{i}: {_learned_scales(state, i, 'key')}, {_learned_scales(state, i, 'query')}"
-                                 for i in range(cfg.num_layers)) + ".")
-    lines += ["", f"Accuracy (%) over {with_memory['trials']} trials x {len(with_memory['depths'])} depths per length; "
-              "'worst depth' is the lowest accuracy at any single depth; chance is 0.001%. Answer loss: nats per "
-              "key digit, teacher-forced, mean over depths (chance ln 10 = 2.30).", "",
-              "| length | segments | with memory: mean | worst depth | answer loss | memory ablated: mean | "
-              "worst depth | answer loss |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines.append(
+            "Learned memory scales, mean [min, max] over heads, per layer: "
+            + "; ".join(
+                f"{i}: {_learned_scales(state, i, 'key')}, {_learned_scales(state, i, 'query')}"
+                for i in range(cfg.num_layers)
+            )
+            + "."
+        )
+    lines += [
+        "",
+        f"Accuracy (%) over {with_memory['trials']} trials x {len(with_memory['depths'])} depths per length; "
+        "'worst depth' is the lowest accuracy at any single depth; chance is 0.001%. Answer loss: nats per "
+        "key digit, teacher-forced, mean over depths (chance ln 10 = 2.30).",
+        "",
+        "| length | segments | with memory: mean | worst depth | answer loss | memory ablated: mean | "
+        "worst depth | answer loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for n in with_memory["lengths"]:
         cells = [format_length(n), str(-(-n // cfg.segment_length))]
         for result in (with_memory, ablated):
             accuracy = list(result["accuracy"][n].values())
-            cells += [f"{100 * np.mean(accuracy):.1f}", f"{100 * min(accuracy):.1f}",
-                      f"{np.mean(list(result['answer_nll'][n].values())):.3f}"]
+            cells += [
+                f"{100 * np.mean(accuracy):.1f}",
+                f"{100 * min(accuracy):.1f}",
+                f"{np.mean(list(result['answer_nll'][n].values())):.3f}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "With memory, by depth:", "", markdown_tables(with_memory), "",
-              "Memory ablated (gates forced local), by depth:", "", markdown_tables(ablated)]
+    lines += [
+        "",
+        "With memory, by depth:",
+        "",
+        markdown_tables(with_memory),
+        "",
+        "Memory ablated (gates forced local), by depth:",
+        "",
+        markdown_tables(ablated),
+    ]
     return "\n".join(lines)
 
 
-def make_documents(n_docs: int, min_len: int, max_len: int, seed: int, questions: int = 1,
-                   header: bool = True, distractors: int = 0) -> List[str]:
+def make_documents(
+    n_docs: int, min_len: int, max_len: int, seed: int, questions: int = 1, header: bool = True, distractors: int = 0
+) -> List[str]:
     """Training documents of min_len..max_len - 1 bytes (the reader's <eos> makes max_len): a
     passkey prompt of random length, depth and key, then " KEY." answering it. With questions > 1,
     that many - 1 more answered questions sit at random sentence starts after the needle: more of the
@@ -333,8 +418,17 @@ def answer_digit_spans(text: str) -> List[List[int]]:
     return [list(m.span(1)) for m in re.finditer(re.escape(QUESTION) + r" (\d+)\.", text)]
 
 
-def make_data(out: str, n_docs: int, max_len: int, min_len: Optional[int], seed: int, questions: int = 1,
-              answer_weight: float = 1.0, header: bool = True, distractors: int = 0) -> dict:
+def make_data(
+    out: str,
+    n_docs: int,
+    max_len: int,
+    min_len: Optional[int],
+    seed: int,
+    questions: int = 1,
+    answer_weight: float = 1.0,
+    header: bool = True,
+    distractors: int = 0,
+) -> dict:
     from data_pipeline.make_shards import write_shards
 
     if questions < 1:
@@ -343,8 +437,11 @@ def make_data(out: str, n_docs: int, max_len: int, min_len: Optional[int], seed:
         raise ValueError(f"--answer-weight must be a finite number >= 0, got {answer_weight}")
     if distractors < 0:
         raise ValueError(f"--distractors must be >= 0, got {distractors}")
-    shortest = (len((HEADER if header else "") + NEEDLE.format(key="12345")) + questions * len(QUESTION + " 12345.")
-                + distractors * len(DISTRACTOR.format(number="12345")))
+    shortest = (
+        len((HEADER if header else "") + NEEDLE.format(key="12345"))
+        + questions * len(QUESTION + " 12345.")
+        + distractors * len(DISTRACTOR.format(number="12345"))
+    )
     min_len = max(max_len // 8, shortest) if min_len is None else min_len
     if not shortest <= min_len < max_len:
         raise ValueError(f"need {shortest} <= --min-len ({min_len}) < --max-len ({max_len})")
@@ -360,8 +457,10 @@ def make_data(out: str, n_docs: int, max_len: int, min_len: Optional[int], seed:
 
 
 def _report_main(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evals.passkey report",
-                                 description="the with-memory and ablated passkey runs side by side, in markdown")
+    ap = argparse.ArgumentParser(
+        prog="python -m evals.passkey report",
+        description="the with-memory and ablated passkey runs side by side, in markdown",
+    )
     ap.add_argument("--memory", required=True, metavar="DIR", help="--out of the run with memory")
     ap.add_argument("--ablated", required=True, metavar="DIR", help="--out of the --ablate-memory run")
     ap.add_argument("--model", required=True, metavar="DIR", help="the exported model both evaluated")
@@ -378,24 +477,35 @@ def _report_main(argv: Sequence[str]) -> int:
 
 
 def _make_data_main(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evals.passkey make-data",
-                                 description="passkey training documents as byte-level shards")
+    ap = argparse.ArgumentParser(
+        prog="python -m evals.passkey make-data", description="passkey training documents as byte-level shards"
+    )
     ap.add_argument("--out", required=True, metavar="DIR")
     ap.add_argument("--docs", type=int, required=True)
     ap.add_argument("--max-len", type=int, default=8192, help="tokens per document, <eos> included")
     ap.add_argument("--min-len", type=int, default=None, help="default: max-len / 8")
     ap.add_argument("--questions", type=int, default=1, help="answered questions per document (the last at the end)")
-    ap.add_argument("--answer-weight", type=float, default=1.0,
-                    help="loss weight of every answer's key digits (1: unweighted shards)")
-    ap.add_argument("--no-header", dest="header", action="store_false",
-                    help="leave out the evaluation prompt's header (documents can then be shorter)")
-    ap.add_argument("--distractors", type=int, default=0,
-                    help="other 5-digit numbers per document, in sentences never asked for")
+    ap.add_argument(
+        "--answer-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of every answer's key digits (1: unweighted shards)",
+    )
+    ap.add_argument(
+        "--no-header",
+        dest="header",
+        action="store_false",
+        help="leave out the evaluation prompt's header (documents can then be shorter)",
+    )
+    ap.add_argument(
+        "--distractors", type=int, default=0, help="other 5-digit numbers per document, in sentences never asked for"
+    )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     try:
-        summary = make_data(a.out, a.docs, a.max_len, a.min_len, a.seed, a.questions, a.answer_weight, a.header,
-                            a.distractors)
+        summary = make_data(
+            a.out, a.docs, a.max_len, a.min_len, a.seed, a.questions, a.answer_weight, a.header, a.distractors
+        )
     except ValueError as error:
         ap.error(str(error))
     print(f"wrote {summary['documents']} documents, {summary['tokens']} tokens: {summary['index']}")
@@ -417,10 +527,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--trials", type=int, default=10, help="prompts per (length, depth)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts streamed together")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, metavar="DIR",
-                    help="default: <model>/passkey, passkey_ablated or passkey_ablated_L.H_L.H (--ablate-heads)")
-    ap.add_argument("--no-header", dest="header", action="store_false",
-                    help="prompts without the header, as in documents from make-data --no-header")
+    ap.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="default: <model>/passkey, passkey_ablated or passkey_ablated_L.H_L.H (--ablate-heads)",
+    )
+    ap.add_argument(
+        "--no-header",
+        dest="header",
+        action="store_false",
+        help="prompts without the header, as in documents from make-data --no-header",
+    )
     a = ap.parse_args(argv)
     try:
         lengths = [parse_length(x) for x in a.lengths.split(",")]
@@ -440,11 +558,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.memory_key_scale != 1.0 or a.memory_query_scale != 1.0:
         title += f" (memory key scale {a.memory_key_scale:g}, query scale {a.memory_query_scale:g})"
     with ablation(a, loaded.model):
-        result = evaluate(loaded, lengths, depths, a.trials, seed=a.seed, batch_size=a.batch_size,
-                          window_segments=a.window_segments, header=a.header)
-    result.update(model=a.model, ablate_memory=a.ablate_memory, ablate_heads=[list(h) for h in a.ablate_heads or ()],
-                  segment_length=loaded.config.segment_length, header=a.header, memory_key_scale=a.memory_key_scale,
-                  memory_query_scale=a.memory_query_scale)
+        result = evaluate(
+            loaded,
+            lengths,
+            depths,
+            a.trials,
+            seed=a.seed,
+            batch_size=a.batch_size,
+            window_segments=a.window_segments,
+            header=a.header,
+        )
+    result.update(
+        model=a.model,
+        ablate_memory=a.ablate_memory,
+        ablate_heads=[list(h) for h in a.ablate_heads or ()],
+        segment_length=loaded.config.segment_length,
+        header=a.header,
+        memory_key_scale=a.memory_key_scale,
+        memory_query_scale=a.memory_query_scale,
+    )
     out = a.out or os.path.join(a.model, name)
     paths = write_results(result, out, title)
     print(markdown_tables(result))

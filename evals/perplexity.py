@@ -61,8 +61,15 @@ def token_losses(stream, tokens: np.ndarray, device) -> np.ndarray:
     return (-stream.score(ids)[0]).double().cpu().numpy()
 
 
-def evaluate(loaded, documents: Iterator[np.ndarray], edges: Sequence[int], *, ablation: bool = True,
-             window_segments: int = 16, log=print) -> dict:
+def evaluate(
+    loaded,
+    documents: Iterator[np.ndarray],
+    edges: Sequence[int],
+    *,
+    ablation: bool = True,
+    window_segments: int = 16,
+    log=print,
+) -> dict:
     """Per bucket: tokens, mean loss and perplexity (and the same with the memory ablated)."""
     from modeling.streaming import StreamingModel, memory_ablated
 
@@ -93,13 +100,20 @@ def evaluate(loaded, documents: Iterator[np.ndarray], edges: Sequence[int], *, a
             loss = sums[variant][i] / counts[i] if counts[i] else float("nan")
             row[f"loss_{variant}"], row[f"ppl_{variant}"] = loss, math.exp(min(loss, 50.0))
         buckets.append(row)
-    return {"edges": list(edges), "documents": n_docs, "buckets": buckets, "ablation": ablation,
-            "seconds": time.perf_counter() - started}
+    return {
+        "edges": list(edges),
+        "documents": n_docs,
+        "buckets": buckets,
+        "ablation": ablation,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def markdown_table(result: dict) -> str:
     ablation = result["ablation"]
-    header = "| positions | tokens | loss | ppl |" + (" loss, memory ablated | ppl, memory ablated |" if ablation else "")
+    header = "| positions | tokens | loss | ppl |" + (
+        " loss, memory ablated | ppl, memory ablated |" if ablation else ""
+    )
     lines = [header, "| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if ablation else "")]
     for row in result["buckets"]:
         if not row["tokens"]:
@@ -127,8 +141,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", default=None, metavar="DIR", help="default: <model>/perplexity")
     a = ap.parse_args(argv)
     if a.ablate_memory or a.ablate_heads:
-        ap.error("--ablate-memory and --ablate-heads do not apply: the ablated pass runs beside the normal one "
-                 "(see --no-ablation)")
+        ap.error(
+            "--ablate-memory and --ablate-heads do not apply: the ablated pass runs beside the normal one "
+            "(see --no-ablation)"
+        )
     try:
         edges = [parse_length(x) for x in a.buckets.split(",")]
     except ValueError as error:
@@ -145,11 +161,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return
             if len(tokens) >= a.min_doc_tokens:
                 taken += 1
-                yield tokens[:a.max_doc_tokens] if a.max_doc_tokens else tokens
+                yield tokens[: a.max_doc_tokens] if a.max_doc_tokens else tokens
 
     result = evaluate(loaded, selected(), edges, ablation=not a.no_ablation, window_segments=a.window_segments)
-    result.update(model=a.model, source=a.shards or a.text, segment_length=loaded.config.segment_length,
-                  memory_key_scale=a.memory_key_scale, memory_query_scale=a.memory_query_scale)
+    result.update(
+        model=a.model,
+        source=a.shards or a.text,
+        segment_length=loaded.config.segment_length,
+        memory_key_scale=a.memory_key_scale,
+        memory_query_scale=a.memory_query_scale,
+    )
     out = a.out or os.path.join(a.model, "perplexity")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "perplexity.json"), "w") as f:

@@ -35,12 +35,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline.tokenizer import ByteTokenizer  # noqa: E402
+from evals.common import load_model, positive_float  # noqa: E402
+from evals.passkey import NEEDLE, make_prompt, parse_length, random_key  # noqa: E402
 from modeling import layers  # noqa: E402
 from modeling.cpu_compat import megatron_on_cpu  # noqa: E402
 from modeling.infini_attention import sigma  # noqa: E402
 from training.distributed import init_single_process  # noqa: E402
-from evals.common import load_model, positive_float  # noqa: E402
-from evals.passkey import NEEDLE, make_prompt, parse_length, random_key  # noqa: E402
 
 
 def capture_attention_inputs(model, ids: np.ndarray) -> list:
@@ -97,21 +97,32 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", default="512,2k,8k")
     ap.add_argument("--depths", default="0,50", help="needle depths in percent")
     ap.add_argument("--no-header", action="store_true", help="prompts without the header, as make-data --no-header")
-    ap.add_argument("--reference-memory", default="1k", help="tokens before the needle's segment in the short "
-                    "prompt its k and v are compared with")
-    ap.add_argument("--memory-key-scale", type=positive_float, default=1.0, metavar="C",
-                    help="write sigma(C k) (1: the paper)")
-    ap.add_argument("--memory-query-scale", type=positive_float, default=1.0, metavar="C",
-                    help="read sigma(C q) (1: the paper)")
+    ap.add_argument(
+        "--reference-memory",
+        default="1k",
+        help="tokens before the needle's segment in the short prompt its k and v are compared with",
+    )
+    ap.add_argument(
+        "--memory-key-scale", type=positive_float, default=1.0, metavar="C", help="write sigma(C k) (1: the paper)"
+    )
+    ap.add_argument(
+        "--memory-query-scale", type=positive_float, default=1.0, metavar="C", help="read sigma(C q) (1: the paper)"
+    )
     args = ap.parse_args(argv)
 
     init_single_process()
-    model, cfg = load_model(args.model, "cuda" if torch.cuda.is_available() else "cpu",
-                            memory_key_scale=args.memory_key_scale, memory_query_scale=args.memory_query_scale)
+    model, cfg = load_model(
+        args.model,
+        "cuda" if torch.cuda.is_available() else "cpu",
+        memory_key_scale=args.memory_key_scale,
+        memory_query_scale=args.memory_query_scale,
+    )
     tokenizer = ByteTokenizer()
     depths = [float(d) for d in args.depths.split(",")]
-    print(f"{args.model}: needle share of each head's memory read, per depth {args.depths}%: at the last token | "
-          "largest in the answer's segment (offset from the end)")
+    print(
+        f"{args.model}: needle share of each head's memory read, per depth {args.depths}%: at the last token | "
+        "largest in the answer's segment (offset from the end)"
+    )
     span = len(NEEDLE.format(key="12345"))
     for length in (parse_length(x) for x in args.lengths.split(",")):
         in_memory = (length - 1) // cfg.segment_length * cfg.segment_length
@@ -122,14 +133,16 @@ def main(argv=None) -> None:
             text = ids.astype(np.uint8).tobytes().decode("ascii")
             at = text.index(NEEDLE.format(key=key))
             needle = np.zeros(length, bool)
-            needle[at:at + span] = True
+            needle[at : at + span] = True
             if at + span > in_memory:
                 raise SystemExit(f"length {length}, depth {depth}: the needle is in the answer's segment")
-            reference_ids, needle_ref = short_memory_prompt(ids, needle, cfg.segment_length,
-                                                            parse_length(args.reference_memory))
+            reference_ids, needle_ref = short_memory_prompt(
+                ids, needle, cfg.segment_length, parse_length(args.reference_memory)
+            )
             reference = capture_attention_inputs(model, reference_ids)
-            for layer, ((q, k, v), (_, k_ref, v_ref)) in enumerate(zip(capture_attention_inputs(model, ids),
-                                                                        reference)):
+            for layer, ((q, k, v), (_, k_ref, v_ref)) in enumerate(
+                zip(capture_attention_inputs(model, ids), reference)
+            ):
                 # The queries and keys as the memory sees them.
                 q, k, k_ref = q * args.memory_query_scale, k * args.memory_key_scale, k_ref * args.memory_key_scale
                 shares = needle_shares(q, k, needle, cfg.segment_length)
@@ -137,15 +150,22 @@ def main(argv=None) -> None:
                 for head, row in enumerate(zip(shares, drift)):
                     per_head.setdefault((layer, head), []).append(row[0] + row[1])
         print(f"\nlength {length} ({in_memory} tokens in memory, {span} in the needle sentence)")
-        print("| layer | head | share at the last token | largest | offset "
-              "| needle / filler per token: last | largest | needle cos sigma(k) | needle cos v |")
+        print(
+            "| layer | head | share at the last token | largest | offset "
+            "| needle / filler per token: last | largest | needle cos sigma(k) | needle cos v |"
+        )
         print("| ---: | ---: | --- | --- | --- | --- | --- | --- | --- |")
         per_token = lambda share: share / span / ((1 - share) / (in_memory - span))  # noqa: E731
         for (layer, head), rows in sorted(per_head.items()):
-            cells = [" ".join(f"{r[0]:.3f}" for r in rows), " ".join(f"{r[1]:.3f}" for r in rows),
-                     " ".join(str(r[2]) for r in rows), " ".join(f"{per_token(r[0]):.1f}" for r in rows),
-                     " ".join(f"{per_token(r[1]):.1f}" for r in rows), " ".join(f"{r[3]:.3f}" for r in rows),
-                     " ".join(f"{r[4]:.3f}" for r in rows)]
+            cells = [
+                " ".join(f"{r[0]:.3f}" for r in rows),
+                " ".join(f"{r[1]:.3f}" for r in rows),
+                " ".join(str(r[2]) for r in rows),
+                " ".join(f"{per_token(r[0]):.1f}" for r in rows),
+                " ".join(f"{per_token(r[1]):.1f}" for r in rows),
+                " ".join(f"{r[3]:.3f}" for r in rows),
+                " ".join(f"{r[4]:.3f}" for r in rows),
+            ]
             print(f"| {layer} | {head} | " + " | ".join(cells) + " |")
 
 

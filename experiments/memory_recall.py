@@ -61,12 +61,23 @@ def train_one(update, segments, args, seed, ablate, device):
     from modeling.init import init_weights
     from modeling.model import build_model
 
-    cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-                      num_query_groups=args.heads, ffn_hidden_size=3 * args.hidden, vocab_size=258,
-                      segment_length=args.segment_length, update=update, init_method_std=args.init_std)
+    cfg = ModelConfig(
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        num_query_groups=args.heads,
+        ffn_hidden_size=3 * args.hidden,
+        vocab_size=258,
+        segment_length=args.segment_length,
+        update=update,
+        init_method_std=args.init_std,
+    )
     with megatron_on_cpu():
-        model = build_model(build_transformer_config(cfg, use_cpu_initialization=True), cfg.padded_vocab_size(),
-                            rotary_base=cfg.rotary_base)
+        model = build_model(
+            build_transformer_config(cfg, use_cpu_initialization=True),
+            cfg.padded_vocab_size(),
+            rotary_base=cfg.rotary_base,
+        )
         init_weights(model, seed)
     model.to(device)
     gates = [p for name, p in model.named_parameters() if name.endswith("core_attention.gate")]
@@ -75,8 +86,12 @@ def train_one(update, segments, args, seed, ablate, device):
         for gate in gates:
             gate.data.fill_(-30.0)
             gate.requires_grad_(False)
-    opt = torch.optim.AdamW([{"params": others, "lr": args.lr, "weight_decay": 0.1},
-                             {"params": gates, "lr": args.gate_lr, "weight_decay": 0.0}])
+    opt = torch.optim.AdamW(
+        [
+            {"params": others, "lr": args.lr, "weight_decay": 0.1},
+            {"params": gates, "lr": args.gate_lr, "weight_decay": 0.0},
+        ]
+    )
     gen = torch.Generator().manual_seed(seed)
     losses, learned_at = [], None
     for step in range(1, args.steps + 1):
@@ -91,7 +106,7 @@ def train_one(update, segments, args, seed, ablate, device):
         losses.append(loss.item())
         if learned_at is None and len(losses) >= 20 and sum(losses[-20:]) / 20 < 0.5:
             learned_at = step
-    tail = losses[-max(1, args.steps // 10):]
+    tail = losses[-max(1, args.steps // 10) :]
     gate = torch.sigmoid(torch.cat([g.detach().float() for g in gates])).mean().item()
     return sum(tail) / len(tail), learned_at, gate
 
@@ -120,10 +135,15 @@ def main(argv=None) -> int:
     init_single_process()
     device = torch.device(a.device)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"{card}; {a.layers} layers x {a.hidden}, {a.heads} heads, segments of {a.segment_length}, "
-          f"{a.key_tokens} key tokens, {a.steps} steps of {a.batch}, lr {a.lr}, gate lr {a.gate_lr}, "
-          f"init std {a.init_std}; chance {math.log(10):.2f} nats")
-    print("| update | segments | tokens in memory | seed | memory | key loss (last 10%) | learned at step | mean gate | s |")
+    print(
+        f"{card}; {a.layers} layers x {a.hidden}, {a.heads} heads, segments of {a.segment_length}, "
+        f"{a.key_tokens} key tokens, {a.steps} steps of {a.batch}, lr {a.lr}, gate lr {a.gate_lr}, "
+        f"init std {a.init_std}; chance {math.log(10):.2f} nats"
+    )
+    print(
+        "| update | segments | tokens in memory | seed | memory | key loss (last 10%) | learned at step "
+        "| mean gate | s |"
+    )
     print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for update in a.updates.split(","):
         for segments in (int(s) for s in a.segments.split(",")):
@@ -131,9 +151,12 @@ def main(argv=None) -> int:
                 for ablate in (False,) if a.no_ablated else (False, True):
                     started = time.perf_counter()
                     loss, learned_at, gate = train_one(update, segments, a, seed, ablate, device)
-                    print(f"| {update} | {segments} | {(segments - 1) * a.segment_length} | {seed} | "
-                          f"{'ablated' if ablate else 'on'} | {loss:.3f} | {learned_at or '-'} | "
-                          f"{gate:.3f} | {time.perf_counter() - started:.0f} |", flush=True)
+                    print(
+                        f"| {update} | {segments} | {(segments - 1) * a.segment_length} | {seed} | "
+                        f"{'ablated' if ablate else 'on'} | {loss:.3f} | {learned_at or '-'} | "
+                        f"{gate:.3f} | {time.perf_counter() - started:.0f} |",
+                        flush=True,
+                    )
     return 0
 
 

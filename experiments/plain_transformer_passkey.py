@@ -32,9 +32,9 @@ def load_rows(path: str, window: int):
             doc = json.loads(line)
             tokens = np.frombuffer(doc["text"].encode(), dtype=np.uint8).astype(np.int64)
             row = np.full(window + 1, EOS, dtype=np.int64)
-            row[:min(len(tokens), window + 1)] = tokens[:window + 1]
+            row[: min(len(tokens), window + 1)] = tokens[: window + 1]
             weight = np.zeros(window + 1, dtype=np.float32)
-            weight[:min(len(tokens) + 1, window + 1)] = 1.0
+            weight[: min(len(tokens) + 1, window + 1)] = 1.0
             digit = np.zeros(window + 1, dtype=bool)
             for start, end, w in doc.get("loss_weights", []):
                 weight[start:end], digit[start:end] = w, True

@@ -56,11 +56,20 @@ def sbatch_directives(layout: Layout, run_dir: str) -> List[str]:
     lines = [f"--job-name={layout.job_name}", f"--nodes={layout.nodes}", f"--ntasks-per-node={layout.tasks_per_node}"]
     if layout.gpus_per_node:
         lines.append(f"--gpus-per-node={layout.gpus_per_node}")
-    optional = [("cpus-per-task", layout.cpus_per_task), ("partition", layout.partition),
-                ("account", layout.account), ("time", layout.time), ("qos", layout.qos)]
+    optional = [
+        ("cpus-per-task", layout.cpus_per_task),
+        ("partition", layout.partition),
+        ("account", layout.account),
+        ("time", layout.time),
+        ("qos", layout.qos),
+    ]
     lines += [f"--{name}={value}" for name, value in optional if value is not None]
-    lines += [f"--signal=B:USR1@{layout.signal_seconds}", "--requeue", "--open-mode=append",
-              f"--output={os.path.join(run_dir, 'slurm-%j.out')}"]
+    lines += [
+        f"--signal=B:USR1@{layout.signal_seconds}",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={os.path.join(run_dir, 'slurm-%j.out')}",
+    ]
     return [f"#SBATCH {line}" for line in lines]
 
 
@@ -87,26 +96,35 @@ def split_overrides(overrides: Sequence[str]):
     return rest, first
 
 
-def render_script(config: str, overrides: Sequence[str], run_dir: str, layout: Layout, workdir: str,
-                  max_requeues_without_progress: int = 3) -> str:
+def render_script(
+    config: str,
+    overrides: Sequence[str],
+    run_dir: str,
+    layout: Layout,
+    workdir: str,
+    max_requeues_without_progress: int = 3,
+) -> str:
     user_overrides, first_start = split_overrides(overrides)
     env = GPU_ENV_DEFAULTS if layout.gpus_per_node else CPU_ENV_DEFAULTS
     srun = [f"--nodes={layout.nodes}", f"--ntasks-per-node={layout.tasks_per_node}", "--kill-on-bad-exit=1"]
     with open(TEMPLATE) as f:
         template = f.read()
-    return render(template, {
-        "directives": "\n".join(sbatch_directives(layout, run_dir)),
-        "workdir": shlex.quote(workdir),
-        "run_dir": shlex.quote(run_dir),
-        "max_requeues_without_progress": str(max_requeues_without_progress),
-        "code_root": shlex.quote(CODE_ROOT),
-        "env_defaults": "\n".join(f'export {name}="${{{name}:-{value}}}"' for name, value in env.items()),
-        "first_start": shlex.quote(first_start),
-        "srun_options": " ".join(srun),
-        "python": shlex.quote(sys.executable),
-        "config": shlex.quote(config),
-        "overrides": " ".join(shlex.quote(item) for item in [*user_overrides, f"run_dir={run_dir}"]),
-    })
+    return render(
+        template,
+        {
+            "directives": "\n".join(sbatch_directives(layout, run_dir)),
+            "workdir": shlex.quote(workdir),
+            "run_dir": shlex.quote(run_dir),
+            "max_requeues_without_progress": str(max_requeues_without_progress),
+            "code_root": shlex.quote(CODE_ROOT),
+            "env_defaults": "\n".join(f'export {name}="${{{name}:-{value}}}"' for name, value in env.items()),
+            "first_start": shlex.quote(first_start),
+            "srun_options": " ".join(srun),
+            "python": shlex.quote(sys.executable),
+            "config": shlex.quote(config),
+            "overrides": " ".join(shlex.quote(item) for item in [*user_overrides, f"run_dir={run_dir}"]),
+        },
+    )
 
 
 def resolve_run(config: str, overrides: Sequence[str], world_size: int) -> str:
@@ -144,12 +162,21 @@ def cmd_submit(args) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    layout = Layout(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
-                    cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
-                    time=args.time, qos=args.qos, signal_seconds=args.signal_seconds,
-                    job_name=args.job_name or os.path.basename(run_dir))
-    script = render_script(os.path.abspath(args.config), args.overrides, run_dir, layout, os.getcwd(),
-                           args.max_requeues_without_progress)
+    layout = Layout(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=tasks,
+        cpus_per_task=args.cpus_per_task,
+        partition=args.partition,
+        account=args.account,
+        time=args.time,
+        qos=args.qos,
+        signal_seconds=args.signal_seconds,
+        job_name=args.job_name or os.path.basename(run_dir),
+    )
+    script = render_script(
+        os.path.abspath(args.config), args.overrides, run_dir, layout, os.getcwd(), args.max_requeues_without_progress
+    )
     if args.dry_run:
         print(script, end="")
         return 0
@@ -169,8 +196,18 @@ def cmd_submit(args) -> int:
 
 def cmd_status(args) -> int:
     job = scontrol_job(args.job_id)
-    for key in ("JobId", "JobName", "JobState", "Reason", "Restarts", "ExitCode", "RunTime", "TimeLimit",
-                "NodeList", "StdOut"):
+    for key in (
+        "JobId",
+        "JobName",
+        "JobState",
+        "Reason",
+        "Restarts",
+        "ExitCode",
+        "RunTime",
+        "TimeLimit",
+        "NodeList",
+        "StdOut",
+    ):
         print(f"{key}={job.get(key, '')}")
     return 0
 
@@ -187,7 +224,7 @@ def cmd_logs(args) -> int:
         raise SystemExit(f"job {args.job_id}: no log at {path!r} yet")
     with open(path, errors="replace") as f:
         lines = f.readlines()
-    sys.stdout.writelines(lines[-args.lines:] if args.lines else lines)
+    sys.stdout.writelines(lines[-args.lines :] if args.lines else lines)
     return 0
 
 
@@ -198,19 +235,31 @@ def parse_args(argv=None):
     submit = commands.add_parser("submit", help="render the sbatch script, write it to the run dir, submit it")
     submit.add_argument("--config", required=True, help="run YAML, as for training.train")
     submit.add_argument("--nodes", type=int, required=True)
-    submit.add_argument("--gpus-per-node", type=int, required=True,
-                        help="one task per GPU; 0 for CPU-only clusters (gloo), see --tasks-per-node")
+    submit.add_argument(
+        "--gpus-per-node",
+        type=int,
+        required=True,
+        help="one task per GPU; 0 for CPU-only clusters (gloo), see --tasks-per-node",
+    )
     submit.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node with --gpus-per-node 0 (1)")
     submit.add_argument("--cpus-per-task", type=int, default=None)
     submit.add_argument("--partition")
     submit.add_argument("--account")
     submit.add_argument("--time", help="time limit, e.g. 24:00:00")
     submit.add_argument("--qos")
-    submit.add_argument("--signal-seconds", type=int, default=300,
-                        help="USR1 this many seconds before the time limit (SLURM may send it up to 60 s early)")
+    submit.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=300,
+        help="USR1 this many seconds before the time limit (SLURM may send it up to 60 s early)",
+    )
     submit.add_argument("--job-name", help="default: the run directory's name")
-    submit.add_argument("--max-requeues-without-progress", type=int, default=3,
-                        help="requeue at most this many starts in a row that USR1 stopped before their first step")
+    submit.add_argument(
+        "--max-requeues-without-progress",
+        type=int,
+        default=3,
+        help="requeue at most this many starts in a row that USR1 stopped before their first step",
+    )
     submit.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     submit.add_argument("overrides", nargs="*", help="key=value config overrides, as for training.train")
     submit.set_defaults(fn=cmd_submit)
@@ -219,8 +268,9 @@ def parse_args(argv=None):
     status.add_argument("job_id")
     status.set_defaults(fn=cmd_status)
 
-    cancel = commands.add_parser("cancel", help="cancel a job; its ranks save their last finished step if SLURM's "
-                                                "KillWait allows")
+    cancel = commands.add_parser(
+        "cancel", help="cancel a job; its ranks save their last finished step if SLURM's KillWait allows"
+    )
     cancel.add_argument("job_id")
     cancel.add_argument("--requeue", action="store_true", help="checkpoint and requeue instead (like a preemption)")
     cancel.set_defaults(fn=cmd_cancel)

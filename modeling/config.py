@@ -56,8 +56,10 @@ class InfiniTransformerConfig(TransformerConfig):
         if self.infini_segment_length <= 0:
             raise ValueError(f"infini_segment_length must be positive, got {self.infini_segment_length}")
         if self.infini_compile_loss and self.tensor_model_parallel_size > 1:
-            raise ValueError("infini_compile_loss needs the whole vocabulary on one rank (tensor-parallel size 1); "
-                             f"this config has tensor_model_parallel_size={self.tensor_model_parallel_size}")
+            raise ValueError(
+                "infini_compile_loss needs the whole vocabulary on one rank (tensor-parallel size 1); "
+                f"this config has tensor_model_parallel_size={self.tensor_model_parallel_size}"
+            )
 
 
 @dataclass
@@ -92,16 +94,24 @@ class ModelConfig:
     writes) is recomputed in backward; its inputs q, k, v are kept. Not with `recompute`."""
 
     def validate(self, where: str = "model") -> None:
-        positive = ["num_layers", "hidden_size", "num_attention_heads", "vocab_size", "segment_length",
-                    "make_vocab_size_divisible_by"]
+        positive = [
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "vocab_size",
+            "segment_length",
+            "make_vocab_size_divisible_by",
+        ]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{where}.{name} must be positive, got {getattr(self, name)}")
         if self.update not in UPDATE_RULES:
             raise ValueError(f"{where}.update must be one of {UPDATE_RULES}, got {self.update!r}")
         if self.recompute and self.recompute_attention:
-            raise ValueError(f"{where}.recompute (whole layers) and {where}.recompute_attention (attention only) "
-                             "exclude each other; set one")
+            raise ValueError(
+                f"{where}.recompute (whole layers) and {where}.recompute_attention (attention only) "
+                "exclude each other; set one"
+            )
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_attention_heads % groups:
             raise ValueError(
@@ -134,8 +144,10 @@ class ModelConfig:
         multiple = self.make_vocab_size_divisible_by
         padded = (self.vocab_size + multiple - 1) // multiple * multiple
         if padded % tensor_parallel_size:
-            raise ValueError(f"padded vocabulary {padded} (model.make_vocab_size_divisible_by={multiple}) does not "
-                             f"split over {tensor_parallel_size} tensor-parallel ranks")
+            raise ValueError(
+                f"padded vocabulary {padded} (model.make_vocab_size_divisible_by={multiple}) does not "
+                f"split over {tensor_parallel_size} tensor-parallel ranks"
+            )
         return padded
 
 

@@ -43,8 +43,9 @@ class _AllGatherStacked(torch.autograd.Function):
         return local, None
 
 
-def _sum_since_last_reset(carried: torch.Tensor, writes: torch.Tensor, has_reset: torch.Tensor,
-                          ranks_before: int) -> torch.Tensor:
+def _sum_since_last_reset(
+    carried: torch.Tensor, writes: torch.Tensor, has_reset: torch.Tensor, ranks_before: int
+) -> torch.Tensor:
     """The memory after the first ``ranks_before`` ranks' segments.
 
     carried: [b, *extra]; writes: [ranks, b, *extra]; has_reset: bool [ranks, b]. The sum of the writes
@@ -74,16 +75,21 @@ def exchange_memory(carried: Memory, writes: Memory, has_reset: torch.Tensor, gr
     """
     (carried_M, carried_z), (writes_M, writes_z) = carried, writes
     b, g, d, dv = writes_M.shape
-    payload = torch.cat([writes_M.reshape(b, -1), writes_z.reshape(b, -1), has_reset.to(writes_M.dtype).view(b, 1)],
-                        dim=1)
+    payload = torch.cat(
+        [writes_M.reshape(b, -1), writes_z.reshape(b, -1), has_reset.to(writes_M.dtype).view(b, 1)], dim=1
+    )
     gathered = _AllGatherStacked.apply(payload, group)
     ranks = gathered.shape[0]
-    all_M = gathered[..., :g * d * dv].reshape(ranks, b, g, d, dv)
-    all_z = gathered[..., g * d * dv:-1].reshape(ranks, b, g, d)
+    all_M = gathered[..., : g * d * dv].reshape(ranks, b, g, d, dv)
+    all_z = gathered[..., g * d * dv : -1].reshape(ranks, b, g, d)
     all_reset = gathered[..., -1].detach() > 0
     rank = group.rank()
-    incoming = (_sum_since_last_reset(carried_M, all_M, all_reset, rank),
-                _sum_since_last_reset(carried_z, all_z, all_reset, rank))
-    final = (_sum_since_last_reset(carried_M, all_M, all_reset, ranks),
-             _sum_since_last_reset(carried_z, all_z, all_reset, ranks))
+    incoming = (
+        _sum_since_last_reset(carried_M, all_M, all_reset, rank),
+        _sum_since_last_reset(carried_z, all_z, all_reset, rank),
+    )
+    final = (
+        _sum_since_last_reset(carried_M, all_M, all_reset, ranks),
+        _sum_since_last_reset(carried_z, all_z, all_reset, ranks),
+    )
     return incoming, final

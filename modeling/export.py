@@ -59,9 +59,7 @@ def load_exported(path: str, device="cpu", dtype=torch.float32):
     """(model, ModelConfig) on one device. Needs megatron's parallel state at TP=1, PP=1
     (``training.distributed.init_single_process``)."""
     cfg, state = read_export(path)
-    tc = build_transformer_config(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16,
-                                  use_cpu_initialization=True)
+    tc = build_transformer_config(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True)
     model = build_model(tc, cfg.padded_vocab_size(), tie_embeddings=cfg.tie_embeddings, rotary_base=cfg.rotary_base)
     load_full_state_dict(model, {k: v.to(dtype) for k, v in state.items()})
     return model.to(device).eval(), cfg
-

@@ -14,8 +14,9 @@ import torch
 from modeling.streaming import StreamingModel
 
 
-def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Token ids [b] from logits [b, vocab]: argmax when temperature is 0, else nucleus sampling."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
@@ -37,9 +38,16 @@ def generate(stream: StreamingModel, prompt: torch.Tensor, max_new_tokens: int, 
 
 
 @torch.no_grad()
-def continue_stream(stream: StreamingModel, logits: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                    top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-                    eos_id: Optional[int] = None) -> torch.Tensor:
+def continue_stream(
+    stream: StreamingModel,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    eos_id: Optional[int] = None,
+) -> torch.Tensor:
     """New token ids [b, <= max_new_tokens] after a stream whose last logits [b, vocab] are given.
 
     Stops early once every row has produced eos_id; rows that finished earlier repeat eos_id.
@@ -57,4 +65,3 @@ def continue_stream(stream: StreamingModel, logits: torch.Tensor, max_new_tokens
         if eos_id is not None and bool(done.all()):
             break
     return torch.stack(out, dim=1) if out else logits.new_zeros(logits.shape[0], 0, dtype=torch.long)
-

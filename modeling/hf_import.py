@@ -51,9 +51,15 @@ def _rope_base(cfg: dict) -> int:
     return int(theta)
 
 
-def model_config_from_hf(hf_config, *, segment_length: int = 2048, update: str = "linear",
-                         gate_init: float = DEFAULT_GATE_INIT, learned_memory_scales: bool = False,
-                         make_vocab_size_divisible_by: int = 128) -> ModelConfig:
+def model_config_from_hf(
+    hf_config,
+    *,
+    segment_length: int = 2048,
+    update: str = "linear",
+    gate_init: float = DEFAULT_GATE_INIT,
+    learned_memory_scales: bool = False,
+    make_vocab_size_divisible_by: int = 128,
+) -> ModelConfig:
     cfg = _config_dict(hf_config)
     if cfg.get("model_type", "llama") != "llama":
         raise ValueError(f"only Llama checkpoints are supported, got model_type {cfg.get('model_type')!r}")
@@ -85,7 +91,9 @@ def model_config_from_hf(hf_config, *, segment_length: int = 2048, update: str =
     return model_cfg
 
 
-def llama_to_infini(hf_state_dict: Dict[str, torch.Tensor], hf_config, **options) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+def llama_to_infini(
+    hf_state_dict: Dict[str, torch.Tensor], hf_config, **options
+) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """(ModelConfig, full state dict in our TP=1 naming) of a LlamaForCausalLM state dict and config.
 
     options: segment_length, update, gate_init, learned_memory_scales, make_vocab_size_divisible_by (see
@@ -93,15 +101,17 @@ def llama_to_infini(hf_state_dict: Dict[str, torch.Tensor], hf_config, **options
     ``modeling.sharding.load_full_state_dict`` loads the result into any TP/PP split.
     """
     cfg = model_config_from_hf(hf_config, **options)
-    hf = {k[len("model."):] if k.startswith("model.") else k: v for k, v in hf_state_dict.items()}
+    hf = {k[len("model.") :] if k.startswith("model.") else k: v for k, v in hf_state_dict.items()}
     h, g, d = cfg.num_attention_heads, cfg.query_groups, cfg.head_dim
     vocab = cfg.padded_vocab_size()
 
     def padded(weight):
         return torch.cat([weight, weight.new_zeros(vocab - weight.shape[0], weight.shape[1])])
 
-    state = {"embedding.word_embeddings.weight": padded(hf["embed_tokens.weight"]),
-             "decoder.final_layernorm.weight": hf["norm.weight"]}
+    state = {
+        "embedding.word_embeddings.weight": padded(hf["embed_tokens.weight"]),
+        "decoder.final_layernorm.weight": hf["norm.weight"],
+    }
     if not cfg.tie_embeddings:
         state["output_layer.weight"] = padded(hf["lm_head.weight"])
     for i in range(cfg.num_layers):
@@ -117,8 +127,9 @@ def llama_to_infini(hf_state_dict: Dict[str, torch.Tensor], hf_config, **options
             state[dst + "self_attention.core_attention.memory_query_log_scale"] = torch.zeros(h)
         state[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"]
         state[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"]
-        state[dst + "mlp.linear_fc1.weight"] = torch.cat([hf[src + "mlp.gate_proj.weight"],
-                                                          hf[src + "mlp.up_proj.weight"]])
+        state[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]]
+        )
         state[dst + "mlp.linear_fc2.weight"] = hf[src + "mlp.down_proj.weight"]
     return cfg, {k: v.contiguous() for k, v in state.items()}
 
@@ -171,15 +182,24 @@ def main(argv=None) -> int:
     ap.add_argument("--segment-length", type=int, default=2048)
     ap.add_argument("--update", choices=("linear", "delta"), default="linear")
     ap.add_argument("--gate-init", type=float, default=DEFAULT_GATE_INIT)
-    ap.add_argument("--learned-memory-scales", action="store_true",
-                    help="learn per-head memory key and query scales, starting at 1 (model.learned_memory_scales)")
+    ap.add_argument(
+        "--learned-memory-scales",
+        action="store_true",
+        help="learn per-head memory key and query scales, starting at 1 (model.learned_memory_scales)",
+    )
     ap.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     a = ap.parse_args(argv)
     try:
         hf_config, hf_state = read_hf_dir(a.hf_dir)
-        cfg, state = llama_to_infini(hf_state, hf_config, segment_length=a.segment_length, update=a.update,
-                                     gate_init=a.gate_init, learned_memory_scales=a.learned_memory_scales,
-                                     make_vocab_size_divisible_by=a.make_vocab_size_divisible_by)
+        cfg, state = llama_to_infini(
+            hf_state,
+            hf_config,
+            segment_length=a.segment_length,
+            update=a.update,
+            gate_init=a.gate_init,
+            learned_memory_scales=a.learned_memory_scales,
+            make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
+        )
     except (FileNotFoundError, KeyError, ValueError) as error:
         print(f"hf_import: error: {error}", file=sys.stderr)
         return 1
@@ -188,9 +208,11 @@ def main(argv=None) -> int:
     if os.path.exists(tokenizer):
         shutil.copy(tokenizer, os.path.join(a.out, "tokenizer.json"))
     params = sum(t.numel() for t in state.values())
-    print(f"wrote {a.out}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads "
-          f"({cfg.query_groups} KV groups), vocab {cfg.vocab_size} (padded {cfg.padded_vocab_size()}), "
-          f"segment {cfg.segment_length}, {params / 1e6:.1f}M parameters")
+    print(
+        f"wrote {a.out}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads "
+        f"({cfg.query_groups} KV groups), vocab {cfg.vocab_size} (padded {cfg.padded_vocab_size()}), "
+        f"segment {cfg.segment_length}, {params / 1e6:.1f}M parameters"
+    )
     return 0
 
 

@@ -32,8 +32,12 @@ from modeling.context_parallel import exchange_memory
 UPDATE_RULES = ("linear", "delta")
 
 # cuDNN attention measured ~1.7x the flash backend on H100 (fwd+bwd, S=2048, head dim 128); the others are fallbacks.
-_CUDA_SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                       SDPBackend.MATH]
+_CUDA_SDPA_PRIORITY = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 class InfiniMemory(NamedTuple):
@@ -111,8 +115,10 @@ def _check_inputs(q, k, v, gate, memory, segment_length, update, reset, scales, 
     if update not in UPDATE_RULES:
         raise ValueError(f"update rule must be one of {UPDATE_RULES}, got {update!r}")
     if update == "delta" and spans_ranks(context_group):
-        raise ValueError("the delta update reads M_{s-1} before each write, so context-parallel ranks would have "
-                         "to run one after another; context parallelism needs the linear update")
+        raise ValueError(
+            "the delta update reads M_{s-1} before each write, so context-parallel ranks would have "
+            "to run one after another; context parallelism needs the linear update"
+        )
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be [batch, heads, tokens, head_dim]; got shapes "
@@ -121,16 +127,13 @@ def _check_inputs(q, k, v, gate, memory, segment_length, update, reset, scales, 
     b, h, t, d = q.shape
     if k.shape[:2] != v.shape[:2] or k.shape[0] != b or k.shape[2] != t or v.shape[2] != t or k.shape[3] != d:
         raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree in batch, "
-            "tokens and key dim"
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree in batch, tokens and key dim"
         )
     g = k.shape[1]
     if h % g:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({g})")
     if segment_length <= 0 or t % segment_length:
-        raise ValueError(
-            f"tokens ({t}) must be a whole number of segments of segment_length ({segment_length})"
-        )
+        raise ValueError(f"tokens ({t}) must be a whole number of segments of segment_length ({segment_length})")
     if gate.shape != (h,):
         raise ValueError(f"gate must have shape ({h},) (one per query head), got {tuple(gate.shape)}")
     for (name, scale), heads in zip(scales.items(), (g, h)):
@@ -145,8 +148,7 @@ def _check_inputs(q, k, v, gate, memory, segment_length, update, reset, scales, 
         want_M, want_z = (b, g, d, v.shape[3]), (b, g, d)
         if tuple(M.shape) != want_M or tuple(z.shape) != want_z:
             raise ValueError(
-                f"memory shapes M {tuple(M.shape)}, z {tuple(z.shape)} do not match "
-                f"expected {want_M}, {want_z}"
+                f"memory shapes M {tuple(M.shape)}, z {tuple(z.shape)} do not match expected {want_M}, {want_z}"
             )
         want = memory_dtype(q.dtype)
         if M.dtype != want or z.dtype != want:
@@ -233,8 +235,9 @@ def _memories_before_segments_of_rank(M_updates, z_updates, memory, reset, conte
     b, s = M_updates.shape[0], M_updates.shape[2]
     has_reset = reset.any(dim=1) if reset is not None else torch.zeros(b, dtype=torch.bool, device=M_updates.device)
     (M_in, z_in), final = exchange_memory(memory, writes, has_reset, context_group)
-    no_reset_yet = (torch.ones(b, s, dtype=torch.bool, device=M_updates.device) if reset is None
-                    else reset.cumsum(dim=1) == 0).to(M_updates.dtype)
+    no_reset_yet = (
+        torch.ones(b, s, dtype=torch.bool, device=M_updates.device) if reset is None else reset.cumsum(dim=1) == 0
+    ).to(M_updates.dtype)
     M_before = M_own + M_in.unsqueeze(2) * no_reset_yet.view(b, 1, s, 1, 1)
     z_before = z_own + z_in.unsqueeze(2) * no_reset_yet.view(b, 1, s, 1)
     return M_before, z_before, InfiniMemory(*final)
@@ -280,7 +283,8 @@ def infini_attention(
 
     q: [b, h, t, d]; k: [b, g, t, d]; v: [b, g, t, dv] with g dividing h (g < h is GQA: one memory
     per KV group). gate: [h] raw beta. memory: None (empty) or (M [b, g, d, dv], z [b, g, d]) in
-    float32 (float64 for float64 inputs). reset: bool [b, n_segments], True empties that row's memory before that segment.
+    float32 (float64 for float64 inputs). reset: bool [b, n_segments], True empties that row's memory
+    before that segment.
     rotary_pos_emb: RoPE angles for positions 0..segment_length-1, applied to local attention only.
     half_memory_products: for half-precision inputs, the memory's matmuls take sigma(q), sigma(k), v
     and the memory rounded to the input dtype (float32 accumulation); the memory is still summed
@@ -297,8 +301,18 @@ def infini_attention(
     Returns (out [b, h, t, dv] in q's dtype, InfiniMemory after the last segment). Gradients flow
     through the memory across all segments (and into the given memory).
     """
-    _check_inputs(q, k, v, gate, memory, segment_length, update, reset,
-                  dict(memory_key_scale=memory_key_scale, memory_query_scale=memory_query_scale), context_group)
+    _check_inputs(
+        q,
+        k,
+        v,
+        gate,
+        memory,
+        segment_length,
+        update,
+        reset,
+        dict(memory_key_scale=memory_key_scale, memory_query_scale=memory_query_scale),
+        context_group,
+    )
     b, h, t, d = q.shape
     g, dv = k.shape[1], v.shape[3]
     s, n = t // segment_length, segment_length
@@ -308,8 +322,9 @@ def infini_attention(
     state_dtype = memory_dtype(q.dtype)
     operand_dtype = q.dtype if half_memory_products else state_dtype
     sk = scaled_sigma(k, memory_key_scale, operand_dtype).reshape(b, g, s, n, d)
-    M_before, z_before, final = _memories_before_segments(sk, v.to(operand_dtype).reshape(b, g, s, n, dv), memory,
-                                                          reset, update, state_dtype, context_group)
+    M_before, z_before, final = _memories_before_segments(
+        sk, v.to(operand_dtype).reshape(b, g, s, n, dv), memory, reset, update, state_dtype, context_group
+    )
     sq = scaled_sigma(q, memory_query_scale, operand_dtype).reshape(b, g, h // g, s, n, d)
     from_memory = retrieve(sq, M_before.unsqueeze(2), z_before.unsqueeze(2)).reshape(b, h, t, dv)
 

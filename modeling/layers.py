@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -22,7 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from torch.utils.checkpoint import checkpoint
 
 from modeling.infini_attention import InfiniMemory, infini_attention
 
@@ -90,8 +90,16 @@ class InfiniCoreAttention(MegatronModule):
     segments and exchanges the memory with the other ranks of the group.
     """
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type, cp_comm_type=None,
-                 softmax_scale=None, pg_collection=None):
+    def __init__(
+        self,
+        config,
+        layer_number,
+        attn_mask_type,
+        attention_type,
+        cp_comm_type=None,
+        softmax_scale=None,
+        pg_collection=None,
+    ):
         super().__init__(config=config)
         if softmax_scale is not None:
             raise ValueError("Infini-attention uses 1/sqrt(head_dim); softmax_scale must be None")
@@ -99,8 +107,10 @@ class InfiniCoreAttention(MegatronModule):
         self.context_group = getattr(pg_collection, "cp", None)
         heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
         if heads % tp_size or groups % tp_size:
-            raise ValueError(f"num_attention_heads ({heads}) and num_query_groups ({groups}) must be divisible "
-                             f"by the TP size ({tp_size})")
+            raise ValueError(
+                f"num_attention_heads ({heads}) and num_query_groups ({groups}) must be divisible "
+                f"by the TP size ({tp_size})"
+            )
         self.layer_number = layer_number
         self.segment_length = config.infini_segment_length
         self.update = config.infini_update
@@ -121,17 +131,29 @@ class InfiniCoreAttention(MegatronModule):
         tensors [g_local] and [h_local] (the learned ones times the configured ones)."""
         if not self.learned_memory_scales:
             return self.memory_key_scale, self.memory_query_scale
-        return (self.memory_key_log_scale.exp() * self.memory_key_scale,
-                self.memory_query_log_scale.exp() * self.memory_query_scale)
+        return (
+            self.memory_key_log_scale.exp() * self.memory_key_scale,
+            self.memory_query_log_scale.exp() * self.memory_query_scale,
+        )
 
     def forward(self, query, key, value, memory=None, reset=None, rotary_pos_emb=None):
         """query [b, h, t, d], key/value [b, g, t, d]: returns ([b, h, t, d], InfiniMemory)."""
         key_scale, query_scale = self.memory_scales()
-        return infini_attention(query, key, value, self.gate, memory, segment_length=self.segment_length,
-                                update=self.update, reset=reset, rotary_pos_emb=rotary_pos_emb,
-                                half_memory_products=self.half_memory_products,
-                                memory_key_scale=key_scale, memory_query_scale=query_scale,
-                                context_group=self.context_group)
+        return infini_attention(
+            query,
+            key,
+            value,
+            self.gate,
+            memory,
+            segment_length=self.segment_length,
+            update=self.update,
+            reset=reset,
+            rotary_pos_emb=rotary_pos_emb,
+            half_memory_products=self.half_memory_products,
+            memory_key_scale=key_scale,
+            memory_query_scale=query_scale,
+            context_group=self.context_group,
+        )
 
 
 class InfiniSelfAttention(SelfAttention):
@@ -147,11 +169,20 @@ class InfiniSelfAttention(SelfAttention):
         if self.checkpoint_core_attention and self.training:
             # Selective recompute: keep q, k, v and the memory; recompute the local attention and the
             # memory's reads and writes in backward.
-            context, memory = checkpoint(self.core_attention, query, key, value, memory=memory, reset=reset,
-                                         rotary_pos_emb=rotary_pos_emb, use_reentrant=False)
+            context, memory = checkpoint(
+                self.core_attention,
+                query,
+                key,
+                value,
+                memory=memory,
+                reset=reset,
+                rotary_pos_emb=rotary_pos_emb,
+                use_reentrant=False,
+            )
         else:
-            context, memory = self.core_attention(query, key, value, memory=memory, reset=reset,
-                                                  rotary_pos_emb=rotary_pos_emb)
+            context, memory = self.core_attention(
+                query, key, value, memory=memory, reset=reset, rotary_pos_emb=rotary_pos_emb
+            )
         context = context.permute(2, 0, 1, 3).flatten(2)
         output, bias = self.linear_proj(context)
         return output, bias, memory
@@ -163,8 +194,7 @@ class InfiniTransformerLayer(TransformerLayer):
     def forward(self, hidden_states, rotary_pos_emb=None, memory: Optional[InfiniMemory] = None, reset=None):
         residual = hidden_states
         normed = self.input_layernorm(hidden_states)
-        output, bias, memory = self.self_attention(normed, rotary_pos_emb=rotary_pos_emb, memory=memory,
-                                                   reset=reset)
+        output, bias, memory = self.self_attention(normed, rotary_pos_emb=rotary_pos_emb, memory=memory, reset=reset)
         with self.bias_dropout_add_exec_handler():
             hidden_states = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
                 (output, bias), residual, self.hidden_dropout
@@ -175,8 +205,9 @@ class InfiniTransformerLayer(TransformerLayer):
 def get_infini_block_spec(config, vp_stage=None) -> TransformerBlockSubmodules:
     """This pipeline stage's layers and the final norm, which runs in the sequence-parallel region too."""
     layer = get_infini_layer_spec(qk_layernorm=config.qk_layernorm)
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
-                                      layer_norm=TorchNorm)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage), layer_norm=TorchNorm
+    )
 
 
 def get_infini_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
@@ -198,8 +229,9 @@ def get_infini_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=TorchNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
+            mlp=ModuleSpec(
+                module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+            ),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -39,9 +39,18 @@ class InfiniGPTModel(GPTModel):
     the memory out the one after its end, the same on every rank of the group.
     """
 
-    def __init__(self, config: InfiniTransformerConfig, vocab_size: int, *, pre_process: bool = True,
-                 post_process: bool = True, share_embeddings_and_output_weights: bool = False,
-                 rotary_base: int = 10000, parallel_output: bool = True, vp_stage: Optional[int] = None):
+    def __init__(
+        self,
+        config: InfiniTransformerConfig,
+        vocab_size: int,
+        *,
+        pre_process: bool = True,
+        post_process: bool = True,
+        share_embeddings_and_output_weights: bool = False,
+        rotary_base: int = 10000,
+        parallel_output: bool = True,
+        vp_stage: Optional[int] = None,
+    ):
         super().__init__(
             config=config,
             transformer_layer_spec=get_infini_block_spec(config, vp_stage),
@@ -69,8 +78,13 @@ class InfiniGPTModel(GPTModel):
     def layers(self):
         return self.decoder.layers
 
-    def forward(self, input_ids: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None,
-                memory: Optional[LayerMemories] = None, reset: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor],
+        labels: Optional[torch.Tensor] = None,
+        memory: Optional[LayerMemories] = None,
+        reset: Optional[torch.Tensor] = None,
+    ):
         """input_ids, labels: [b, t]; reset: bool [b, n_segments].
 
         Returns (output, new memory list). output: per-token loss [b, t] on the last stage with
@@ -121,9 +135,15 @@ class InfiniGPTModel(GPTModel):
         lanes, local = labels.shape[0], hidden.shape[0]
         step = max(chunk_tokens // ranks, 1)
         labels_by_rank = labels.reshape(lanes, ranks, local)
-        losses = [checkpoint(self._loss, hidden[i:i + step], labels_by_rank[:, :, i:i + step].reshape(lanes, -1),
-                             use_reentrant=False).view(lanes, ranks, -1)
-                  for i in range(0, local, step)]
+        losses = [
+            checkpoint(
+                self._loss,
+                hidden[i : i + step],
+                labels_by_rank[:, :, i : i + step].reshape(lanes, -1),
+                use_reentrant=False,
+            ).view(lanes, ranks, -1)
+            for i in range(0, local, step)
+        ]
         return torch.cat(losses, dim=2).view(lanes, ranks * local)
 
     def _logits(self, hidden):
@@ -156,12 +176,25 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 _compiled_token_cross_entropy = torch.compile(token_cross_entropy)
 
 
-def build_model(config: InfiniTransformerConfig, vocab_size: int, *, pre_process: bool = True,
-                post_process: bool = True, tie_embeddings: bool = False, rotary_base: int = 10000,
-                vp_stage: Optional[int] = None) -> InfiniGPTModel:
-    return InfiniGPTModel(config, vocab_size, pre_process=pre_process, post_process=post_process,
-                          share_embeddings_and_output_weights=tie_embeddings, rotary_base=rotary_base,
-                          vp_stage=vp_stage)
+def build_model(
+    config: InfiniTransformerConfig,
+    vocab_size: int,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    tie_embeddings: bool = False,
+    rotary_base: int = 10000,
+    vp_stage: Optional[int] = None,
+) -> InfiniGPTModel:
+    return InfiniGPTModel(
+        config,
+        vocab_size,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=tie_embeddings,
+        rotary_base=rotary_base,
+        vp_stage=vp_stage,
+    )
 
 
 class ModelChunks(torch.nn.ModuleList):

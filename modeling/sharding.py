@@ -24,7 +24,7 @@ def global_name(local_name: str, first_layer: int, tied_output: bool) -> str:
     ``tied_output``: the stage's ``output_layer.weight`` is a copy of the tied embedding."""
     match = _LAYER.match(local_name)
     if match:
-        return f"decoder.layers.{first_layer + int(match.group(1))}." + local_name[match.end():]
+        return f"decoder.layers.{first_layer + int(match.group(1))}." + local_name[match.end() :]
     if local_name == "output_layer.weight" and tied_output:
         return "embedding.word_embeddings.weight"
     return local_name
@@ -35,8 +35,11 @@ def rank_layers(num_layers: int, pipeline: int, virtual_pipeline: int, pipeline_
     ``n = num_layers / (pipeline * virtual_pipeline)`` layers, chunk c of rank p holds layers from
     ``(c * pipeline + p) * n`` (megatron's ``get_transformer_layer_offset``)."""
     per_chunk = num_layers // (pipeline * virtual_pipeline)
-    return [(chunk * pipeline + pipeline_rank) * per_chunk + i
-            for chunk in range(virtual_pipeline) for i in range(per_chunk)]
+    return [
+        (chunk * pipeline + pipeline_rank) * per_chunk + i
+        for chunk in range(virtual_pipeline)
+        for i in range(per_chunk)
+    ]
 
 
 def split_chunk_name(name: str) -> Tuple[int, str]:
@@ -49,11 +52,14 @@ def global_names(model) -> Dict[str, str]:
     """Local parameter name -> name in the full (single-stage) model. ``model`` is one stage's model or a
     ``ModuleList`` of a rank's model chunks (``modeling.model.ModelChunks``: names start with the chunk index)."""
     if isinstance(model, torch.nn.ModuleList):
-        return {f"{index}.{local}": full for index, chunk in enumerate(model)
-                for local, full in global_names(chunk).items()}
+        return {
+            f"{index}.{local}": full for index, chunk in enumerate(model) for local, full in global_names(chunk).items()
+        }
     first_layer = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else 0
-    return {name: global_name(name, first_layer, model.share_embeddings_and_output_weights)
-            for name, _ in model.named_parameters()}
+    return {
+        name: global_name(name, first_layer, model.share_embeddings_and_output_weights)
+        for name, _ in model.named_parameters()
+    }
 
 
 def split_tensor_parallel(full: torch.Tensor, tp: int, rank: int, dim: int, stride: int = 1) -> torch.Tensor:
@@ -75,9 +81,13 @@ def _is_split(param) -> bool:
 def shard_for_this_rank(full: torch.Tensor, param) -> torch.Tensor:
     if not _is_split(param):
         return full
-    return split_tensor_parallel(full, parallel_state.get_tensor_model_parallel_world_size(),
-                                 parallel_state.get_tensor_model_parallel_rank(), param.partition_dim,
-                                 getattr(param, "partition_stride", 1))
+    return split_tensor_parallel(
+        full,
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        param.partition_dim,
+        getattr(param, "partition_stride", 1),
+    )
 
 
 def gather_from_tensor_parallel(local: torch.Tensor, param) -> torch.Tensor:
@@ -98,8 +108,10 @@ def load_full_state_dict(model, full_state: Dict[str, torch.Tensor]) -> None:
     layer_parts = {_LAYER.sub("", full) for full in names.values() if _LAYER.match(full)}
     unexpected = sorted(k for k in full_state if _LAYER.match(k) and _LAYER.sub("", k) not in layer_parts)
     if layer_parts and unexpected:
-        raise KeyError(f"the full state dict holds layer parameters this model does not have: {unexpected[:3]}"
-                       f"{' ...' if len(unexpected) > 3 else ''}")
+        raise KeyError(
+            f"the full state dict holds layer parameters this model does not have: {unexpected[:3]}"
+            f"{' ...' if len(unexpected) > 3 else ''}"
+        )
     for name, param in model.named_parameters():
         full_name = names[name]
         if full_name not in full_state:

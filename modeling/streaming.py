@@ -40,8 +40,10 @@ def check_heads(gates: List[torch.nn.Parameter], heads: Iterable[Tuple[int, int]
     heads = [(int(layer), int(head)) for layer, head in heads]
     for layer, head in heads:
         if not (0 <= layer < len(gates) and 0 <= head < gates[layer].numel()):
-            raise ValueError(f"no head {layer}:{head} to ablate: the model has layers 0-{len(gates) - 1} "
-                             f"of heads 0-{gates[0].numel() - 1}")
+            raise ValueError(
+                f"no head {layer}:{head} to ablate: the model has layers 0-{len(gates) - 1} "
+                f"of heads 0-{gates[0].numel() - 1}"
+            )
     return heads
 
 
@@ -79,8 +81,9 @@ class _SegmentCache(NamedTuple):
     v: torch.Tensor
 
 
-def write_segment(memory: InfiniMemory, k: torch.Tensor, v: torch.Tensor, update: str,
-                  key_scale: Union[float, torch.Tensor] = 1.0) -> InfiniMemory:
+def write_segment(
+    memory: InfiniMemory, k: torch.Tensor, v: torch.Tensor, update: str, key_scale: Union[float, torch.Tensor] = 1.0
+) -> InfiniMemory:
     """The memory after one whole segment of raw keys k and values v [b, g, n, d] (the core's rule,
     writing sigma(key_scale * k); key_scale a number or one per KV head [g])."""
     sk = scaled_sigma(k, key_scale)
@@ -143,7 +146,7 @@ class StreamingModel:
                 outputs.append(self._extend(tokens[:, :i]))
             whole_end = i + (n - i) // L * L
             for start in range(i, whole_end, self.window):
-                chunk = tokens[:, start:min(start + self.window, whole_end)]
+                chunk = tokens[:, start : min(start + self.window, whole_end)]
                 logits, memory = self.model(chunk, memory=self.memory)
                 self.memory = [InfiniMemory(m.M.detach(), m.z.detach()) for m in memory]
                 self.position += chunk.shape[1]
@@ -160,7 +163,7 @@ class StreamingModel:
         if tokens.shape[1] == 0:
             raise ValueError("prefill needs at least one token")
         for start in range(0, tokens.shape[1], self.window):
-            logits = self.feed(tokens[:, start:start + self.window])
+            logits = self.feed(tokens[:, start : start + self.window])
         return logits[:, -1]
 
     @torch.no_grad()
@@ -169,9 +172,9 @@ class StreamingModel:
         earlier feeds), fed a window at a time so no more than one window's logits exist."""
         logprobs = []
         for start in range(0, tokens.shape[1], self.window):
-            chunk = tokens[:, start:start + self.window]
+            chunk = tokens[:, start : start + self.window]
             logits = self.feed(chunk)
-            targets = tokens[:, start + 1:start + 1 + chunk.shape[1]]
+            targets = tokens[:, start + 1 : start + 1 + chunk.shape[1]]
             step = torch.log_softmax(logits[:, : targets.shape[1]], dim=-1)
             logprobs.append(step.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
         return torch.cat(logprobs, dim=1)
@@ -184,9 +187,11 @@ class StreamingModel:
         if self.memory is None:
             dtype = memory_dtype(next(model.parameters()).dtype)
             c = model.config
-            self.memory = [empty_memory(b, c.num_query_groups, c.kv_channels, c.kv_channels,
-                                        device=tokens.device, dtype=dtype) for _ in model.layers]
-        freqs = model.rotary_pos_emb(L)[start:start + n]
+            self.memory = [
+                empty_memory(b, c.num_query_groups, c.kv_channels, c.kv_channels, device=tokens.device, dtype=dtype)
+                for _ in model.layers
+            ]
+        freqs = model.rotary_pos_emb(L)[start : start + n]
         hidden = model.embedding(input_ids=tokens, position_ids=None)
         cache = []
         for index, layer in enumerate(model.layers):
@@ -196,8 +201,10 @@ class StreamingModel:
         self.position += n
         if self.pending == 0:
             update = model.config.infini_update
-            self.memory = [write_segment(m, c.k, c.v, update, layer.self_attention.core_attention.memory_scales()[0])
-                           for m, c, layer in zip(self.memory, cache, model.layers)]
+            self.memory = [
+                write_segment(m, c.k, c.v, update, layer.self_attention.core_attention.memory_scales()[0])
+                for m, c, layer in zip(self.memory, cache, model.layers)
+            ]
             self.cache = None
         else:
             self.cache = cache
@@ -233,5 +240,6 @@ def _layer_extend(layer, hidden, freqs, memory: InfiniMemory, cache: Optional[_S
     output, bias = attention.linear_proj(context.permute(2, 0, 1, 3).reshape(n, b, -1))
     with layer.bias_dropout_add_exec_handler():
         hidden = layer.self_attn_bda(layer.training, layer.config.bias_dropout_fusion)(
-            (output, bias), residual, layer.hidden_dropout)
+            (output, bias), residual, layer.hidden_dropout
+        )
     return layer._forward_mlp(hidden), new

@@ -37,5 +37,6 @@ def assert_close(actual, expected, dtype: torch.dtype, reduction_size: int, dept
     actual, expected = (torch.as_tensor(x, dtype=torch.float64) for x in (actual, expected))
     bound = tolerance(dtype, reduction_size, depth)
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=bound, atol=bound * scale,
-                               msg=(lambda m: f"{what}: {m}") if what else None)
+    torch.testing.assert_close(
+        actual, expected, rtol=bound, atol=bound * scale, msg=(lambda m: f"{what}: {m}") if what else None
+    )

@@ -38,8 +38,9 @@ def snapshot_to_host(obj):
             host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pinned and source.is_cuda)
             host.copy_(source, non_blocking=host.is_pinned())
             storages[key] = host
-        copied = torch.empty(0, dtype=tensor.dtype).set_(host.untyped_storage(), tensor.storage_offset(),
-                                                          tensor.size(), tensor.stride())
+        copied = torch.empty(0, dtype=tensor.dtype).set_(
+            host.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride()
+        )
         if isinstance(tensor, torch.nn.Parameter):
             return torch.nn.Parameter(copied, requires_grad=tensor.requires_grad)
         return copied.requires_grad_(tensor.requires_grad) if tensor.is_floating_point() else copied

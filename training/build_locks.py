@@ -62,7 +62,7 @@ class BuildLockWatch:
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="build-lock-watch", daemon=True)
 
-    def __enter__(self) -> "BuildLockWatch":
+    def __enter__(self) -> BuildLockWatch:
         self._thread.start()
         return self
 
@@ -75,9 +75,13 @@ class BuildLockWatch:
             for path in stale_locks(self.root, self.min_age_s):
                 if path not in self.reported:
                     self.reported.add(path)
-                    print(f"warning: {path} is held open by no process on this host; a torch extension build "
-                          "killed midway leaves its lock behind, and every build or load of that op waits for it "
-                          f"without end. Unless a process on another host is building it in {self.root}, remove "
-                          f"the file: rm {path}", file=sys.stderr, flush=True)
+                    print(
+                        f"warning: {path} is held open by no process on this host; a torch extension build "
+                        "killed midway leaves its lock behind, and every build or load of that op waits for it "
+                        f"without end. Unless a process on another host is building it in {self.root}, remove "
+                        f"the file: rm {path}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             if self._done.wait(self.interval_s):
                 return

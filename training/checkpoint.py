@@ -34,10 +34,28 @@ import torch.distributed as dist
 
 from training.async_checkpoint import SnapshottingCheckpointEngine, snapshot_to_host
 from training.checkpoint_io import ChecksummingCheckpointEngine, file_crc32, save_with_crc32
-from training.checkpoint_layout import (CONFIG, DEEPSPEED_TAG, FORMAT_VERSION, LATEST, MANIFEST, CheckpointError,
-                                        check_format, coordinates, layout, list_checkpoints, list_files,
-                                        list_unfinished, manifest_files, parallel_sizes, rank_file, read_rank_state,
-                                        resume_candidates, step_dir_name, step_of, verify)
+from training.checkpoint_layout import (
+    CONFIG,
+    DEEPSPEED_TAG,
+    FORMAT_VERSION,
+    LATEST,
+    MANIFEST,
+    CheckpointError,
+    check_format,
+    coordinates,
+    layout,
+    list_checkpoints,
+    list_files,
+    list_unfinished,
+    manifest_files,
+    parallel_sizes,
+    rank_file,
+    read_rank_state,
+    resume_candidates,
+    step_dir_name,
+    step_of,
+    verify,
+)
 from training.config import ConfigError, TrainConfig, save_resolved
 from training.reshard import load_resharded
 from training.rng import rng_state, set_rng_state
@@ -84,10 +102,15 @@ class SaveReport:
 
     def metrics(self) -> dict:
         gigabytes = self.size_bytes / 1e9
-        return {"checkpoint/step": self.step, "checkpoint/async": int(self.asynchronous),
-                "checkpoint/blocking_seconds": self.blocking_seconds, "checkpoint/write_seconds": self.write_seconds,
-                "checkpoint/seconds": self.seconds, "checkpoint/gb": gigabytes,
-                "checkpoint/gb_per_s": gigabytes / max(self.write_seconds, 1e-9)}
+        return {
+            "checkpoint/step": self.step,
+            "checkpoint/async": int(self.asynchronous),
+            "checkpoint/blocking_seconds": self.blocking_seconds,
+            "checkpoint/write_seconds": self.write_seconds,
+            "checkpoint/seconds": self.seconds,
+            "checkpoint/gb": gigabytes,
+            "checkpoint/gb_per_s": gigabytes / max(self.write_seconds, 1e-9),
+        }
 
 
 @dataclass
@@ -110,8 +133,9 @@ class _InjectedWriterFaults:
     fail_first_file: bool = False
 
 
-def _write_snapshots(files: List[Tuple[str, object]], zipfile_serialization: bool, step: int,
-                     faults: _InjectedWriterFaults) -> Tuple[float, Dict[str, int]]:
+def _write_snapshots(
+    files: List[Tuple[str, object]], zipfile_serialization: bool, step: int, faults: _InjectedWriterFaults
+) -> Tuple[float, Dict[str, int]]:
     """The background writer: torch.save and fsync each file; returns when the last one was flushed, and
     each file's CRC-32."""
     time.sleep(faults.delay_seconds)
@@ -122,8 +146,10 @@ def _write_snapshots(files: List[Tuple[str, object]], zipfile_serialization: boo
                 raise OSError("injected writer failure (debug.inject_writer_failure_at_steps)")
             checksums[path] = save_with_crc32(state, path, zipfile_serialization)
         except Exception as error:
-            raise CheckpointError(f"checkpoint writer failed writing {path}: {error!r}; the checkpoint of step {step} "
-                                  "was not finalized (the previous one stays the latest)") from error
+            raise CheckpointError(
+                f"checkpoint writer failed writing {path}: {error!r}; the checkpoint of step {step} "
+                "was not finalized (the previous one stays the latest)"
+            ) from error
         if faults.kill_after_first_file:
             os.kill(os.getpid(), signal.SIGKILL)
     return time.perf_counter(), checksums
@@ -181,9 +207,11 @@ def resume_point(cfg, announce: Callable[[str], None]) -> Optional[VerifiedCheck
             announce(f"checkpoint.resume=auto: skipping {path}: {error}")
             skipped.append(path)
     if skipped:
-        raise CheckpointError(f"checkpoint.resume=auto: no checkpoint in {root} verifies (skipped {len(skipped)}, "
-                              "reasons above); remove or repair them, resume from a path (checkpoint.resume=PATH), "
-                              "or start over (checkpoint.start_over=true instead of checkpoint.resume)")
+        raise CheckpointError(
+            f"checkpoint.resume=auto: no checkpoint in {root} verifies (skipped {len(skipped)}, "
+            "reasons above); remove or repair them, resume from a path (checkpoint.resume=PATH), "
+            "or start over (checkpoint.start_over=true instead of checkpoint.resume)"
+        )
     return None
 
 
@@ -195,9 +223,11 @@ def clear_for_fresh_start(cfg, announce: Callable[[str], None]) -> None:
     if not existing:
         return
     if not cfg.checkpoint.start_over:
-        raise ConfigError(f"{root} holds the checkpoints of an earlier run ({len(existing)}, the newest "
-                          f"{os.path.basename(existing[-1])}); resume it with checkpoint.resume=auto, or start over "
-                          "with checkpoint.start_over=true (removes them)")
+        raise ConfigError(
+            f"{root} holds the checkpoints of an earlier run ({len(existing)}, the newest "
+            f"{os.path.basename(existing[-1])}); resume it with checkpoint.resume=auto, or start over "
+            "with checkpoint.start_over=true (removes them)"
+        )
     dist.barrier()  # every rank has looked before rank 0 removes anything
     if dist.get_rank() == 0:
         for path in existing + list_unfinished(root):
@@ -226,8 +256,15 @@ class CheckpointManager:
     a checkpoint of another layout is mapped onto its parameters (``training.reshard``).
     """
 
-    def __init__(self, cfg: TrainConfig, engine, model, lane_ids: List[int], states: Dict[str, Stateful],
-                 on_save: Callable[[SaveReport], None]):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        engine,
+        model,
+        lane_ids: List[int],
+        states: Dict[str, Stateful],
+        on_save: Callable[[SaveReport], None],
+    ):
         self.cfg = cfg
         self.engine = engine
         self.model = model
@@ -252,8 +289,12 @@ class CheckpointManager:
     # -- saving -------------------------------------------------------------------------------
     def rank_state(self) -> dict:
         """This rank's part of a checkpoint beyond DeepSpeed's."""
-        return {"coordinates": coordinates(), "lane_ids": self.lane_ids, "rng": rng_state(),
-                **{name: piece.state_dict() for name, piece in self.states.items()}}
+        return {
+            "coordinates": coordinates(),
+            "lane_ids": self.lane_ids,
+            "rng": rng_state(),
+            **{name: piece.state_dict() for name, piece in self.states.items()},
+        }
 
     def save(self, step: int, reason: str = "interval", asynchronous: bool = False) -> None:
         """Collective. Waits for a pending asynchronous save first. A synchronous save is finalized
@@ -261,8 +302,14 @@ class CheckpointManager:
         finalize it. Each finalized save goes to ``on_save``."""
         started = time.perf_counter()
         self.wait()
-        save = _SaveInProgress(step, reason, os.path.join(self.root, ".tmp-" + step_dir_name(step)),
-                               os.path.join(self.root, step_dir_name(step)), started, asynchronous)
+        save = _SaveInProgress(
+            step,
+            reason,
+            os.path.join(self.root, ".tmp-" + step_dir_name(step)),
+            os.path.join(self.root, step_dir_name(step)),
+            started,
+            asynchronous,
+        )
         rank = dist.get_rank()
         if rank == 0:
             shutil.rmtree(save.tmp, ignore_errors=True)
@@ -276,8 +323,9 @@ class CheckpointManager:
             return
         self._save_through(self._checksumming_engine, save.tmp)
         checksums = self._checksumming_engine.take_checksums()
-        checksums[rank_path] = save_with_crc32(self.rank_state(), rank_path,
-                                               self._checksumming_engine.zipfile_serialization)
+        checksums[rank_path] = save_with_crc32(
+            self.rank_state(), rank_path, self._checksumming_engine.zipfile_serialization
+        )
         if kill_midway:
             os.kill(os.getpid(), signal.SIGKILL)
         self._finalize(save, time.perf_counter() - save.started, checksums)
@@ -305,10 +353,13 @@ class CheckpointManager:
         cfg = self.cfg.debug
         first_rank = dist.get_rank() == 0
         faults = _InjectedWriterFaults(
-            delay_seconds=cfg.inject_writer_delay_s, kill_after_first_file=kill_midway,
-            fail_first_file=first_rank and save.step in cfg.inject_writer_failure_at_steps)
-        save.writing = self._writer.submit(_write_snapshots, files, self._snapshotting_engine.zipfile_serialization,
-                                           save.step, faults)
+            delay_seconds=cfg.inject_writer_delay_s,
+            kill_after_first_file=kill_midway,
+            fail_first_file=first_rank and save.step in cfg.inject_writer_failure_at_steps,
+        )
+        save.writing = self._writer.submit(
+            _write_snapshots, files, self._snapshotting_engine.zipfile_serialization, save.step, faults
+        )
         save.blocking_seconds = time.perf_counter() - save.started
         self._pending = save
 
@@ -344,8 +395,10 @@ class CheckpointManager:
         if state == _WRITER_FAILED:
             if local == _WRITER_FAILED:
                 save.writing.result()  # raises the writer's CheckpointError, which names the file
-            raise CheckpointError(f"another rank's checkpoint writer failed (see its error); the checkpoint of step "
-                                  f"{save.step} in {save.tmp} was not finalized")
+            raise CheckpointError(
+                f"another rank's checkpoint writer failed (see its error); the checkpoint of step "
+                f"{save.step} in {save.tmp} was not finalized"
+            )
         flushed_at, checksums = save.writing.result()
         self._finalize(save, flushed_at - save.started, checksums)
 
@@ -356,8 +409,9 @@ class CheckpointManager:
         and prunes; all ranks wait for that."""
         rank = dist.get_rank()
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (write_seconds, {os.path.relpath(path, save.tmp): crc
-                                                          for path, crc in checksums.items()}))
+        dist.all_gather_object(
+            gathered, (write_seconds, {os.path.relpath(path, save.tmp): crc for path, crc in checksums.items()})
+        )
         write_seconds = max(seconds for seconds, _ in gathered)
         if rank == 0:
             sizes = list_files(save.tmp)
@@ -365,9 +419,16 @@ class CheckpointManager:
             for rel in sizes.keys() - all_checksums.keys():
                 _fsync_file(os.path.join(save.tmp, rel))
                 all_checksums[rel] = file_crc32(os.path.join(save.tmp, rel))
-            manifest = {"format": FORMAT_VERSION, "step": save.step, "reason": save.reason, "layout": layout(),
-                        "zero_stage": self.cfg.parallel.zero_stage, "global_lanes": self.cfg.data.global_lanes,
-                        "files": manifest_files(sizes, all_checksums), "saved_at": time.time()}
+            manifest = {
+                "format": FORMAT_VERSION,
+                "step": save.step,
+                "reason": save.reason,
+                "layout": layout(),
+                "zero_stage": self.cfg.parallel.zero_stage,
+                "global_lanes": self.cfg.data.global_lanes,
+                "files": manifest_files(sizes, all_checksums),
+                "saved_at": time.time(),
+            }
             _write_atomic(os.path.join(save.tmp, MANIFEST), json.dumps(manifest, indent=1).encode())
             if os.path.exists(save.final):
                 shutil.rmtree(save.final)
@@ -377,10 +438,18 @@ class CheckpointManager:
             self._prune(save.final)
         dist.barrier()
         seconds = time.perf_counter() - save.started
-        self.on_save(SaveReport(
-            path=save.final, step=save.step, reason=save.reason, asynchronous=save.asynchronous,
-            blocking_seconds=save.blocking_seconds if save.asynchronous else seconds, write_seconds=write_seconds,
-            seconds=seconds, size_bytes=sum(list_files(save.final).values()) if rank == 0 else 0))
+        self.on_save(
+            SaveReport(
+                path=save.final,
+                step=save.step,
+                reason=save.reason,
+                asynchronous=save.asynchronous,
+                blocking_seconds=save.blocking_seconds if save.asynchronous else seconds,
+                write_seconds=write_seconds,
+                seconds=seconds,
+                size_bytes=sum(list_files(save.final).values()) if rank == 0 else 0,
+            )
+        )
 
     def close(self) -> None:
         """Stop the writer thread once it has written the save in hand; a pending save stays unfinalized."""
@@ -391,7 +460,7 @@ class CheckpointManager:
         """Keep the newest keep_last, every keep_every-th, and the one just saved (a run resumed from an older
         checkpoint saves below the newest)."""
         paths = list_checkpoints(self.root)
-        keep = set(paths[-self.keep_last:]) | {saved}
+        keep = set(paths[-self.keep_last :]) | {saved}
         for path in paths:
             step = step_of(path)
             if path not in keep and not (self.keep_every and step % self.keep_every == 0):
@@ -406,13 +475,16 @@ class CheckpointManager:
         saved, now = manifest["layout"], layout()
         global_lanes = self.cfg.data.global_lanes
         if manifest["global_lanes"] != global_lanes:
-            raise CheckpointError(f"{path} was saved with data.global_lanes={manifest['global_lanes']}; this run has "
-                                  f"{global_lanes}: the lanes (and their memory) would not continue")
+            raise CheckpointError(
+                f"{path} was saved with data.global_lanes={manifest['global_lanes']}; this run has "
+                f"{global_lanes}: the lanes (and their memory) would not continue"
+            )
         if parallel_sizes(saved) != parallel_sizes(now):
             rank_state = load_resharded(path, manifest, self.cfg, self.engine, self.model, self.lane_ids)
         else:
-            load_path, _ = self.engine.load_checkpoint(path, tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=True)
+            load_path, _ = self.engine.load_checkpoint(
+                path, tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
             if load_path is None:
                 raise CheckpointError(f"DeepSpeed could not load {os.path.join(path, DEEPSPEED_TAG)}")
             rank_state = read_rank_state(path, dist.get_rank())

@@ -50,7 +50,7 @@ def step_dir_name(step: int) -> str:
 
 
 def step_of(path: str) -> int:
-    return int(os.path.basename(path)[len(STEP_PREFIX):])
+    return int(os.path.basename(path)[len(STEP_PREFIX) :])
 
 
 def rank_file(path: str, rank: int) -> str:
@@ -72,8 +72,10 @@ def layout() -> dict:
 def check_format(path: str, manifest: dict) -> None:
     """A checkpoint of a format this code does not read cannot be resumed: its names would not match."""
     if manifest.get("format") not in READABLE_FORMATS:
-        raise CheckpointError(f"{path} has checkpoint format {manifest.get('format')}; this version reads formats "
-                              f"{' and '.join(map(str, READABLE_FORMATS))} only (parameters named by model chunk)")
+        raise CheckpointError(
+            f"{path} has checkpoint format {manifest.get('format')}; this version reads formats "
+            f"{' and '.join(map(str, READABLE_FORMATS))} only (parameters named by model chunk)"
+        )
 
 
 def coordinates() -> dict:
@@ -90,8 +92,13 @@ def coordinates() -> dict:
 def parallel_sizes(layout_: dict) -> tuple:
     """(tensor, pipeline, data, context, virtual pipeline) sizes of a layout; checkpoints from before context
     parallelism had 1."""
-    return (layout_["tensor"], layout_["pipeline"], layout_["data"], layout_.get("context", 1),
-            layout_["virtual_pipeline"])
+    return (
+        layout_["tensor"],
+        layout_["pipeline"],
+        layout_["data"],
+        layout_.get("context", 1),
+        layout_["virtual_pipeline"],
+    )
 
 
 def context_rank(state: dict) -> int:
@@ -116,8 +123,9 @@ def manifest_files(sizes: Dict[str, int], checksums: Dict[str, int]) -> Dict[str
 
 def read_manifest(path: str) -> dict:
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path} does not exist" if not os.path.exists(path) else
-                              f"{path} is not a checkpoint directory")
+        raise CheckpointError(
+            f"{path} does not exist" if not os.path.exists(path) else f"{path} is not a checkpoint directory"
+        )
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.exists(manifest_path):
         if any(name.startswith(STEP_PREFIX) for name in os.listdir(path)):
@@ -148,8 +156,9 @@ def verify(path: str, checksum_share: Optional[Tuple[int, int]] = (0, 1)) -> dic
             continue
         actual_checksum = file_crc32(full)
         if actual_checksum != checksum:
-            raise CheckpointError(f"checkpoint file corrupt: {full} has CRC-32 {actual_checksum:08x}, the manifest "
-                                  f"records {checksum:08x}")
+            raise CheckpointError(
+                f"checkpoint file corrupt: {full} has CRC-32 {actual_checksum:08x}, the manifest records {checksum:08x}"
+            )
     return manifest
 
 
@@ -220,14 +229,20 @@ class SavedCheckpoint:
         self.manifest = verify(path) if manifest is None else manifest
         check_format(path, self.manifest)
         self.layout = self.manifest["layout"]
-        self.rank_states = [torch.load(rank_file(path, rank), map_location="cpu", mmap=True, weights_only=False)
-                            for rank in range(self.layout["world_size"])]
+        self.rank_states = [
+            torch.load(rank_file(path, rank), map_location="cpu", mmap=True, weights_only=False)
+            for rank in range(self.layout["world_size"])
+        ]
         # DeepSpeed numbers model files by rank in the model-parallel group: the group's global ranks, sorted.
-        group = sorted((s["coordinates"] for s in self.rank_states
-                        if s["coordinates"]["data"] == 0 and context_rank(s) == 0), key=lambda c: c["rank"])
+        group = sorted(
+            (s["coordinates"] for s in self.rank_states if s["coordinates"]["data"] == 0 and context_rank(s) == 0),
+            key=lambda c: c["rank"],
+        )
         if len(group) != self.layout["tensor"] * self.layout["pipeline"]:
-            raise CheckpointError(f"{path}: found {len(group)} data- and context-parallel rank 0 states, expected "
-                                  f"{self.layout['tensor'] * self.layout['pipeline']}")
+            raise CheckpointError(
+                f"{path}: found {len(group)} data- and context-parallel rank 0 states, expected "
+                f"{self.layout['tensor'] * self.layout['pipeline']}"
+            )
         self.model_parallel_rank = {(c["tensor"], c["pipeline"]): index for index, c in enumerate(group)}
 
     def rank_layers(self, pipeline: int, num_layers: int) -> List[int]:
@@ -248,8 +263,12 @@ class SavedCheckpoint:
         """DeepSpeed's model-states file of one (tensor, pipeline) rank: ``module``, ``param_shapes``, the
         LR scheduler and the engine's counters."""
         mp_rank = self.model_parallel_rank[(tensor, pipeline)]
-        return torch.load(os.path.join(self.path, DEEPSPEED_TAG, f"mp_rank_{mp_rank:02d}_model_states.pt"),
-                          map_location="cpu", mmap=True, weights_only=False)
+        return torch.load(
+            os.path.join(self.path, DEEPSPEED_TAG, f"mp_rank_{mp_rank:02d}_model_states.pt"),
+            map_location="cpu",
+            mmap=True,
+            weights_only=False,
+        )
 
     def zero_file(self, tensor: int, pipeline: int, data: int) -> str:
         """The ZeRO optimizer file of one (tensor, pipeline, data) rank."""

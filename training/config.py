@@ -281,7 +281,7 @@ def _number(value: Optional[float]) -> str:
 AT_LEAST_0, AT_LEAST_1, POSITIVE, FRACTION = Range(0), Range(1), Range(0, low_open=True), Range(0, 1, high_open=True)
 
 NUMERIC_RANGES = {
-    "seed": Range(0, 2 ** 32 - 1),  # numpy's seed range
+    "seed": Range(0, 2**32 - 1),  # numpy's seed range
     "max_nonfinite_steps": AT_LEAST_1,
     "data.valid_fraction": FRACTION,
     "data.global_lanes": AT_LEAST_1,
@@ -324,8 +324,11 @@ NUMERIC_RANGES = {
 """Every numeric key of the schema outside ``model`` (ModelConfig.validate checks its own) but
 parallel.zero_stage (a choice, with its own rule below); an optional one may also be null."""
 
-STEP_LISTS = ["debug.inject_nonfinite_at_steps", "debug.inject_kill_during_save_at_steps",
-              "debug.inject_writer_failure_at_steps"]
+STEP_LISTS = [
+    "debug.inject_nonfinite_at_steps",
+    "debug.inject_kill_during_save_at_steps",
+    "debug.inject_writer_failure_at_steps",
+]
 
 
 def _value(cfg, key: str):
@@ -355,74 +358,123 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(str(error)) from error
     need(cfg.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     par = cfg.parallel
-    need(cfg.data.n_segments % par.context == 0,
-         f"data.n_segments ({cfg.data.n_segments}) must be divisible by parallel.context ({par.context}): each "
-         "context-parallel rank runs a whole number of a window's segments")
-    need(par.context == 1 or cfg.model.update == "linear",
-         f"parallel.context={par.context} needs model.update=linear (got {cfg.model.update!r}): the delta update "
-         "reads the memory before each write, so context-parallel ranks would have to run one after another")
-    need(par.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {par.zero_stage} (DeepSpeed's "
-         "stage 0 refuses the backward that megatron's schedules run)")
-    need(par.pipeline == 1 or par.zero_stage == 1,
-         f"parallel.zero_stage={par.zero_stage} with parallel.pipeline={par.pipeline}: ZeRO-2 and ZeRO-3 shard "
-         "gradients during backward, which pipeline schedules do not allow; use parallel.zero_stage=1 with "
-         "pipeline parallelism, or parallel.pipeline=1")
-    need(cfg.model.num_layers % par.pipeline == 0,
-         f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.pipeline ({par.pipeline})")
-    need(par.virtual_pipeline == 1 or par.pipeline > 1,
-         f"parallel.virtual_pipeline={par.virtual_pipeline} needs parallel.pipeline > 1: it interleaves model chunks "
-         "over the pipeline ranks")
-    need(cfg.model.num_layers % (par.pipeline * par.virtual_pipeline) == 0,
-         f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.pipeline x parallel.virtual_pipeline "
-         f"({par.pipeline} x {par.virtual_pipeline})")
-    need(not par.sequence_parallel or par.tensor > 1,
-         f"parallel.sequence_parallel needs parallel.tensor > 1 (got {par.tensor}): it splits the sequence over "
-         "the tensor-parallel ranks")
+    need(
+        cfg.data.n_segments % par.context == 0,
+        f"data.n_segments ({cfg.data.n_segments}) must be divisible by parallel.context ({par.context}): each "
+        "context-parallel rank runs a whole number of a window's segments",
+    )
+    need(
+        par.context == 1 or cfg.model.update == "linear",
+        f"parallel.context={par.context} needs model.update=linear (got {cfg.model.update!r}): the delta update "
+        "reads the memory before each write, so context-parallel ranks would have to run one after another",
+    )
+    need(
+        par.zero_stage in (1, 2, 3),
+        f"parallel.zero_stage must be 1, 2 or 3, got {par.zero_stage} (DeepSpeed's "
+        "stage 0 refuses the backward that megatron's schedules run)",
+    )
+    need(
+        par.pipeline == 1 or par.zero_stage == 1,
+        f"parallel.zero_stage={par.zero_stage} with parallel.pipeline={par.pipeline}: ZeRO-2 and ZeRO-3 shard "
+        "gradients during backward, which pipeline schedules do not allow; use parallel.zero_stage=1 with "
+        "pipeline parallelism, or parallel.pipeline=1",
+    )
+    need(
+        cfg.model.num_layers % par.pipeline == 0,
+        f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.pipeline ({par.pipeline})",
+    )
+    need(
+        par.virtual_pipeline == 1 or par.pipeline > 1,
+        f"parallel.virtual_pipeline={par.virtual_pipeline} needs parallel.pipeline > 1: it interleaves model chunks "
+        "over the pipeline ranks",
+    )
+    need(
+        cfg.model.num_layers % (par.pipeline * par.virtual_pipeline) == 0,
+        f"model.num_layers ({cfg.model.num_layers}) must be divisible by parallel.pipeline x parallel.virtual_pipeline "
+        f"({par.pipeline} x {par.virtual_pipeline})",
+    )
+    need(
+        not par.sequence_parallel or par.tensor > 1,
+        f"parallel.sequence_parallel needs parallel.tensor > 1 (got {par.tensor}): it splits the sequence over "
+        "the tensor-parallel ranks",
+    )
     window = cfg.data.n_segments * cfg.model.segment_length
-    need(not par.sequence_parallel or (window // par.context) % par.tensor == 0,
-         f"parallel.sequence_parallel splits each rank's share of a window, data.n_segments x model.segment_length = "
-         f"{window} tokens / parallel.context ({par.context}), over parallel.tensor ({par.tensor}) ranks: it must be "
-         "divisible")
-    need(cfg.model.num_attention_heads % par.tensor == 0,
-         f"model.num_attention_heads ({cfg.model.num_attention_heads}) must be divisible by parallel.tensor ({par.tensor})")
-    need(cfg.data.vocab_size in (0, cfg.model.vocab_size),
-         f"data.vocab_size ({cfg.data.vocab_size}) must be 0 or model.vocab_size ({cfg.model.vocab_size})")
-    need(cfg.schedule.warmup_steps <= cfg.schedule.steps,
-         f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) must be at most schedule.steps ({cfg.schedule.steps})")
-    need(cfg.schedule.decay in ("cosine", "linear", "constant"),
-         f"schedule.decay must be cosine, linear or constant, got {cfg.schedule.decay!r}")
-    need(cfg.optimizer.min_lr <= cfg.optimizer.lr,
-         f"optimizer.min_lr ({cfg.optimizer.min_lr}) must be at most optimizer.lr ({cfg.optimizer.lr})")
-    need(cfg.data.max_doc_tokens == 0 or cfg.data.max_doc_tokens >= cfg.data.min_doc_tokens,
-         f"data.max_doc_tokens ({cfg.data.max_doc_tokens}) must be 0 (no limit) or at least data.min_doc_tokens "
-         f"({cfg.data.min_doc_tokens})")
-    need(cfg.data.on_bad_sample in ("error", "skip"),
-         f"data.on_bad_sample must be error or skip, got {cfg.data.on_bad_sample!r}")
-    need(not (cfg.performance.compile_loss and cfg.parallel.tensor > 1),
-         f"performance.compile_loss needs parallel.tensor = 1 (got {cfg.parallel.tensor}): with tensor parallelism "
-         "the vocabulary is split and megatron's vocab-parallel cross-entropy is used")
-    need(not (cfg.checkpoint.start_over and cfg.checkpoint.resume is not None),
-         f"checkpoint.start_over=true starts the run afresh; it contradicts checkpoint.resume={cfg.checkpoint.resume}")
+    need(
+        not par.sequence_parallel or (window // par.context) % par.tensor == 0,
+        f"parallel.sequence_parallel splits each rank's share of a window, data.n_segments x model.segment_length = "
+        f"{window} tokens / parallel.context ({par.context}), over parallel.tensor ({par.tensor}) ranks: it must be "
+        "divisible",
+    )
+    need(
+        cfg.model.num_attention_heads % par.tensor == 0,
+        f"model.num_attention_heads ({cfg.model.num_attention_heads}) must be divisible by "
+        f"parallel.tensor ({par.tensor})",
+    )
+    need(
+        cfg.data.vocab_size in (0, cfg.model.vocab_size),
+        f"data.vocab_size ({cfg.data.vocab_size}) must be 0 or model.vocab_size ({cfg.model.vocab_size})",
+    )
+    need(
+        cfg.schedule.warmup_steps <= cfg.schedule.steps,
+        f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) must be at most schedule.steps ({cfg.schedule.steps})",
+    )
+    need(
+        cfg.schedule.decay in ("cosine", "linear", "constant"),
+        f"schedule.decay must be cosine, linear or constant, got {cfg.schedule.decay!r}",
+    )
+    need(
+        cfg.optimizer.min_lr <= cfg.optimizer.lr,
+        f"optimizer.min_lr ({cfg.optimizer.min_lr}) must be at most optimizer.lr ({cfg.optimizer.lr})",
+    )
+    need(
+        cfg.data.max_doc_tokens == 0 or cfg.data.max_doc_tokens >= cfg.data.min_doc_tokens,
+        f"data.max_doc_tokens ({cfg.data.max_doc_tokens}) must be 0 (no limit) or at least data.min_doc_tokens "
+        f"({cfg.data.min_doc_tokens})",
+    )
+    need(
+        cfg.data.on_bad_sample in ("error", "skip"),
+        f"data.on_bad_sample must be error or skip, got {cfg.data.on_bad_sample!r}",
+    )
+    need(
+        not (cfg.performance.compile_loss and cfg.parallel.tensor > 1),
+        f"performance.compile_loss needs parallel.tensor = 1 (got {cfg.parallel.tensor}): with tensor parallelism "
+        "the vocabulary is split and megatron's vocab-parallel cross-entropy is used",
+    )
+    need(
+        not (cfg.checkpoint.start_over and cfg.checkpoint.resume is not None),
+        f"checkpoint.start_over=true starts the run afresh; it contradicts checkpoint.resume={cfg.checkpoint.resume}",
+    )
     mode = cfg.logging.wandb.mode
-    need(mode in (None, "online", "offline", "disabled"), f"logging.wandb.mode must be online, offline or disabled, got {mode!r}")
+    need(
+        mode in (None, "online", "offline", "disabled"),
+        f"logging.wandb.mode must be online, offline or disabled, got {mode!r}",
+    )
     if world_size is not None:
         model_parallel = par.tensor * par.pipeline * par.context
-        need(world_size % model_parallel == 0,
-             f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x parallel.context "
-             f"({model_parallel})")
+        need(
+            world_size % model_parallel == 0,
+            f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x parallel.context "
+            f"({model_parallel})",
+        )
         dp = world_size // model_parallel
-        need(cfg.data.global_lanes % dp == 0,
-             f"data.global_lanes ({cfg.data.global_lanes}) must be divisible by the data-parallel size ({dp})")
-        need((cfg.data.global_lanes // dp) % par.micro_batch_lanes == 0,
-             f"lanes per data-parallel rank ({cfg.data.global_lanes // dp}) must be divisible by "
-             f"parallel.micro_batch_lanes ({par.micro_batch_lanes})")
+        need(
+            cfg.data.global_lanes % dp == 0,
+            f"data.global_lanes ({cfg.data.global_lanes}) must be divisible by the data-parallel size ({dp})",
+        )
+        need(
+            (cfg.data.global_lanes // dp) % par.micro_batch_lanes == 0,
+            f"lanes per data-parallel rank ({cfg.data.global_lanes // dp}) must be divisible by "
+            f"parallel.micro_batch_lanes ({par.micro_batch_lanes})",
+        )
         microbatches = cfg.data.global_lanes // dp // par.micro_batch_lanes
         # megatron's interleaved schedule runs the microbatches in groups of parallel.pipeline per chunk.
-        need(par.virtual_pipeline == 1 or microbatches % par.pipeline == 0,
-             f"parallel.virtual_pipeline={par.virtual_pipeline} runs the microbatches in groups of parallel.pipeline "
-             f"({par.pipeline}): the microbatches per step (data.global_lanes / data-parallel size / "
-             f"parallel.micro_batch_lanes = {cfg.data.global_lanes} / {dp} / {par.micro_batch_lanes} = {microbatches}) "
-             "must be a multiple of it")
+        need(
+            par.virtual_pipeline == 1 or microbatches % par.pipeline == 0,
+            f"parallel.virtual_pipeline={par.virtual_pipeline} runs the microbatches in groups of parallel.pipeline "
+            f"({par.pipeline}): the microbatches per step (data.global_lanes / data-parallel size / "
+            f"parallel.micro_batch_lanes = {cfg.data.global_lanes} / {dp} / {par.micro_batch_lanes} = {microbatches}) "
+            "must be a multiple of it",
+        )
 
 
 def loader_config(cfg: TrainConfig) -> DataConfig:

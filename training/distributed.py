@@ -36,15 +36,19 @@ def read_dist_env(environ=None) -> DistEnv:
     """torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, else srun's SLURM_*, else one process."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+        return DistEnv(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         job = int(env.get("SLURM_JOB_ID", 0))
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         # Every task derives the same port from the job id; a requeued job keeps its id.
         port = int(env.get("MASTER_PORT", 20000 + job % 10000))
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       addr, port)
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), addr, port)
     # One plain process: any free port will do (a fixed default would clash with other jobs).
     return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or free_port()))
 
@@ -61,8 +65,13 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     if dist.is_initialized():
         return env
     # DeepSpeed and megatron read these from the environment too, whoever launched us.
-    os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
-                      WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+    os.environ.update(
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+    )
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         backend = "nccl"
@@ -70,13 +79,15 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
         backend = "gloo"
     from datetime import timedelta
 
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                            timeout=timedelta(minutes=timeout_minutes))
+    dist.init_process_group(
+        backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=timeout_minutes)
+    )
     return env
 
 
-def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, seed: int = 1234,
-                        context_parallel: int = 1, virtual_pipeline: int = 1) -> None:
+def init_model_parallel(
+    tensor_parallel: int, pipeline_parallel: int, seed: int = 1234, context_parallel: int = 1, virtual_pipeline: int = 1
+) -> None:
     """megatron's groups in its default rank order tp-cp-ep-dp-pp: TP ranks adjacent, then CP, DP, PP.
     ``virtual_pipeline`` > 1 selects megatron's interleaved pipeline schedule."""
     world = dist.get_world_size()
@@ -87,8 +98,11 @@ def init_model_parallel(tensor_parallel: int, pipeline_parallel: int, seed: int 
         )
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_parallel, pipeline_parallel, context_parallel_size=context_parallel,
-        virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None)
+        tensor_parallel,
+        pipeline_parallel,
+        context_parallel_size=context_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
+    )
     if torch.cuda.is_available():
         model_parallel_cuda_manual_seed(seed)
     else:

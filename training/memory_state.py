@@ -34,8 +34,9 @@ class CarriedMemory:
 
     def set(self, chunk: int, slot: int, memories: List[InfiniMemory]) -> None:
         if len(memories) != self.layers_per_chunk[chunk]:
-            raise ValueError(f"expected memory for the {self.layers_per_chunk[chunk]} layers of chunk {chunk}, "
-                             f"got {len(memories)}")
+            raise ValueError(
+                f"expected memory for the {self.layers_per_chunk[chunk]} layers of chunk {chunk}, got {len(memories)}"
+            )
         self._slots[chunk][slot] = [InfiniMemory(m.M.detach(), m.z.detach()) for m in memories]
 
     def max_norm(self) -> float:
@@ -51,8 +52,12 @@ class CarriedMemory:
         layers = []
         for chunk in self._slots:
             for layer in range(len(chunk[0])):
-                layers.append({"M": torch.cat([slot[layer].M for slot in chunk]).cpu(),
-                               "z": torch.cat([slot[layer].z for slot in chunk]).cpu()})
+                layers.append(
+                    {
+                        "M": torch.cat([slot[layer].M for slot in chunk]).cpu(),
+                        "z": torch.cat([slot[layer].z for slot in chunk]).cpu(),
+                    }
+                )
         return {"layers": layers}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
@@ -69,21 +74,38 @@ class CarriedMemory:
         self._slots = []
         first = 0
         for count in self.layers_per_chunk:
-            chunk_layers = layers[first:first + count]
+            chunk_layers = layers[first : first + count]
             first += count
-            self._slots.append([
-                [InfiniMemory(layer["M"][s * per_slot:(s + 1) * per_slot].to(self.device),
-                              layer["z"][s * per_slot:(s + 1) * per_slot].to(self.device)) for layer in chunk_layers]
-                for s in range(self.num_slots)])
+            self._slots.append(
+                [
+                    [
+                        InfiniMemory(
+                            layer["M"][s * per_slot : (s + 1) * per_slot].to(self.device),
+                            layer["z"][s * per_slot : (s + 1) * per_slot].to(self.device),
+                        )
+                        for layer in chunk_layers
+                    ]
+                    for s in range(self.num_slots)
+                ]
+            )
 
 
-def regather_memory(saved: List[dict], saved_tensor_size: int, saved_layers: List[List[int]], global_lanes: int,
-                    layers: List[int], lanes: List[int], tensor_rank: int, tensor_size: int) -> Dict[str, object]:
+def regather_memory(
+    saved: List[dict],
+    saved_tensor_size: int,
+    saved_layers: List[List[int]],
+    global_lanes: int,
+    layers: List[int],
+    lanes: List[int],
+    tensor_rank: int,
+    tensor_size: int,
+) -> Dict[str, object]:
     """The carried memory of one rank of another layout, from the memory every rank of a checkpoint saved.
 
     ``saved``: per old rank, ``{"coordinates", "lane_ids", "memory"}`` (as in its rank state): the
     memory of its lanes, of its pipeline rank's layers (``saved_layers[pipeline rank]``: their global
-    indices in local order), of the KV groups its TP rank owns (contiguous, ``groups / tp`` each). Returns, in ``CarriedMemory.state_dict`` form, global ``layers`` for
+    indices in local order), of the KV groups its TP rank owns (contiguous, ``groups / tp`` each).
+    Returns, in ``CarriedMemory.state_dict`` form, global ``layers`` for
     ``lanes`` (in that order) and the KV groups of ``tensor_rank`` of ``tensor_size``. Every
     (layer, lane, group) must be saved exactly once.
     """
@@ -111,8 +133,10 @@ def regather_memory(saved: List[dict], saved_tensor_size: int, saved_layers: Lis
             covered[rows, cols] += 1
         if not bool((covered == 1).all()):
             lane, group = (covered != 1).nonzero()[0].tolist()
-            raise ValueError(f"the saved memory of layer {layer} holds lane {lane}, KV group {group} "
-                             f"{int(covered[lane, group])} times, not once")
+            raise ValueError(
+                f"the saved memory of layer {layer} holds lane {lane}, KV group {group} "
+                f"{int(covered[lane, group])} times, not once"
+            )
         rows = torch.tensor(lanes)
         out.append({"M": M[rows, mine].clone(), "z": z[rows, mine].clone()})
     return {"layers": out}

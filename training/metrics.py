@@ -84,11 +84,18 @@ class ConsoleSink:
 
     def log(self, step: int, metrics: Dict[str, object]) -> None:
         if "valid/loss" in metrics:
-            print(f"step {step:>6} | valid loss {metrics['valid/loss']:.4f} | ppl {metrics['valid/ppl']:.2f}", flush=True)
+            print(
+                f"step {step:>6} | valid loss {metrics['valid/loss']:.4f} | ppl {metrics['valid/ppl']:.2f}", flush=True
+            )
         if "loss" not in metrics or (step % self.interval and step != 1):
             return
-        parts = [f"step {step:>6}", f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}",
-                 f"grad {metrics['grad_norm']:.3f}", f"tok/s {metrics['tokens_per_s']:,.0f}"]
+        parts = [
+            f"step {step:>6}",
+            f"loss {metrics['loss']:.4f}",
+            f"lr {metrics['lr']:.2e}",
+            f"grad {metrics['grad_norm']:.3f}",
+            f"tok/s {metrics['tokens_per_s']:,.0f}",
+        ]
         if metrics.get("mfu") is not None:
             parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
         if "gate_mean" in metrics:
@@ -115,14 +122,15 @@ def gate_values(model) -> Dict[int, List[float]]:
     gathered = [None] * dist.get_world_size(group=world)
     dist.all_gather_object(gathered, (parallel_state.get_tensor_model_parallel_rank(), local), group=world)
     merged: Dict[int, List[float]] = {}
-    for tp_rank, layers in sorted(gathered, key=lambda item: item[0]):
+    for _, layers in sorted(gathered, key=lambda item: item[0]):
         for index, values in layers.items():
             merged.setdefault(index, []).extend(values)
     return dict(sorted(merged.items()))
 
 
 def max_over_world(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64,
-                          device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    tensor = torch.tensor(
+        [value], dtype=torch.float64, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    )
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.item()

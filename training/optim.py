@@ -98,18 +98,27 @@ def deepspeed_config(cfg: TrainConfig, lanes_per_rank: int, bf16: bool) -> dict:
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.optimizer.grad_clip,
         # Elastic ZeRO-1/2 checkpoints load on another data-parallel size.
-        "zero_optimization": {"stage": cfg.parallel.zero_stage, "elastic_checkpoint": cfg.parallel.zero_stage in (1, 2)},
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            "elastic_checkpoint": cfg.parallel.zero_stage in (1, 2),
+        },
         "bf16": {"enabled": bf16, "check_grad_overflow": True},
-        "steps_per_print": 2 ** 31 - 1,
+        "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
 
 
 def build_engine(model, cfg: TrainConfig, lanes_per_rank: int, bf16: bool):
     groups = parameter_groups(model, cfg)
-    optimizer = torch.optim.AdamW(groups, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps,
-                                  fused=torch.cuda.is_available())
+    optimizer = torch.optim.AdamW(
+        groups, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps, fused=torch.cuda.is_available()
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           mpu=MegatronMpu(), config=deepspeed_config(cfg, lanes_per_rank, bf16))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        mpu=MegatronMpu(),
+        config=deepspeed_config(cfg, lanes_per_rank, bf16),
+    )
     return engine

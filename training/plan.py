@@ -87,7 +87,7 @@ from modeling.config import ModelConfig
 from modeling.flops import count_parameters, model_cost
 from training.config import CONFIG_ROOT
 
-GIB = 2 ** 30
+GIB = 2**30
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("bf16", "fp32")
 DEFAULT_PEAK_TFLOPS = 989.0
@@ -163,8 +163,15 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.gradients + self.optimizer + self.activations + self.logits
-                + self.carried_memory + self.gradient_bucket)
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.logits
+            + self.carried_memory
+            + self.gradient_bucket
+        )
 
 
 @dataclass(frozen=True)
@@ -182,8 +189,15 @@ def activation_bytes(precision: str) -> int:
     return 2 if precision == "bf16" else 4
 
 
-def layer_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str, recompute: str,
-                           half_memory_products: bool = False, compiled: bool = False) -> Dict[str, float]:
+def layer_activation_bytes(
+    model: ModelConfig,
+    tp: int,
+    sp: bool,
+    precision: str,
+    recompute: str,
+    half_memory_products: bool = False,
+    compiled: bool = False,
+) -> Dict[str, float]:
     """Bytes one layer keeps for backward, per token, on one TP rank, by what keeps them."""
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
@@ -290,14 +304,32 @@ def carried_memory_bytes(model: ModelConfig, layout: Layout, workload: Workload)
 def memory_estimate(model: ModelConfig, layout: Layout, workload: Workload) -> MemoryEstimate:
     """The larger of the first and the last stage's totals."""
     tokens = layout.micro_lanes * workload.window / layout.cp
-    per_layer = sum(layer_activation_bytes(model, layout.tp, layout.sp, workload.precision, layout.recompute,
-                                           workload.half_memory_products, workload.compile_layers).values())
+    per_layer = sum(
+        layer_activation_bytes(
+            model,
+            layout.tp,
+            layout.sp,
+            workload.precision,
+            layout.recompute,
+            workload.half_memory_products,
+            workload.compile_layers,
+        ).values()
+    )
     layers = model.num_layers / layout.pp
     activations = per_layer * tokens * layers
     if layout.recompute == "full":
         # Backward rebuilds one layer's full set at a time.
-        rebuilt = sum(layer_activation_bytes(model, layout.tp, layout.sp, workload.precision, "none",
-                                             workload.half_memory_products, workload.compile_layers).values())
+        rebuilt = sum(
+            layer_activation_bytes(
+                model,
+                layout.tp,
+                layout.sp,
+                workload.precision,
+                "none",
+                workload.half_memory_products,
+                workload.compile_layers,
+            ).values()
+        )
         activations += rebuilt * tokens
     in_flight = microbatches_in_flight(layout, microbatches_per_step(layout, workload))
     carried = carried_memory_bytes(model, layout, workload)
@@ -305,11 +337,18 @@ def memory_estimate(model: ModelConfig, layout: Layout, workload: Workload) -> M
     for stage in ("first", "last"):
         states = state_bytes(model, layout, workload.precision, stage)
         last = stage == "last" or layout.pp == 1
-        estimates.append(MemoryEstimate(
-            states["weights"], states["gradients"], states["optimizer"], activations,
-            in_flight if stage == "first" else 1.0,
-            logits_bytes(model, layout, workload) if last else 0.0, carried,
-            gradient_bucket_bytes(layout, workload.precision)))
+        estimates.append(
+            MemoryEstimate(
+                states["weights"],
+                states["gradients"],
+                states["optimizer"],
+                activations,
+                in_flight if stage == "first" else 1.0,
+                logits_bytes(model, layout, workload) if last else 0.0,
+                carried,
+                gradient_bucket_bytes(layout, workload.precision),
+            )
+        )
     return max(estimates, key=lambda m: m.total)
 
 
@@ -323,8 +362,9 @@ def step_seconds(model: ModelConfig, layout: Layout, workload: Workload, hardwar
         extra = forward_fraction
     elif layout.recompute == "selective":
         d, n, g = model.head_dim, model.segment_length, model.query_groups
-        core = 2 * 2 * model.num_attention_heads * d * n + model.num_attention_heads * (2 * d * d + 2 * d) \
-            + g * 2 * d * d
+        core = (
+            2 * 2 * model.num_attention_heads * d * n + model.num_attention_heads * (2 * d * d + 2 * d) + g * 2 * d * d
+        )
         extra = model.num_layers * core / (cost.flops_per_token / 3.0) * forward_fraction
     compute = tokens_per_gpu * cost.flops_per_token * (1 + extra) / (hardware.peak_tflops * 1e12 * hardware.mfu)
     microbatches = microbatches_per_step(layout, workload)
@@ -337,8 +377,7 @@ def step_seconds(model: ModelConfig, layout: Layout, workload: Workload, hardwar
     tp_time = 0.0
     if layout.tp > 1:
         collectives = 4 + (2 if layout.recompute == "full" else 0)
-        tp_time = (collectives * layers * microbatches * 2 * (layout.tp - 1) / layout.tp * activation_message
-                   / nvlink)
+        tp_time = collectives * layers * microbatches * 2 * (layout.tp - 1) / layout.tp * activation_message / nvlink
     dp_time = 0.0
     if layout.gradient_ranks > 1:
         weights = state_bytes(model, layout, workload.precision, "first")["parameters"]
@@ -363,37 +402,52 @@ def _divisors(n: int) -> List[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def invalid_reason(model: ModelConfig, layout: Layout, workload: Workload, gpus: int,
-                   gpus_per_node: int) -> Optional[str]:
+def invalid_reason(
+    model: ModelConfig, layout: Layout, workload: Workload, gpus: int, gpus_per_node: int
+) -> Optional[str]:
     """Why a layout cannot run, or None."""
     segments = workload.window // model.segment_length
     lanes_per_rank = workload.global_lanes // layout.dp if workload.global_lanes % layout.dp == 0 else 0
     cp_share = workload.window // layout.cp
     rules = [
         (layout.gpus == gpus, f"TP x PP x CP x DP = {layout.gpus}, not {gpus} GPUs"),
-        (model.num_attention_heads % layout.tp == 0,
-         f"TP {layout.tp} does not divide {model.num_attention_heads} heads"),
+        (
+            model.num_attention_heads % layout.tp == 0,
+            f"TP {layout.tp} does not divide {model.num_attention_heads} heads",
+        ),
         (model.query_groups % layout.tp == 0, f"TP {layout.tp} does not divide {model.query_groups} KV groups"),
         (layout.tp <= gpus_per_node, f"TP {layout.tp} spans more than a node ({gpus_per_node} GPUs)"),
         (model.padded_vocab_size() % layout.tp == 0, f"TP {layout.tp} does not divide the padded vocabulary"),
         (not layout.sp or layout.tp > 1, "SP needs TP > 1"),
-        (not layout.sp or cp_share % layout.tp == 0,
-         f"SP: TP {layout.tp} does not divide a CP rank's {cp_share} tokens of the window"),
-        (model.num_layers % (layout.pp * layout.vp) == 0,
-         f"PP x V = {layout.pp * layout.vp} does not divide {model.num_layers} layers"),
+        (
+            not layout.sp or cp_share % layout.tp == 0,
+            f"SP: TP {layout.tp} does not divide a CP rank's {cp_share} tokens of the window",
+        ),
+        (
+            model.num_layers % (layout.pp * layout.vp) == 0,
+            f"PP x V = {layout.pp * layout.vp} does not divide {model.num_layers} layers",
+        ),
         (layout.vp == 1 or layout.pp > 1, "V > 1 needs PP > 1"),
-        (workload.window % model.segment_length == 0 and segments % layout.cp == 0,
-         f"CP {layout.cp} does not divide the window's {segments} segments"),
-        (layout.cp == 1 or model.update == "linear",
-         "CP needs the linear update (the delta rule's memory is sequential over segments)"),
+        (
+            workload.window % model.segment_length == 0 and segments % layout.cp == 0,
+            f"CP {layout.cp} does not divide the window's {segments} segments",
+        ),
+        (
+            layout.cp == 1 or model.update == "linear",
+            "CP needs the linear update (the delta rule's memory is sequential over segments)",
+        ),
         (layout.zero in (1, 2, 3), f"ZeRO-{layout.zero}: the trainer runs stage 1, 2 or 3"),
-        (layout.zero == 1 or layout.pp == 1,
-         f"ZeRO-{layout.zero} with PP {layout.pp} (gradients sharded during a pipeline's backward)"),
+        (
+            layout.zero == 1 or layout.pp == 1,
+            f"ZeRO-{layout.zero} with PP {layout.pp} (gradients sharded during a pipeline's backward)",
+        ),
         (not workload.compile_loss or layout.tp == 1, f"the compiled loss with TP {layout.tp} (needs TP 1)"),
         (layout.recompute in RECOMPUTE, f"recompute {layout.recompute!r}"),
         (lanes_per_rank > 0, f"DP {layout.dp} does not divide {workload.global_lanes} global lanes"),
-        (lanes_per_rank % layout.micro_lanes == 0,
-         f"{layout.micro_lanes} lanes a microbatch do not divide {lanes_per_rank} lanes a DP rank"),
+        (
+            lanes_per_rank % layout.micro_lanes == 0,
+            f"{layout.micro_lanes} lanes a microbatch do not divide {lanes_per_rank} lanes a DP rank",
+        ),
     ]
     for ok, reason in rules:
         if not ok:
@@ -408,8 +462,7 @@ def candidate_layouts(gpus: int, micro_lanes: Iterable[int] = (1, 2, 4), vps: It
         if gpus % (tp * pp * cp):
             continue
         dp = gpus // (tp * pp * cp)
-        for sp, vp, zero, recompute, mb in itertools.product((False, True), vps, (1, 2, 3), RECOMPUTE,
-                                                             micro_lanes):
+        for sp, vp, zero, recompute, mb in itertools.product((False, True), vps, (1, 2, 3), RECOMPUTE, micro_lanes):
             yield Layout(tp, sp, pp, vp, cp, dp, zero, recompute, mb)
 
 
@@ -421,8 +474,15 @@ def plan(model: ModelConfig, workload: Workload, gpus: int, hardware: Hardware) 
             continue
         memory = memory_estimate(model, layout, workload)
         seconds = step_seconds(model, layout, workload, hardware)
-        plans.append(Plan(layout, memory, seconds, workload.global_lanes * workload.window / seconds,
-                          memory.total <= hardware.gpu_memory_gb * 1e9))
+        plans.append(
+            Plan(
+                layout,
+                memory,
+                seconds,
+                workload.global_lanes * workload.window / seconds,
+                memory.total <= hardware.gpu_memory_gb * 1e9,
+            )
+        )
     return sorted(plans, key=lambda p: (not p.fits, p.step_seconds, p.memory.total))
 
 
@@ -438,8 +498,10 @@ def load_model(name_or_path: str) -> ModelConfig:
 
 
 def format_table(plans: List[Plan]) -> str:
-    header = ("| TP | SP | PP | V | CP | DP | ZeRO | recompute | mb lanes | weights | grads | optim "
-              "| act/mb x in flight | logits | carried mem | ZeRO bucket | total GiB | step s | tokens/s | fits |")
+    header = (
+        "| TP | SP | PP | V | CP | DP | ZeRO | recompute | mb lanes | weights | grads | optim "
+        "| act/mb x in flight | logits | carried mem | ZeRO bucket | total GiB | step s | tokens/s | fits |"
+    )
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for p in plans:
         lay, mem = p.layout, p.memory
@@ -449,7 +511,8 @@ def format_table(plans: List[Plan]) -> str:
             f"| {mem.optimizer / GIB:.1f} | {mem.activations_per_microbatch / GIB:.1f} x {mem.in_flight:g} "
             f"| {mem.logits / GIB:.1f} | {mem.carried_memory / GIB:.2f} | {mem.gradient_bucket / GIB:.1f} "
             f"| {mem.total / GIB:.1f} "
-            f"| {p.step_seconds:.2f} | {p.tokens_per_second:,.0f} | {'yes' if p.fits else 'no'} |")
+            f"| {p.step_seconds:.2f} | {p.tokens_per_second:,.0f} | {'yes' if p.fits else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -462,13 +525,21 @@ def parse_args(argv=None):
     parser.add_argument("--segment-length", type=int, help="tokens a segment (default: the preset's)")
     parser.add_argument("--seq", type=int, help="tokens a window (default: 8 segments)")
     parser.add_argument("--global-lanes", type=int, help="lanes a step (default: 4 per GPU)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                        help="bf16: the GPU trainer (16 bytes a parameter); fp32: the CPU trainer")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="bf16",
+        help="bf16: the GPU trainer (16 bytes a parameter); fp32: the CPU trainer",
+    )
     parser.add_argument("--half-memory-products", action="store_true", help="performance.half_memory_products")
     parser.add_argument("--loss-chunk-tokens", type=int, default=4096, help="performance.loss_chunk_tokens")
     parser.add_argument("--compile-loss", action="store_true", help="performance.compile_loss")
-    parser.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=True,
-                        help="performance.compile_layers (default on; --no-compile-layers for eager runs)")
+    parser.add_argument(
+        "--compile-layers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="performance.compile_layers (default on; --no-compile-layers for eager runs)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS)
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="achieved fraction of peak on compute")
     parser.add_argument("--nvlink-gbps", type=float, default=Hardware.nvlink_gbps)
@@ -490,26 +561,42 @@ def main(argv=None) -> int:
     if window % model.segment_length:
         print(f"error: --seq {window} is not a whole number of segments of {model.segment_length}", file=sys.stderr)
         return 2
-    workload = Workload(window, args.global_lanes or 4 * args.gpus, args.precision, args.half_memory_products,
-                        args.loss_chunk_tokens, args.compile_loss, args.compile_layers)
-    hardware = Hardware(args.gpu_memory_gb, args.gpus_per_node, args.peak_tflops, args.mfu, args.nvlink_gbps,
-                        args.internode_gbps)
+    workload = Workload(
+        window,
+        args.global_lanes or 4 * args.gpus,
+        args.precision,
+        args.half_memory_products,
+        args.loss_chunk_tokens,
+        args.compile_loss,
+        args.compile_layers,
+    )
+    hardware = Hardware(
+        args.gpu_memory_gb, args.gpus_per_node, args.peak_tflops, args.mfu, args.nvlink_gbps, args.internode_gbps
+    )
     plans = plan(model, workload, args.gpus, hardware)
     total, _ = count_parameters(model)
-    print(f"{args.model}: {total / 1e9:.2f}B parameters, {args.gpus} GPUs of {args.gpu_memory_gb:g} GB, window "
-          f"{window} tokens ({window // model.segment_length} segments of {model.segment_length}), "
-          f"{workload.global_lanes} lanes a step, {args.precision}; {len(plans)} valid layouts")
-    print(format_table(plans[:args.top]))
+    print(
+        f"{args.model}: {total / 1e9:.2f}B parameters, {args.gpus} GPUs of {args.gpu_memory_gb:g} GB, window "
+        f"{window} tokens ({window // model.segment_length} segments of {model.segment_length}), "
+        f"{workload.global_lanes} lanes a step, {args.precision}; {len(plans)} valid layouts"
+    )
+    print(format_table(plans[: args.top]))
     fitting = [p for p in plans if p.fits]
     if not fitting:
-        print(f"recommendation: none fits in {args.gpu_memory_gb:g} GB; the smallest needs "
-              f"{min(p.memory.total for p in plans) / 1e9:.1f} GB" if plans else "recommendation: no valid layout")
+        print(
+            f"recommendation: none fits in {args.gpu_memory_gb:g} GB; the smallest needs "
+            f"{min(p.memory.total for p in plans) / 1e9:.1f} GB"
+            if plans
+            else "recommendation: no valid layout"
+        )
         return 1
     best = fitting[0].layout
-    print(f"recommendation: TP {best.tp}{' + SP' if best.sp else ''}, PP {best.pp}, V {best.vp}, CP {best.cp}, "
-          f"DP {best.dp}, ZeRO-{best.zero}, recompute {best.recompute}, {best.micro_lanes} lanes a microbatch: "
-          f"{fitting[0].memory.total / GIB:.1f} GiB, {fitting[0].step_seconds:.2f} s a step, "
-          f"{fitting[0].tokens_per_second:,.0f} tokens/s")
+    print(
+        f"recommendation: TP {best.tp}{' + SP' if best.sp else ''}, PP {best.pp}, V {best.vp}, CP {best.cp}, "
+        f"DP {best.dp}, ZeRO-{best.zero}, recompute {best.recompute}, {best.micro_lanes} lanes a microbatch: "
+        f"{fitting[0].memory.total / GIB:.1f} GiB, {fitting[0].step_seconds:.2f} s a step, "
+        f"{fitting[0].tokens_per_second:,.0f} tokens/s"
+    )
     return 0
 
 

@@ -36,16 +36,30 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, BASE_OPTIMIZER_STATE_STEP, CLIP_GRAD, DS_VERSION,
-                                            LOSS_SCALER, OPTIMIZER_STATE_DICT, PARAM_ALIGNMENT_PADDINGS,
-                                            PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
+from deepspeed.checkpoint.constants import (
+    BASE_OPTIMIZER_STATE,
+    BASE_OPTIMIZER_STATE_STEP,
+    CLIP_GRAD,
+    DS_VERSION,
+    LOSS_SCALER,
+    OPTIMIZER_STATE_DICT,
+    PARAM_ALIGNMENT_PADDINGS,
+    PARAM_SLICE_MAPPINGS,
+    SINGLE_PARTITION_OF_FP32_GROUPS,
+)
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from data_pipeline import merge_state_dicts
 from modeling.sharding import global_names, merge_tensor_parallel, split_tensor_parallel
-from training.checkpoint_layout import (CheckpointError, SavedCheckpoint, context_rank, coordinates, layout,
-                                        parallel_sizes)
+from training.checkpoint_layout import (
+    CheckpointError,
+    SavedCheckpoint,
+    context_rank,
+    coordinates,
+    layout,
+    parallel_sizes,
+)
 from training.config import TrainConfig
 from training.memory_state import regather_memory
 from training.rng import rng_state
@@ -85,8 +99,10 @@ def shard_states(saved: SavedCheckpoint, tensor: int, pipeline: int) -> Tuple[Pa
         path = saved.zero_file(tensor, pipeline, data)
         zero = saved.zero_states(tensor, pipeline, data)[OPTIMIZER_STATE_DICT]
         if any(any(group) for group in zero.get(PARAM_ALIGNMENT_PADDINGS, [])):
-            raise CheckpointError(f"{path} was saved with zero_optimization.parameter_alignment; resharding "
-                                  "reads unaligned ZeRO partitions only")
+            raise CheckpointError(
+                f"{path} was saved with zero_optimization.parameter_alignment; resharding "
+                "reads unaligned ZeRO partitions only"
+            )
         for group, mapping in enumerate(zero[PARAM_SLICE_MAPPINGS]):
             flat = {"fp32": zero[SINGLE_PARTITION_OF_FP32_GROUPS][group]}
             for key, value in zero[BASE_OPTIMIZER_STATE][group].items():
@@ -102,21 +118,25 @@ def shard_states(saved: SavedCheckpoint, tensor: int, pipeline: int) -> Tuple[Pa
         for name, shape in group.items():
             states[name] = {key: torch.cat(parts) for key, parts in fragments[name].items()}
             if "fp32" not in states[name] or any(t.numel() != shape.numel() for t in states[name].values()):
-                raise CheckpointError(f"{saved.path}: the ZeRO partitions of tensor={tensor} pipeline={pipeline} "
-                                      f"do not add up to parameter {name} {tuple(shape)}")
+                raise CheckpointError(
+                    f"{saved.path}: the ZeRO partitions of tensor={tensor} pipeline={pipeline} "
+                    f"do not add up to parameter {name} {tuple(shape)}"
+                )
             states[name] = {key: t.view(shape) for key, t in states[name].items()}
     return states, scalars, {key: zero[key] for key in _ZERO_GLOBAL_STATE}
 
 
 def _agree(scalars: dict, key: str, value, path: str) -> None:
     if key in scalars and not torch.equal(torch.as_tensor(scalars[key]), torch.as_tensor(value)):
-        raise CheckpointError(f"{path}: optimizer state {key!r} differs between parameter groups or ranks "
-                              f"({scalars[key]} and {value})")
+        raise CheckpointError(
+            f"{path}: optimizer state {key!r} differs between parameter groups or ranks ({scalars[key]} and {value})"
+        )
     scalars[key] = value
 
 
-def resharded_optimizer_states(model, saved: SavedCheckpoint, num_layers: int,
-                               tie_embeddings: bool) -> Tuple[ParamStates, dict, dict]:
+def resharded_optimizer_states(
+    model, saved: SavedCheckpoint, num_layers: int, tie_embeddings: bool
+) -> Tuple[ParamStates, dict, dict]:
     """Per local parameter of this rank: fp32 master and optimizer state, cut from the old layout's shards."""
     params = dict(model.named_parameters())
     local_by_global = {full: local for local, full in global_names(model).items()}
@@ -126,8 +146,11 @@ def resharded_optimizer_states(model, saved: SavedCheckpoint, num_layers: int,
     scalars, zero_state = {}, {}
     for pipeline in range(saved.layout["pipeline"]):
         # The tied embedding is on the first and the last stage: take it once.
-        wanted = {old: full for old, full in stage_names(saved, pipeline, num_layers, tie_embeddings).items()
-                  if full in local_by_global and local_by_global[full] not in out}
+        wanted = {
+            old: full
+            for old, full in stage_names(saved, pipeline, num_layers, tie_embeddings).items()
+            if full in local_by_global and local_by_global[full] not in out
+        }
         if not wanted:
             continue
         shards = [shard_states(saved, tensor, pipeline) for tensor in range(saved.layout["tensor"])]
@@ -139,11 +162,14 @@ def resharded_optimizer_states(model, saved: SavedCheckpoint, num_layers: int,
             param = params[local_by_global[full_name]]
             out[local_by_global[full_name]] = {
                 key: _reshard(full_name, param, [states[old_name][key] for states, _, _ in shards], tp, tp_rank)
-                for key in shards[0][0][old_name]}
+                for key in shards[0][0][old_name]
+            }
     missing = sorted(global_names(model)[name] for name in params if name not in out)
     if missing:
-        raise CheckpointError(f"{saved.path} holds no state for {missing[:4]}{'...' if len(missing) > 4 else ''}: "
-                              "was it saved with another model configuration?")
+        raise CheckpointError(
+            f"{saved.path} holds no state for {missing[:4]}{'...' if len(missing) > 4 else ''}: "
+            "was it saved with another model configuration?"
+        )
     return out, scalars, zero_state
 
 
@@ -154,8 +180,10 @@ def _reshard(name: str, param, shards: List[torch.Tensor], tp: int, tp_rank: int
     else:
         local = shards[0]  # replicated over TP ranks
     if local.shape != param.shape:
-        raise CheckpointError(f"saved {name} gives a shard of shape {tuple(local.shape)} on this layout; the model "
-                              f"has {tuple(param.shape)}: was it saved with another model configuration?")
+        raise CheckpointError(
+            f"saved {name} gives a shard of shape {tuple(local.shape)} on this layout; the model "
+            f"has {tuple(param.shape)}: was it saved with another model configuration?"
+        )
     return local
 
 
@@ -163,20 +191,30 @@ def _reshard(name: str, param, shards: List[torch.Tensor], tp: int, tp_rank: int
 def write_into_engine(engine, model, states: ParamStates, scalars: dict, zero_state: dict) -> None:
     """Hand the states to DeepSpeed's elastic ZeRO-1/2 loader, laid out as a checkpoint of this layout."""
     group_shapes = engine._get_zero_param_shapes()
-    flat_groups = [{key: torch.cat([states[name][key].flatten() for name in shapes])
-                    for key in states[next(iter(shapes))]} for shapes in group_shapes]
+    flat_groups = [
+        {key: torch.cat([states[name][key].flatten() for name in shapes]) for key in states[next(iter(shapes))]}
+        for shapes in group_shapes
+    ]
     dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
     # The loader concatenates all saved partitions and reads global state from this DP rank's one.
     pieces = [{key: flat.tensor_split(dp) for key, flat in group.items()} for group in flat_groups]
-    state_dict_list = [{
-        **zero_state,
-        SINGLE_PARTITION_OF_FP32_GROUPS: [group["fp32"][index] for group in pieces],
-        BASE_OPTIMIZER_STATE: [{**scalars, **{key: parts[index] for key, parts in group.items() if key != "fp32"}}
-                               for group in pieces],
-        PARAM_ALIGNMENT_PADDINGS: [[0] * len(shapes) for shapes in group_shapes],
-    } for index in range(dp)]
-    engine.optimizer.load_state_dict(state_dict_list=state_dict_list, load_optimizer_states=True,
-                                     load_from_fp32_weights=True, param_shapes=group_shapes)
+    state_dict_list = [
+        {
+            **zero_state,
+            SINGLE_PARTITION_OF_FP32_GROUPS: [group["fp32"][index] for group in pieces],
+            BASE_OPTIMIZER_STATE: [
+                {**scalars, **{key: parts[index] for key, parts in group.items() if key != "fp32"}} for group in pieces
+            ],
+            PARAM_ALIGNMENT_PADDINGS: [[0] * len(shapes) for shapes in group_shapes],
+        }
+        for index in range(dp)
+    ]
+    engine.optimizer.load_state_dict(
+        state_dict_list=state_dict_list,
+        load_optimizer_states=True,
+        load_from_fp32_weights=True,
+        param_shapes=group_shapes,
+    )
     for name, param in model.named_parameters():
         param.copy_(states[name]["fp32"].to(param.dtype))
 
@@ -191,7 +229,7 @@ def restore_engine_counters(engine, model_states: dict) -> None:
 def reseeded_rng_state(seed: int, step: int) -> dict:
     """The RNG states of a resharded resume: every rank seeds from (seed, step) as a fresh run seeds
     from seed (megatron's CUDA tracker adds its TP offsets)."""
-    derived = (seed * 1_000_003 + step) % 2 ** 31
+    derived = (seed * 1_000_003 + step) % 2**31
     random.seed(derived)
     np.random.seed(derived)
     torch.manual_seed(derived)
@@ -209,18 +247,37 @@ def resharded_rank_state(saved: SavedCheckpoint, cfg: TrainConfig, layers: List[
     last_context_rank = parallel_sizes(saved.layout)[3] - 1
     memory_holders = [s for s in old if context_rank(s) == last_context_rank]
     try:
-        saved_layers = [saved.rank_layers(pipeline, cfg.model.num_layers)
-                        for pipeline in range(saved.layout["pipeline"])]
-        memory = regather_memory(memory_holders, saved.layout["tensor"], saved_layers, cfg.data.global_lanes,
-                                 layers, lane_ids, parallel_state.get_tensor_model_parallel_rank(),
-                                 parallel_state.get_tensor_model_parallel_world_size())
+        saved_layers = [
+            saved.rank_layers(pipeline, cfg.model.num_layers) for pipeline in range(saved.layout["pipeline"])
+        ]
+        memory = regather_memory(
+            memory_holders,
+            saved.layout["tensor"],
+            saved_layers,
+            cfg.data.global_lanes,
+            layers,
+            lane_ids,
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        )
     except ValueError as error:
         raise CheckpointError(f"{saved.path}: {error}") from error
     # TP/PP/CP peers read the same lanes: one rank per old DP rank holds every lane's position.
-    data = merge_state_dicts([s["data"] for s in old if s["coordinates"]["tensor"] == 0
-                              and s["coordinates"]["pipeline"] == 0 and context_rank(s) == 0])
-    return {**first, "coordinates": coordinates(), "lane_ids": list(lane_ids), "memory": memory, "data": data,
-            "rng": reseeded_rng_state(cfg.seed, first["train_state"]["step"])}
+    data = merge_state_dicts(
+        [
+            s["data"]
+            for s in old
+            if s["coordinates"]["tensor"] == 0 and s["coordinates"]["pipeline"] == 0 and context_rank(s) == 0
+        ]
+    )
+    return {
+        **first,
+        "coordinates": coordinates(),
+        "lane_ids": list(lane_ids),
+        "memory": memory,
+        "data": data,
+        "rng": reseeded_rng_state(cfg.seed, first["train_state"]["step"]),
+    }
 
 
 def load_resharded(path: str, manifest: dict, cfg: TrainConfig, engine, model, lane_ids: List[int]) -> dict:
@@ -234,15 +291,20 @@ def load_resharded(path: str, manifest: dict, cfg: TrainConfig, engine, model, l
         raise CheckpointError(
             f"{path} was saved with {was}; this run has {now}. Changing the layout is supported from and to "
             "ZeRO-1/2 only: resume a ZeRO-3 checkpoint on its own tensor, pipeline and data-parallel sizes, or "
-            "export the model (training.export) and start the new layout with checkpoint.init_from (fresh optimizer)")
+            "export the model (training.export) and start the new layout with checkpoint.init_from (fresh optimizer)"
+        )
     saved = SavedCheckpoint(path, manifest)
-    states, scalars, zero_state = resharded_optimizer_states(model, saved, cfg.model.num_layers,
-                                                             cfg.model.tie_embeddings)
+    states, scalars, zero_state = resharded_optimizer_states(
+        model, saved, cfg.model.num_layers, cfg.model.tie_embeddings
+    )
     write_into_engine(engine, model, states, scalars, zero_state)
     restore_engine_counters(engine, saved.model_states())
     rank_state = resharded_rank_state(saved, cfg, [layer.layer_number - 1 for layer in model.layers], lane_ids)
     if dist.get_rank() == 0:
-        print(f"resharded {path}: saved with {was}, now {now}; weights, fp32 master weights and optimizer "
-              f"state (step {rank_state['train_state']['step']}) re-split, carried memory regathered, RNG "
-              "reseeded from (seed, step)", flush=True)
+        print(
+            f"resharded {path}: saved with {was}, now {now}; weights, fp32 master weights and optimizer "
+            f"state (step {rank_state['train_state']['step']}) re-split, carried memory regathered, RNG "
+            "reseeded from (seed, step)",
+            flush=True,
+        )
     return rank_state

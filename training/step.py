@@ -41,7 +41,7 @@ def context_share(batch: Dict[str, torch.Tensor], rank: int, ranks: int) -> Dict
     window, segments = batch["tokens"].shape[1], batch["reset"].shape[1]
     tokens = slice(rank * window // ranks, (rank + 1) * window // ranks)
     share = {key: batch[key][:, tokens] for key in ("tokens", "labels", "loss_mask")}
-    share["reset"] = batch["reset"][:, rank * segments // ranks:(rank + 1) * segments // ranks]
+    share["reset"] = batch["reset"][:, rank * segments // ranks : (rank + 1) * segments // ranks]
     return share
 
 
@@ -52,10 +52,15 @@ def split_microbatches(batch: Dict[str, torch.Tensor], micro_batch_lanes: int, d
     out = []
     for slot in range(lanes // micro_batch_lanes):
         part = slice(slot * micro_batch_lanes, (slot + 1) * micro_batch_lanes)
-        out.append(Microbatch(slot, batch["tokens"][part].to(device, non_blocking=True),
-                              batch["labels"][part].to(device, non_blocking=True),
-                              batch["loss_mask"][part].to(device, non_blocking=True),
-                              batch["reset"][part].to(device, non_blocking=True)))
+        out.append(
+            Microbatch(
+                slot,
+                batch["tokens"][part].to(device, non_blocking=True),
+                batch["labels"][part].to(device, non_blocking=True),
+                batch["loss_mask"][part].to(device, non_blocking=True),
+                batch["reset"][part].to(device, non_blocking=True),
+            )
+        )
     return out
 
 
@@ -80,14 +85,25 @@ def _data_and_context_parallel_group():
 
 
 def _global_weight_and_tokens(microbatches: List[Microbatch], device) -> torch.Tensor:
-    local = torch.stack([sum(mb.loss_mask.sum() for mb in microbatches).double(),
-                         sum((mb.loss_mask > 0).sum() for mb in microbatches).double()]).to(device)
+    local = torch.stack(
+        [
+            sum(mb.loss_mask.sum() for mb in microbatches).double(),
+            sum((mb.loss_mask > 0).sum() for mb in microbatches).double(),
+        ]
+    ).to(device)
     dist.all_reduce(local, group=_data_and_context_parallel_group())
     return local
 
 
-def run_schedule(model: ModelChunks, carried: CarriedMemory, microbatches: List[Microbatch], *, forward_only: bool,
-                 loss_scale: float = 1.0, engine=None) -> StepResult:
+def run_schedule(
+    model: ModelChunks,
+    carried: CarriedMemory,
+    microbatches: List[Microbatch],
+    *,
+    forward_only: bool,
+    loss_scale: float = 1.0,
+    engine=None,
+) -> StepResult:
     """Forward (and backward) over all microbatches through every model chunk of the rank; the loss is
     the global batch's per-token mean, weighted by loss_mask: sum(loss * loss_mask) / sum(loss_mask).
 
@@ -110,9 +126,13 @@ def run_schedule(model: ModelChunks, carried: CarriedMemory, microbatches: List[
         # Every chunk reads the microbatches in order from its own iterator (megatron's interleaved schedule
         # passes data_iterator[chunk]); each (chunk, slot) carries its own memory.
         mb = next(data_iterator)
-        output, memory = forward_module(chunk.vp_stage, mb.tokens if chunk.pre_process else None,
-                                        mb.labels if chunk.post_process else None,
-                                        carried.get(chunk.vp_stage, mb.slot), mb.reset)
+        output, memory = forward_module(
+            chunk.vp_stage,
+            mb.tokens if chunk.pre_process else None,
+            mb.labels if chunk.post_process else None,
+            carried.get(chunk.vp_stage, mb.slot),
+            mb.reset,
+        )
         carried.set(chunk.vp_stage, mb.slot, memory)
         return output, partial(loss_func, mb)
 
@@ -133,8 +153,11 @@ def run_schedule(model: ModelChunks, carried: CarriedMemory, microbatches: List[
         loss_sum += sum(out["loss_sum"].double() for out in outputs)
     # The last stage's sum, over DP x CP, reaches every rank (each decides alike whether to skip a step).
     dist.all_reduce(loss_sum, group=_data_and_context_parallel_group())
-    dist.broadcast(loss_sum, parallel_state.get_pipeline_model_parallel_last_rank(),
-                   group=parallel_state.get_pipeline_model_parallel_group())
+    dist.broadcast(
+        loss_sum,
+        parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
     return StepResult(loss_sum.item(), global_weight.item(), int(global_tokens.item()))
 
 

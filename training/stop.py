@@ -38,7 +38,7 @@ class StopSignals:
         # What the ranks last agreed on (``agreed``).
         self.agreed_signal: Optional[int] = None
 
-    def install(self) -> "StopSignals":
+    def install(self) -> StopSignals:
         """Take USR1 and TERM (main thread only); a signal held by ``block_stop_signals`` arrives now."""
         for signum in STOP_SIGNALS:
             signal.signal(signum, self.request)
@@ -62,15 +62,20 @@ class StopSignals:
         return self.agreed_signal
 
 
-def write_outcome(run_dir: str, stopped_by: Optional[int], start_step: int, step: int,
-                  checkpoint: Optional[str]) -> str:
+def write_outcome(
+    run_dir: str, stopped_by: Optional[int], start_step: int, step: int, checkpoint: Optional[str]
+) -> str:
     """Write ``<run_dir>/outcome.json`` atomically; its path.
 
     outcome: "finished" or "stopped"; signal: "SIGUSR1"/"SIGTERM" for a stop; start_step: the step this
     start resumed at; step: the last finished step; checkpoint: the newest complete checkpoint (or null)."""
-    record = {"outcome": "stopped" if stopped_by else "finished",
-              "signal": signal.Signals(stopped_by).name if stopped_by else None,
-              "start_step": start_step, "step": step, "checkpoint": checkpoint}
+    record = {
+        "outcome": "stopped" if stopped_by else "finished",
+        "signal": signal.Signals(stopped_by).name if stopped_by else None,
+        "start_step": start_step,
+        "step": step,
+        "checkpoint": checkpoint,
+    }
     path = os.path.join(run_dir, OUTCOME_FILE)
     with open(path + ".tmp", "w") as f:
         json.dump(record, f)

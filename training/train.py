@@ -23,7 +23,6 @@ if __name__ == "__main__":
     # process. Held pending, it reaches the handlers main() installs.
     block_stop_signals()
 
-# ruff: noqa: E402 (the imports after the guard above)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -46,8 +45,15 @@ from training.distributed import device, init_distributed, init_model_parallel
 from training.memory_state import CarriedMemory
 from training.metrics import ConsoleSink, JsonlSink, device_peak_tflops, gate_values, max_over_world
 from training.optim import build_engine
-from training.step import (Microbatch, StepResult, allreduce_tied_embedding_grads, context_share, is_finite,
-                           run_schedule, split_microbatches)
+from training.step import (
+    Microbatch,
+    StepResult,
+    allreduce_tied_embedding_grads,
+    context_share,
+    is_finite,
+    run_schedule,
+    split_microbatches,
+)
 from training.wandb_sink import open_wandb
 
 
@@ -123,8 +129,11 @@ def prepare_data(cfg: TrainConfig) -> None:
                 continue
             problem = missing_data_path(source, f"data.{group}[{i}]")
             if problem:
-                hint = " (build_stdlib_shards=true writes the built-in shards there)" if (
-                    os.path.abspath(source.path) == stdlib_dir) else ""
+                hint = (
+                    " (build_stdlib_shards=true writes the built-in shards there)"
+                    if (os.path.abspath(source.path) == stdlib_dir)
+                    else ""
+                )
                 raise ConfigError(problem + hint)
     if reads_stdlib:
         if dist.get_rank() == 0 and not os.path.exists(os.path.join(stdlib_dir, INDEX_NAME)):
@@ -193,8 +202,13 @@ class Trainer:
         self.cfg = cfg
         env = init_distributed()
         validate(cfg, env.world_size)
-        init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.seed, context_parallel=cfg.parallel.context,
-                            virtual_pipeline=cfg.parallel.virtual_pipeline)
+        init_model_parallel(
+            cfg.parallel.tensor,
+            cfg.parallel.pipeline,
+            cfg.seed,
+            context_parallel=cfg.parallel.context,
+            virtual_pipeline=cfg.parallel.virtual_pipeline,
+        )
         seed_everything(cfg.seed)
         self.rank = env.rank
         self.world_size = env.world_size
@@ -221,8 +235,10 @@ class Trainer:
         self.engine = build_engine(self.model, cfg, self.lanes_per_rank, self.bf16)
         self.train_loader = build_train_loader(self.data_config, self.dp_rank, self.dp_size)
         if self.train_loader.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
-                              f"vocabulary ({self.train_loader.vocab_size})")
+            raise ConfigError(
+                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
+                f"vocabulary ({self.train_loader.vocab_size})"
+            )
         self.num_slots = self.lanes_per_rank // cfg.parallel.micro_batch_lanes
         self.carried = self.new_carried_memory()
         self.state = TrainState()
@@ -230,10 +246,18 @@ class Trainer:
         # main() installs its handlers first thing; fit() installs them for other callers.
         self.stop = stop or StopSignals()
         self.checkpoints = CheckpointManager(
-            cfg, self.engine, self.model, self.train_loader.lane_ids,
-            {"memory": self.carried, "data": self.train_loader, "train_state": self.state,
-             "wandb_run_id": self.wandb_run_id},
-            on_save=self.report_checkpoint)
+            cfg,
+            self.engine,
+            self.model,
+            self.train_loader.lane_ids,
+            {
+                "memory": self.carried,
+                "data": self.train_loader,
+                "train_state": self.state,
+                "wandb_run_id": self.wandb_run_id,
+            },
+            on_save=self.report_checkpoint,
+        )
         if resume:
             self.checkpoints.load(resume)
             self.print(f"resumed from {resume.path} at step {self.state.step}")
@@ -244,8 +268,10 @@ class Trainer:
             save_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             metrics = JsonlSink(os.path.join(cfg.run_dir, "metrics.jsonl"), self.state.step)
             if metrics.dropped_rows:
-                self.print(f"{metrics.path}: dropped {metrics.dropped_rows} rows past step {self.state.step}, "
-                           "where this run starts")
+                self.print(
+                    f"{metrics.path}: dropped {metrics.dropped_rows} rows past step {self.state.step}, "
+                    "where this run starts"
+                )
             self.sinks = [ConsoleSink(cfg.logging.interval), metrics]
         # After loading a checkpoint: its run id makes a resumed job continue the same W&B run.
         wandb_sink = open_wandb(cfg, self.rank, self.wandb_run_id.value, gates=lambda: gate_values(self.model))
@@ -281,10 +307,12 @@ class Trainer:
     def report_checkpoint(self, report: SaveReport) -> None:
         """Called by CheckpointManager when a save is finalized (at a later step, for an asynchronous one)."""
         metrics = report.metrics()
-        self.print(f"saved checkpoint {report.path} ({report.reason}{', async' if report.asynchronous else ''}): "
-                   f"{metrics['checkpoint/gb']:.3f} GB written in {report.write_seconds:.2f} s "
-                   f"({metrics['checkpoint/gb_per_s']:.2f} GB/s), training paused {report.blocking_seconds:.2f} s, "
-                   f"finalized after {report.seconds:.2f} s")
+        self.print(
+            f"saved checkpoint {report.path} ({report.reason}{', async' if report.asynchronous else ''}): "
+            f"{metrics['checkpoint/gb']:.3f} GB written in {report.write_seconds:.2f} s "
+            f"({metrics['checkpoint/gb_per_s']:.2f} GB/s), training paused {report.blocking_seconds:.2f} s, "
+            f"finalized after {report.seconds:.2f} s"
+        )
         if self.rank == 0:
             self.log(metrics)
 
@@ -299,8 +327,14 @@ class Trainer:
         microbatches = self.microbatches(batch)
         self.model.train()
         injected = self.state.step + 1 in cfg.debug.inject_nonfinite_at_steps
-        result: StepResult = run_schedule(self.model, self.carried, microbatches, forward_only=False,
-                                          loss_scale=float("nan") if injected else 1.0, engine=self.engine)
+        result: StepResult = run_schedule(
+            self.model,
+            self.carried,
+            microbatches,
+            forward_only=False,
+            loss_scale=float("nan") if injected else 1.0,
+            engine=self.engine,
+        )
         allreduce_tied_embedding_grads(self.model)
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
@@ -320,12 +354,21 @@ class Trainer:
             self.state.skipped_steps += 1
             self.state.consecutive_nonfinite += 1
         tokens_per_s = tokens / elapsed
-        mfu = (self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.world_size)
-               if self.peak_tflops else None)
+        mfu = (
+            self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.world_size)
+            if self.peak_tflops
+            else None
+        )
         metrics = {
-            "loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-            "mfu": mfu, "step_time_s": elapsed, "consumed_tokens": self.state.consumed_tokens,
-            "padding_fraction": 1.0 - result.tokens / tokens, "skipped_steps": self.state.skipped_steps,
+            "loss": loss,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "step_time_s": elapsed,
+            "consumed_tokens": self.state.consumed_tokens,
+            "padding_fraction": 1.0 - result.tokens / tokens,
+            "skipped_steps": self.state.skipped_steps,
         }
         if self.state.step == 1 or self.state.step % cfg.logging.interval == 0:
             # Collectives over the model-parallel group and the world: only on logging steps.
@@ -334,12 +377,13 @@ class Trainer:
             metrics.update({f"gate/layer_{i}": float(np.mean(v)) for i, v in gates.items()})
             metrics["memory_max_norm"] = max_over_world(self.carried.max_norm())
         if torch.cuda.is_available():
-            metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if self.state.consecutive_nonfinite >= cfg.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"stopping at step {self.state.step}: {self.state.consecutive_nonfinite} consecutive steps with a "
                 f"non-finite loss or gradient norm (max_nonfinite_steps={cfg.max_nonfinite_steps}); the weights "
-                "hold the last finite update")
+                "hold the last finite update"
+            )
         return metrics
 
     @torch.no_grad()
@@ -419,10 +463,14 @@ class Trainer:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="run YAML (e.g. configs/tiny_cpu.yaml)")
-    parser.add_argument("--stopped-exit-code", type=int, default=EXIT_STOPPED_TO_RESUME,
-                        help="exit status after a stop on USR1/TERM (default 75). <run_dir>/outcome.json tells "
-                             "how the run ended; the sbatch script passes 0, since srun --kill-on-bad-exit takes any "
-                             "other status for a failure")
+    parser.add_argument(
+        "--stopped-exit-code",
+        type=int,
+        default=EXIT_STOPPED_TO_RESUME,
+        help="exit status after a stop on USR1/TERM (default 75). <run_dir>/outcome.json tells "
+        "how the run ended; the sbatch script passes 0, since srun --kill-on-bad-exit takes any "
+        "other status for a failure",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. schedule.steps=50")
     return parser.parse_args(argv)
 
@@ -445,8 +493,13 @@ def main(argv=None) -> int:
         finished = trainer.fit()
         # Before closing (W&B's flush may outlast a KillWait): the checkpoint is final already.
         if trainer.rank == 0:
-            write_outcome(trainer.cfg.run_dir, None if finished else stop.agreed_signal, start_step,
-                          trainer.state.step, find_latest_valid(checkpoints_root(trainer.cfg), checksums=False))
+            write_outcome(
+                trainer.cfg.run_dir,
+                None if finished else stop.agreed_signal,
+                start_step,
+                trainer.state.step,
+                find_latest_valid(checkpoints_root(trainer.cfg), checksums=False),
+            )
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3

@@ -55,11 +55,17 @@ class WandbSink:
         settings = cfg.logging.wandb
         self.wandb = wandb
         self.run = wandb.init(
-            project=settings.project, entity=settings.entity, group=settings.group,
+            project=settings.project,
+            entity=settings.entity,
+            group=settings.group,
             name=settings.name or os.path.basename(os.path.abspath(cfg.run_dir)),
-            tags=list(settings.tags) or None, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
-            dir=cfg.run_dir, id=run_id, resume="allow",
-            mode=resolve_mode(settings.mode))
+            tags=list(settings.tags) or None,
+            config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+            dir=cfg.run_dir,
+            id=run_id,
+            resume="allow",
+            mode=resolve_mode(settings.mode),
+        )
         self.run_id = self.run.id
 
     def log(self, step: int, metrics: Dict[str, object]) -> None:
@@ -72,8 +78,10 @@ class WandbSink:
         data = {key: value for key, value in metrics.items() if value is not None}
         if heatmap:
             data["gate/heatmap"] = self.wandb.Image(
-                heatmap_pixels(heatmap), caption=f"step {step}: sigmoid(gate), rows = layers 0-{len(heatmap) - 1}, "
-                                                 "columns = heads, 0 (purple) to 1 (yellow)")
+                heatmap_pixels(heatmap),
+                caption=f"step {step}: sigmoid(gate), rows = layers 0-{len(heatmap) - 1}, "
+                "columns = heads, 0 (purple) to 1 (yellow)",
+            )
         self._guarded(self.run.log, data, step=step)
 
     def close(self) -> None:
@@ -90,8 +98,9 @@ class WandbSink:
             self.run = None
 
 
-def open_wandb(cfg: TrainConfig, rank: int, run_id: Optional[str],
-               gates: Callable[[], Dict[int, List[float]]]) -> Optional[WandbSink]:
+def open_wandb(
+    cfg: TrainConfig, rank: int, run_id: Optional[str], gates: Callable[[], Dict[int, List[float]]]
+) -> Optional[WandbSink]:
     """A WandbSink on every rank, or None on every rank when W&B is disabled."""
     if resolve_mode(cfg.logging.wandb.mode) == "disabled":
         return None

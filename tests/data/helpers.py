@@ -85,8 +85,9 @@ def lane_documents(batches: Sequence[Dict], lane: int, eos=BYTES_EOS_ID, pad=BYT
     return docs
 
 
-def epoch_documents(batches: Sequence[Dict], lanes: Sequence[int], epoch: int, source: int = 0,
-                    eos=BYTES_EOS_ID, pad=BYTES_PAD_ID) -> Counter:
+def epoch_documents(
+    batches: Sequence[Dict], lanes: Sequence[int], epoch: int, source: int = 0, eos=BYTES_EOS_ID, pad=BYTES_PAD_ID
+) -> Counter:
     """How often each document (as a token tuple) was read in `epoch` of `source`, over `lanes`."""
     out: Counter = Counter()
     for lane in lanes:
@@ -145,8 +146,11 @@ def train_bpe(path, texts, vocab_size=400):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     tok.save(str(path))
     return tok

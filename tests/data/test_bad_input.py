@@ -22,6 +22,7 @@ K = 2  # the document within it
 def replace_tokens(data_fn):
     def fn(items):
         return [(n, data_fn(d) if n == f"{sample_key(K)}.tokens.u16" else d) for n, d in items]
+
     return fn
 
 
@@ -37,6 +38,7 @@ def corrupt_header(path):
 
 def truncate_at(member, delta):
     """Cut the shard `delta` bytes into sample K's first member, or into its token ids' data."""
+
     def fn(path):
         if member == "first":
             off = sample_offset(path, K)
@@ -45,6 +47,7 @@ def truncate_at(member, delta):
                 off = t.getmember(f"{sample_key(K)}.tokens.u16").offset_data
         with open(path, "r+b") as f:
             f.truncate(off + delta)
+
     return fn
 
 
@@ -62,10 +65,18 @@ CASES = {
     "truncated inside a member": (truncate_at("tokens", 64), "unreadable", "from K", "cannot read .*ReadError"),
     "sample without tokens": (lambda p: rewrite(p, drop_tokens), "no_tokens", "K", "has no token ids"),
     "empty document": (lambda p: rewrite(p, replace_tokens(lambda d: b"")), "empty", "K", "is an empty document"),
-    "token id >= vocab": (lambda p: rewrite(p, replace_tokens(bad_id)), "bad_token_id", "K",
-                          "token id 300 >= vocab size 258"),
-    "length differs from index": (lambda p: rewrite(p, replace_tokens(lambda d: d[:-2])), "length_mismatch", "K",
-                                  "tokens, the index says"),
+    "token id >= vocab": (
+        lambda p: rewrite(p, replace_tokens(bad_id)),
+        "bad_token_id",
+        "K",
+        "token id 300 >= vocab size 258",
+    ),
+    "length differs from index": (
+        lambda p: rewrite(p, replace_tokens(lambda d: d[:-2])),
+        "length_mismatch",
+        "K",
+        "tokens, the index says",
+    ),
     "missing shard": (os.remove, "unreadable", "all", "missing shard"),
 }
 
@@ -81,8 +92,14 @@ def damaged(corpus, tmp_path, request):
     damage(os.path.join(d, shard["name"]))
     first, n = shard["first_document"], shard["n_documents"]
     region = {"all": range(first, first + n), "from K": range(first + K, first + n), "K": [first + K]}[at_risk]
-    return {"dir": d, "name": shard["name"], "category": category, "region": list(region), "text": text,
-            "exact": at_risk != "from K"}
+    return {
+        "dir": d,
+        "name": shard["name"],
+        "category": category,
+        "region": list(region),
+        "text": text,
+        "exact": at_risk != "from K",
+    }
 
 
 def check_losses(delivered: Counter, ref, damaged) -> int:
@@ -99,8 +116,9 @@ def check_losses(delivered: Counter, ref, damaged) -> int:
 
 def cfg_for(d, on_bad, workers=0, **kw):
     kw.setdefault("global_lanes", 4)
-    return DataConfig(sources=[SourceConfig(d)], segment_length=64, n_segments=4, num_workers=workers,
-                      on_bad_sample=on_bad, **kw)
+    return DataConfig(
+        sources=[SourceConfig(d)], segment_length=64, n_segments=4, num_workers=workers, on_bad_sample=on_bad, **kw
+    )
 
 
 @pytest.mark.parametrize("damaged", list(CASES), indirect=True)

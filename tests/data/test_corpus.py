@@ -14,8 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from data_pipeline.corpus import (Apt, Package, main, package_document, read_package_list, split_of,
-                                  unpack, write_splits)
+from data_pipeline.corpus import Apt, Package, main, package_document, read_package_list, split_of, unpack, write_splits
 from data_pipeline.corpus_text import MAX_FILE_BYTES, copyright_licences, html_to_text, licence_family
 from data_pipeline.shards import BadSamples, DataError, open_shard_set, read_documents
 
@@ -66,22 +65,32 @@ def source_tree(root, name="foo", body="int main(void) { return 0; }\n"):
 
 
 def expected_source_text(title="Debian source package foo 1.0-1", body="int main(void) { return 0; }\n"):
-    return (f"{title}\n"
-            "\n==> Makefile.am <==\nbin_PROGRAMS = foo\n"
-            "\n==> README <==\nFoo — does things.\nSecond line\n"
-            f"\n==> debian/copyright <==\n{DEP5}"
-            "\n==> lib/compat/strlcpy.c <==\n/* BSD */\n"
-            f"\n==> src/main.c <==\n{body}")
+    return (
+        f"{title}\n"
+        "\n==> Makefile.am <==\nbin_PROGRAMS = foo\n"
+        "\n==> README <==\nFoo — does things.\nSecond line\n"
+        f"\n==> debian/copyright <==\n{DEP5}"
+        "\n==> lib/compat/strlcpy.c <==\n/* BSD */\n"
+        f"\n==> src/main.c <==\n{body}"
+    )
 
 
 def test_source_document_order_filters_and_licences(tmp_path):
     tree = source_tree(str(tmp_path / "foo"))
     d = package_document(Package("src", "foo"), "1.0-1", tree, max_doc_bytes=10**6)
-    assert d["record"] == {"id": "debian-src:foo", "text": expected_source_text(),
-                           "source": "debian-src foo 1.0-1", "licence": "GPL-2+, BSD-3-clause"}
+    assert d["record"] == {
+        "id": "debian-src:foo",
+        "text": expected_source_text(),
+        "source": "debian-src foo 1.0-1",
+        "licence": "GPL-2+, BSD-3-clause",
+    }
     e = d["entry"]
-    assert (e["package"], e["version"], e["licences"], e["licence_families"]) == \
-        ("foo", "1.0-1", ["GPL-2+", "BSD-3-clause"], ["BSD", "GPL"])
+    assert (e["package"], e["version"], e["licences"], e["licence_families"]) == (
+        "foo",
+        "1.0-1",
+        ["GPL-2+", "BSD-3-clause"],
+        ["BSD", "GPL"],
+    )
     assert e["files"] == 5 and e["files_truncated"] == 0
     assert e["files_skipped"] == 6  # big.txt, configure, table.c, latin1.txt, logo.png, app.min.js (.pc not walked)
     assert e["bytes"] == len(expected_source_text().encode())
@@ -100,10 +109,13 @@ def test_documentation_package_reads_manuals_and_converts_html(tmp_path):
     root = str(tmp_path / "doc")
     base = "usr/share/doc/foo-doc"
     write(root, f"{base}/copyright", "Copyright 2001 A.\n\nPermission is hereby granted, free of charge, ...\n")
-    write(root, f"{base}/html/index.html",
-          "<html><head><title>T</title><style>p{}</style></head><body><nav>menu</nav>"
-          "<h1>Foo&amp;Bar</h1><p>Some\n   text <b>bold</b>.</p><script>x()</script>"
-          "<pre>  a = 1\n  b = 2</pre><ul><li>one</li><li>two</li></ul></body></html>")
+    write(
+        root,
+        f"{base}/html/index.html",
+        "<html><head><title>T</title><style>p{}</style></head><body><nav>menu</nav>"
+        "<h1>Foo&amp;Bar</h1><p>Some\n   text <b>bold</b>.</p><script>x()</script>"
+        "<pre>  a = 1\n  b = 2</pre><ul><li>one</li><li>two</li></ul></body></html>",
+    )
     write(root, f"{base}/html/_static/basic.css", "body {}\n")
     write(root, f"{base}/html/_sources/index.rst.txt", "Foo\n===\n")  # duplicates the page
     write(root, f"{base}/changelog.Debian.gz", gzip.compress(b"foo (1.0-1) unstable\n", mtime=0))
@@ -117,7 +129,8 @@ def test_documentation_package_reads_manuals_and_converts_html(tmp_path):
         f"\n==> {base}/copyright <==\nCopyright 2001 A.\n\nPermission is hereby granted, free of charge, ...\n"
         f"\n==> {base}/guide.txt.gz <==\nA guide.\n"
         f"\n==> {base}/html/index.html <==\n{page}"
-        "\n==> usr/share/doc-base/foo-doc <==\nDocument: foo\n")
+        "\n==> usr/share/doc-base/foo-doc <==\nDocument: foo\n"
+    )
     # changelog.Debian is not a manual page name: neither suffix nor an upper-case stem
     assert d["record"]["licence"] == "see debian/copyright: MIT/Expat"
     assert d["entry"]["licence_families"] == ["MIT/Expat"] and not d["entry"]["copyright_machine_readable"]
@@ -130,8 +143,15 @@ def test_html_to_text_keeps_preformatted_layout():
 def test_licence_names_and_families():
     assert copyright_licences(DEP5) == (["GPL-2+", "BSD-3-clause"], True)
     assert copyright_licences("This is in the public domain.\n") == (["public domain"], False)
-    assert [licence_family(n) for n in ("LGPL-2.1+", "GPL-3", "Expat", "Apache-2.0", "PSF-2", "Zlib", "FSFAP")] == \
-        ["LGPL", "GPL", "MIT/Expat", "Apache", "PSF", "Zlib", "other"]
+    assert [licence_family(n) for n in ("LGPL-2.1+", "GPL-3", "Expat", "Apache-2.0", "PSF-2", "Zlib", "FSFAP")] == [
+        "LGPL",
+        "GPL",
+        "MIT/Expat",
+        "Apache",
+        "PSF",
+        "Zlib",
+        "other",
+    ]
 
 
 def make_docs(tmp_path, n=12):
@@ -173,8 +193,10 @@ def test_splits_are_deterministic_disjoint_and_fixed_by_id(tmp_path):
 def test_shards_hold_every_document_with_its_tokens(tmp_path):
     docs = make_docs(tmp_path)
     write_splits(docs, str(tmp_path / "text"), heldout_fraction=0.3)
-    assert main(["shards", "--text", str(tmp_path / "text"), "--out", str(tmp_path / "shards"),
-                 "--shard-size", "8KB"]) == 0
+    assert (
+        main(["shards", "--text", str(tmp_path / "text"), "--out", str(tmp_path / "shards"), "--shard-size", "8KB"])
+        == 0
+    )
     for split in ("train", "heldout"):
         texts = [d["text"] for d in read_split(tmp_path / "text" / f"{split}.jsonl.xz")]
         ss = open_shard_set(str(tmp_path / "shards" / split))
@@ -182,8 +204,10 @@ def test_shards_hold_every_document_with_its_tokens(tmp_path):
         got = []
         for shard in range(len(ss.names)):
             wanted = np.arange(int(ss.n_docs[shard]))
-            got += [bytes(ids.astype(np.uint8)).decode() for _, ids, _ in
-                    read_documents(ss, shard, wanted, 0, BadSamples("error"))]
+            got += [
+                bytes(ids.astype(np.uint8)).decode()
+                for _, ids, _ in read_documents(ss, shard, wanted, 0, BadSamples("error"))
+            ]
         assert got == texts
     assert sorted(os.listdir(tmp_path / "shards")) == ["heldout", "train"]  # the unpacked text is gone
 
@@ -216,10 +240,16 @@ def test_unpack_real_archives(tmp_path):
     source_tree(str(src))
     os.remove(src / "link.c")  # dpkg-source -b would keep it; the document skips symlinks anyway
     write(str(src), "debian/source/format", "3.0 (native)\n")
-    write(str(src), "debian/control", "Source: foo\nMaintainer: A <a@example.org>\n\nPackage: foo\nArchitecture: all\n"
-          "Description: foo\n foo\n")
-    write(str(src), "debian/changelog", "foo (1.0) unstable; urgency=low\n\n  * Initial.\n\n"
-          " -- A <a@example.org>  Thu, 01 Jan 2015 00:00:00 +0000\n")
+    write(
+        str(src),
+        "debian/control",
+        "Source: foo\nMaintainer: A <a@example.org>\n\nPackage: foo\nArchitecture: all\nDescription: foo\n foo\n",
+    )
+    write(
+        str(src),
+        "debian/changelog",
+        "foo (1.0) unstable; urgency=low\n\n  * Initial.\n\n -- A <a@example.org>  Thu, 01 Jan 2015 00:00:00 +0000\n",
+    )
     shutil.rmtree(src / ".pc")
     subprocess.run(["dpkg-source", "-b", str(src)], cwd=tmp_path, check=True, capture_output=True)
     files = sorted(str(tmp_path / n) for n in os.listdir(tmp_path) if n.startswith("foo_"))
@@ -229,12 +259,19 @@ def test_unpack_real_archives(tmp_path):
     assert "\n==> debian/changelog <==\nfoo (1.0) unstable" in d["record"]["text"]
 
     pkg = tmp_path / "deb"
-    write(str(pkg), "DEBIAN/control", "Package: foo-doc\nVersion: 2.0-3\nArchitecture: all\n"
-          "Maintainer: A <a@example.org>\nDescription: docs\n docs\n")
+    write(
+        str(pkg),
+        "DEBIAN/control",
+        "Package: foo-doc\nVersion: 2.0-3\nArchitecture: all\n"
+        "Maintainer: A <a@example.org>\nDescription: docs\n docs\n",
+    )
     write(str(pkg), "usr/share/doc/foo-doc/copyright", DEP5)
     write(str(pkg), "usr/share/doc/foo-doc/README", "Read me.\n")
-    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(pkg), str(tmp_path / "foo-doc.deb")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["dpkg-deb", "--build", "--root-owner-group", str(pkg), str(tmp_path / "foo-doc.deb")],
+        check=True,
+        capture_output=True,
+    )
     assert unpack(Package("doc", "foo-doc"), [str(tmp_path / "foo-doc.deb")], str(tmp_path / "y")) == "2.0-3"
     d = package_document(Package("doc", "foo-doc"), "2.0-3", str(tmp_path / "y"), 10**6)
     assert "\n==> usr/share/doc/foo-doc/README <==\nRead me.\n" in d["record"]["text"]

@@ -40,8 +40,10 @@ def byte_token_weights(doc):
 def hf_token_weights(tok, doc):
     """Per token, the largest weight among the characters its offsets cover."""
     weights = char_weights(doc)
-    return [max(weights[start:max(end, start + 1)]) for start, end in
-            tok.encode(doc["text"], add_special_tokens=False).offsets]
+    return [
+        max(weights[start : max(end, start + 1)])
+        for start, end in tok.encode(doc["text"], add_special_tokens=False).offsets
+    ]
 
 
 def label_weights(token_weights):
@@ -60,8 +62,15 @@ def assert_masks_match(batches, lanes, want, eos=BYTES_EOS_ID, pad=BYTES_PAD_ID)
 
 
 def make_cfg(path, **kw):
-    base = dict(sources=[SourceConfig(path)], global_lanes=2, segment_length=SEG, n_segments=NSEG, seed=3,
-                num_workers=0, shuffle_buffer=4)
+    base = dict(
+        sources=[SourceConfig(path)],
+        global_lanes=2,
+        segment_length=SEG,
+        n_segments=NSEG,
+        seed=3,
+        num_workers=0,
+        shuffle_buffer=4,
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -166,8 +175,10 @@ def test_unweighted_documents_are_stored_and_read_as_before(tmp_path, monkeypatc
     texts = make_texts(30, seed=9)
     # A document's metadata names its input file: both sets are written from ./docs.jsonl.
     fields = [None, [], [[0, 2, 1.0]], [[0, 1, 1.0], [1, 2, 1]]]  # null, empty, or weight 1 throughout
-    variants = {"plain": [{"text": t} for t in texts],
-                "trivial": [{"text": t, "loss_weights": fields[i % 4]} for i, t in enumerate(texts)]}
+    variants = {
+        "plain": [{"text": t} for t in texts],
+        "trivial": [{"text": t, "loss_weights": fields[i % 4]} for i, t in enumerate(texts)],
+    }
     for name, docs in variants.items():
         (tmp_path / name).mkdir()
         monkeypatch.chdir(tmp_path / name)
@@ -196,6 +207,7 @@ def test_resume_mid_document_with_weights_is_exact_and_elastic(weighted_set):
         ref.append(next(ld))
         states.append(copy.deepcopy(ld.state_dict()))
     ld.close()
+
     def resumes_a_weighted_document(batch):
         """A lane whose first segment goes on with a document and has a weight other than 0 and 1."""
         first = batch["loss_mask"][~batch["reset"][:, 0], :SEG]

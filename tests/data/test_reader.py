@@ -31,8 +31,15 @@ SEG, NSEG = 64, 4
 
 
 def make_cfg(corpus, **kw) -> DataConfig:
-    base = dict(sources=[SourceConfig(path=corpus["dir"])], global_lanes=4, segment_length=SEG, n_segments=NSEG,
-                seed=7, num_workers=2, shuffle_buffer=4)
+    base = dict(
+        sources=[SourceConfig(path=corpus["dir"])],
+        global_lanes=4,
+        segment_length=SEG,
+        n_segments=NSEG,
+        seed=7,
+        num_workers=2,
+        shuffle_buffer=4,
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -80,8 +87,14 @@ def test_resume_is_exact_mid_document_mid_shard_and_at_epoch_boundary(corpus, co
 
     mid_doc = next(k for k in range(2, len(ref)) if not ref[k]["reset"][:, 0].all())
     boundary = next(k for k in range(1, len(ref)) if epoch0(ref[k]) > epoch0(ref[k - 1]))
-    points = {"start": 0, "mid-shard": 2, "mid-document": mid_doc, "epoch boundary": boundary,
-              "after the boundary": boundary + 1, "late": len(states) - 1}
+    points = {
+        "start": 0,
+        "mid-shard": 2,
+        "mid-document": mid_doc,
+        "epoch boundary": boundary,
+        "after the boundary": boundary + 1,
+        "late": len(states) - 1,
+    }
     for i, (name, k) in enumerate(points.items()):
         state = pickle.loads(pickle.dumps(states[k]))
         resumed = build_train_loader(make_cfg(corpus, sources=cfg.sources, num_workers=[2, 0, 3][i % 3]), 0, 1)
@@ -220,8 +233,14 @@ def test_brace_pattern_and_pipe_urls_read_the_same(corpus):
         assert_batches_equal([next(ld) for _ in range(12)], want)
         ld.close()
     with pytest.raises(DataError, match="expands to"):
-        build_train_loader(make_cfg(corpus, sources=[SourceConfig(path=f"{corpus['dir']}/shard-000000.tar",
-                                                                  index=f"{corpus['dir']}/index.json")]), 0, 1)
+        build_train_loader(
+            make_cfg(
+                corpus,
+                sources=[SourceConfig(path=f"{corpus['dir']}/shard-000000.tar", index=f"{corpus['dir']}/index.json")],
+            ),
+            0,
+            1,
+        )
 
 
 def test_omegaconf_structured_config_works_as_is(corpus):

@@ -43,7 +43,7 @@ def read_back(out_dir):
             meta = json.loads(files["json"])
             assert meta["n_tokens"] == len(ids)
             docs.append((ids, meta))
-        assert sum(len(d[0]) for d in docs[-shard["n_documents"]:]) == shard["n_tokens"]
+        assert sum(len(d[0]) for d in docs[-shard["n_documents"] :]) == shard["n_tokens"]
     assert len(docs) == index["n_documents"]
     assert np.array_equal(np.load(os.path.join(out_dir, "doc_tokens.npy")), [len(d[0]) for d in docs])
     return index, docs
@@ -77,8 +77,9 @@ def test_bytes_round_trip_over_every_input_kind(tmp_path):
     assert docs[0][1]["source"].endswith("d0.txt") and docs[6][1]["source"].endswith("a.jsonl:1")
 
     out2 = str(tmp_path / "out2")
-    write_shards([str(tmp_path / "c.jsonl.gz"), str(tmp_path / "d.parquet")], out2, "bytes", text_field="body",
-                 progress=False)
+    write_shards(
+        [str(tmp_path / "c.jsonl.gz"), str(tmp_path / "d.parquet")], out2, "bytes", text_field="body", progress=False
+    )
     _, docs2 = read_back(out2)
     assert [bytes(d[0].astype(np.uint8)).decode() for d in docs2] == texts[18:40]
     assert docs2[8][1]["source"].endswith("d.parquet:row0")
@@ -195,16 +196,29 @@ def test_bad_txt_and_parquet_documents(tmp_path):
 def test_cli(tmp_path):
     src = write_jsonl(str(tmp_path / "x.jsonl"), make_texts(20, seed=6))
     env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "data_pipeline.make_shards", src, "--output", str(tmp_path / "out"),
-           "--tokenizer", "bytes", "--shard-size", "8KB", "--workers", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_pipeline.make_shards",
+        src,
+        "--output",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        "bytes",
+        "--shard-size",
+        "8KB",
+        "--workers",
+        "2",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "wrote 20 documents" in r.stderr and "MB/s" in r.stderr
     assert len(read_back(str(tmp_path / "out"))[1]) == 20
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "\xff"}\n')
-    r = subprocess.run(cmd[:3] + [str(bad)] + cmd[4:] + ["--overwrite"], capture_output=True, text=True, env=env,
-                       timeout=120)
+    r = subprocess.run(
+        cmd[:3] + [str(bad)] + cmd[4:] + ["--overwrite"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert r.returncode == 1 and "bad.jsonl:1: not valid UTF-8" in r.stderr
 
 
@@ -214,6 +228,8 @@ def test_tar_members_are_what_tarfile_reads(size):
     blob = tar_member("000000007.tokens.u16", data) + tar_member("000000007.json", b"{}") + bytes(1024)
     with tarfile.open(fileobj=io.BytesIO(blob)) as t:
         members = t.getmembers()
-        assert [(m.name, m.size, m.isreg()) for m in members] == [("000000007.tokens.u16", size, True),
-                                                                   ("000000007.json", 2, True)]
+        assert [(m.name, m.size, m.isreg()) for m in members] == [
+            ("000000007.tokens.u16", size, True),
+            ("000000007.json", 2, True),
+        ]
         assert t.extractfile(members[0]).read() == data

@@ -23,8 +23,13 @@ from tests.data.test_writer import ROOT, read_back, train_bpe
 
 def run_cli(*args):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "data_pipeline.make_shards", *args, "--no-progress"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "data_pipeline.make_shards", *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def texts_of(out_dir):
@@ -114,8 +119,9 @@ def test_parquet_text_column_that_is_not_text(tmp_path):
     # Dictionary-encoded (pandas categorical) and large strings are text.
     pq.write_table(pa.table({"text": pa.array(["b", "a", "b"]).dictionary_encode()}), tmp_path / "dict.parquet")
     pq.write_table(pa.table({"text": pa.array(["c"], pa.large_string())}), tmp_path / "large.parquet")
-    write_shards([str(tmp_path / "dict.parquet"), str(tmp_path / "large.parquet")], str(tmp_path / "ok"),
-                 progress=False)
+    write_shards(
+        [str(tmp_path / "dict.parquet"), str(tmp_path / "large.parquet")], str(tmp_path / "ok"), progress=False
+    )
     assert texts_of(str(tmp_path / "ok")) == ["b", "a", "b", "c"]
 
 
@@ -172,8 +178,9 @@ def test_text_spelling_a_special_token_stays_text(tmp_path):
     plain = Tokenizer.from_str(json.dumps(spec))
     docs = ["a page that quotes <|endoftext|> mid-text", "<|endoftext|>", "ends with<|endoftext|>"]
     out = tmp_path / "out"
-    r = run_cli(write_jsonl(str(tmp_path / "x.jsonl"), docs), "--output", str(out), "--tokenizer",
-                str(tmp_path / "tok.json"))
+    r = run_cli(
+        write_jsonl(str(tmp_path / "x.jsonl"), docs), "--output", str(out), "--tokenizer", str(tmp_path / "tok.json")
+    )
     assert r.returncode == 0, r.stderr
     ids = [d[0].tolist() for d in read_back(str(out))[1]]
     assert all(eos not in i for i in ids)

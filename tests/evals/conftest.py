@@ -13,43 +13,79 @@ def cli_worker(rank, world, root):
     """A tiny exported model with learned memory scales evaluated by the passkey (with and without memory)
     and perplexity CLIs."""
     from data_pipeline.make_shards import write_shards
-    from tests.evals.models import tiny_config, tiny_model
-    from training.distributed import init_single_process
     from evals import passkey, perplexity
     from modeling.export import export_model
+    from tests.evals.models import tiny_config, tiny_model
+    from training.distributed import init_single_process
 
     init_single_process()
     cfg = tiny_config(segment_length=SEGMENT, update="delta", learned_memory_scales=True)
     export = os.path.join(root, "export")
     export_model(tiny_model(cfg, seed=4), cfg, export)
     assert passkey.main(["--model", export, "--out", os.path.join(root, "passkey")] + PASSKEY_ARGS) == 0
-    assert passkey.main(["--model", export, "--out", os.path.join(root, "ablated"), "--ablate-memory"]
-                        + PASSKEY_ARGS) == 0
-    assert passkey.main(["--model", export, "--out", os.path.join(root, "no_header"), "--no-header"]
-                        + PASSKEY_ARGS) == 0
-    assert passkey.main(["--model", export, "--out", os.path.join(root, "heads"), "--ablate-heads",
-                         ",".join(f"{layer}:{head}" for layer, head in ABLATED_HEADS)] + PASSKEY_ARGS) == 0
-    assert passkey.main(["--model", export, "--out", os.path.join(root, "key_scale"), "--memory-key-scale",
-                         str(KEY_SCALE), "--memory-query-scale", str(QUERY_SCALE)] + PASSKEY_ARGS) == 0
+    assert (
+        passkey.main(["--model", export, "--out", os.path.join(root, "ablated"), "--ablate-memory"] + PASSKEY_ARGS) == 0
+    )
+    assert (
+        passkey.main(["--model", export, "--out", os.path.join(root, "no_header"), "--no-header"] + PASSKEY_ARGS) == 0
+    )
+    assert (
+        passkey.main(
+            [
+                "--model",
+                export,
+                "--out",
+                os.path.join(root, "heads"),
+                "--ablate-heads",
+                ",".join(f"{layer}:{head}" for layer, head in ABLATED_HEADS),
+            ]
+            + PASSKEY_ARGS
+        )
+        == 0
+    )
+    assert (
+        passkey.main(
+            [
+                "--model",
+                export,
+                "--out",
+                os.path.join(root, "key_scale"),
+                "--memory-key-scale",
+                str(KEY_SCALE),
+                "--memory-query-scale",
+                str(QUERY_SCALE),
+            ]
+            + PASSKEY_ARGS
+        )
+        == 0
+    )
     usage = io.StringIO()
     with pytest.raises(SystemExit), contextlib.redirect_stderr(usage):
-        passkey.main(["--model", export, "--out", os.path.join(root, "refused"), "--memory-key-scale", "0"]
-                     + PASSKEY_ARGS)
+        passkey.main(
+            ["--model", export, "--out", os.path.join(root, "refused"), "--memory-key-scale", "0"] + PASSKEY_ARGS
+        )
     assert "argument --memory-key-scale: must be > 0, got 0" in usage.getvalue()
     with pytest.raises(SystemExit, match="no head 2:0 to ablate: the model has layers 0-1 of heads 0-3"):
-        passkey.main(["--model", export, "--out", os.path.join(root, "refused"), "--ablate-heads", "0:1,2:0"]
-                     + PASSKEY_ARGS)
+        passkey.main(
+            ["--model", export, "--out", os.path.join(root, "refused"), "--ablate-heads", "0:1,2:0"] + PASSKEY_ARGS
+        )
     usage = io.StringIO()
     with pytest.raises(SystemExit), contextlib.redirect_stderr(usage):
-        passkey.main(["--model", export, "--out", os.path.join(root, "refused"), "--ablate-heads", "0-1"]
-                     + PASSKEY_ARGS)
+        passkey.main(
+            ["--model", export, "--out", os.path.join(root, "refused"), "--ablate-heads", "0-1"] + PASSKEY_ARGS
+        )
     assert "argument --ablate-heads: '0-1' is not a layer:head pair such as 2:4" in usage.getvalue()
     for run, flags in (("bf16", []), ("half", ["--half-memory-products"])):
-        assert passkey.main(["--model", export, "--out", os.path.join(root, run), "--dtype", "bf16"] + flags
-                            + PASSKEY_ARGS) == 0
+        assert (
+            passkey.main(
+                ["--model", export, "--out", os.path.join(root, run), "--dtype", "bf16"] + flags + PASSKEY_ARGS
+            )
+            == 0
+        )
     with pytest.raises(SystemExit, match="--half-memory-products needs bf16"):
-        passkey.main(["--model", export, "--out", os.path.join(root, "refused"), "--half-memory-products"]
-                     + PASSKEY_ARGS)
+        passkey.main(
+            ["--model", export, "--out", os.path.join(root, "refused"), "--half-memory-products"] + PASSKEY_ARGS
+        )
     texts = []
     for i, text in enumerate(TEXTS):
         texts.append(os.path.join(root, f"doc{i}.txt"))
@@ -60,8 +96,10 @@ def cli_worker(rank, world, root):
     write_shards([os.path.join(root, "docs.jsonl")], os.path.join(root, "shards"), "bytes", progress=False)
     common = ["--model", export, "--buckets", PPL_BUCKETS, "--window-segments", "1"]
     assert perplexity.main(common + ["--text"] + texts + ["--out", os.path.join(root, "ppl_text")]) == 0
-    assert perplexity.main(common + ["--shards", os.path.join(root, "shards"), "--out",
-                                     os.path.join(root, "ppl_shards")]) == 0
+    assert (
+        perplexity.main(common + ["--shards", os.path.join(root, "shards"), "--out", os.path.join(root, "ppl_shards")])
+        == 0
+    )
     return root
 
 

@@ -6,8 +6,17 @@ import torch
 def tiny_config(**overrides):
     from modeling.config import ModelConfig
 
-    fields = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
-                  vocab_size=258, segment_length=8, update="linear", init_method_std=0.2)
+    fields = dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=96,
+        vocab_size=258,
+        segment_length=8,
+        update="linear",
+        init_method_std=0.2,
+    )
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -21,8 +30,12 @@ def tiny_model(cfg, seed=0, **config_overrides):
     from modeling.init import init_weights
     from modeling.model import build_model
 
-    model = build_model(build_transformer_config(cfg, **config_overrides), cfg.padded_vocab_size(),
-                        tie_embeddings=cfg.tie_embeddings, rotary_base=cfg.rotary_base)
+    model = build_model(
+        build_transformer_config(cfg, **config_overrides),
+        cfg.padded_vocab_size(),
+        tie_embeddings=cfg.tie_embeddings,
+        rotary_base=cfg.rotary_base,
+    )
     init_weights(model, seed)
     with torch.no_grad():
         for i, layer in enumerate(model.decoder.layers):

@@ -26,7 +26,7 @@ def _rope(x, base):
     inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq[None, :]
     cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
@@ -42,11 +42,13 @@ def reference_logits(state, cfg, tokens, memory_key_scale=1.0, memory_query_scal
     embedding = state["embedding.word_embeddings.weight"]
     output = embedding if cfg.tie_embeddings else state["output_layer.weight"]
     x = embedding[tokens]  # [b, t, H]
-    memories = [(torch.zeros(b, g, d, d, dtype=torch.float64), torch.zeros(b, g, d, dtype=torch.float64))
-                for _ in range(cfg.num_layers)]
+    memories = [
+        (torch.zeros(b, g, d, d, dtype=torch.float64), torch.zeros(b, g, d, dtype=torch.float64))
+        for _ in range(cfg.num_layers)
+    ]
     out_segments = []
     for start in range(0, t, L):
-        hidden = x[:, start:start + L]
+        hidden = x[:, start : start + L]
         n = hidden.shape[1]
         for layer in range(cfg.num_layers):
             p = f"decoder.layers.{layer}."
@@ -59,10 +61,16 @@ def reference_logits(state, cfg, tokens, memory_key_scale=1.0, memory_query_scal
             M, z = memories[layer]
             gates = torch.sigmoid(state[p + "self_attention.core_attention.gate"])
             learned = p + "self_attention.core_attention.memory_key_log_scale" in state
-            key_scales = memory_key_scale * (state[p + "self_attention.core_attention.memory_key_log_scale"].exp()
-                                             if learned else torch.ones(g, dtype=torch.float64))
-            query_scales = memory_query_scale * (state[p + "self_attention.core_attention.memory_query_log_scale"].exp()
-                                                 if learned else torch.ones(h, dtype=torch.float64))
+            key_scales = memory_key_scale * (
+                state[p + "self_attention.core_attention.memory_key_log_scale"].exp()
+                if learned
+                else torch.ones(g, dtype=torch.float64)
+            )
+            query_scales = memory_query_scale * (
+                state[p + "self_attention.core_attention.memory_query_log_scale"].exp()
+                if learned
+                else torch.ones(h, dtype=torch.float64)
+            )
             heads = []
             for head in range(h):
                 kv = head // per_group
@@ -71,8 +79,9 @@ def reference_logits(state, cfg, tokens, memory_key_scale=1.0, memory_query_scal
                 local = torch.softmax(scores, dim=-1) @ v[:, kv]
                 sq = _sigma(query_scales[head] * q[:, head])
                 denominator = sq @ z[:, kv].unsqueeze(-1)
-                from_memory = torch.where(denominator > 0, (sq @ M[:, kv]) / denominator.clamp_min(1e-300),
-                                          torch.zeros(()))
+                from_memory = torch.where(
+                    denominator > 0, (sq @ M[:, kv]) / denominator.clamp_min(1e-300), torch.zeros(())
+                )
                 heads.append(gates[head] * from_memory + (1 - gates[head]) * local)
             context = torch.stack(heads, dim=2).reshape(b, n, h * d)
             hidden = hidden + context @ state[p + "self_attention.linear_proj.weight"].T

@@ -19,11 +19,11 @@ def reference_greedy(state, cfg, prompt, steps):
 
     seq, margins = prompt.clone(), []
     for _ in range(steps):
-        logits = reference_logits(state, cfg, seq)[:, -1, :cfg.vocab_size]
+        logits = reference_logits(state, cfg, seq)[:, -1, : cfg.vocab_size]
         top2 = logits.topk(2, dim=-1).values
         margins.append((top2[:, 0] - top2[:, 1]).min().item())
         seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
-    return seq[:, prompt.shape[1]:], min(margins)
+    return seq[:, prompt.shape[1] :], min(margins)
 
 
 def worker(rank, world, export_dir):
@@ -32,9 +32,9 @@ def worker(rank, world, export_dir):
     init_single_process()
     from evals.generate import main as generate_cli
     from modeling import generate as generation
+    from modeling.export import export_model
     from modeling.streaming import StreamingModel
     from tests.evals.models import full_state, tiny_config, tiny_model
-    from modeling.export import export_model
 
     out = {}
     for update in ("linear", "delta"):

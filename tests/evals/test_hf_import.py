@@ -19,9 +19,18 @@ def hf_llama(tie: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(11 + tie)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=FFN_HIDDEN, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
-                         tie_word_embeddings=tie, initializer_range=0.2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=FFN_HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_word_embeddings=tie,
+        initializer_range=0.2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -36,9 +45,16 @@ def llamas(tmp_path_factory):
         model.save_pretrained(path)
         with torch.no_grad():
             # Our local attention restarts at each segment: HF on each segment alone is the target.
-            logits = torch.cat([model(tokens[:, s:s + SEGMENT]).logits for s in range(0, tokens.shape[1], SEGMENT)], 1)
-        out[tie] = dict(state={k: v.clone() for k, v in model.state_dict().items()}, config=model.config.to_dict(),
-                        path=str(path), tokens=tokens, logits=logits)
+            logits = torch.cat(
+                [model(tokens[:, s : s + SEGMENT]).logits for s in range(0, tokens.shape[1], SEGMENT)], 1
+            )
+        out[tie] = dict(
+            state={k: v.clone() for k, v in model.state_dict().items()},
+            config=model.config.to_dict(),
+            path=str(path),
+            tokens=tokens,
+            logits=logits,
+        )
     return out
 
 
@@ -73,13 +89,18 @@ def _imported(case, tp, pp, learned_memory_scales=False):
     from modeling.sharding import load_full_state_dict
     from modeling.streaming import memory_ablated
 
-    cfg, state = llama_to_infini(case["state"], case["config"], segment_length=SEGMENT,
-                                 learned_memory_scales=learned_memory_scales)
+    cfg, state = llama_to_infini(
+        case["state"], case["config"], segment_length=SEGMENT, learned_memory_scales=learned_memory_scales
+    )
     with megatron_on_cpu():  # tied embeddings over pipeline stages are synchronised at construction
-        model = build_model(build_transformer_config(cfg, tensor_parallel_size=tp, pipeline_parallel_size=pp),
-                            cfg.padded_vocab_size(tp), pre_process=ps.is_pipeline_first_stage(),
-                            post_process=ps.is_pipeline_last_stage(), tie_embeddings=cfg.tie_embeddings,
-                            rotary_base=cfg.rotary_base).eval()
+        model = build_model(
+            build_transformer_config(cfg, tensor_parallel_size=tp, pipeline_parallel_size=pp),
+            cfg.padded_vocab_size(tp),
+            pre_process=ps.is_pipeline_first_stage(),
+            post_process=ps.is_pipeline_last_stage(),
+            tie_embeddings=cfg.tie_embeddings,
+            rotary_base=cfg.rotary_base,
+        ).eval()
     load_full_state_dict(model, state)
     one_segment = _forward_all_stages(model, case["tokens"][:, :SEGMENT])
     gated = _forward_all_stages(model, case["tokens"])
@@ -100,9 +121,9 @@ def single_worker(rank, world, cases, export_dir):
     """Both tie settings from the state dict, then the CLI's export of the untied one, without and with
     learned memory scales: logits over every segment (the memory read) and the scales' exported state."""
     from modeling.cpu_compat import megatron_on_cpu
+    from modeling.export import load_exported, read_export
     from modeling.hf_import import main
     from training.distributed import init_single_process
-    from modeling.export import load_exported, read_export
 
     init_single_process()
     results = {tie: _imported(case, 1, 1) for tie, case in cases.items()}
@@ -128,8 +149,9 @@ def _check(result, case):
     assert (cfg.gate_init, cfg.rotary_base, cfg.norm_epsilon, cfg.query_groups) == (-12.0, 500000, 1e-5, 2)
     scale = want.abs().max().item()
     one_segment = ROUNDING + GATE_LEAK
-    torch.testing.assert_close(result["one_segment"][..., :VOCAB], want[:, :SEGMENT], rtol=one_segment,
-                               atol=one_segment * scale)
+    torch.testing.assert_close(
+        result["one_segment"][..., :VOCAB], want[:, :SEGMENT], rtol=one_segment, atol=one_segment * scale
+    )
     # Gates forced local: every segment is the original model on that segment alone.
     torch.testing.assert_close(result["ablated"][..., :VOCAB], want, rtol=ROUNDING, atol=ROUNDING * scale)
     # Gates at their initial -12: the memory barely moves the output.
@@ -163,16 +185,20 @@ def test_cli_writes_an_export_that_loads_as_the_original(llamas, single):
     assert not any("log_scale" in name for name in result["state"])
     want = llamas[False]["logits"][:, :SEGMENT]
     bound = ROUNDING + GATE_LEAK
-    torch.testing.assert_close(result["logits"][:, :SEGMENT, :VOCAB], want, rtol=bound,
-                               atol=bound * want.abs().max().item())
+    torch.testing.assert_close(
+        result["logits"][:, :SEGMENT, :VOCAB], want, rtol=bound, atol=bound * want.abs().max().item()
+    )
 
 
 def test_cli_with_learned_memory_scales_starts_them_at_one(single):
     plain, learned = single["cli"], single["cli_learned_scales"]
     assert learned["cfg"].learned_memory_scales
     scales = {name: t for name, t in learned["state"].items() if "log_scale" in name}
-    assert sorted(scales) == sorted(f"decoder.layers.{i}.self_attention.core_attention.memory_{kind}_log_scale"
-                                    for i in range(2) for kind in ("key", "query"))
+    assert sorted(scales) == sorted(
+        f"decoder.layers.{i}.self_attention.core_attention.memory_{kind}_log_scale"
+        for i in range(2)
+        for kind in ("key", "query")
+    )
     for name, log_scale in scales.items():
         assert log_scale.shape == ((2,) if "key" in name else (4,))
         assert torch.equal(log_scale, torch.zeros_like(log_scale)), name
@@ -185,7 +211,10 @@ def test_unsupported_checkpoints_fail_clearly(llamas):
     from modeling.hf_import import llama_to_infini
 
     case = llamas[False]
-    for change, message in (({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "RoPE type"),
-                            ({"attention_bias": True}, "biases"), ({"model_type": "gpt2"}, "only Llama")):
+    for change, message in (
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "RoPE type"),
+        ({"attention_bias": True}, "biases"),
+        ({"model_type": "gpt2"}, "only Llama"),
+    ):
         with pytest.raises(ValueError, match=message):
             llama_to_infini(case["state"], {**case["config"], **change})

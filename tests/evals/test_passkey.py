@@ -45,10 +45,10 @@ def test_prompt_has_the_papers_format_at_the_exact_length(length):
         assert text.startswith(HEADER) and text.endswith(QUESTION) and text.count(needle) == 1
         assert text.count("40213") == 2
         at = text.index(needle)
-        filler = text[len(HEADER):at] + text[at + len(needle):-len(QUESTION)]
-        assert filler == (FILLER * (len(filler) // len(FILLER) + 1))[:len(filler)]
+        filler = text[len(HEADER) : at] + text[at + len(needle) : -len(QUESTION)]
+        assert filler == (FILLER * (len(filler) // len(FILLER) + 1))[: len(filler)]
         # The needle starts a sentence of the filler, or ends the filler.
-        assert text[len(HEADER):at] == "" or text[:at].endswith(".") or at + len(needle) == length - len(QUESTION)
+        assert text[len(HEADER) : at] == "" or text[:at].endswith(".") or at + len(needle) == length - len(QUESTION)
         positions.append((at - len(HEADER)) / len(filler))
     assert positions[0] == 0.0 and positions[-1] == 1.0
     assert positions == sorted(positions)
@@ -96,8 +96,17 @@ def test_make_data_without_header_starts_in_the_filler_and_can_be_shorter(tmp_pa
 
 
 def test_make_data_distractors_are_other_numbers_outside_the_needle_and_never_weighted(tmp_path):
-    make_data(str(tmp_path), n_docs=30, max_len=400, min_len=250, seed=5, questions=2, answer_weight=20,
-              header=False, distractors=3)
+    make_data(
+        str(tmp_path),
+        n_docs=30,
+        max_len=400,
+        min_len=250,
+        seed=5,
+        questions=2,
+        answer_weight=20,
+        header=False,
+        distractors=3,
+    )
     with open(tmp_path / "passkey.jsonl") as f:
         docs = [json.loads(line) for line in f]
     for doc in docs:
@@ -117,7 +126,7 @@ def assert_reference_greedy(state, cfg, prompt, continuation, scales=(1.0, 1.0))
     from tests.evals.reference_model import reference_logits
 
     seq = torch.as_tensor(np.concatenate([prompt, continuation]), dtype=torch.long)[None]
-    logits = reference_logits(state, cfg, seq, *scales)[0, len(prompt) - 1:-1, :cfg.vocab_size]
+    logits = reference_logits(state, cfg, seq, *scales)[0, len(prompt) - 1 : -1, : cfg.vocab_size]
     assert logits.argmax(-1).tolist() == list(continuation)
 
 
@@ -131,7 +140,7 @@ def test_make_data_can_ask_several_times_after_the_needle(tmp_path):
         assert 800 <= len(doc) < 2048 and doc.endswith(qa) and doc.count(qa) == 3
         assert doc.count(QUESTION) == 3 and doc.index(qa) > doc.index(NEEDLE.format(key=key))
         # With the questions taken out, what is left is a one-question passkey prompt.
-        assert (doc.replace(qa, "", 2)[:-len(f" {key}.")]).endswith(QUESTION)
+        assert (doc.replace(qa, "", 2)[: -len(f" {key}.")]).endswith(QUESTION)
     with pytest.raises(ValueError, match="min-len"):
         make_data(str(tmp_path / "bad"), n_docs=1, max_len=2048, min_len=300, seed=0, questions=3)
 
@@ -151,8 +160,14 @@ def test_make_data_answer_weight_weighs_exactly_the_answers_key_digits(tmp_path)
         digits = {at + len(QUESTION) + 1 + j for at in range(len(doc)) if doc.startswith(qa, at) for j in range(5)}
         assert len(digits) == 15
         want[tuple(doc.encode("ascii"))] = [10.0 if i + 1 in digits else 1.0 for i in range(len(doc))]
-    cfg = DataConfig(sources=[SourceConfig(str(tmp_path / "w" / "shards"))], global_lanes=2, segment_length=256,
-                     n_segments=8, num_workers=0, shuffle_buffer=1)
+    cfg = DataConfig(
+        sources=[SourceConfig(str(tmp_path / "w" / "shards"))],
+        global_lanes=2,
+        segment_length=256,
+        n_segments=8,
+        num_workers=0,
+        shuffle_buffer=1,
+    )
     batches = run_until_epoch([build_train_loader(cfg, 0, 1)], 1)
     seen = set()
     for lane in range(2):
@@ -175,7 +190,7 @@ def reference_answer_nll(state, cfg, prompt, answer, scales=(1.0, 1.0)):
     from tests.evals.reference_model import reference_logits
 
     seq = torch.as_tensor(np.concatenate([prompt, answer]), dtype=torch.long)[None]
-    logits = reference_logits(state, cfg, seq, *scales)[0, len(prompt) - 1:-1, :cfg.vocab_size]
+    logits = reference_logits(state, cfg, seq, *scales)[0, len(prompt) - 1 : -1, : cfg.vocab_size]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.as_tensor(answer, dtype=torch.long)[:, None])
     return -logprobs.sum().item()
 
@@ -186,8 +201,9 @@ def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
     cfg, state = exported_reference(os.path.join(eval_runs, "export"))
     scales = (KEY_SCALE, QUERY_SCALE) if run == "key_scale" else (1.0, 1.0)
     if run == "ablated":
-        state = {k: torch.full_like(v, float("-inf")) if k.endswith("core_attention.gate") else v
-                 for k, v in state.items()}
+        state = {
+            k: torch.full_like(v, float("-inf")) if k.endswith("core_attention.gate") else v for k, v in state.items()
+        }
     if run == "heads":
         state = dict(state)
         for layer, head in ABLATED_HEADS:
@@ -208,8 +224,9 @@ def test_cli_scores_the_reference_greedy_continuation(eval_runs, run):
         assert_reference_greedy(state, cfg, prompt, row["output_ids"], scales)
         assert row["output"] == bytes(t for t in row["output_ids"] if t < 256).decode("utf-8", errors="replace")
         answer = np.frombuffer(f" {row['key']}".encode(), dtype=np.uint8)
-        assert row["answer_nll"] == pytest.approx(reference_answer_nll(state, cfg, prompt, answer, scales) / 5,
-                                                  rel=LOSS_TOLERANCE)
+        assert row["answer_nll"] == pytest.approx(
+            reference_answer_nll(state, cfg, prompt, answer, scales) / 5, rel=LOSS_TOLERANCE
+        )
         assert row["correct"] == (read_answer(row["output"]) == row["key"])
     for length in ("256", "320"):
         for depth in ("0", "50", "100"):
@@ -229,7 +246,8 @@ def test_half_memory_products_evaluate_in_bf16_close_to_float32(eval_runs):
         with open(os.path.join(eval_runs, run, "passkey.json")) as f:
             runs[run] = json.load(f)["rows"]
     assert [(r["length"], r["depth"], r["key"]) for r in runs["half"]] == [
-        (r["length"], r["depth"], r["key"]) for r in runs["passkey"]]
+        (r["length"], r["depth"], r["key"]) for r in runs["passkey"]
+    ]
     half, bf16, full = (np.array([r["answer_nll"] for r in runs[run]]) for run in ("half", "bf16", "passkey"))
     # The flag reaches the memory: its products round differently from bf16 weights alone.
     assert not np.array_equal(half, bf16)

@@ -16,7 +16,7 @@ def reference_buckets(state, cfg, edges):
     sums, counts = np.zeros(len(edges) + 1), np.zeros(len(edges) + 1)
     for text in TEXTS:
         tokens = torch.tensor([list(text.encode())])
-        logprobs = torch.log_softmax(reference_logits(state, cfg, tokens)[0, :, :cfg.vocab_size], dim=-1)
+        logprobs = torch.log_softmax(reference_logits(state, cfg, tokens)[0, :, : cfg.vocab_size], dim=-1)
         for position in range(1, tokens.shape[1]):
             bucket = sum(position >= e for e in edges)
             sums[bucket] -= logprobs[position - 1, tokens[0, position]].item()
@@ -27,8 +27,9 @@ def reference_buckets(state, cfg, edges):
 @pytest.mark.parametrize("source", ["ppl_text", "ppl_shards"])
 def test_bucket_losses_equal_the_reference(eval_runs, source):
     cfg, state = exported_reference(os.path.join(eval_runs, "export"))
-    ablated = {k: torch.full_like(v, float("-inf")) if k.endswith("core_attention.gate") else v
-               for k, v in state.items()}
+    ablated = {
+        k: torch.full_like(v, float("-inf")) if k.endswith("core_attention.gate") else v for k, v in state.items()
+    }
     edges = [int(e) for e in PPL_BUCKETS.split(",")]
     with open(os.path.join(eval_runs, source, "perplexity.json")) as f:
         result = json.load(f)

@@ -10,21 +10,23 @@ import sys
 import pytest
 import torch
 
-from tests.distributed import run_distributed
 from evals.passkey import HEADER
 from modeling.export import read_export
+from tests.distributed import run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ("model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 model.num_query_groups=2 "
-        "model.ffn_hidden_size=128 model.segment_length=64 data.n_segments=8 "
-        "data.global_lanes=4 data.num_workers=0 parallel.micro_batch_lanes=2 parallel.tensor=2 parallel.pipeline=2 "
-        "schedule.steps=4 schedule.warmup_steps=1 checkpoint.interval=0 logging.interval=1 "
-        "performance.compile_layers=false")
+TINY = (
+    "model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 model.num_query_groups=2 "
+    "model.ffn_hidden_size=128 model.segment_length=64 data.n_segments=8 "
+    "data.global_lanes=4 data.num_workers=0 parallel.micro_batch_lanes=2 parallel.tensor=2 parallel.pipeline=2 "
+    "schedule.steps=4 schedule.warmup_steps=1 checkpoint.interval=0 logging.interval=1 "
+    "performance.compile_layers=false"
+)
 
 
 def checkpoint_worker(rank, world, out):
-    from training.distributed import init_single_process
     from evals.common import load_model
+    from training.distributed import init_single_process
 
     init_single_process()
     _, exported = read_export(os.path.join(out, "export"))
@@ -36,13 +38,32 @@ def checkpoint_worker(rank, world, out):
 @pytest.mark.slow
 def test_passkey_recipe_runs_end_to_end(tmp_path):
     out = str(tmp_path / "passkey")
-    env = dict(os.environ, DOCS="64", MAX_LEN="512", QUESTIONS="2", TRAIN_MINUTES="10", SHORT_MINUTES="5",
-               SHORT_MIN_LEN="230", SHORT_MAX_LEN="300", DATA_ARGS="--distractors 1",
-               SHORT_OVERRIDES="model.segment_length=32", LENGTHS="256,1k",
-               DEPTHS="0,100", TRIALS="2", BATCH="4", TRAIN_OVERRIDES=TINY,
-               LAUNCH=f"{sys.executable} -m torch.distributed.run --nproc-per-node 4")
-    proc = subprocess.run(["bash", "configs/experiments/passkey_run.sh", out], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        DOCS="64",
+        MAX_LEN="512",
+        QUESTIONS="2",
+        TRAIN_MINUTES="10",
+        SHORT_MINUTES="5",
+        SHORT_MIN_LEN="230",
+        SHORT_MAX_LEN="300",
+        DATA_ARGS="--distractors 1",
+        SHORT_OVERRIDES="model.segment_length=32",
+        LENGTHS="256,1k",
+        DEPTHS="0,100",
+        TRIALS="2",
+        BATCH="4",
+        TRAIN_OVERRIDES=TINY,
+        LAUNCH=f"{sys.executable} -m torch.distributed.run --nproc-per-node 4",
+    )
+    proc = subprocess.run(
+        ["bash", "configs/experiments/passkey_run.sh", out],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     for phase in ("train_short", "train"):

@@ -11,12 +11,19 @@ SEGMENT, WHOLE_SEGMENTS, TAIL = 8, 6, 5
 # whose memory it reaches.
 LAYERS, FFN_HIDDEN = 2, 96
 STREAM_DEPTH = LAYERS * (WHOLE_SEGMENTS + 1)
-SPLITS = [[WHOLE_SEGMENTS * SEGMENT + TAIL], [3, 50], [1] * (WHOLE_SEGMENTS * SEGMENT + TAIL), [5, 11, 2, 30, 5],
-          [16, 37]]
-MODELS = {"linear, GQA": {}, "delta, tied embeddings": dict(update="delta", tie_embeddings=True, num_query_groups=4),
-          "delta, memory key scale 2.5, query scale 1.5": dict(update="delta", memory_key_scale=2.5,
-                                                               memory_query_scale=1.5),
-          "linear, learned memory scales times key scale 2": dict(learned_memory_scales=True, memory_key_scale=2.0)}
+SPLITS = [
+    [WHOLE_SEGMENTS * SEGMENT + TAIL],
+    [3, 50],
+    [1] * (WHOLE_SEGMENTS * SEGMENT + TAIL),
+    [5, 11, 2, 30, 5],
+    [16, 37],
+]
+MODELS = {
+    "linear, GQA": {},
+    "delta, tied embeddings": dict(update="delta", tie_embeddings=True, num_query_groups=4),
+    "delta, memory key scale 2.5, query scale 1.5": dict(update="delta", memory_key_scale=2.5, memory_query_scale=1.5),
+    "linear, learned memory scales times key scale 2": dict(learned_memory_scales=True, memory_key_scale=2.0),
+}
 
 
 def _state_numel(stream):
@@ -48,14 +55,14 @@ def worker(rank, world):
             stream = StreamingModel(model, window_segments=2)
             pieces, start = [], 0
             for n in splits:
-                pieces.append(stream.feed(tokens[:, start:start + n]))
+                pieces.append(stream.feed(tokens[:, start : start + n]))
                 start += n
             split_logits.append(torch.cat(pieces, dim=1))
 
         stream = StreamingModel(model, window_segments=2)
         sizes = []
         for t in range(whole):
-            stream.feed(tokens[:, t:t + 1])
+            stream.feed(tokens[:, t : t + 1])
             if t in (2 * SEGMENT + 2, 5 * SEGMENT + 2):
                 sizes.append(_state_numel(stream))
         token_by_token_memory = stream.memory
@@ -65,16 +72,23 @@ def worker(rank, world):
         with memory_ablated(model):
             ablated_stream = StreamingModel(model, window_segments=4).feed(tokens)
             with torch.no_grad(), megatron_on_cpu():
-                per_segment = torch.cat([model(tokens[:, s:s + SEGMENT])[0] for s in range(0, whole, SEGMENT)], dim=1)
+                per_segment = torch.cat([model(tokens[:, s : s + SEGMENT])[0] for s in range(0, whole, SEGMENT)], dim=1)
             ablated_state = full_state(model)
         results[name] = dict(
-            one_call=one_call, one_call_memory=one_call_memory, split_logits=split_logits,
-            token_by_token_memory=token_by_token_memory, sizes=sizes, scored=scored,
-            ablated_stream=ablated_stream, per_segment=per_segment,
+            one_call=one_call,
+            one_call_memory=one_call_memory,
+            split_logits=split_logits,
+            token_by_token_memory=token_by_token_memory,
+            sizes=sizes,
+            scored=scored,
+            ablated_stream=ablated_stream,
+            per_segment=per_segment,
             reference=reference_logits(gate_before, cfg, tokens, *scales),
             ablated_reference=reference_logits(ablated_state, cfg, tokens, *scales),
             gates_restored=all(torch.equal(gate_before[k], v) for k, v in full_state(model).items()),
-            tokens=tokens, vocab=cfg.vocab_size)
+            tokens=tokens,
+            vocab=cfg.vocab_size,
+        )
     return results
 
 
@@ -89,8 +103,9 @@ def test_any_split_of_the_stream_equals_one_call(results, name):
     whole = WHOLE_SEGMENTS * SEGMENT
     for splits, logits in zip(SPLITS, r["split_logits"]):
         assert logits.shape == (2, whole + TAIL, r["one_call"].shape[-1])
-        assert_close(logits[:, :whole], r["one_call"], torch.float32, FFN_HIDDEN, STREAM_DEPTH,
-                     what=f"splits {splits[:4]}")
+        assert_close(
+            logits[:, :whole], r["one_call"], torch.float32, FFN_HIDDEN, STREAM_DEPTH, what=f"splits {splits[:4]}"
+        )
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -119,7 +134,7 @@ def test_state_does_not_grow_with_the_stream(results, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_score_is_the_reference_log_probability_of_the_next_token(results, name):
     r = results[name]
-    logprobs = torch.log_softmax(r["reference"][..., :r["vocab"]], dim=-1)
+    logprobs = torch.log_softmax(r["reference"][..., : r["vocab"]], dim=-1)
     want = logprobs[:, :-1].gather(-1, r["tokens"][:, 1:, None]).squeeze(-1)
     assert_close(r["scored"], want, torch.float32, FFN_HIDDEN, STREAM_DEPTH)
 

@@ -18,8 +18,9 @@ def slurmctld_up() -> bool:
 def slurm_cluster():
     """The real 2-node SLURM cluster of ../shared/slurm; stopped afterwards unless it was already up."""
     was_up = slurmctld_up()
-    start = subprocess.run(["bash", os.path.join(SLURM_SCRIPTS, "start-slurm.sh")], capture_output=True, text=True,
-                           timeout=600)
+    start = subprocess.run(
+        ["bash", os.path.join(SLURM_SCRIPTS, "start-slurm.sh")], capture_output=True, text=True, timeout=600
+    )
     assert start.returncode == 0, f"start-slurm.sh failed:\n{start.stdout[-3000:]}\n{start.stderr[-3000:]}"
     yield
     if not was_up:

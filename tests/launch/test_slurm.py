@@ -29,8 +29,9 @@ def overrides(shards, run_dir, **extra):
 
 
 def launcher(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "launch.slurm", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.slurm", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def submit(config, args):
@@ -80,8 +81,11 @@ def metrics_steps(run_dir):
 
 
 def losses(run_dir):
-    return [(line["step"], line["loss"]) for line in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl")))
-            if "loss" in line]
+    return [
+        (line["step"], line["loss"])
+        for line in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl")))
+        if "loss" in line
+    ]
 
 
 def wandb_records(path):
@@ -95,8 +99,8 @@ def wandb_records(path):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pending += data[pos + 7:pos + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST fragment
             record = wandb_internal_pb2.Record()
@@ -109,8 +113,9 @@ def history_rows(path):
     rows = []
     for record in wandb_records(path):
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
     return rows
 
 
@@ -131,9 +136,27 @@ def straight_job(slurm_cluster, stdlib_shards, tiny_config, tmp_path_factory):
 
 def test_dry_run_renders_a_4x8_gpu_job(tmp_path):
     run_dir = str(tmp_path / "big")
-    result = launcher("submit", "--config", "configs/gpu_125m.yaml", "--nodes", "4", "--gpus-per-node", "8",
-                      "--partition", "gpu", "--account", "llm", "--time", "24:00:00", "--qos", "high", "--dry-run",
-                      f"run_dir={run_dir}", "parallel.tensor=4", "data.sources=[{path: /data/web}]")
+    result = launcher(
+        "submit",
+        "--config",
+        "configs/gpu_125m.yaml",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "gpu",
+        "--account",
+        "llm",
+        "--time",
+        "24:00:00",
+        "--qos",
+        "high",
+        "--dry-run",
+        f"run_dir={run_dir}",
+        "parallel.tensor=4",
+        "data.sources=[{path: /data/web}]",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     script = result.stdout
     directives = [line for line in script.splitlines() if line.startswith("#SBATCH")]
@@ -151,11 +174,24 @@ def test_dry_run_renders_a_4x8_gpu_job(tmp_path):
         "#SBATCH --open-mode=append",
         f"#SBATCH --output={run_dir}/slurm-%j.out",
     ]
-    srun = shlex.split(script[script.index("\nsrun "):script.index(" &\n")].replace("\\\n", " "))
-    assert srun == ["srun", "--nodes=4", "--ntasks-per-node=8", "--kill-on-bad-exit=1",
-                    sys.executable, "-m", "training.train", "--config", os.path.join(REPO, "configs", "gpu_125m.yaml"),
-                    "--stopped-exit-code", "0", "parallel.tensor=4", "data.sources=[{path: /data/web}]",
-                    f"run_dir={run_dir}", "$resume"]
+    srun = shlex.split(script[script.index("\nsrun ") : script.index(" &\n")].replace("\\\n", " "))
+    assert srun == [
+        "srun",
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--kill-on-bad-exit=1",
+        sys.executable,
+        "-m",
+        "training.train",
+        "--config",
+        os.path.join(REPO, "configs", "gpu_125m.yaml"),
+        "--stopped-exit-code",
+        "0",
+        "parallel.tensor=4",
+        "data.sources=[{path: /data/web}]",
+        f"run_dir={run_dir}",
+        "$resume",
+    ]
     assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
     assert "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))" in script
     assert 'export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"' in script
@@ -167,8 +203,18 @@ def test_dry_run_renders_a_4x8_gpu_job(tmp_path):
 
 def test_first_start_resumes_or_starts_over_as_asked_and_a_requeued_one_resumes(tmp_path):
     def first_and_requeued(*extra):
-        result = launcher("submit", "--config", "configs/gpu_125m.yaml", "--nodes", "1", "--gpus-per-node", "8",
-                          "--dry-run", f"run_dir={tmp_path / 'run'}", *extra)
+        result = launcher(
+            "submit",
+            "--config",
+            "configs/gpu_125m.yaml",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "8",
+            "--dry-run",
+            f"run_dir={tmp_path / 'run'}",
+            *extra,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         lines = result.stdout.splitlines()
         first = next(line for line in lines if line.startswith("resume="))
@@ -180,14 +226,17 @@ def test_first_start_resumes_or_starts_over_as_asked_and_a_requeued_one_resumes(
     requeued = 'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then resume=checkpoint.resume=auto; fi'
     assert first_and_requeued() == ("resume=checkpoint.resume=auto", requeued)
     assert first_and_requeued("checkpoint.resume=/ckpt/step_00000100") == (
-        "resume=checkpoint.resume=/ckpt/step_00000100", requeued)
+        "resume=checkpoint.resume=/ckpt/step_00000100",
+        requeued,
+    )
     # Starting over applies to the first start only: a requeued start must not remove the job's own checkpoints.
     assert first_and_requeued("checkpoint.start_over=true") == ("resume=checkpoint.start_over=true", requeued)
 
 
 def test_dry_run_rejects_a_layout_the_config_cannot_split():
-    result = launcher("submit", "--config", "configs/gpu_125m.yaml", "--nodes", "4", "--gpus-per-node", "8",
-                      "--dry-run")
+    result = launcher(
+        "submit", "--config", "configs/gpu_125m.yaml", "--nodes", "4", "--gpus-per-node", "8", "--dry-run"
+    )
     assert result.returncode == 2
     assert "data.global_lanes (8) must be divisible by the data-parallel size (32)" in result.stderr
 
@@ -211,8 +260,7 @@ def test_two_node_gloo_job_completes(straight_job, stdlib_shards, tiny_config, t
 
     # The same run started by plain processes (no SLURM) gives the same losses, bitwise: the same layout and one
     # thread a process on both sides (the job's OMP_NUM_THREADS, run_distributed's), so the same sums in order.
-    reference = run_distributed(losses_worker, 2, overrides(stdlib_shards, str(tmp_path / "reference")),
-                                tiny_config)[0]
+    reference = run_distributed(losses_worker, 2, overrides(stdlib_shards, str(tmp_path / "reference")), tiny_config)[0]
     assert losses(run_dir) == reference
 
     status = launcher("status", job_id)
@@ -222,8 +270,14 @@ def test_two_node_gloo_job_completes(straight_job, stdlib_shards, tiny_config, t
 
 def test_preemption_requeues_and_resumes_in_one_wandb_run(straight_job, stdlib_shards, tiny_config, tmp_path):
     run_dir = str(tmp_path / "run")
-    job_id = submit(tiny_config, overrides(stdlib_shards, run_dir, **{
-        "logging.wandb.mode": "offline", "logging.wandb.gate_heatmap_interval": HEATMAP_INTERVAL}))
+    job_id = submit(
+        tiny_config,
+        overrides(
+            stdlib_shards,
+            run_dir,
+            **{"logging.wandb.mode": "offline", "logging.wandb.gate_heatmap_interval": HEATMAP_INTERVAL},
+        ),
+    )
     wait_until(lambda: metrics_steps(run_dir), 300, "the first training step", run_dir, job_id)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)  # what --signal=B:USR1@T sends
     fields = wait_for_end(run_dir, job_id)
@@ -244,12 +298,13 @@ def test_preemption_requeues_and_resumes_in_one_wandb_run(straight_job, stdlib_s
     # One W&B run across both starts: an offline run dir per start, one run id, steps continuing.
     files = sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb")))
     assert len(files) == 2
-    ids = {os.path.basename(path)[len("run-"):-len(".wandb")] for path in files}
+    ids = {os.path.basename(path)[len("run-") : -len(".wandb")] for path in files}
     run_records = [r.run for path in files for r in wandb_records(path) if r.WhichOneof("record_type") == "run"]
     assert len(ids) == 1 and {r.run_id for r in run_records} == ids
     assert {r.display_name for r in run_records} == {"run"}  # the run directory's name
-    saved_id = torch.load(os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}", "rank_00000.pt"),
-                          weights_only=False)["wandb_run_id"]
+    saved_id = torch.load(
+        os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}", "rank_00000.pt"), weights_only=False
+    )["wandb_run_id"]
     assert ids == {saved_id}
     config = {item.key: json.loads(item.value_json) for item in run_records[0].config.update}
     assert config["run_dir"] == run_dir and config["model"]["hidden_size"] == 32
@@ -260,8 +315,16 @@ def test_preemption_requeues_and_resumes_in_one_wandb_run(straight_job, stdlib_s
     rows = starts[0] + starts[1]
     assert [(row["_step"], row["loss"]) for row in rows] == losses(straight_job[0])
     for row in rows:
-        for key in ("lr", "grad_norm", "tokens_per_s", "padding_fraction", "skipped_steps", "gate_mean",
-                    "memory_max_norm", *(f"gate/layer_{i}" for i in range(4))):
+        for key in (
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "padding_fraction",
+            "skipped_steps",
+            "gate_mean",
+            "memory_max_norm",
+            *(f"gate/layer_{i}" for i in range(4)),
+        ):
             assert key in row, (row["_step"], key)
     assert [row["_step"] for row in rows if "checkpoint/step" in row] == [stop, STEPS]
     heatmaps = [row for row in rows if "gate/heatmap/_type" in row]
@@ -276,8 +339,9 @@ def test_preemption_requeues_and_resumes_in_one_wandb_run(straight_job, stdlib_s
 def test_cancel_checkpoints_and_does_not_requeue(slurm_cluster, stdlib_shards, tiny_config, tmp_path):
     run_dir = str(tmp_path / "run")
     # W&B on: SIGTERM reaches its service process too, and the checkpoint must not depend on it.
-    job_id = submit(tiny_config, overrides(stdlib_shards, run_dir, **{"schedule.steps": 100000,
-                                                                       "logging.wandb.mode": "offline"}))
+    job_id = submit(
+        tiny_config, overrides(stdlib_shards, run_dir, **{"schedule.steps": 100000, "logging.wandb.mode": "offline"})
+    )
     wait_until(lambda: metrics_steps(run_dir), 300, "the first training step", run_dir, job_id)
     assert launcher("cancel", job_id).returncode == 0
     fields = wait_for_end(run_dir, job_id)
@@ -300,21 +364,29 @@ def test_usr1_to_the_ranks_requeues_and_resumes(straight_job, stdlib_shards, tin
     fields = wait_for_end(run_dir, job_id, timeout=600)
     log = log_of(run_dir, job_id)
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), log
-    stop = next(json.loads(line)["checkpoint/step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))
-                if "checkpoint/step" in line)
+    stop = next(
+        json.loads(line)["checkpoint/step"]
+        for line in open(os.path.join(run_dir, "metrics.jsonl"))
+        if "checkpoint/step" in line
+    )
     assert 1 <= stop < STEPS
     assert f"training stopped by USR1 at step {stop}" in log and "training finished" in log
-    assert outcome(run_dir) == {"outcome": "finished", "signal": None, "start_step": stop, "step": STEPS,
-                                "checkpoint": os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}")}
+    assert outcome(run_dir) == {
+        "outcome": "finished",
+        "signal": None,
+        "start_step": stop,
+        "step": STEPS,
+        "checkpoint": os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}"),
+    }
     assert losses(run_dir) == losses(straight_job[0])
 
 
-def test_starts_stopped_before_their_first_step_are_not_requeued_forever(slurm_cluster, stdlib_shards, tiny_config,
-                                                                       tmp_path):
+def test_starts_stopped_before_their_first_step_are_not_requeued_forever(
+    slurm_cluster, stdlib_shards, tiny_config, tmp_path
+):
     run_dir = str(tmp_path / "run")
     job_id = submit(tiny_config, ["--max-requeues-without-progress", "0", *overrides(stdlib_shards, run_dir)])
-    wait_until(lambda: f"job {job_id} (restart 0)" in log_of(run_dir, job_id), 300, "the batch script", run_dir,
-               job_id)
+    wait_until(lambda: f"job {job_id} (restart 0)" in log_of(run_dir, job_id), 300, "the batch script", run_dir, job_id)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)  # while the ranks start
     fields = wait_for_end(run_dir, job_id)
     log = log_of(run_dir, job_id)

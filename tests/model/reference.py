@@ -5,8 +5,20 @@ import math
 import torch
 
 
-def reference_infini_attention(q, k, v, gate, memory=None, *, segment_length, update="linear",
-                               reset=None, rotary_pos_emb=None, memory_key_scale=1.0, memory_query_scale=1.0):
+def reference_infini_attention(
+    q,
+    k,
+    v,
+    gate,
+    memory=None,
+    *,
+    segment_length,
+    update="linear",
+    reset=None,
+    rotary_pos_emb=None,
+    memory_key_scale=1.0,
+    memory_query_scale=1.0,
+):
     """Straight from the paper's equations; every tensor in float64, one segment at a time. The memory
     is written with sigma(memory_key_scale * k) and read with sigma(memory_query_scale * q); each scale
     a number or a tensor of one per head (KV heads for keys, query heads for queries)."""
@@ -58,7 +70,7 @@ def reference_infini_attention(q, k, v, gate, memory=None, *, segment_length, up
             local = torch.softmax(scores, dim=-1) @ vs[:, kv]
             sq = sig(query_scales[head] * qs[:, head])
             num = sq @ M[:, kv]
-            den = (sq @ z[:, kv].unsqueeze(-1))
+            den = sq @ z[:, kv].unsqueeze(-1)
             mem = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
             w = torch.sigmoid(gate[head])
             seg_out[:, head] = w * mem + (1 - w) * local
@@ -69,8 +81,9 @@ def reference_infini_attention(q, k, v, gate, memory=None, *, segment_length, up
         else:
             num = sk @ M
             den = sk @ z.unsqueeze(-1)
-            retrieved = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
-                                    torch.zeros_like(num))
+            retrieved = torch.where(
+                den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num)
+            )
             M = M + sk.transpose(-1, -2) @ (vs - retrieved)
         z = z + sk.sum(dim=2)
     return torch.cat(outputs, dim=2), (M, z)

@@ -20,8 +20,14 @@ def worker(rank, world):
     init_distributed()
     init_model_parallel(1, 1)
     torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
-                      segment_length=SEGMENT, update="linear")
+    cfg = ModelConfig(
+        num_layers=1,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        num_query_groups=GROUPS,
+        segment_length=SEGMENT,
+        update="linear",
+    )
     model = build_model(build_transformer_config(cfg), cfg.padded_vocab_size())
     attention = model.decoder.layers[0].self_attention
     with torch.no_grad():
@@ -32,9 +38,17 @@ def worker(rank, world):
     with megatron_on_cpu(), torch.no_grad():
         rotary = model.rotary_pos_emb(SEGMENT)
         out, bias, new_memory = attention(x, rotary_pos_emb=rotary, memory=memory, reset=reset)
-    return dict(x=x, out=out, M=new_memory.M, memory=memory, reset=reset, rotary=rotary,
-                qkv=attention.linear_qkv.weight.detach().clone(), proj=attention.linear_proj.weight.detach().clone(),
-                gate=attention.core_attention.gate.detach().clone())
+    return dict(
+        x=x,
+        out=out,
+        M=new_memory.M,
+        memory=memory,
+        reset=reset,
+        rotary=rotary,
+        qkv=attention.linear_qkv.weight.detach().clone(),
+        proj=attention.linear_proj.weight.detach().clone(),
+        gate=attention.core_attention.gate.detach().clone(),
+    )
 
 
 def test_attention_module_matches_hand_built_reference():
@@ -44,14 +58,23 @@ def test_attention_module_matches_hand_built_reference():
     # megatron's fused QKV rows: for each KV group, its query heads, then its key, then its value.
     w = r["qkv"].double().view(GROUPS, (per_group + 2) * d, HIDDEN)
     wq = w[:, : per_group * d].reshape(HEADS * d, HIDDEN)
-    wk = w[:, per_group * d: (per_group + 1) * d].reshape(GROUPS * d, HIDDEN)
-    wv = w[:, (per_group + 1) * d:].reshape(GROUPS * d, HIDDEN)
+    wk = w[:, per_group * d : (per_group + 1) * d].reshape(GROUPS * d, HIDDEN)
+    wv = w[:, (per_group + 1) * d :].reshape(GROUPS * d, HIDDEN)
     x = r["x"].double().transpose(0, 1)  # [b, s, h]
     q = (x @ wq.T).view(B, S, HEADS, d).transpose(1, 2)
     k = (x @ wk.T).view(B, S, GROUPS, d).transpose(1, 2)
     v = (x @ wv.T).view(B, S, GROUPS, d).transpose(1, 2)
-    ref, (ref_M, _) = reference_infini_attention(q, k, v, r["gate"], r["memory"], segment_length=SEGMENT,
-                                                 update="linear", reset=r["reset"], rotary_pos_emb=r["rotary"])
+    ref, (ref_M, _) = reference_infini_attention(
+        q,
+        k,
+        v,
+        r["gate"],
+        r["memory"],
+        segment_length=SEGMENT,
+        update="linear",
+        reset=r["reset"],
+        rotary_pos_emb=r["rotary"],
+    )
     ref_out = ref.transpose(1, 2).reshape(B, S, HEADS * d) @ r["proj"].double().T
     # float32 against float64: the QKV projection, attention and memory, the output projection.
     assert_close(r["out"], ref_out.transpose(0, 1), torch.float32, max(HIDDEN, S), depth=3)

@@ -22,8 +22,10 @@ def worker(rank, world, chunk, compile_loss=False):
     init_distributed()
     init_model_parallel(1, 1)
     cfg = ModelConfig(num_layers=2, segment_length=8)
-    model = build_model(build_transformer_config(cfg, infini_loss_chunk_tokens=chunk,
-                                                   infini_compile_loss=compile_loss), cfg.padded_vocab_size())
+    model = build_model(
+        build_transformer_config(cfg, infini_loss_chunk_tokens=chunk, infini_compile_loss=compile_loss),
+        cfg.padded_vocab_size(),
+    )
     init_weights(model, 3)
     ids = torch.randint(0, 258, (2, TOKENS // 2), generator=torch.Generator().manual_seed(0))
     with megatron_on_cpu():

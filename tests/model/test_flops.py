@@ -6,8 +6,16 @@ from tests.distributed import run_distributed
 
 CONFIGS = [
     ModelConfig(),
-    ModelConfig(num_layers=3, hidden_size=48, num_attention_heads=6, num_query_groups=2, qk_layernorm=True,
-                tie_embeddings=True, vocab_size=1000, update="delta"),
+    ModelConfig(
+        num_layers=3,
+        hidden_size=48,
+        num_attention_heads=6,
+        num_query_groups=2,
+        qk_layernorm=True,
+        tie_embeddings=True,
+        vocab_size=1000,
+        update="delta",
+    ),
 ]
 
 
@@ -28,8 +36,14 @@ def test_parameter_count_matches_the_built_model(cfg):
 
 
 def test_flops_follow_the_6N_plus_attention_convention_plus_memory():
-    cfg = ModelConfig(num_layers=24, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5504,
-                      vocab_size=32000, segment_length=2048)
+    cfg = ModelConfig(
+        num_layers=24,
+        hidden_size=2048,
+        num_attention_heads=16,
+        ffn_hidden_size=5504,
+        vocab_size=32000,
+        segment_length=2048,
+    )
     total, _ = count_parameters(cfg)
     embedding = cfg.padded_vocab_size() * cfg.hidden_size
     norms_and_gates = cfg.num_layers * (2 * cfg.hidden_size + 16) + cfg.hidden_size  # no matmuls

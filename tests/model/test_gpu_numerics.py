@@ -18,8 +18,12 @@ from tests.model.reference import reference_infini_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 # Several units of the last place of the compute dtype (float32: 2^-24, bf16: 2^-8), with room for the
 # reductions over a 64-token segment, 64 head dimensions and four segments of memory.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-2}
@@ -38,8 +42,9 @@ def inputs():
     # megatron's layout [t, b, h, d], permuted to [b, h, t, d] as InfiniSelfAttention does.
     q, k, v = (torch.randn(t, b, h, d, dtype=torch.float64) for _ in range(3))
     gate = torch.randn(h, dtype=torch.float64)
-    angles = torch.outer(torch.arange(n, dtype=torch.float32),
-                         1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    angles = torch.outer(
+        torch.arange(n, dtype=torch.float32), 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    )
     rope = torch.cat([angles, angles], dim=-1).view(n, 1, 1, d)
     reset = torch.zeros(b, s, dtype=torch.bool)
     reset[1, s // 2] = True
@@ -53,16 +58,20 @@ def references(inputs):
     for update in ("linear", "delta"):
         leaves = [inputs[x].permute(1, 2, 0, 3).clone().requires_grad_() for x in "qkv"]
         leaves.append(inputs["gate"].clone().requires_grad_())
-        ref_out, _ = reference_infini_attention(*leaves, segment_length=SEGMENT, update=update, reset=inputs["reset"],
-                                                rotary_pos_emb=inputs["rope"])
+        ref_out, _ = reference_infini_attention(
+            *leaves, segment_length=SEGMENT, update=update, reset=inputs["reset"], rotary_pos_emb=inputs["rope"]
+        )
         ref_out.backward(inputs["out_grad"])
         out[update] = [ref_out.detach()] + [x.grad for x in leaves]
     return out
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("dtype,half_products", [(torch.float32, False), (torch.bfloat16, False),
-                                                 (torch.bfloat16, True)], ids=["fp32", "bf16", "bf16-half-products"])
+@pytest.mark.parametrize(
+    "dtype,half_products",
+    [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+    ids=["fp32", "bf16", "bf16-half-products"],
+)
 @pytest.mark.parametrize("update", ["linear", "delta"])
 def test_matches_the_float64_reference(inputs, references, update, dtype, half_products, backend, monkeypatch):
     dev = torch.device("cuda")
@@ -70,13 +79,20 @@ def test_matches_the_float64_reference(inputs, references, update, dtype, half_p
     xs = [inputs[x].to(dev, dtype).requires_grad_() for x in "qkv"]
     gate = inputs["gate"].to(dev, torch.float32).requires_grad_()
     try:
-        out, _ = ia.infini_attention(*(x.permute(1, 2, 0, 3) for x in xs), gate, segment_length=SEGMENT,
-                                     update=update, reset=inputs["reset"].to(dev),
-                                     rotary_pos_emb=inputs["rope"].to(dev), half_memory_products=half_products)
+        out, _ = ia.infini_attention(
+            *(x.permute(1, 2, 0, 3) for x in xs),
+            gate,
+            segment_length=SEGMENT,
+            update=update,
+            reset=inputs["reset"].to(dev),
+            rotary_pos_emb=inputs["rope"].to(dev),
+            half_memory_products=half_products,
+        )
         out.backward(inputs["out_grad"].to(dev, out.dtype))
     except RuntimeError as error:
         pytest.skip(f"{backend} SDPA is not available for {dtype}: {str(error).splitlines()[0][:80]}")
     got = [out.detach()] + [x.grad.permute(1, 2, 0, 3) for x in xs] + [gate.grad]
-    errors = {name: relative_error(x, w) for name, x, w in zip(("output", "dq", "dk", "dv", "dgate"), got,
-                                                                 references[update])}
+    errors = {
+        name: relative_error(x, w) for name, x, w in zip(("output", "dq", "dk", "dv", "dgate"), got, references[update])
+    }
     assert max(errors.values()) < TOLERANCE[dtype], errors

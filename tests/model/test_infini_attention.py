@@ -74,14 +74,22 @@ def test_matches_float64_reference_values_and_gradients(case):
         ref_inputs += [s.double().requires_grad_() for s in per_head_scales(groups)]
         scales, ref_scales = dict(zip(names, inputs[4:])), dict(zip(names, ref_inputs[4:]))
     else:
-        scales = ref_scales = dict(memory_key_scale=case.get("key_scale", 1.0),
-                                   memory_query_scale=case.get("query_scale", 1.0))
-    out, (M, z) = infini_attention(*inputs[:4], mem_in, segment_length=N, update=case["update"], reset=reset,
-                                   rotary_pos_emb=rope, **scales)
+        scales = ref_scales = dict(
+            memory_key_scale=case.get("key_scale", 1.0), memory_query_scale=case.get("query_scale", 1.0)
+        )
+    out, (M, z) = infini_attention(
+        *inputs[:4], mem_in, segment_length=N, update=case["update"], reset=reset, rotary_pos_emb=rope, **scales
+    )
     ref_mem = tuple(m.double().clone().requires_grad_() for m in memory) if memory else None
-    ref_out, (ref_M, ref_z) = reference_infini_attention(*ref_inputs[:4], ref_mem, segment_length=N,
-                                                         update=case["update"], reset=reset, rotary_pos_emb=rope,
-                                                         **ref_scales)
+    ref_out, (ref_M, ref_z) = reference_infini_attention(
+        *ref_inputs[:4],
+        ref_mem,
+        segment_length=N,
+        update=case["update"],
+        reset=reset,
+        rotary_pos_emb=rope,
+        **ref_scales,
+    )
     assert M.dtype == torch.float32 and z.dtype == torch.float32
     # float32 against float64: all tokens summed into the memory, then read (forward), and back (gradients).
     forward = tolerance(torch.float32, q.shape[2], depth=2)
@@ -120,12 +128,23 @@ def test_gradcheck_float64_with_per_head_scales(update):
     reset = torch.tensor([[False, True, False], [False, False, False]])
 
     def fn(q, k, v, gate, M, z, key_scale, query_scale):
-        out, memory = infini_attention(q, k, v, gate, (M, z), segment_length=N, update=update, reset=reset,
-                                       memory_key_scale=key_scale, memory_query_scale=query_scale)
+        out, memory = infini_attention(
+            q,
+            k,
+            v,
+            gate,
+            (M, z),
+            segment_length=N,
+            update=update,
+            reset=reset,
+            memory_key_scale=key_scale,
+            memory_query_scale=query_scale,
+        )
         return out, memory.M, memory.z
 
-    assert torch.autograd.gradcheck(fn, (q, k, v, gate, M, z, key_scale, query_scale), eps=1e-6, atol=1e-5,
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(
+        fn, (q, k, v, gate, M, z, key_scale, query_scale), eps=1e-6, atol=1e-5, fast_mode=True
+    )
 
 
 @pytest.mark.parametrize("update", ["linear", "delta"])
@@ -134,8 +153,9 @@ def test_carrying_memory_across_calls_equals_one_call(update):
     whole, mem_whole = infini_attention(q, k, v, gate, segment_length=N, update=update)
     half = 4 * N
     first, mem = infini_attention(q[:, :, :half], k[:, :, :half], v[:, :, :half], gate, segment_length=N, update=update)
-    second, mem_split = infini_attention(q[:, :, half:], k[:, :, half:], v[:, :, half:], gate, mem,
-                                         segment_length=N, update=update)
+    second, mem_split = infini_attention(
+        q[:, :, half:], k[:, :, half:], v[:, :, half:], gate, mem, segment_length=N, update=update
+    )
     tokens = q.shape[2]
     assert_close(torch.cat([first, second], dim=2), whole, torch.float32, tokens, depth=2)
     assert_close(mem_split.M, mem_whole.M, torch.float32, tokens)
@@ -150,8 +170,9 @@ def test_reset_equals_fresh_call_from_that_segment(update):
     reset[:, s] = True
     out, mem = infini_attention(q, k, v, gate, make_memory(), segment_length=N, update=update, reset=reset)
     tail = slice(s * N, None)
-    fresh, fresh_mem = infini_attention(q[:, :, tail], k[:, :, tail], v[:, :, tail], gate,
-                                        segment_length=N, update=update)
+    fresh, fresh_mem = infini_attention(
+        q[:, :, tail], k[:, :, tail], v[:, :, tail], gate, segment_length=N, update=update
+    )
     tokens = q.shape[2]
     assert_close(out[:, :, tail], fresh, torch.float32, tokens, depth=2)
     assert_close(mem.M, fresh_mem.M, torch.float32, tokens)
@@ -164,7 +185,7 @@ def test_reset_only_touches_its_row():
     without, _ = infini_attention(q, k, v, gate, make_memory(), segment_length=N)
     # The same kernels on the same shapes: the other row's reset cannot change this row's rounding.
     assert torch.equal(with_reset[1], without[1])
-    assert not torch.allclose(with_reset[0, :, 2 * N:], without[0, :, 2 * N:])
+    assert not torch.allclose(with_reset[0, :, 2 * N :], without[0, :, 2 * N :])
 
 
 def block_local_causal(q, k, v):
@@ -173,7 +194,7 @@ def block_local_causal(q, k, v):
     t = q.shape[2]
     pos = torch.arange(t)
     allowed = (pos[:, None] >= pos[None, :]) & (pos[:, None] // N == pos[None, :] // N)
-    scores = (q @ k.transpose(-1, -2)) / D ** 0.5
+    scores = (q @ k.transpose(-1, -2)) / D**0.5
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
 
 
@@ -279,8 +300,10 @@ def test_core_attention_module_passes_the_products_setting(half_products):
     from modeling.config import ModelConfig, build_transformer_config
     from modeling.layers import InfiniCoreAttention
 
-    config = build_transformer_config(ModelConfig(num_attention_heads=H, num_query_groups=G, segment_length=N),
-                                      infini_half_memory_products=half_products)
+    config = build_transformer_config(
+        ModelConfig(num_attention_heads=H, num_query_groups=G, segment_length=N),
+        infini_half_memory_products=half_products,
+    )
     module = InfiniCoreAttention(config, 1, AttnMaskType.causal, "self")
     q, k, v, _ = make_inputs(3)
     q, k, v = (x.bfloat16() for x in (q, k, v))

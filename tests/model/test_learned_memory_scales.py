@@ -15,8 +15,10 @@ def core_module(learned: bool, **config_overrides):
     from modeling.config import ModelConfig, build_transformer_config
     from modeling.layers import InfiniCoreAttention
 
-    config = build_transformer_config(ModelConfig(num_attention_heads=H, num_query_groups=G, segment_length=N,
-                                                  learned_memory_scales=learned), **config_overrides)
+    config = build_transformer_config(
+        ModelConfig(num_attention_heads=H, num_query_groups=G, segment_length=N, learned_memory_scales=learned),
+        **config_overrides,
+    )
     return InfiniCoreAttention(config, 1, AttnMaskType.causal, "self")
 
 
@@ -49,9 +51,14 @@ def test_learned_scales_times_evaluation_scales_match_float64_reference(update):
     ref_inputs = [x.double().requires_grad_() for x in (q, k, v)]
     ref_params = {name: p.detach().double().requires_grad_() for name, p in module.named_parameters()}
     ref_out, (ref_M, ref_z) = reference_infini_attention(
-        *ref_inputs, ref_params["gate"], tuple(m.double() for m in memory), segment_length=N, update=update,
+        *ref_inputs,
+        ref_params["gate"],
+        tuple(m.double() for m in memory),
+        segment_length=N,
+        update=update,
         memory_key_scale=1.5 * ref_params["memory_key_log_scale"].exp(),
-        memory_query_scale=0.75 * ref_params["memory_query_log_scale"].exp())
+        memory_query_scale=0.75 * ref_params["memory_query_log_scale"].exp(),
+    )
     # float32 against float64: all tokens summed into the memory, then read (forward), and back (gradients).
     forward, backward = tolerance(torch.float32, q.shape[2], depth=2), tolerance(torch.float32, q.shape[2], depth=4)
     assert rel_err(out, ref_out) < forward and rel_err(M, ref_M) < forward and rel_err(z, ref_z) < forward
@@ -82,8 +89,9 @@ def test_gradcheck_float64_through_the_log_scales(update):
     assert torch.autograd.gradcheck(fn, (q, k, v, *log_scales), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-@pytest.mark.parametrize("dtype, half_products", [(torch.float32, False), (torch.bfloat16, False),
-                                                  (torch.bfloat16, True)])
+@pytest.mark.parametrize(
+    "dtype, half_products", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
 def test_scales_of_one_are_the_papers_read_bit_for_bit(dtype, half_products):
     """Switch on at initialisation (scales exactly 1) against switch off: outputs, memories and the
     inputs' gradients equal bitwise."""
@@ -127,8 +135,15 @@ def model_worker(rank, world, tp):
     tokens = torch.randint(0, 200, (2, 3 * N), generator=torch.Generator().manual_seed(0))
     results = {}
     for learned in (False, True):
-        cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=H, num_query_groups=G,
-                          ffn_hidden_size=64, segment_length=N, learned_memory_scales=learned)
+        cfg = ModelConfig(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=H,
+            num_query_groups=G,
+            ffn_hidden_size=64,
+            segment_length=N,
+            learned_memory_scales=learned,
+        )
         model = build_model(build_transformer_config(cfg, tensor_parallel_size=tp), cfg.padded_vocab_size(tp))
         init_weights(model, seed=7)
         with megatron_on_cpu():
@@ -154,8 +169,11 @@ def tp1_models():
 def test_init_gives_scales_of_exactly_one_and_leaves_every_other_weight_as_without(tp1_models):
     off, on = tp1_models[False], tp1_models[True]
     scales = {n: t for n, t in on["weights"].items() if "log_scale" in n}
-    assert sorted(scales) == sorted(f"decoder.layers.{i}.self_attention.core_attention.memory_{kind}_log_scale"
-                                    for i in range(2) for kind in ("key", "query"))
+    assert sorted(scales) == sorted(
+        f"decoder.layers.{i}.self_attention.core_attention.memory_{kind}_log_scale"
+        for i in range(2)
+        for kind in ("key", "query")
+    )
     for name, log_scale in scales.items():
         assert log_scale.shape == ((G,) if "key" in name else (H,))
         assert torch.equal(log_scale.exp(), torch.ones_like(log_scale)), name

@@ -18,18 +18,28 @@ BACKWARD_DEPTH = 2 * LAYERS * WINDOWS
 def model_config():
     from modeling.config import ModelConfig
 
-    return ModelConfig(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2,
-                       ffn_hidden_size=96, vocab_size=258, segment_length=SEGMENT, update="delta",
-                       gate_init=0.3)
+    return ModelConfig(
+        num_layers=LAYERS,
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=96,
+        vocab_size=258,
+        segment_length=SEGMENT,
+        update="delta",
+        gate_init=0.3,
+    )
 
 
 def windows():
     gen = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, 258, (BATCH, WINDOWS * N_SEGMENTS * SEGMENT + 1), generator=gen)
-    resets = [torch.tensor([[True, False, False], [True, False, False]]),
-              torch.tensor([[False, False, False], [False, True, False]])]
+    resets = [
+        torch.tensor([[True, False, False], [True, False, False]]),
+        torch.tensor([[False, False, False], [False, True, False]]),
+    ]
     t = N_SEGMENTS * SEGMENT
-    return [(tokens[:, i * t:(i + 1) * t], tokens[:, i * t + 1:(i + 1) * t + 1], resets[i]) for i in range(WINDOWS)]
+    return [(tokens[:, i * t : (i + 1) * t], tokens[:, i * t + 1 : (i + 1) * t + 1], resets[i]) for i in range(WINDOWS)]
 
 
 def worker(rank, world, tp, pp, full_state):
@@ -47,8 +57,12 @@ def worker(rank, world, tp, pp, full_state):
     vocab = cfg.padded_vocab_size(2)
     torch.manual_seed(0)
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-    model = build_model(build_transformer_config(cfg, tensor_parallel_size=tp, pipeline_parallel_size=pp),
-                        vocab, pre_process=first, post_process=last)
+    model = build_model(
+        build_transformer_config(cfg, tensor_parallel_size=tp, pipeline_parallel_size=pp),
+        vocab,
+        pre_process=first,
+        post_process=last,
+    )
     if full_state is not None:
         load_full_state_dict(model, full_state)
     tp_group = ps.get_tensor_model_parallel_group()

@@ -27,12 +27,17 @@ RESET[2, [0, 5, 6]] = True
 def exchange_inputs():
     gen = torch.Generator().manual_seed(0)
     t = SEGMENTS * N
-    return dict(q=torch.randn(LANES, HEADS, t, D, generator=gen), k=torch.randn(LANES, GROUPS, t, D, generator=gen),
-                v=torch.randn(LANES, GROUPS, t, DV, generator=gen), gate=torch.randn(HEADS, generator=gen),
-                M=torch.randn(LANES, GROUPS, D, DV, generator=gen), z=torch.rand(LANES, GROUPS, D, generator=gen) * 3,
-                probe=torch.randn(LANES, HEADS, t, DV, generator=gen),
-                probe_M=torch.randn(LANES, GROUPS, D, DV, generator=gen),
-                probe_z=torch.randn(LANES, GROUPS, D, generator=gen))
+    return dict(
+        q=torch.randn(LANES, HEADS, t, D, generator=gen),
+        k=torch.randn(LANES, GROUPS, t, D, generator=gen),
+        v=torch.randn(LANES, GROUPS, t, DV, generator=gen),
+        gate=torch.randn(HEADS, generator=gen),
+        M=torch.randn(LANES, GROUPS, D, DV, generator=gen),
+        z=torch.rand(LANES, GROUPS, D, generator=gen) * 3,
+        probe=torch.randn(LANES, HEADS, t, DV, generator=gen),
+        probe_M=torch.randn(LANES, GROUPS, D, DV, generator=gen),
+        probe_z=torch.randn(LANES, GROUPS, D, generator=gen),
+    )
 
 
 def probed_loss(out, M, z, inputs, last_rank: bool):
@@ -55,14 +60,31 @@ def exchange_worker(rank, world, inputs, dtype):
     tokens = slice(rank * per_rank * N, (rank + 1) * per_rank * N)
     leaves = {name: inputs[name].to(dtype).requires_grad_() for name in ("q", "k", "v", "gate", "M", "z")}
     q, k, v = (leaves[name][:, :, tokens] for name in ("q", "k", "v"))
-    reset = RESET[:, rank * per_rank:(rank + 1) * per_rank]
+    reset = RESET[:, rank * per_rank : (rank + 1) * per_rank]
     probe = {**inputs, "probe": inputs["probe"][:, :, tokens]}
-    out, (M, z) = infini_attention(q, k, v, leaves["gate"], (leaves["M"], leaves["z"]), segment_length=N,
-                                   reset=reset, context_group=dist.group.WORLD)
+    out, (M, z) = infini_attention(
+        q,
+        k,
+        v,
+        leaves["gate"],
+        (leaves["M"], leaves["z"]),
+        segment_length=N,
+        reset=reset,
+        context_group=dist.group.WORLD,
+    )
     probed_loss(out, M, z, probe, rank == world - 1).backward()
     with pytest.raises(ValueError, match="delta update reads"):
-        infini_attention(q, k, v, leaves["gate"], (leaves["M"], leaves["z"]), segment_length=N, update="delta",
-                         reset=reset, context_group=dist.group.WORLD)
+        infini_attention(
+            q,
+            k,
+            v,
+            leaves["gate"],
+            (leaves["M"], leaves["z"]),
+            segment_length=N,
+            update="delta",
+            reset=reset,
+            context_group=dist.group.WORLD,
+        )
     return dict(out=out.detach(), M=M.detach(), z=z.detach(), grads={n: x.grad for n, x in leaves.items()})
 
 
@@ -76,8 +98,8 @@ def test_memory_exchange_equals_whole_window(ranks):
     inputs = exchange_inputs()
     leaves = {name: inputs[name].double().requires_grad_() for name in ("q", "k", "v", "gate", "M", "z")}
     ref_out, (ref_M, ref_z) = reference_infini_attention(
-        leaves["q"], leaves["k"], leaves["v"], leaves["gate"], (leaves["M"], leaves["z"]), segment_length=N,
-        reset=RESET)
+        leaves["q"], leaves["k"], leaves["v"], leaves["gate"], (leaves["M"], leaves["z"]), segment_length=N, reset=RESET
+    )
     probed_loss(ref_out, ref_M, ref_z, inputs, last_rank=True).backward()
 
     # Against the float64 loop: all tokens summed into the memory, then read (forward), and back (gradients).
@@ -91,8 +113,9 @@ def test_memory_exchange_equals_whole_window(ranks):
             assert r["M"].dtype == dtype and rel_err(r["M"], ref_M) < value_tol and rel_err(r["z"], ref_z) < value_tol
         for name in ("q", "k", "v"):  # each rank's gradient covers its own tokens only
             per_rank = SEGMENTS // ranks * N
-            got = torch.cat([r["grads"][name][:, :, i * per_rank:(i + 1) * per_rank] for i, r in enumerate(results)],
-                            dim=2)
+            got = torch.cat(
+                [r["grads"][name][:, :, i * per_rank : (i + 1) * per_rank] for i, r in enumerate(results)], dim=2
+            )
             assert rel_err(got, leaves[name].grad) < grad_tol, name
         for name in ("gate", "M", "z"):  # shared inputs: the ranks' gradients add up (as over data-parallel ranks)
             assert rel_err(sum(r["grads"][name] for r in results), leaves[name].grad) < grad_tol, name
@@ -123,8 +146,14 @@ def train_worker(rank, world, overrides):
 def assert_same_steps(run, reference):
     assert [step for step, _, _ in run] == [step for step, _, _ in reference]
     for column, what in ((1, "losses"), (2, "gradient norms")):
-        assert_close([row[column] for row in run], [row[column] for row in reference], torch.float32, STEP_TOKENS,
-                     training_depth(STEPS), what)
+        assert_close(
+            [row[column] for row in run],
+            [row[column] for row in reference],
+            torch.float32,
+            STEP_TOKENS,
+            training_depth(STEPS),
+            what,
+        )
 
 
 def window_resets(overrides):
@@ -157,8 +186,13 @@ CHECKPOINT_INTERVAL = 2
 def context_parallel_run(stdlib_shards, tmp_path_factory):
     """CP2 with checkpoints every CHECKPOINT_INTERVAL steps: (checkpoint root, steps)."""
     run_dir = str(tmp_path_factory.mktemp("cp2"))
-    steps = run_distributed(train_worker, 2, train_overrides(stdlib_shards, run_dir, **TRAINING, **{
-        "parallel.context": 2, "checkpoint.interval": CHECKPOINT_INTERVAL}))[0]
+    steps = run_distributed(
+        train_worker,
+        2,
+        train_overrides(
+            stdlib_shards, run_dir, **TRAINING, **{"parallel.context": 2, "checkpoint.interval": CHECKPOINT_INTERVAL}
+        ),
+    )[0]
     return os.path.join(run_dir, "checkpoints"), steps
 
 
@@ -186,8 +220,13 @@ def test_four_ranks_match_single_process(layout, single_process, stdlib_shards, 
 def test_resume_is_bitwise(context_parallel_run, stdlib_shards, tmp_path):
     root, uninterrupted = context_parallel_run
     checkpoint = os.path.join(root, f"step_{CHECKPOINT_INTERVAL:08d}")
-    steps = run_distributed(train_worker, 2, train_overrides(stdlib_shards, str(tmp_path), **TRAINING, **{
-        "parallel.context": 2, "checkpoint.resume": checkpoint}))[0]
+    steps = run_distributed(
+        train_worker,
+        2,
+        train_overrides(
+            stdlib_shards, str(tmp_path), **TRAINING, **{"parallel.context": 2, "checkpoint.resume": checkpoint}
+        ),
+    )[0]
     assert steps == uninterrupted[CHECKPOINT_INTERVAL:]
 
 
@@ -196,13 +235,16 @@ def test_reshard_to_one_context_rank(context_parallel_run, single_process, stdli
     root, uninterrupted = context_parallel_run
     checkpoint = os.path.join(root, f"step_{CHECKPOINT_INTERVAL:08d}")
     # Both CP ranks carry the memory after the window's last segment (global ranks 0 and 1 are CP ranks 0, 1).
-    memories = [torch.load(os.path.join(checkpoint, f"rank_{rank:05d}.pt"), weights_only=False)["memory"]["layers"]
-                for rank in (0, 1)]
+    memories = [
+        torch.load(os.path.join(checkpoint, f"rank_{rank:05d}.pt"), weights_only=False)["memory"]["layers"]
+        for rank in (0, 1)
+    ]
     assert memories[0] is not None
     for first, last in zip(*memories):
         assert torch.equal(first["M"], last["M"]) and torch.equal(first["z"], last["z"])
-    steps = run_distributed(train_worker, 1, train_overrides(stdlib_shards, str(tmp_path), **TRAINING, **{
-        "checkpoint.resume": checkpoint}))[0]
+    steps = run_distributed(
+        train_worker, 1, train_overrides(stdlib_shards, str(tmp_path), **TRAINING, **{"checkpoint.resume": checkpoint})
+    )[0]
     assert_same_steps(steps, uninterrupted[CHECKPOINT_INTERVAL:])
     assert_same_steps(steps, single_process[CHECKPOINT_INTERVAL:])
 
@@ -218,7 +260,10 @@ def test_config_rules_name_their_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"parallel\.context must be >= 1"):
         load_config(None, base + ["parallel.context=0"])
     cfg = load_config(None, base + ["parallel.context=2", "parallel.tensor=2"])
-    with pytest.raises(ConfigError, match=r"world size 6 .* parallel\.tensor x parallel\.pipeline x parallel\.context "
-                                          r"\(4\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"world size 6 .* parallel\.tensor x parallel\.pipeline x parallel\.context "
+        r"\(4\)",
+    ):
         validate(cfg, world_size=6)
     validate(cfg, world_size=8)

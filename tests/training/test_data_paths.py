@@ -17,15 +17,29 @@ MAIN_JOB = os.path.join(REPO, "configs", "tiny_cpu.yaml")
 
 def run_main_job(cwd, *overrides):
     """The README's first command, run from `cwd` as from a fresh checkout's root."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO, WORLD_SIZE="1", RANK="0",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    return subprocess.run([sys.executable, "-m", "training.train", "--config", MAIN_JOB, *overrides], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=REPO,
+        WORLD_SIZE="1",
+        RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "training.train", "--config", MAIN_JOB, *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_a_mistyped_source_path_fails_at_start_and_writes_nothing(tmp_path):
-    result = run_main_job(tmp_path, "data.sources=[{path: runs/data/pyton-stdlib}]", "schedule.steps=1",
-                          "schedule.warmup_steps=0")
+    result = run_main_job(
+        tmp_path, "data.sources=[{path: runs/data/pyton-stdlib}]", "schedule.steps=1", "schedule.warmup_steps=0"
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "config error: data.sources[0].path: runs/data/pyton-stdlib does not exist" in result.stderr
     assert os.listdir(tmp_path) == []
@@ -35,16 +49,28 @@ def _empty_dir(tmp_path):
     (tmp_path / "empty").mkdir()
 
 
-@pytest.mark.parametrize("overrides, sources, prepare, message", [
-    (["data.valid_sources=[{path: nowhere}]"], None, None, "data.valid_sources[0].path: nowhere does not exist"),
-    ([], [SourceConfig("shard-{000000..000003}.tar", index="nowhere/index.json")], None,
-     "data.sources[0].index: nowhere/index.json does not exist"),
-    (["data.sources=[{path: empty}]"], None, _empty_dir, "data.sources[0].path: empty holds no index.json"),
-    (["build_stdlib_shards=false"], None, None,
-     "data.sources[0].path: runs/data/python-stdlib does not exist (build_stdlib_shards=true writes"),
-])
-def test_unreadable_sources_are_named_before_anything_is_written(tmp_path, monkeypatch, overrides, sources, prepare,
-                                                                  message):
+@pytest.mark.parametrize(
+    "overrides, sources, prepare, message",
+    [
+        (["data.valid_sources=[{path: nowhere}]"], None, None, "data.valid_sources[0].path: nowhere does not exist"),
+        (
+            [],
+            [SourceConfig("shard-{000000..000003}.tar", index="nowhere/index.json")],
+            None,
+            "data.sources[0].index: nowhere/index.json does not exist",
+        ),
+        (["data.sources=[{path: empty}]"], None, _empty_dir, "data.sources[0].path: empty holds no index.json"),
+        (
+            ["build_stdlib_shards=false"],
+            None,
+            None,
+            "data.sources[0].path: runs/data/python-stdlib does not exist (build_stdlib_shards=true writes",
+        ),
+    ],
+)
+def test_unreadable_sources_are_named_before_anything_is_written(
+    tmp_path, monkeypatch, overrides, sources, prepare, message
+):
     from training.config import ConfigError, load_config
     from training.train import prepare_data
 
@@ -63,8 +89,13 @@ def test_unreadable_sources_are_named_before_anything_is_written(tmp_path, monke
 
 @pytest.mark.slow
 def test_the_main_job_builds_the_stdlib_shards_in_their_own_directory_and_trains(tmp_path):
-    result = run_main_job(tmp_path, "schedule.steps=2", "schedule.warmup_steps=1", "checkpoint.save_at_end=false",
-                          "logging.wandb.mode=disabled")
+    result = run_main_job(
+        tmp_path,
+        "schedule.steps=2",
+        "schedule.warmup_steps=1",
+        "checkpoint.save_at_end=false",
+        "logging.wandb.mode=disabled",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     index = json.load(open(tmp_path / "runs" / "data" / "python-stdlib" / "index.json"))
     assert index["created_by"]["source"] == "python-stdlib" and index["n_documents"] > 1000

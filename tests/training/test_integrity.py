@@ -42,8 +42,11 @@ def killed_run(stdlib_shards, tmp_path_factory):
     """Two data-parallel ranks (ZeRO-1) saving every 2 steps, rank 0 killed during the save of step 4: step 2
     is finalized, step 4's save is left unfinished, metrics.jsonl holds steps 1 to 4."""
     run_dir = str(tmp_path_factory.mktemp("killed") / "run")
-    overrides = train_overrides(stdlib_shards, run_dir, **{
-        "schedule.steps": STEPS, "checkpoint.interval": 2, "debug.inject_kill_during_save_at_steps": "[4]"})
+    overrides = train_overrides(
+        stdlib_shards,
+        run_dir,
+        **{"schedule.steps": STEPS, "checkpoint.interval": 2, "debug.inject_kill_during_save_at_steps": "[4]"},
+    )
     with pytest.raises(RuntimeError, match="exit code -9|rank 0"):
         run_distributed(losses_worker, 2, overrides, timeout=300)
     checkpoints = os.path.join(run_dir, "checkpoints")
@@ -119,17 +122,26 @@ def attempts(killed_run, stdlib_shards, tmp_path_factory):
     runs["fresh"] = copy_run(killed_run, str(root / "fresh"))
     runs["start_over"] = copy_run(killed_run, str(root / "start_over"))
 
-    explicit = [(kind, overrides(kind, **{"checkpoint.resume": os.path.join(runs[kind], "checkpoints", SAVED)}))
-                for kind in [*CORRUPTED, "master"]]
-    outcomes = run_distributed(start_attempts, 2, explicit + [
-        ("auto", overrides("auto", **{"checkpoint.resume": "auto"})),
-        ("nonexistent", overrides("fresh", **{"checkpoint.resume": str(root / "nonexistent")})),
-        ("fresh", overrides("fresh")),
-        ("start_over", overrides("start_over", **{"checkpoint.start_over": True})),
-    ], timeout=600)
+    explicit = [
+        (kind, overrides(kind, **{"checkpoint.resume": os.path.join(runs[kind], "checkpoints", SAVED)}))
+        for kind in [*CORRUPTED, "master"]
+    ]
+    outcomes = run_distributed(
+        start_attempts,
+        2,
+        explicit
+        + [
+            ("auto", overrides("auto", **{"checkpoint.resume": "auto"})),
+            ("nonexistent", overrides("fresh", **{"checkpoint.resume": str(root / "nonexistent")})),
+            ("fresh", overrides("fresh")),
+            ("start_over", overrides("start_over", **{"checkpoint.start_over": True})),
+        ],
+        timeout=600,
+    )
     # Every rank comes to the same end.
     assert {name: outcome for name, (outcome, _) in outcomes[0].items()} == {
-        name: outcome for name, (outcome, _) in outcomes[1].items()}
+        name: outcome for name, (outcome, _) in outcomes[1].items()
+    }
     return outcomes[0], runs, corrupted
 
 
@@ -149,8 +161,10 @@ def test_auto_resumes_from_the_newest_that_verifies_naming_each_one_skipped(atte
     checkpoints = os.path.join(runs["auto"], "checkpoints")
     assert step == 2
     assert f"skipping {os.path.join(checkpoints, '.tmp-step_00000004')}: an unfinished save" in printed
-    assert f"skipping {os.path.join(checkpoints, 'step_00000003')}: checkpoint file corrupt: {corrupted['auto']}" \
+    assert (
+        f"skipping {os.path.join(checkpoints, 'step_00000003')}: checkpoint file corrupt: {corrupted['auto']}"
         in printed
+    )
     assert f"resumed from {os.path.join(checkpoints, SAVED)} at step 2" in printed
 
 
@@ -185,25 +199,49 @@ def metrics_rows(run_dir):
 def test_metrics_hold_each_step_once_after_a_kill_and_a_resume(killed_run, stdlib_shards):
     before = [row for row in metrics_rows(killed_run) if "loss" in row]
     assert [row["step"] for row in before] == [1, 2, 3, 4]
-    history = run_distributed(fit_worker, 2, train_overrides(stdlib_shards, killed_run, **{
-        "schedule.steps": STEPS, "checkpoint.interval": 2, "checkpoint.resume": "auto"}))[0]
+    history = run_distributed(
+        fit_worker,
+        2,
+        train_overrides(
+            stdlib_shards,
+            killed_run,
+            **{"schedule.steps": STEPS, "checkpoint.interval": 2, "checkpoint.resume": "auto"},
+        ),
+    )[0]
     rows = metrics_rows(killed_run)
     losses = [row for row in rows if "loss" in row]
     assert [row["step"] for row in losses] == list(range(1, STEPS + 1))
     assert losses[:2] == before[:2]
-    assert [(row["step"], row["loss"]) for row in losses[2:]] == [(h["step"], h["loss"]) for h in history
-                                                                  if "loss" in h]
+    assert [(row["step"], row["loss"]) for row in losses[2:]] == [
+        (h["step"], h["loss"]) for h in history if "loss" in h
+    ]
     assert max(row["step"] for row in rows) == STEPS
     verify(os.path.join(killed_run, "checkpoints", f"step_{STEPS:08d}"))
 
 
 BAD_VALUES = {
-    "data.global_lanes": -8, "data.n_segments": 0, "data.num_workers": -1, "data.prefetch": 0,
-    "data.shuffle_buffer": 0, "data.valid_fraction": 1.0, "parallel.micro_batch_lanes": 0, "parallel.tensor": 0,
-    "parallel.pipeline": -1, "optimizer.grad_clip": -1, "optimizer.lr": 0, "optimizer.beta1": 1.0,
-    "optimizer.beta2": -0.1, "optimizer.eps": 0, "optimizer.weight_decay": -0.1, "checkpoint.interval": -1,
-    "checkpoint.keep_last": 0, "logging.interval": 0, "validation.interval": -5, "max_nonfinite_steps": 0,
-    "schedule.max_minutes": 0, "seed": -1,
+    "data.global_lanes": -8,
+    "data.n_segments": 0,
+    "data.num_workers": -1,
+    "data.prefetch": 0,
+    "data.shuffle_buffer": 0,
+    "data.valid_fraction": 1.0,
+    "parallel.micro_batch_lanes": 0,
+    "parallel.tensor": 0,
+    "parallel.pipeline": -1,
+    "optimizer.grad_clip": -1,
+    "optimizer.lr": 0,
+    "optimizer.beta1": 1.0,
+    "optimizer.beta2": -0.1,
+    "optimizer.eps": 0,
+    "optimizer.weight_decay": -0.1,
+    "checkpoint.interval": -1,
+    "checkpoint.keep_last": 0,
+    "logging.interval": 0,
+    "validation.interval": -5,
+    "max_nonfinite_steps": 0,
+    "schedule.max_minutes": 0,
+    "seed": -1,
 }
 
 
@@ -231,8 +269,12 @@ def numeric_keys(schema, prefix=""):
 
 def test_every_numeric_key_outside_the_model_has_a_range():
     keys = {key for key in numeric_keys(TrainConfig) if not key.startswith("model.")}
-    checked = {*NUMERIC_RANGES, *(key + "[]" for key in STEP_LISTS), "data.sources[].weight",
-               "data.valid_sources[].weight"}
+    checked = {
+        *NUMERIC_RANGES,
+        *(key + "[]" for key in STEP_LISTS),
+        "data.sources[].weight",
+        "data.valid_sources[].weight",
+    }
     assert keys - checked == {"parallel.zero_stage"}  # a choice, with its own rule and message
     assert checked <= keys
 

@@ -13,8 +13,9 @@ STEPS = 5
 @pytest.fixture(scope="module")
 def single_process_losses(stdlib_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
-    return loss_values(run_distributed(losses_worker, 1, train_overrides(stdlib_shards, str(run_dir), **{
-        "schedule.steps": STEPS}))[0])
+    return loss_values(
+        run_distributed(losses_worker, 1, train_overrides(stdlib_shards, str(run_dir), **{"schedule.steps": STEPS}))[0]
+    )
 
 
 LAYOUTS = {
@@ -32,8 +33,9 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_losses_match_single_process(layout, stdlib_shards, single_process_losses, tmp_path):
     world, extra = LAYOUTS[layout]
-    results = run_distributed(losses_worker, world, train_overrides(stdlib_shards, str(tmp_path), **{
-        "schedule.steps": STEPS, **extra}))
+    results = run_distributed(
+        losses_worker, world, train_overrides(stdlib_shards, str(tmp_path), **{"schedule.steps": STEPS, **extra})
+    )
     assert len(single_process_losses) == STEPS
     # Losses fall: the optimizer really steps (a broken update would also match between layouts).
     assert single_process_losses[-1] < single_process_losses[0]

@@ -27,8 +27,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # The tiny run of conftest.train_overrides: 4 layers, hidden 32, 4 heads in 2 KV groups, SwiGLU 64,
 # segments of 16, windows of 2 segments, 4 lanes a step, one lane a microbatch, fp32, ZeRO-1.
-TINY = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                   segment_length=16)
+TINY = ModelConfig(
+    num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64, segment_length=16
+)
 TINY_WORKLOAD = Workload(window=32, global_lanes=4, precision="fp32")
 # Segments of 6 tokens: a CP rank's share of a 2-segment window does not split over 4 TP ranks.
 SHORT_SEGMENTS = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, segment_length=6)
@@ -47,9 +48,19 @@ def test_memory_figures_equal_a_hand_count():
     # and the QKV/FC1 inputs; QKV output kept (views) + the GQA query copy; SDPA q,k,v,out + lse; the
     # memory's sigma(k), v, 2x sigma(q); numerator, retrieval, gated local + denominator and mask;
     # per segment M and z of each query head; the projection input; SwiGLU's 5 x ffn.
-    per_token = (2 * (2 * h * 4 + 4 + h * 4) + (a * d + 2 * g * d) * 4 + a * d * 4 + 4 * a * d * 4 + a * 4
-                 + (2 * g * d + 2 * a * d) * 4 + 3 * a * d * 4 + a * 5 + a * (d * d + d) * 4 / 16 + a * d * 4
-                 + 5 * f * 4)
+    per_token = (
+        2 * (2 * h * 4 + 4 + h * 4)
+        + (a * d + 2 * g * d) * 4
+        + a * d * 4
+        + 4 * a * d * 4
+        + a * 4
+        + (2 * g * d + 2 * a * d) * 4
+        + 3 * a * d * 4
+        + a * 5
+        + a * (d * d + d) * 4 / 16
+        + a * d * 4
+        + 5 * f * 4
+    )
     assert est.activations_per_microbatch == pytest.approx(per_token * 32 * L)
     assert est.logits == 32 * vocab * 4
     assert est.carried_memory == L * 4 * g * (d * d + d) * 4
@@ -82,28 +93,44 @@ def _megatron_rank0_chunks_before_first_backward(pp, vp, microbatches):
     return total if all_warmup else warmup + 1
 
 
-@pytest.mark.parametrize("pp, vp, microbatches", [
-    (2, 1, 1), (2, 1, 8), (4, 1, 3), (4, 1, 16), (8, 1, 32),
-    (2, 2, 2), (2, 2, 8), (4, 2, 4), (4, 2, 16), (4, 4, 8), (8, 2, 32), (8, 4, 64),
-])
+@pytest.mark.parametrize(
+    "pp, vp, microbatches",
+    [
+        (2, 1, 1),
+        (2, 1, 8),
+        (4, 1, 3),
+        (4, 1, 16),
+        (8, 1, 32),
+        (2, 2, 2),
+        (2, 2, 8),
+        (4, 2, 4),
+        (4, 2, 16),
+        (4, 4, 8),
+        (8, 2, 32),
+        (8, 4, 64),
+    ],
+)
 def test_in_flight_matches_megatrons_schedule(pp, vp, microbatches):
     chunks = _megatron_rank0_chunks_before_first_backward(pp, vp, microbatches)
     assert microbatches_in_flight(Layout(pp=pp, vp=vp), microbatches) == pytest.approx(chunks / vp)
 
 
-@pytest.mark.parametrize("layout, gpus, reason", [
-    (Layout(tp=3), 3, "does not divide 4 heads"),
-    (Layout(tp=4), 4, "does not divide 2 KV groups"),
-    (Layout(pp=2, zero=3, dp=2), 4, "ZeRO-3 with PP 2"),
-    (Layout(pp=2, zero=2, dp=2), 4, "ZeRO-2 with PP 2"),
-    (Layout(zero=0, dp=4), 4, "stage 1, 2 or 3"),
-    (Layout(sp=True, dp=4), 4, "SP needs TP > 1"),
-    (Layout(pp=8), 8, "does not divide 4 layers"),
-    (Layout(pp=2, vp=4, dp=2), 4, "does not divide 4 layers"),
-    (Layout(cp=4), 4, "does not divide the window's 2 segments"),
-    (Layout(dp=3), 4, "not 4 GPUs"),
-    (Layout(dp=4, micro_lanes=2), 4, "do not divide 1 lanes a DP rank"),
-])
+@pytest.mark.parametrize(
+    "layout, gpus, reason",
+    [
+        (Layout(tp=3), 3, "does not divide 4 heads"),
+        (Layout(tp=4), 4, "does not divide 2 KV groups"),
+        (Layout(pp=2, zero=3, dp=2), 4, "ZeRO-3 with PP 2"),
+        (Layout(pp=2, zero=2, dp=2), 4, "ZeRO-2 with PP 2"),
+        (Layout(zero=0, dp=4), 4, "stage 1, 2 or 3"),
+        (Layout(sp=True, dp=4), 4, "SP needs TP > 1"),
+        (Layout(pp=8), 8, "does not divide 4 layers"),
+        (Layout(pp=2, vp=4, dp=2), 4, "does not divide 4 layers"),
+        (Layout(cp=4), 4, "does not divide the window's 2 segments"),
+        (Layout(dp=3), 4, "not 4 GPUs"),
+        (Layout(dp=4, micro_lanes=2), 4, "do not divide 1 lanes a DP rank"),
+    ],
+)
 def test_invalid_layouts_are_excluded(layout, gpus, reason):
     found = invalid_reason(TINY, layout, TINY_WORKLOAD, gpus, gpus_per_node=8)
     assert found is not None and reason in found
@@ -117,8 +144,9 @@ def test_cp_needs_the_linear_update():
 
 def test_sp_needs_tp_to_divide_a_cp_ranks_tokens():
     workload = Workload(window=12, global_lanes=8, precision="fp32")
-    assert "does not divide a CP rank's 6 tokens" in invalid_reason(SHORT_SEGMENTS, Layout(tp=4, sp=True, cp=2),
-                                                                    workload, 8, gpus_per_node=8)
+    assert "does not divide a CP rank's 6 tokens" in invalid_reason(
+        SHORT_SEGMENTS, Layout(tp=4, sp=True, cp=2), workload, 8, gpus_per_node=8
+    )
     assert invalid_reason(SHORT_SEGMENTS, Layout(tp=2, sp=True, cp=2, dp=2), workload, 8, gpus_per_node=8) is None
 
 
@@ -142,12 +170,15 @@ def _trainer_config(layout, workload, model=TINY):
     return cfg
 
 
-@pytest.mark.parametrize("model, gpus, workload", [
-    (TINY, 4, TINY_WORKLOAD),
-    (TINY, 8, Workload(window=64, global_lanes=16, precision="fp32")),
-    (TINY, 8, Workload(window=48, global_lanes=8, precision="fp32", compile_loss=True)),
-    (SHORT_SEGMENTS, 8, Workload(window=12, global_lanes=8, precision="fp32")),
-])
+@pytest.mark.parametrize(
+    "model, gpus, workload",
+    [
+        (TINY, 4, TINY_WORKLOAD),
+        (TINY, 8, Workload(window=64, global_lanes=16, precision="fp32")),
+        (TINY, 8, Workload(window=48, global_lanes=8, precision="fp32", compile_loss=True)),
+        (SHORT_SEGMENTS, 8, Workload(window=12, global_lanes=8, precision="fp32")),
+    ],
+)
 def test_planner_and_trainer_config_accept_the_same_layouts(model, gpus, workload):
     """Every layout the planner enumerates is accepted by training.config.validate exactly when the planner
     finds it valid (the rules the trainer does not check, TP over the KV groups and TP within a node, aside)."""
@@ -236,8 +267,13 @@ def test_planner_matches_the_cpu_trainer_within_15_percent(stdlib_shards, tmp_pa
 
 
 def test_cli_prints_a_table_and_a_recommendation():
-    proc = subprocess.run([sys.executable, "-m", "training.plan", "--model", "1.3b", "--gpus", "8", "--top", "5"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.plan", "--model", "1.3b", "--gpus", "8", "--top", "5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert any(line.startswith("| TP | SP | PP | V | CP | DP | ZeRO | recompute") for line in lines)
@@ -246,20 +282,27 @@ def test_cli_prints_a_table_and_a_recommendation():
 
 
 def test_cli_bad_model():
-    bad = subprocess.run([sys.executable, "-m", "training.plan", "--model", "nope", "--gpus", "8"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "training.plan", "--model", "nope", "--gpus", "8"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "'nope'" in bad.stderr
 
 
-@pytest.mark.parametrize("name, shape", [
-    ("7b", (32, 4096, 32, 32, 11008)),
-    ("13b", (40, 5120, 40, 40, 13824)),
-    ("70b", (80, 8192, 64, 8, 28672)),
-])
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("7b", (32, 4096, 32, 32, 11008)),
+        ("13b", (40, 5120, 40, 40, 13824)),
+        ("70b", (80, 8192, 64, 8, 28672)),
+    ],
+)
 def test_large_model_presets(name, shape):
     model = load_model(name)
-    assert (model.num_layers, model.hidden_size, model.num_attention_heads, model.query_groups,
-            model.ffn_size) == shape
+    assert (model.num_layers, model.hidden_size, model.num_attention_heads, model.query_groups, model.ffn_size) == shape
     assert model.vocab_size == 32000
 
 
@@ -281,8 +324,14 @@ def test_layout_presets_load_validate_and_match_their_header(name):
     assert quoted, f"{path}: no planner pick in the header"
     tp, sp, pp, vp, cp, dp, zero, recompute = quoted.groups()
     par = cfg.parallel
-    assert (par.tensor, par.sequence_parallel, par.pipeline, par.virtual_pipeline, par.context, par.zero_stage) \
-        == (int(tp), bool(sp), int(pp), int(vp), int(cp), int(zero))
+    assert (par.tensor, par.sequence_parallel, par.pipeline, par.virtual_pipeline, par.context, par.zero_stage) == (
+        int(tp),
+        bool(sp),
+        int(pp),
+        int(vp),
+        int(cp),
+        int(zero),
+    )
     assert gpus // (par.tensor * par.pipeline * par.context) == int(dp)
     model_recompute = "full" if cfg.model.recompute else "selective" if cfg.model.recompute_attention else "none"
     assert model_recompute == recompute

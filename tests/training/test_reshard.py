@@ -40,8 +40,10 @@ def global_state(trainer) -> dict:
     state = {
         "weights": full_tensors(model, {n: p.detach().clone() for n, p in params.items()}),  # training goes on
         "fp32": full_tensors(model, {n: safe_get_full_fp32_param(p) for n, p in params.items()}),
-        **{key: full_tensors(model, {n: safe_get_full_optimizer_state(p, key) for n, p in params.items()})
-           for key in ("exp_avg", "exp_avg_sq")},
+        **{
+            key: full_tensors(model, {n: safe_get_full_optimizer_state(p, key) for n, p in params.items()})
+            for key in ("exp_avg", "exp_avg_sq")
+        },
         "adam_steps": {float(s["step"]) for s in engine.optimizer.optimizer.state.values()},
         "lr": engine.lr_scheduler.get_last_lr(),
         "global_steps": engine.global_steps,
@@ -49,8 +51,9 @@ def global_state(trainer) -> dict:
     }
     layers = [layer.layer_number - 1 for layer in model.layers]
     pieces = [None] * dist.get_world_size()
-    dist.all_gather_object(pieces, (coordinates(), list(trainer.train_loader.lane_ids), layers,
-                                    trainer.carried.state_dict()))
+    dist.all_gather_object(
+        pieces, (coordinates(), list(trainer.train_loader.lane_ids), layers, trainer.carried.state_dict())
+    )
     memory = {}
     for coords, lanes, global_layers, carried in pieces:
         for global_layer, layer in zip(global_layers, carried["layers"]):
@@ -88,8 +91,9 @@ def train_and_gather(rank, world, overrides):
 def saving_run(stdlib_shards, tmp_path_factory):
     """TP2 x PP2, ZeRO-1, tied embeddings: STEPS steps uninterrupted, a checkpoint at SAVE_AT."""
     run_dir = str(tmp_path_factory.mktemp("tp2xpp2"))
-    losses, gathered = run_distributed(train_and_gather, 4, train_overrides(stdlib_shards, run_dir, **{
-        "schedule.steps": STEPS, **SAVING_LAYOUT}))[0]
+    losses, gathered = run_distributed(
+        train_and_gather, 4, train_overrides(stdlib_shards, run_dir, **{"schedule.steps": STEPS, **SAVING_LAYOUT})
+    )[0]
     return os.path.join(run_dir, "checkpoints"), losses, gathered
 
 
@@ -106,23 +110,38 @@ def assert_same_state(loaded: dict, saved: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, layout, resume", [
-    (1, {}, "auto"),
-    (4, {"parallel.tensor": 2, "parallel.zero_stage": 2}, "path"),
-], ids=["to-tp1", "to-tp2xdp2-zero2"])
+@pytest.mark.parametrize(
+    "world, layout, resume",
+    [
+        (1, {}, "auto"),
+        (4, {"parallel.tensor": 2, "parallel.zero_stage": 2}, "path"),
+    ],
+    ids=["to-tp1", "to-tp2xdp2-zero2"],
+)
 def test_resume_on_another_layout_continues_the_run(stdlib_shards, tmp_path, saving_run, world, layout, resume):
     checkpoints, straight, saved_state = saving_run
     assert saved_state["adam_steps"] == {float(SAVE_AT)} and saved_state["memory"]
     scales = [name for name in saved_state["weights"] if "log_scale" in name]
     assert len(scales) == 8 and all((saved_state["weights"][name] != 0).all() for name in scales)
-    where = ({"checkpoint.dir": checkpoints, "checkpoint.resume": "auto"} if resume == "auto"
-             else {"checkpoint.resume": os.path.join(checkpoints, f"step_{SAVE_AT:08d}")})
-    losses, loaded_state = run_distributed(train_and_gather, world, train_overrides(stdlib_shards, str(tmp_path), **{
-        "schedule.steps": STEPS, **MODEL, **layout, **where}))[0]
+    where = (
+        {"checkpoint.dir": checkpoints, "checkpoint.resume": "auto"}
+        if resume == "auto"
+        else {"checkpoint.resume": os.path.join(checkpoints, f"step_{SAVE_AT:08d}")}
+    )
+    losses, loaded_state = run_distributed(
+        train_and_gather,
+        world,
+        train_overrides(stdlib_shards, str(tmp_path), **{"schedule.steps": STEPS, **MODEL, **layout, **where}),
+    )[0]
     assert_same_state(loaded_state, saved_state)
     assert [s for s, _ in losses] == list(range(SAVE_AT + 1, STEPS + 1))
-    assert_close(loss_values(losses), loss_values(straight[SAVE_AT:]), torch.float32, STEP_TOKENS,
-                 training_depth(STEPS - SAVE_AT))
+    assert_close(
+        loss_values(losses),
+        loss_values(straight[SAVE_AT:]),
+        torch.float32,
+        STEP_TOKENS,
+        training_depth(STEPS - SAVE_AT),
+    )
 
 
 def load_error(rank, world, overrides):
@@ -140,17 +159,39 @@ def load_error(rank, world, overrides):
 @pytest.mark.slow
 def test_zero3_layout_change_fails_naming_both_layouts(stdlib_shards, tmp_path, saving_run):
     zero3 = str(tmp_path / "zero3")
-    run_distributed(fit_worker, 2, train_overrides(stdlib_shards, zero3, **{
-        "schedule.steps": 1, "schedule.warmup_steps": 0, "parallel.zero_stage": 3,
-        "checkpoint.save_at_end": True}))
-    message = run_distributed(load_error, 2, train_overrides(stdlib_shards, zero3, **{
-        "parallel.zero_stage": 3, "parallel.tensor": 2, "checkpoint.resume": "auto"}))[0]
+    run_distributed(
+        fit_worker,
+        2,
+        train_overrides(
+            stdlib_shards,
+            zero3,
+            **{
+                "schedule.steps": 1,
+                "schedule.warmup_steps": 0,
+                "parallel.zero_stage": 3,
+                "checkpoint.save_at_end": True,
+            },
+        ),
+    )
+    message = run_distributed(
+        load_error,
+        2,
+        train_overrides(
+            stdlib_shards, zero3, **{"parallel.zero_stage": 3, "parallel.tensor": 2, "checkpoint.resume": "auto"}
+        ),
+    )[0]
     assert message is not None
     assert "tensor=1 pipeline=1 data=2 ZeRO-3" in message and "tensor=2 pipeline=1 data=1 ZeRO-3" in message
     # Into ZeRO-3 from a ZeRO-1 checkpoint of another layout: refused too.
     checkpoints = saving_run[0]
-    message = run_distributed(load_error, 1, train_overrides(stdlib_shards, str(tmp_path / "into_zero3"), **{
-        "parallel.zero_stage": 3, **MODEL, "checkpoint.dir": checkpoints,
-        "checkpoint.resume": "auto"}))[0]
+    message = run_distributed(
+        load_error,
+        1,
+        train_overrides(
+            stdlib_shards,
+            str(tmp_path / "into_zero3"),
+            **{"parallel.zero_stage": 3, **MODEL, "checkpoint.dir": checkpoints, "checkpoint.resume": "auto"},
+        ),
+    )[0]
     assert message is not None
     assert "tensor=2 pipeline=2 data=1 ZeRO-1" in message and "tensor=1 pipeline=1 data=1 ZeRO-3" in message

@@ -41,8 +41,14 @@ def assert_same_steps(run, reference):
     # The layouts add the same float32 terms in other orders: sums over a step's tokens, through every layer
     # forward and backward, compounded over the steps.
     for column, what in ((1, "losses"), (2, "gradient norms")):
-        assert_close([row[column] for row in run], [row[column] for row in reference], torch.float32, STEP_TOKENS,
-                     training_depth(len(reference)), what=what)
+        assert_close(
+            [row[column] for row in run],
+            [row[column] for row in reference],
+            torch.float32,
+            STEP_TOKENS,
+            training_depth(len(reference)),
+            what=what,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +64,22 @@ def sequence_parallel_run(stdlib_shards, tmp_path_factory):
     """TP2 + SP with ZeRO-2 (gradients taken during backward), full recompute and the chunked loss;
     checkpoints every CHECKPOINT_INTERVAL steps."""
     run_dir = str(tmp_path_factory.mktemp("tp2-sp"))
-    steps = run_distributed(train_worker, 2, train_overrides(stdlib_shards, run_dir, **MODEL, **SEQUENCE_PARALLEL, **{
-        "parallel.zero_stage": 2, "model.recompute": True, "performance.loss_chunk_tokens": 8,
-        "checkpoint.interval": CHECKPOINT_INTERVAL}))[0]
+    steps = run_distributed(
+        train_worker,
+        2,
+        train_overrides(
+            stdlib_shards,
+            run_dir,
+            **MODEL,
+            **SEQUENCE_PARALLEL,
+            **{
+                "parallel.zero_stage": 2,
+                "model.recompute": True,
+                "performance.loss_chunk_tokens": 8,
+                "checkpoint.interval": CHECKPOINT_INTERVAL,
+            },
+        ),
+    )[0]
     return os.path.join(run_dir, "checkpoints"), steps
 
 
@@ -70,14 +89,23 @@ def test_tp2_sequence_parallel_matches_single_process(single_process, sequence_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [
-    {"parallel.pipeline": 2, "parallel.zero_stage": 1, "model.recompute_attention": True,
-     "parallel.micro_batch_lanes": 2},
-    {"parallel.zero_stage": 3},
-], ids=["tp2xpp2-zero1-selective-recompute", "tp2xdp2-zero3"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {
+            "parallel.pipeline": 2,
+            "parallel.zero_stage": 1,
+            "model.recompute_attention": True,
+            "parallel.micro_batch_lanes": 2,
+        },
+        {"parallel.zero_stage": 3},
+    ],
+    ids=["tp2xpp2-zero1-selective-recompute", "tp2xdp2-zero3"],
+)
 def test_four_rank_sequence_parallel_matches_single_process(layout, single_process, stdlib_shards, tmp_path):
-    steps = run_distributed(train_worker, 4, train_overrides(stdlib_shards, str(tmp_path), **MODEL,
-                                                             **SEQUENCE_PARALLEL, **layout))[0]
+    steps = run_distributed(
+        train_worker, 4, train_overrides(stdlib_shards, str(tmp_path), **MODEL, **SEQUENCE_PARALLEL, **layout)
+    )[0]
     assert_same_steps(steps, single_process)
 
 
@@ -85,15 +113,38 @@ def test_four_rank_sequence_parallel_matches_single_process(layout, single_proce
 def test_checkpoints_move_between_sequence_parallel_and_plain_tp(sequence_parallel_run, stdlib_shards, tmp_path):
     checkpoints, straight = sequence_parallel_run
     plain_dir = str(tmp_path / "plain")
-    resumed_plain = run_distributed(train_worker, 2, train_overrides(stdlib_shards, plain_dir, **MODEL, **{
-        "parallel.tensor": 2, "parallel.zero_stage": 2, "checkpoint.interval": CHECKPOINT_INTERVAL,
-        "checkpoint.resume": os.path.join(checkpoints, f"step_{CHECKPOINT_INTERVAL:08d}")}))[0]
+    resumed_plain = run_distributed(
+        train_worker,
+        2,
+        train_overrides(
+            stdlib_shards,
+            plain_dir,
+            **MODEL,
+            **{
+                "parallel.tensor": 2,
+                "parallel.zero_stage": 2,
+                "checkpoint.interval": CHECKPOINT_INTERVAL,
+                "checkpoint.resume": os.path.join(checkpoints, f"step_{CHECKPOINT_INTERVAL:08d}"),
+            },
+        ),
+    )[0]
     assert_same_steps(resumed_plain, straight[CHECKPOINT_INTERVAL:])
     # And back: the plain TP run's checkpoint resumes with sequence parallelism.
     back = 2 * CHECKPOINT_INTERVAL
-    resumed_sp = run_distributed(train_worker, 2, train_overrides(stdlib_shards, str(tmp_path / "back"), **MODEL,
-                                                                  **SEQUENCE_PARALLEL, **{
-        "parallel.zero_stage": 2, "checkpoint.resume": os.path.join(plain_dir, "checkpoints", f"step_{back:08d}")}))[0]
+    resumed_sp = run_distributed(
+        train_worker,
+        2,
+        train_overrides(
+            stdlib_shards,
+            str(tmp_path / "back"),
+            **MODEL,
+            **SEQUENCE_PARALLEL,
+            **{
+                "parallel.zero_stage": 2,
+                "checkpoint.resume": os.path.join(plain_dir, "checkpoints", f"step_{back:08d}"),
+            },
+        ),
+    )[0]
     assert_same_steps(resumed_sp, straight[back:])
 
 
@@ -112,13 +163,16 @@ def saved_activations_worker(rank, world):
     init_distributed()
     init_model_parallel(TP, 1)
     # FFN and vocabulary widths unlike the hidden size, so [s, b, h] picks out the norm/residual region.
-    cfg = ModelConfig(num_layers=2, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=3 * HIDDEN,
-                      segment_length=SEQ // 2)
+    cfg = ModelConfig(
+        num_layers=2, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=3 * HIDDEN, segment_length=SEQ // 2
+    )
     tokens = torch.randint(0, cfg.vocab_size, (LANES, SEQ), generator=torch.Generator().manual_seed(0))
     saved_by_layout = {}
     for sequence_parallel in (False, True):
-        model = build_model(build_transformer_config(cfg, tensor_parallel_size=TP, sequence_parallel=sequence_parallel),
-                            cfg.padded_vocab_size(TP))
+        model = build_model(
+            build_transformer_config(cfg, tensor_parallel_size=TP, sequence_parallel=sequence_parallel),
+            cfg.padded_vocab_size(TP),
+        )
         init_weights(model, 0)
         parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved = {}

@@ -26,14 +26,20 @@ def cli(stdlib_shards, tmp_path_factory):
     config.write_text("# Everything else comes from the tests' key=value overrides.\nprecision: fp32\n")
 
     def start(run_dir, **extra):
-        env = dict(os.environ, PYTHONPATH=REPO, WORLD_SIZE="1", RANK="0", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(free_port()))
-        overrides = train_overrides(stdlib_shards, run_dir, **{"schedule.steps": STEPS, "data.num_workers": 2,
-                                                               **extra})
+        env = dict(
+            os.environ, PYTHONPATH=REPO, WORLD_SIZE="1", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
+        overrides = train_overrides(stdlib_shards, run_dir, **{"schedule.steps": STEPS, "data.num_workers": 2, **extra})
         # A session of its own: the test can signal its whole process group, as scancel and torchrun do.
-        return subprocess.Popen([sys.executable, "-m", "training.train", "--config", str(config), *overrides],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "training.train", "--config", str(config), *overrides],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
     return start
 
@@ -44,8 +50,11 @@ def finish(process, timeout=300):
 
 
 def losses(run_dir):
-    return [(line["step"], line["loss"]) for line in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl")))
-            if "loss" in line]
+    return [
+        (line["step"], line["loss"])
+        for line in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl")))
+        if "loss" in line
+    ]
 
 
 def outcome(run_dir):
@@ -68,8 +77,13 @@ def straight(cli, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("straight") / "run")
     status, out, err = finish(cli(run_dir))
     assert status == 0, err[-3000:]
-    assert outcome(run_dir) == {"outcome": "finished", "signal": None, "start_step": 0, "step": STEPS,
-                                "checkpoint": None}
+    assert outcome(run_dir) == {
+        "outcome": "finished",
+        "signal": None,
+        "start_step": 0,
+        "step": STEPS,
+        "checkpoint": None,
+    }
     return losses(run_dir)
 
 
@@ -85,8 +99,13 @@ def test_usr1_during_training_saves_the_last_step_and_resumes_exactly(cli, strai
     step = stopped["step"]
     assert 3 <= step < STEPS
     checkpoint = os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
-    assert stopped == {"outcome": "stopped", "signal": "SIGUSR1", "start_step": 0, "step": step,
-                       "checkpoint": checkpoint}
+    assert stopped == {
+        "outcome": "stopped",
+        "signal": "SIGUSR1",
+        "start_step": 0,
+        "step": step,
+        "checkpoint": checkpoint,
+    }
     assert json.load(open(os.path.join(checkpoint, "manifest.json")))["reason"] == "signal"
     assert [s for s, _ in losses(run_dir)] == list(range(1, step + 1))  # the last finished step is the saved one
     assert f"stopped on SIGUSR1 at step {step}, saved" in out
@@ -130,8 +149,13 @@ def test_usr1_before_the_first_step_exits_cleanly_with_nothing_to_save(cli, tmp_
     status, out, err = finish(process)
     assert status == 75, err[-3000:]
     assert "Traceback" not in err
-    assert outcome(run_dir) == {"outcome": "stopped", "signal": "SIGUSR1", "start_step": 0, "step": 0,
-                                "checkpoint": None}
+    assert outcome(run_dir) == {
+        "outcome": "stopped",
+        "signal": "SIGUSR1",
+        "start_step": 0,
+        "step": 0,
+        "checkpoint": None,
+    }
     assert "stopped on SIGUSR1 before the first step; nothing to save" in out
     assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
 
@@ -161,14 +185,18 @@ def stop_inside_worker(rank, world, overrides, during):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("during, extra", [
-    ("validation", {"validation.interval": 2, "validation.batches": 1, "data.valid_fraction": 0.2}),
-    ("save", {"checkpoint.interval": 2, "checkpoint.async_save": True, "debug.inject_writer_delay_s": 0.5}),
-])
+@pytest.mark.parametrize(
+    "during, extra",
+    [
+        ("validation", {"validation.interval": 2, "validation.batches": 1, "data.valid_fraction": 0.2}),
+        ("save", {"checkpoint.interval": 2, "checkpoint.async_save": True, "debug.inject_writer_delay_s": 0.5}),
+    ],
+)
 def test_a_signal_during_validation_or_a_save_stops_at_that_step_boundary(stdlib_shards, tmp_path, during, extra):
     run_dir = str(tmp_path / "run")
     finished, logged, entries = run_distributed(
-        stop_inside_worker, 1, train_overrides(stdlib_shards, run_dir, **{"schedule.steps": 6, **extra}), during)[0]
+        stop_inside_worker, 1, train_overrides(stdlib_shards, run_dir, **{"schedule.steps": 6, **extra}), during
+    )[0]
     assert not finished
     assert max(logged) == 2  # validation or save finished, then the stop: no step 3
     assert entries == ["latest", "step_00000002"]  # the stop saves step 2 once: as asked, or as the interval save
@@ -189,8 +217,12 @@ def test_stale_build_lock_is_named_and_a_held_one_is_not(tmp_path, capfd):
     for op in ("killed_op", "building_op", "fresh_op"):
         (root / op).mkdir(parents=True)
     # torch's FileBaton taken by two processes; one is killed before it could release it.
-    killed, building = (subprocess.Popen([sys.executable, "-c", BATON_HOLDER, str(root / op / "lock")],
-                                         stdout=subprocess.PIPE, text=True) for op in ("killed_op", "building_op"))
+    killed, building = (
+        subprocess.Popen(
+            [sys.executable, "-c", BATON_HOLDER, str(root / op / "lock")], stdout=subprocess.PIPE, text=True
+        )
+        for op in ("killed_op", "building_op")
+    )
     try:
         assert killed.stdout.readline() == "held\n" and building.stdout.readline() == "held\n"
         killed.kill()

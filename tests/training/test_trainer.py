@@ -18,6 +18,7 @@ def step_losses(world, overrides):
     """Rank 0's per-step losses of a tiny run on world processes."""
     return [loss for _, loss in run_distributed(losses_worker, world, overrides)[0]]
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -43,8 +44,9 @@ def reference_worker(rank, world, overrides, carry):
             total, tokens = 0.0, 0.0
             for lane in range(cfg.data.global_lanes):
                 row = slice(lane, lane + 1)
-                per_token, new_memory = model(batch["tokens"][row], batch["labels"][row],
-                                              memory[lane] if carry else None, batch["reset"][row])
+                per_token, new_memory = model(
+                    batch["tokens"][row], batch["labels"][row], memory[lane] if carry else None, batch["reset"][row]
+                )
                 memory[lane] = new_memory
                 total += (per_token * batch["loss_mask"][row]).sum().item()
                 tokens += batch["loss_mask"][row].sum().item()
@@ -56,10 +58,21 @@ def reference_worker(rank, world, overrides, carry):
 @pytest.mark.slow
 def test_memory_carries_per_lane_across_steps(stdlib_shards, tmp_path):
     # A vanishing learning rate keeps the weights fixed, so losses depend only on data and memory.
-    overrides = train_overrides(stdlib_shards, str(tmp_path), **{
-        "schedule.steps": 3, "optimizer.lr": 1e-12, "optimizer.min_lr": 0.0, "optimizer.gate_lr": 1e-12,
-        "data.global_lanes": 4, "parallel.micro_batch_lanes": 2, "model.gate_init": 2.0,
-        "data.n_segments": 2, "data.shuffle_buffer": 1})
+    overrides = train_overrides(
+        stdlib_shards,
+        str(tmp_path),
+        **{
+            "schedule.steps": 3,
+            "optimizer.lr": 1e-12,
+            "optimizer.min_lr": 0.0,
+            "optimizer.gate_lr": 1e-12,
+            "data.global_lanes": 4,
+            "parallel.micro_batch_lanes": 2,
+            "model.gate_init": 2.0,
+            "data.n_segments": 2,
+            "data.shuffle_buffer": 1,
+        },
+    )
     trained = step_losses(2, overrides + ["parallel.pipeline=2"])
     carried = run_distributed(reference_worker, 1, overrides, True)[0]
     fresh = run_distributed(reference_worker, 1, overrides, False)[0]
@@ -80,9 +93,17 @@ def test_loss_is_the_weighted_mean_with_loss_weights(tmp_path):
     shards = str(tmp_path / "weighted")
     docs = weighted_corpus(40, seed=5)
     assert write_shards([write_docs(tmp_path / "docs.jsonl", docs)], shards, progress=False)["weighted_documents"]
-    overrides = train_overrides(shards, str(tmp_path / "run"), **{
-        "schedule.steps": 3, "optimizer.lr": 1e-12, "optimizer.min_lr": 0.0, "optimizer.gate_lr": 1e-12,
-        "data.shuffle_buffer": 1})
+    overrides = train_overrides(
+        shards,
+        str(tmp_path / "run"),
+        **{
+            "schedule.steps": 3,
+            "optimizer.lr": 1e-12,
+            "optimizer.min_lr": 0.0,
+            "optimizer.gate_lr": 1e-12,
+            "data.shuffle_buffer": 1,
+        },
+    )
     trained = step_losses(2, overrides + ["parallel.micro_batch_lanes=2"])
     # The reference sums loss x loss_mask and divides by the sum of loss_mask itself.
     weighted_mean = run_distributed(reference_worker, 1, overrides, True)[0]
@@ -149,8 +170,11 @@ def nonfinite_worker(rank, world, overrides):
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_stop_the_run(stdlib_shards, tmp_path):
-    overrides = train_overrides(stdlib_shards, str(tmp_path), **{
-        "schedule.steps": 8, "max_nonfinite_steps": 3, "debug.inject_nonfinite_at_steps": "[2,4,5,6]"})
+    overrides = train_overrides(
+        stdlib_shards,
+        str(tmp_path),
+        **{"schedule.steps": 8, "max_nonfinite_steps": 3, "debug.inject_nonfinite_at_steps": "[2,4,5,6]"},
+    )
     result = run_distributed(nonfinite_worker, 2, overrides + ["parallel.zero_stage=2"])[0]
     history, weights = result["history"], result["weights"]
     # Step 2 is skipped: the weights after it equal those after step 1; step 3 updates again.
@@ -189,8 +213,9 @@ def merged_checkpoint_worker(rank, world, step_dir, export_dir):
 def test_time_budget_ends_the_run_with_a_checkpoint_and_an_export(stdlib_shards, tmp_path):
     run_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
     # A budget shorter than any step: every rank stops after the first one.
-    overrides = train_overrides(stdlib_shards, run_dir, **{
-        "schedule.steps": 50, "schedule.max_minutes": 1e-6, "export.dir": export_dir})
+    overrides = train_overrides(
+        stdlib_shards, run_dir, **{"schedule.steps": 50, "schedule.max_minutes": 1e-6, "export.dir": export_dir}
+    )
     result = run_distributed(budget_worker, 2, overrides + ["parallel.tensor=2"])
     assert [r["finished"] for r in result] == [True, True] and [r["step"] for r in result] == [1, 1]
     assert result[0]["logged"] == [1]
@@ -205,8 +230,11 @@ def test_time_budget_ends_the_run_with_a_checkpoint_and_an_export(stdlib_shards,
 
 @pytest.mark.slow
 def test_validation_loss_is_logged(stdlib_shards, tmp_path):
-    overrides = train_overrides(stdlib_shards, str(tmp_path), **{
-        "schedule.steps": 4, "validation.interval": 2, "validation.batches": 2, "data.valid_fraction": 0.2})
+    overrides = train_overrides(
+        stdlib_shards,
+        str(tmp_path),
+        **{"schedule.steps": 4, "validation.interval": 2, "validation.batches": 2, "data.valid_fraction": 0.2},
+    )
     run_distributed(fit_worker, 1, overrides)
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     valid = [line for line in lines if "valid/loss" in line]
@@ -216,22 +244,43 @@ def test_validation_loss_is_logged(stdlib_shards, tmp_path):
 
 
 def run_cli(*args, timeout=600):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO, WORLD_SIZE="1", RANK="0",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(__import__("tests.distributed", fromlist=["x"]).free_port()))
-    return subprocess.run([sys.executable, "-m", "training.train", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=REPO,
+        WORLD_SIZE="1",
+        RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(__import__("tests.distributed", fromlist=["x"]).free_port()),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "training.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.hidden_sise=8"], "hidden_sise"),
-    (["schedule.steps=many"], "schedule.steps"),
-    (["parallel.pipeline=2", "parallel.zero_stage=2", "model.num_layers=2"], "zero_stage=2 with parallel.pipeline=2"),
-    (["data.segment_length=32"], "data.segment_length is not a key; set model.segment_length"),
-    (["performance.compile_loss=true", "parallel.tensor=2"], "performance.compile_loss needs parallel.tensor = 1"),
-    (["model.recompute=true", "model.recompute_attention=true"],
-     "model.recompute (whole layers) and model.recompute_attention"),
-    (["model.update=hebbian"], "model.update must be one of"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.hidden_sise=8"], "hidden_sise"),
+        (["schedule.steps=many"], "schedule.steps"),
+        (
+            ["parallel.pipeline=2", "parallel.zero_stage=2", "model.num_layers=2"],
+            "zero_stage=2 with parallel.pipeline=2",
+        ),
+        (["data.segment_length=32"], "data.segment_length is not a key; set model.segment_length"),
+        (["performance.compile_loss=true", "parallel.tensor=2"], "performance.compile_loss needs parallel.tensor = 1"),
+        (
+            ["model.recompute=true", "model.recompute_attention=true"],
+            "model.recompute (whole layers) and model.recompute_attention",
+        ),
+        (["model.update=hebbian"], "model.update must be one of"),
+    ],
+)
 def test_config_errors_name_the_key(overrides, message):
     from training.config import ConfigError, load_config
 
@@ -255,9 +304,16 @@ def test_unknown_config_file_is_named():
 
 @pytest.mark.slow
 def test_main_job_cli_trains_and_loss_falls(stdlib_shards, tmp_path):
-    result = run_cli("--config", "configs/tiny_cpu.yaml", f"run_dir={tmp_path}", "schedule.steps=40",
-                     "schedule.warmup_steps=5", "build_stdlib_shards=false",
-                     f"data.sources=[{{path: {stdlib_shards}}}]", "validation.interval=0")
+    result = run_cli(
+        "--config",
+        "configs/tiny_cpu.yaml",
+        f"run_dir={tmp_path}",
+        "schedule.steps=40",
+        "schedule.warmup_steps=5",
+        "build_stdlib_shards=false",
+        f"data.sources=[{{path: {stdlib_shards}}}]",
+        "validation.interval=0",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     losses = [line["loss"] for line in lines if "loss" in line]

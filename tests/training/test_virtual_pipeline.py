@@ -21,8 +21,13 @@ from tests.training.test_checkpoint import straight_and_resumed
 
 STEPS = 5
 # PP2 x 2 chunks of one layer each: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3; 4 microbatches of a lane.
-INTERLEAVED = {"parallel.pipeline": 2, "parallel.virtual_pipeline": 2, "parallel.micro_batch_lanes": 1,
-               "model.num_layers": 4, "data.global_lanes": 4}
+INTERLEAVED = {
+    "parallel.pipeline": 2,
+    "parallel.virtual_pipeline": 2,
+    "parallel.micro_batch_lanes": 1,
+    "model.num_layers": 4,
+    "data.global_lanes": 4,
+}
 # A forward-only pass through the chunks at the end.
 VALIDATION = {"data.valid_fraction": 0.1, "validation.interval": STEPS, "validation.batches": 2}
 
@@ -38,16 +43,31 @@ def train_worker(rank, world, overrides):
         layers = [layer.layer_number - 1 for layer in trainer.model.layers]
     finally:
         trainer.close()
-    return {"losses": [h["loss"] for h in history if "loss" in h],
-            "valid": [h["valid/loss"] for h in history if "valid/loss" in h], "layers": layers}
+    return {
+        "losses": [h["loss"] for h in history if "loss" in h],
+        "valid": [h["valid/loss"] for h in history if "valid/loss" in h],
+        "layers": layers,
+    }
 
 
 @pytest.fixture(scope="module")
 def single_process(stdlib_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
-    return run_distributed(train_worker, 1, train_overrides(stdlib_shards, str(run_dir), **{
-        **INTERLEAVED, **VALIDATION, "schedule.steps": STEPS, "parallel.pipeline": 1,
-        "parallel.virtual_pipeline": 1}))[0]
+    return run_distributed(
+        train_worker,
+        1,
+        train_overrides(
+            stdlib_shards,
+            str(run_dir),
+            **{
+                **INTERLEAVED,
+                **VALIDATION,
+                "schedule.steps": STEPS,
+                "parallel.pipeline": 1,
+                "parallel.virtual_pipeline": 1,
+            },
+        ),
+    )[0]
 
 
 # world size, extra overrides, the global layers of each pipeline rank (data-parallel replicas repeat them).
@@ -62,16 +82,22 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_interleaved_losses_match_single_process(layout, stdlib_shards, single_process, tmp_path):
     world, extra, layers = LAYOUTS[layout]
-    interleaved = run_distributed(train_worker, world, train_overrides(stdlib_shards, str(tmp_path), **{
-        **INTERLEAVED, **VALIDATION, "schedule.steps": STEPS, **extra}))
+    interleaved = run_distributed(
+        train_worker,
+        world,
+        train_overrides(
+            stdlib_shards, str(tmp_path), **{**INTERLEAVED, **VALIDATION, "schedule.steps": STEPS, **extra}
+        ),
+    )
     assert [r["layers"] for r in interleaved] == layers
     assert len(single_process["losses"]) == STEPS
     # Losses fall: the optimizer really steps (a broken update would also match between layouts).
     assert single_process["losses"][-1] < single_process["losses"][0]
     assert len(single_process["valid"]) == 1
     for key in ("losses", "valid"):
-        assert_close(interleaved[0][key], single_process[key], torch.float32, STEP_TOKENS, training_depth(STEPS),
-                     what=key)
+        assert_close(
+            interleaved[0][key], single_process[key], torch.float32, STEP_TOKENS, training_depth(STEPS), what=key
+        )
 
 
 @pytest.mark.slow
@@ -87,29 +113,55 @@ def interleaved_checkpoint(stdlib_shards, tmp_path_factory):
     """PP2 x 2 chunks, test_reshard's model: tied embeddings (embedding in rank 0's first chunk, output layer in
     rank 1's last) and learned memory scales; its steps, with a checkpoint and the global state at SAVE_AT."""
     run_dir = str(tmp_path_factory.mktemp("vp2"))
-    losses, gathered = run_distributed(reshard_run.train_and_gather, 2, train_overrides(stdlib_shards, run_dir, **{
-        **INTERLEAVED, "schedule.steps": reshard_run.STEPS, **reshard_run.MODEL}))[0]
+    losses, gathered = run_distributed(
+        reshard_run.train_and_gather,
+        2,
+        train_overrides(
+            stdlib_shards, run_dir, **{**INTERLEAVED, "schedule.steps": reshard_run.STEPS, **reshard_run.MODEL}
+        ),
+    )[0]
     return os.path.join(run_dir, "checkpoints"), losses, gathered
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, layout", [
-    (2, {"parallel.pipeline": 2}),
-    (1, {"parallel.pipeline": 1}),
-], ids=["to-pp2", "to-pp1"])
+@pytest.mark.parametrize(
+    "world, layout",
+    [
+        (2, {"parallel.pipeline": 2}),
+        (1, {"parallel.pipeline": 1}),
+    ],
+    ids=["to-pp2", "to-pp1"],
+)
 def test_reshard_from_two_chunks_to_one(stdlib_shards, tmp_path, interleaved_checkpoint, world, layout):
     checkpoints, straight, saved_state = interleaved_checkpoint
     save_at, steps = reshard_run.SAVE_AT, reshard_run.STEPS
     assert saved_state["memory"] and len({layer for layer, _, _ in saved_state["memory"]}) == 4
-    losses, loaded_state = run_distributed(reshard_run.train_and_gather, world, train_overrides(
-        stdlib_shards, str(tmp_path), **{
-            **INTERLEAVED, **layout, "parallel.virtual_pipeline": 1, "schedule.steps": steps, **reshard_run.MODEL,
-            "checkpoint.resume": os.path.join(checkpoints, f"step_{save_at:08d}")}))[0]
+    losses, loaded_state = run_distributed(
+        reshard_run.train_and_gather,
+        world,
+        train_overrides(
+            stdlib_shards,
+            str(tmp_path),
+            **{
+                **INTERLEAVED,
+                **layout,
+                "parallel.virtual_pipeline": 1,
+                "schedule.steps": steps,
+                **reshard_run.MODEL,
+                "checkpoint.resume": os.path.join(checkpoints, f"step_{save_at:08d}"),
+            },
+        ),
+    )[0]
     # Weights, fp32 masters, Adam moments and every (layer, lane, KV group)'s memory land where they belong.
     reshard_run.assert_same_state(loaded_state, saved_state)
     assert [s for s, _ in losses] == list(range(save_at + 1, steps + 1))
-    assert_close(loss_values(losses), loss_values(straight[save_at:]), torch.float32, STEP_TOKENS,
-                 training_depth(steps - save_at))
+    assert_close(
+        loss_values(losses),
+        loss_values(straight[save_at:]),
+        torch.float32,
+        STEP_TOKENS,
+        training_depth(steps - save_at),
+    )
 
 
 def merged_checkpoint_worker(rank, world, step_dir):
@@ -123,18 +175,22 @@ def merged_checkpoint_worker(rank, world, step_dir):
 @pytest.mark.slow
 def test_interleaved_checkpoint_merges_on_one_device(interleaved_checkpoint):
     checkpoints, _, saved_state = interleaved_checkpoint
-    merged = run_distributed(merged_checkpoint_worker, 1,
-                             os.path.join(checkpoints, f"step_{reshard_run.SAVE_AT:08d}"))[0]
+    merged = run_distributed(merged_checkpoint_worker, 1, os.path.join(checkpoints, f"step_{reshard_run.SAVE_AT:08d}"))[
+        0
+    ]
     assert set(merged) == set(saved_state["weights"])
     for name, tensor in saved_state["weights"].items():
         assert torch.equal(merged[name], tensor), name
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"parallel.pipeline": 1, "parallel.virtual_pipeline": 2}, "parallel.pipeline > 1"),
-    ({"parallel.pipeline": 2, "parallel.virtual_pipeline": 3}, "parallel.virtual_pipeline (2 x 3)"),
-    ({"parallel.pipeline": 2, "parallel.virtual_pipeline": 0}, "parallel.virtual_pipeline must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"parallel.pipeline": 1, "parallel.virtual_pipeline": 2}, "parallel.pipeline > 1"),
+        ({"parallel.pipeline": 2, "parallel.virtual_pipeline": 3}, "parallel.virtual_pipeline (2 x 3)"),
+        ({"parallel.pipeline": 2, "parallel.virtual_pipeline": 0}, "parallel.virtual_pipeline must be >= 1"),
+    ],
+)
 def test_invalid_virtual_pipeline_fails_at_load(overrides, key, tmp_path):
     from training.config import ConfigError, load_config
 
@@ -158,6 +214,8 @@ def test_microbatches_not_a_multiple_of_the_pipeline_fail_at_start(stdlib_shards
     # 3 lanes of one microbatch each: the interleaved schedule runs groups of 2.
     overrides = train_overrides(stdlib_shards, str(tmp_path), **{**INTERLEAVED, "data.global_lanes": 3})
     messages = run_distributed(start_worker, 2, overrides)
-    assert all(m is not None and "parallel.virtual_pipeline=2" in m and "parallel.micro_batch_lanes" in m
-               and "= 3)" in m for m in messages), messages
+    assert all(
+        m is not None and "parallel.virtual_pipeline=2" in m and "parallel.micro_batch_lanes" in m and "= 3)" in m
+        for m in messages
+    ), messages
     assert not any(tmp_path.iterdir())  # nothing written
