@@ -74,7 +74,8 @@ def check_format(path: str, manifest: dict) -> None:
     if manifest.get("format") not in READABLE_FORMATS:
         raise CheckpointError(
             f"{path} has checkpoint format {manifest.get('format')}; this version reads formats "
-            f"{' and '.join(map(str, READABLE_FORMATS))} only (parameters named by model chunk)"
+            f"{' and '.join(map(str, READABLE_FORMATS))} only (parameters named by model chunk); export its weights "
+            "with the version that wrote it (python -m training.export) and start from them with checkpoint.init_from"
         )
 
 
