@@ -15,7 +15,7 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.training.helpers import fit_worker, losses_worker, train_overrides
-from training.checkpoint_layout import verify
+from training.checkpoint_layout import CheckpointError, check_format, verify
 from training.config import NUMERIC_RANGES, STEP_LISTS, ConfigError, TrainConfig, load_config, validate
 
 STEPS = 6
@@ -169,6 +169,11 @@ def test_auto_resumes_from_the_newest_that_verifies_naming_each_one_skipped(atte
 
 
 @pytest.mark.slow
+def test_a_checkpoint_of_an_unread_format_says_how_to_carry_its_weights_over():
+    with pytest.raises(CheckpointError, match=r"runs/x/step_00000010 has checkpoint format 1; .*checkpoint\.init_from"):
+        check_format("runs/x/step_00000010", {"format": 1})
+
+
 def test_a_nonexistent_resume_path_is_named(attempts):
     message, _ = attempts[0]["nonexistent"]
     assert isinstance(message, str) and message.endswith("nonexistent: the path does not exist")
