@@ -5,6 +5,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from tests import recording
+from tests.tolerance import assert_close
 
 # The tiny run's shape, for tolerances (tests/tolerance.py): the largest sum inside the model runs over the
 # MLP's hidden size, the largest of a step over its tokens (the loss, the weight gradients).
@@ -58,6 +59,28 @@ def fit_worker(rank: int, world: int, overrides: list, config: Optional[str] = N
 def losses_worker(rank: int, world: int, overrides: list, config: Optional[str] = None) -> List[Tuple[int, float]]:
     """fit_worker's (step, loss) pairs."""
     return [(h["step"], h["loss"]) for h in fit_worker(rank, world, overrides, config) if "loss" in h]
+
+
+def steps_worker(
+    rank: int, world: int, overrides: list, config: Optional[str] = None
+) -> List[Tuple[int, float, float]]:
+    """fit_worker's (step, loss, gradient norm) rows."""
+    return [(h["step"], h["loss"], h["grad_norm"]) for h in fit_worker(rank, world, overrides, config) if "loss" in h]
+
+
+def assert_same_steps(run: list, reference: list, step_tokens: int = STEP_TOKENS) -> None:
+    """steps_worker rows of two layouts, which add the same float32 terms in other orders: sums over a step's
+    tokens, through every layer forward and backward, compounded up to the reference's last step."""
+    assert [row[0] for row in run] == [row[0] for row in reference]
+    for column, what in ((1, "losses"), (2, "gradient norms")):
+        assert_close(
+            [row[column] for row in run],
+            [row[column] for row in reference],
+            torch.float32,
+            step_tokens,
+            training_depth(reference[-1][0]),
+            what=what,
+        )
 
 
 def training_depth(steps: int) -> int:

@@ -11,9 +11,8 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.model.reference import reference_infini_attention
-from tests.recording import record
-from tests.tolerance import assert_close, tolerance
-from tests.training.helpers import train_overrides, training_depth
+from tests.tolerance import tolerance
+from tests.training.helpers import assert_same_steps, steps_worker, train_overrides
 
 # The memory exchange: 3 lanes, 8 segments of 4 tokens, GQA (4 query heads, 2 KV heads).
 LANES, HEADS, GROUPS, D, DV, N, SEGMENTS = 3, 4, 2, 8, 6, 4, 8
@@ -129,33 +128,6 @@ TRAINING = {"data.n_segments": 4, "data.max_doc_tokens": 400, "schedule.steps": 
 STEP_TOKENS = 4 * 4 * 16
 
 
-def train_worker(rank, world, overrides):
-    """(step, loss, grad norm) of each training step."""
-    from training.config import load_config
-    from training.train import Trainer
-
-    trainer = Trainer(load_config(None, overrides))
-    history = record(trainer)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return [(h["step"], h["loss"], h["grad_norm"]) for h in history if "loss" in h]
-
-
-def assert_same_steps(run, reference):
-    assert [step for step, _, _ in run] == [step for step, _, _ in reference]
-    for column, what in ((1, "losses"), (2, "gradient norms")):
-        assert_close(
-            [row[column] for row in run],
-            [row[column] for row in reference],
-            torch.float32,
-            STEP_TOKENS,
-            training_depth(STEPS),
-            what,
-        )
-
-
 def window_resets(overrides):
     """The reset flags [steps, lanes, n_segments] of the run's first STEPS batches."""
     from data_pipeline import build_train_loader
@@ -174,7 +146,7 @@ def single_process(stdlib_shards, tmp_path_factory):
     resets = window_resets(overrides)
     # Documents start inside windows after the first, in the first of two CP ranks' segments too.
     assert resets[1:, :, 1:].any() and resets[1:, :, 1].any()
-    steps = run_distributed(train_worker, 1, overrides)[0]
+    steps = run_distributed(steps_worker, 1, overrides)[0]
     assert len(steps) == STEPS and steps[-1][1] < steps[0][1]  # the optimizer really steps
     return steps
 
@@ -187,7 +159,7 @@ def context_parallel_run(stdlib_shards, tmp_path_factory):
     """CP2 with checkpoints every CHECKPOINT_INTERVAL steps: (checkpoint root, steps)."""
     run_dir = str(tmp_path_factory.mktemp("cp2"))
     steps = run_distributed(
-        train_worker,
+        steps_worker,
         2,
         train_overrides(
             stdlib_shards, run_dir, **TRAINING, **{"parallel.context": 2, "checkpoint.interval": CHECKPOINT_INTERVAL}
@@ -198,7 +170,7 @@ def context_parallel_run(stdlib_shards, tmp_path_factory):
 
 @pytest.mark.slow
 def test_cp2_matches_single_process(context_parallel_run, single_process):
-    assert_same_steps(context_parallel_run[1], single_process)
+    assert_same_steps(context_parallel_run[1], single_process, STEP_TOKENS)
 
 
 LAYOUTS = {
@@ -212,8 +184,8 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_four_ranks_match_single_process(layout, single_process, stdlib_shards, tmp_path):
     world, extra = LAYOUTS[layout]
-    steps = run_distributed(train_worker, world, train_overrides(stdlib_shards, str(tmp_path), **TRAINING, **extra))[0]
-    assert_same_steps(steps, single_process)
+    steps = run_distributed(steps_worker, world, train_overrides(stdlib_shards, str(tmp_path), **TRAINING, **extra))[0]
+    assert_same_steps(steps, single_process, STEP_TOKENS)
 
 
 @pytest.mark.slow
@@ -221,7 +193,7 @@ def test_resume_is_bitwise(context_parallel_run, stdlib_shards, tmp_path):
     root, uninterrupted = context_parallel_run
     checkpoint = os.path.join(root, f"step_{CHECKPOINT_INTERVAL:08d}")
     steps = run_distributed(
-        train_worker,
+        steps_worker,
         2,
         train_overrides(
             stdlib_shards, str(tmp_path), **TRAINING, **{"parallel.context": 2, "checkpoint.resume": checkpoint}
@@ -243,10 +215,10 @@ def test_reshard_to_one_context_rank(context_parallel_run, single_process, stdli
     for first, last in zip(*memories):
         assert torch.equal(first["M"], last["M"]) and torch.equal(first["z"], last["z"])
     steps = run_distributed(
-        train_worker, 1, train_overrides(stdlib_shards, str(tmp_path), **TRAINING, **{"checkpoint.resume": checkpoint})
+        steps_worker, 1, train_overrides(stdlib_shards, str(tmp_path), **TRAINING, **{"checkpoint.resume": checkpoint})
     )[0]
-    assert_same_steps(steps, uninterrupted[CHECKPOINT_INTERVAL:])
-    assert_same_steps(steps, single_process[CHECKPOINT_INTERVAL:])
+    assert_same_steps(steps, uninterrupted[CHECKPOINT_INTERVAL:], STEP_TOKENS)
+    assert_same_steps(steps, single_process[CHECKPOINT_INTERVAL:], STEP_TOKENS)
 
 
 def test_config_rules_name_their_keys(tmp_path):

@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.recording import record
-from tests.tolerance import assert_close
-from tests.training.helpers import STEP_TOKENS, train_overrides, training_depth
+from tests.training.helpers import assert_same_steps, steps_worker, train_overrides
 
 STEPS = 6
 CHECKPOINT_INTERVAL = 2
@@ -22,39 +20,10 @@ MODEL = {"model.qk_layernorm": True, "schedule.steps": STEPS}
 SEQUENCE_PARALLEL = {"parallel.tensor": 2, "parallel.sequence_parallel": True}
 
 
-def train_worker(rank, world, overrides):
-    """(step, loss, grad norm) of each training step."""
-    from training.config import load_config
-    from training.train import Trainer
-
-    trainer = Trainer(load_config(None, overrides))
-    history = record(trainer)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return [(h["step"], h["loss"], h["grad_norm"]) for h in history if "loss" in h]
-
-
-def assert_same_steps(run, reference):
-    assert [step for step, _, _ in run] == [step for step, _, _ in reference]
-    # The layouts add the same float32 terms in other orders: sums over a step's tokens, through every layer
-    # forward and backward, compounded over the steps.
-    for column, what in ((1, "losses"), (2, "gradient norms")):
-        assert_close(
-            [row[column] for row in run],
-            [row[column] for row in reference],
-            torch.float32,
-            STEP_TOKENS,
-            training_depth(len(reference)),
-            what=what,
-        )
-
-
 @pytest.fixture(scope="module")
 def single_process(stdlib_shards, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("tp1"))
-    steps = run_distributed(train_worker, 1, train_overrides(stdlib_shards, run_dir, **MODEL))[0]
+    steps = run_distributed(steps_worker, 1, train_overrides(stdlib_shards, run_dir, **MODEL))[0]
     assert len(steps) == STEPS and steps[-1][1] < steps[0][1]  # the optimizer really steps
     return steps
 
@@ -65,7 +34,7 @@ def sequence_parallel_run(stdlib_shards, tmp_path_factory):
     checkpoints every CHECKPOINT_INTERVAL steps."""
     run_dir = str(tmp_path_factory.mktemp("tp2-sp"))
     steps = run_distributed(
-        train_worker,
+        steps_worker,
         2,
         train_overrides(
             stdlib_shards,
@@ -104,7 +73,7 @@ def test_tp2_sequence_parallel_matches_single_process(single_process, sequence_p
 )
 def test_four_rank_sequence_parallel_matches_single_process(layout, single_process, stdlib_shards, tmp_path):
     steps = run_distributed(
-        train_worker, 4, train_overrides(stdlib_shards, str(tmp_path), **MODEL, **SEQUENCE_PARALLEL, **layout)
+        steps_worker, 4, train_overrides(stdlib_shards, str(tmp_path), **MODEL, **SEQUENCE_PARALLEL, **layout)
     )[0]
     assert_same_steps(steps, single_process)
 
@@ -114,7 +83,7 @@ def test_checkpoints_move_between_sequence_parallel_and_plain_tp(sequence_parall
     checkpoints, straight = sequence_parallel_run
     plain_dir = str(tmp_path / "plain")
     resumed_plain = run_distributed(
-        train_worker,
+        steps_worker,
         2,
         train_overrides(
             stdlib_shards,
@@ -132,7 +101,7 @@ def test_checkpoints_move_between_sequence_parallel_and_plain_tp(sequence_parall
     # And back: the plain TP run's checkpoint resumes with sequence parallelism.
     back = 2 * CHECKPOINT_INTERVAL
     resumed_sp = run_distributed(
-        train_worker,
+        steps_worker,
         2,
         train_overrides(
             stdlib_shards,
