@@ -166,6 +166,9 @@ class DebugConfig:
     """The background checkpoint writer sleeps this long before each save."""
     inject_writer_failure_at_steps: List[int] = field(default_factory=list)
     """Rank 0's background checkpoint writer fails on its first file of these saves."""
+    pause_before_training_s: float = 0.0
+    """Every rank waits this long, its stop handlers installed, before the first step: a drill of a stop
+    during start-up."""
 
 
 @dataclass
@@ -320,6 +323,7 @@ NUMERIC_RANGES = {
     "validation.batches": AT_LEAST_0,
     "performance.loss_chunk_tokens": AT_LEAST_0,
     "debug.inject_writer_delay_s": AT_LEAST_0,
+    "debug.pause_before_training_s": AT_LEAST_0,
 }
 """Every numeric key of the schema outside ``model`` (ModelConfig.validate checks its own) but
 parallel.zero_stage (a choice, with its own rule below); an optional one may also be null."""

@@ -414,6 +414,7 @@ class Trainer:
         where the ranks agree on it; before the first step there is nothing new to save."""
         cfg = self.cfg
         self.stop.install()
+        time.sleep(cfg.debug.pause_before_training_s)
         budget = cfg.schedule.max_minutes
         deadline = time.monotonic() + budget * 60.0 if budget is not None else None
         out_of_time = False

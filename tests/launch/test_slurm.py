@@ -385,9 +385,18 @@ def test_starts_stopped_before_their_first_step_are_not_requeued_forever(
     slurm_cluster, stdlib_shards, tiny_config, tmp_path
 ):
     run_dir = str(tmp_path / "run")
-    job_id = submit(tiny_config, ["--max-requeues-without-progress", "0", *overrides(stdlib_shards, run_dir)])
+    # The ranks wait 20 s before their first step: the signal, forwarded within 5 s of srun's start, comes
+    # before it however fast they start.
+    job_id = submit(
+        tiny_config,
+        [
+            "--max-requeues-without-progress",
+            "0",
+            *overrides(stdlib_shards, run_dir, **{"debug.pause_before_training_s": 20}),
+        ],
+    )
     wait_until(lambda: f"job {job_id} (restart 0)" in log_of(run_dir, job_id), 300, "the batch script", run_dir, job_id)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)  # while the ranks start
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     fields = wait_for_end(run_dir, job_id)
     log = log_of(run_dir, job_id)
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "1:0", "0"), log
