@@ -1,10 +1,12 @@
 """The tiny training run the training and launch tests share, and the worker that fits it."""
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
 
 from tests import recording
+from tests.distributed import free_port
 from tests.tolerance import assert_close
 
 # The tiny run's shape, for tolerances (tests/tolerance.py): the largest sum inside the model runs over the
@@ -12,6 +14,22 @@ from tests.tolerance import assert_close
 LAYERS = 4
 FFN_HIDDEN = 64
 STEP_TOKENS = 4 * 2 * 16
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def single_process_env() -> dict:
+    """The environment of a training CLI run as one plain process from the checkout, on the CPU."""
+    return dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=REPO,
+        WORLD_SIZE="1",
+        RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
 
 
 def train_overrides(shards: str, run_dir: str, **extra) -> list:

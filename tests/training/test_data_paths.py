@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from data_pipeline import SourceConfig
-from tests.distributed import free_port
+from tests.training.helpers import single_process_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAIN_JOB = os.path.join(REPO, "configs", "tiny_cpu.yaml")
@@ -17,15 +17,7 @@ MAIN_JOB = os.path.join(REPO, "configs", "tiny_cpu.yaml")
 
 def run_main_job(cwd, *overrides):
     """The README's first command, run from `cwd` as from a fresh checkout's root."""
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        PYTHONPATH=REPO,
-        WORLD_SIZE="1",
-        RANK="0",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    )
+    env = single_process_env()
     return subprocess.run(
         [sys.executable, "-m", "training.train", "--config", MAIN_JOB, *overrides],
         cwd=cwd,

@@ -11,7 +11,14 @@ import torch
 from tests.distributed import run_distributed
 from tests.recording import record
 from tests.tolerance import assert_close, tolerance
-from tests.training.helpers import LAYERS, STEP_TOKENS, fit_worker, losses_worker, train_overrides
+from tests.training.helpers import (
+    LAYERS,
+    STEP_TOKENS,
+    fit_worker,
+    losses_worker,
+    single_process_env,
+    train_overrides,
+)
 
 
 def step_losses(world, overrides):
@@ -244,15 +251,7 @@ def test_validation_loss_is_logged(stdlib_shards, tmp_path):
 
 
 def run_cli(*args, timeout=600):
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        PYTHONPATH=REPO,
-        WORLD_SIZE="1",
-        RANK="0",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(__import__("tests.distributed", fromlist=["x"]).free_port()),
-    )
+    env = single_process_env()
     return subprocess.run(
         [sys.executable, "-m", "training.train", *args],
         cwd=REPO,
