@@ -2,8 +2,11 @@
 
 USR1 (SLURM's warning before a time limit, a preemption, ``launch.slurm cancel --requeue``) means
 "save and stop, to be resumed"; TERM (scancel, a time limit, torchrun, ``timeout``) means "save and
-stop". A handler only records the signal: the ranks agree on it at the next step boundary (TERM
-wins over USR1), save the last finished step and exit. Rank 0 then writes ``<run_dir>/outcome.json``
+stop". Receiving one only records it: the ranks agree on it at the next step boundary (TERM wins over
+USR1), save the last finished step and exit. The signals stay blocked in the trainer's threads and are taken
+by a thread of their own, so the processes it starts (the JIT build's ninja and compilers, W&B's service,
+DataLoader workers) inherit them blocked: a stop sent to every process of a SLURM step, or to a process
+group, stops the trainer and kills none of its helpers half-way. Rank 0 then writes ``<run_dir>/outcome.json``
 (finished or stopped, by which signal, at which step) before the last barrier, so a launcher can
 tell "stopped with a checkpoint" from "stopped before any progress" whatever the exit statuses.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from typing import Optional
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -23,11 +27,22 @@ OUTCOME_FILE = "outcome.json"
 # All-reduced with MAX: the strongest request of any rank decides.
 _CODES = {None: 0, signal.SIGUSR1: 1, signal.SIGTERM: 2}
 _SIGNALS = {code: signum for signum, code in _CODES.items()}
+# The StopSignals the receiving thread reports to: the one installed last.
+_receiver: Optional[StopSignals] = None
+_receiving_thread: Optional[threading.Thread] = None
 
 
 def block_stop_signals() -> None:
-    """Hold USR1 and TERM pending until ``StopSignals.install`` (for the seconds of imports before it)."""
+    """Block USR1 and TERM in this thread and the threads and processes it starts from now on; they wait
+    pending until ``StopSignals.install`` receives them."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def _receive_stop_signals() -> None:
+    while True:
+        signum = signal.sigwait(STOP_SIGNALS)
+        if _receiver is not None:
+            _receiver.request(signum)
 
 
 class StopSignals:
@@ -39,10 +54,18 @@ class StopSignals:
         self.agreed_signal: Optional[int] = None
 
     def install(self) -> StopSignals:
-        """Take USR1 and TERM (main thread only); a signal held by ``block_stop_signals`` arrives now."""
+        """Receive USR1 and TERM from now on (main thread only); one pending since ``block_stop_signals``
+        arrives now. The signals stay blocked in this thread (see the module's doc)."""
+        global _receiver, _receiving_thread
+        _receiver = self
+        block_stop_signals()
+        # For threads started before the signals were blocked (a Trainer built in a process that did not
+        # start from the CLI): a signal the kernel hands to one of them is recorded too, not fatal.
         for signum in STOP_SIGNALS:
             signal.signal(signum, self.request)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        if _receiving_thread is None:
+            _receiving_thread = threading.Thread(target=_receive_stop_signals, name="stop-signals", daemon=True)
+            _receiving_thread.start()
         return self
 
     def request(self, signum: int, frame=None) -> None:

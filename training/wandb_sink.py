@@ -89,8 +89,7 @@ class WandbSink:
             self._guarded(self.run.finish)
 
     def _guarded(self, call, *args, **kwargs) -> None:
-        """W&B is monitoring: when it fails, training goes on without it. SIGTERM to a SLURM step reaches
-        W&B's service process too and ends it, while the trainer still has its checkpoint to save."""
+        """W&B is monitoring: when it fails (its service process gone, a full disk), training goes on without it."""
         try:
             call(*args, **kwargs)
         except Exception as error:

@@ -25,9 +25,15 @@ def cli(stdlib_shards, tmp_path_factory):
     config = tmp_path_factory.mktemp("config") / "tiny.yaml"
     config.write_text("# Everything else comes from the tests' key=value overrides.\nprecision: fp32\n")
 
-    def start(run_dir, **extra):
+    def start(run_dir, env=None, **extra):
         env = dict(
-            os.environ, PYTHONPATH=REPO, WORLD_SIZE="1", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+            os.environ,
+            PYTHONPATH=REPO,
+            WORLD_SIZE="1",
+            RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+            **(env or {}),
         )
         overrides = train_overrides(stdlib_shards, run_dir, **{"schedule.steps": STEPS, "data.num_workers": 2, **extra})
         # A session of its own: the test can signal its whole process group, as scancel and torchrun do.
@@ -158,6 +164,24 @@ def test_usr1_before_the_first_step_exits_cleanly_with_nothing_to_save(cli, tmp_
     }
     assert "stopped on SIGUSR1 before the first step; nothing to save" in out
     assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+
+
+@pytest.mark.slow
+def test_usr1_to_the_process_group_during_the_extension_build_kills_no_compiler(cli, tmp_path):
+    # As scancel and srun do, the signal goes to every process: DeepSpeed's JIT build of its CPU
+    # communication op runs ninja and the compiler as the trainer's children, in a fresh extension dir here.
+    run_dir, extensions = str(tmp_path / "run"), tmp_path / "extensions"
+    process = cli(run_dir, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    deadline = time.monotonic() + 300
+    while not list(extensions.glob("*/build.ninja")):
+        assert process.poll() is None and time.monotonic() < deadline, finish(process)
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGUSR1)
+    status, out, err = finish(process)
+    assert status == 75, err[-3000:]
+    assert "Traceback" not in err
+    assert (outcome(run_dir)["signal"], outcome(run_dir)["step"]) == ("SIGUSR1", 0)
+    assert list(extensions.glob("*/*.so")), "the build was not finished"
 
 
 def stop_inside_worker(rank, world, overrides, during):
