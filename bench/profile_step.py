@@ -1,9 +1,9 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps of the real trainer.
 
-    python bench/profile_step.py --preset 1.3b [--warmup 3] [--steps 2] [--out DIR] [key=value ...]
+    python bench/profile_step.py --case infini-1.3b [--warmup 3] [--steps 2] [--out DIR] [key=value ...]
 
-Builds the trainer in-process with bench/throughput.py's settings (segment 2048, 8 segments a window,
-compiled layers, chunked loss, ZeRO-1, bf16), runs warm-up steps, then profiles the next steps and
+Builds the trainer in-process for one of bench/throughput.py's one-process cases (its run config, e.g.
+configs/gpu_1.3b.yaml, with the bench's settings), runs warm-up steps, then profiles the next steps and
 prints two tables: GPU time by kernel category (matmul, attention, memory read/write math, optimizer,
 copies, communication...) with the share of the step's wall time the GPU sat idle, and the top
 kernels. The chrome trace goes to DIR/trace.json. Overrides (key=value) go to the run config.
@@ -23,7 +23,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.throughput import CASES, COMMON  # noqa: E402
+from bench.throughput import CASES, case_run  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.train import Trainer  # noqa: E402
 
@@ -50,24 +50,17 @@ def category(name: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", default="infini-1.3b", choices=sorted(CASES))
+    one_process = sorted(name for name, (_, processes, _) in CASES.items() if processes == 1)
+    parser.add_argument("--case", default="infini-1.3b", choices=one_process)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", default="runs/profile")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    preset, extra = CASES[args.case]
     os.makedirs(args.out, exist_ok=True)
-    overrides = [
-        f"defaults.model={preset}",
-        f"run_dir={args.out}/run",
-        f"schedule.steps={args.warmup + args.steps}",
-        *COMMON,
-        *extra,
-        *args.overrides,
-    ]
-    trainer = Trainer(load_config(os.path.join(REPO, "configs", "tiny_cpu.yaml"), overrides))
+    config, _, overrides = case_run(args.case, f"{args.out}/run", args.warmup + args.steps, args.overrides)
+    trainer = Trainer(load_config(config, overrides))
     batches = iter(trainer.train_loader)
     for _ in range(args.warmup):
         trainer.train_step(next(batches))

@@ -442,7 +442,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
     need(
         not (cfg.performance.compile_loss and cfg.parallel.tensor > 1),
         f"performance.compile_loss needs parallel.tensor = 1 (got {cfg.parallel.tensor}): with tensor parallelism "
-        "the vocabulary is split and megatron's vocab-parallel cross-entropy is used",
+        "the vocabulary is split and megatron's vocab-parallel cross-entropy is used; set "
+        "performance.compile_loss=false",
     )
     need(
         not (cfg.checkpoint.start_over and cfg.checkpoint.resume is not None),

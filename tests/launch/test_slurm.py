@@ -155,6 +155,7 @@ def test_dry_run_renders_a_4x8_gpu_job(tmp_path):
         "--dry-run",
         f"run_dir={run_dir}",
         "parallel.tensor=4",
+        "performance.compile_loss=false",
         "data.sources=[{path: /data/web}]",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -188,6 +189,7 @@ def test_dry_run_renders_a_4x8_gpu_job(tmp_path):
         "--stopped-exit-code",
         "0",
         "parallel.tensor=4",
+        "performance.compile_loss=false",
         "data.sources=[{path: /data/web}]",
         f"run_dir={run_dir}",
         "$resume",
@@ -238,7 +240,7 @@ def test_dry_run_rejects_a_layout_the_config_cannot_split():
         "submit", "--config", "configs/gpu_125m.yaml", "--nodes", "4", "--gpus-per-node", "8", "--dry-run"
     )
     assert result.returncode == 2
-    assert "data.global_lanes (8) must be divisible by the data-parallel size (32)" in result.stderr
+    assert "lanes per data-parallel rank (1) must be divisible by parallel.micro_batch_lanes (2)" in result.stderr
 
 
 def test_two_node_gloo_job_completes(straight_job, stdlib_shards, tiny_config, tmp_path):
