@@ -68,8 +68,8 @@ TP PP CP DP = GPUs; TP divides the heads; ZeRO 1, 2 or 3, and only 1 with PP > 1
 layers, V > 1 needs PP > 1 and the microbatches a multiple of PP (megatron's interleaved schedule);
 SP needs TP > 1 and TP dividing a CP rank's share of the window (window / CP tokens); CP divides the
 window's segments and needs the linear update; DP divides the global lanes and the micro-batch lanes
-divide a DP rank's lanes; the compiled loss needs TP = 1. Besides those, what megatron and the
-hardware impose: TP divides the KV groups and the padded vocabulary and is at most --gpus-per-node.
+divide a DP rank's lanes. Besides those, what megatron and the hardware impose: TP divides the KV groups
+and the padded vocabulary and is at most --gpus-per-node.
 """
 
 from __future__ import annotations
@@ -441,7 +441,6 @@ def invalid_reason(
             layout.zero == 1 or layout.pp == 1,
             f"ZeRO-{layout.zero} with PP {layout.pp} (gradients sharded during a pipeline's backward)",
         ),
-        (not workload.compile_loss or layout.tp == 1, f"the compiled loss with TP {layout.tp} (needs TP 1)"),
         (layout.recompute in RECOMPUTE, f"recompute {layout.recompute!r}"),
         (lanes_per_rank > 0, f"DP {layout.dp} does not divide {workload.global_lanes} global lanes"),
         (

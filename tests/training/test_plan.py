@@ -150,12 +150,6 @@ def test_sp_needs_tp_to_divide_a_cp_ranks_tokens():
     assert invalid_reason(SHORT_SEGMENTS, Layout(tp=2, sp=True, cp=2, dp=2), workload, 8, gpus_per_node=8) is None
 
 
-def test_compiled_loss_needs_tp_1():
-    compiled = Workload(window=32, global_lanes=4, precision="fp32", compile_loss=True)
-    assert "compiled loss with TP 2" in invalid_reason(TINY, Layout(tp=2), compiled, 2, gpus_per_node=8)
-    assert invalid_reason(TINY, Layout(dp=2), compiled, 2, gpus_per_node=8) is None
-
-
 def _trainer_config(layout, workload, model=TINY):
     from training.config import TrainConfig
 
