@@ -57,8 +57,6 @@ COMMON = [
     "checkpoint.save_at_end=false",
 ]
 
-# With tensor parallelism the vocabulary is split: megatron's vocab-parallel cross-entropy instead.
-TP_LOSS = "performance.compile_loss=false"
 CPU = ["data.global_lanes=4", "parallel.micro_batch_lanes=1"]
 WINDOW_64K = ["data.n_segments=32", "data.global_lanes=4", "model.recompute=true"]
 
@@ -68,20 +66,20 @@ CASES = {
     "infini-1.3b-eager": ("gpu_1.3b.yaml", 1, ["performance.compile_layers=false", "performance.compile_loss=false"]),
     # Two GPUs: data parallel (each rank keeps the one-GPU run's lanes, ZeRO-1) and tensor parallel (same lanes).
     "infini-1.3b-dp2": ("gpu_1.3b.yaml", 2, ["data.global_lanes=64"]),
-    "infini-1.3b-tp2": ("gpu_1.3b.yaml", 2, ["parallel.tensor=2", TP_LOSS]),
-    "infini-1.3b-tp2sp": ("gpu_1.3b.yaml", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true", TP_LOSS]),
+    "infini-1.3b-tp2": ("gpu_1.3b.yaml", 2, ["parallel.tensor=2"]),
+    "infini-1.3b-tp2sp": ("gpu_1.3b.yaml", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     # 64K-token windows (32 segments), whole layers recomputed so that one GPU holds a lane's window: on
     # one GPU, and with the segments split over two (context parallelism, the same lanes).
     "infini-1.3b-64k": ("gpu_1.3b.yaml", 1, [*WINDOW_64K]),
     "infini-1.3b-cp2-64k": ("gpu_1.3b.yaml", 2, [*WINDOW_64K, "parallel.context=2"]),
     # Four GPUs: the one-GPU run's lanes (so its losses are comparable step by step) as one-lane microbatches
     # through two pipeline stages of two tensor-parallel ranks each.
-    "infini-1.3b-tp2pp2": ("gpu_1.3b.yaml", 4, ["parallel.tensor=2", "parallel.pipeline=2", TP_LOSS]),
+    "infini-1.3b-tp2pp2": ("gpu_1.3b.yaml", 4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     # Eight GPUs: the same twice over data parallel (ZeRO-1 over the two replicas).
     "infini-1.3b-tp2pp2dp2": (
         "gpu_1.3b.yaml",
         8,
-        ["data.global_lanes=64", "parallel.tensor=2", "parallel.pipeline=2", TP_LOSS],
+        ["data.global_lanes=64", "parallel.tensor=2", "parallel.pipeline=2"],
     ),
     # 7B: fp32 master weights and Adam state (~16 bytes a parameter) need all 8 cards; windows of two
     # segments keep the activations of the microbatches in flight on the first stage within 80 GB.
@@ -95,7 +93,6 @@ CASES = {
             "parallel.zero_stage=1",
             "parallel.tensor=2",
             "parallel.pipeline=4",
-            TP_LOSS,
         ],
     ),
     "infini-350m": ("gpu_350m.yaml", 1, []),

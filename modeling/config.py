@@ -30,8 +30,9 @@ class InfiniTransformerConfig(TransformerConfig):
     logits in backward, so a window's logits never exist whole in fp32 (0: all at once)."""
 
     infini_compile_loss: bool = False
-    """Cross-entropy as one torch.compile'd function of the bf16 logits (fused upcast, log-softmax
-    and gather) instead of megatron's unfused vocab-parallel one; tensor-parallel size 1 only."""
+    """Cross-entropy over the (vocab-parallel) logits in torch.compile'd passes (``modeling.cross_entropy``:
+    fused upcast, softmax reductions and gather; the softmax recomputed in backward, never stored in fp32)
+    instead of megatron's unfused vocab-parallel one."""
 
     infini_half_memory_products: bool = False
     """For bf16/fp16 activations, the memory's matmuls take half-precision operands (float32
@@ -55,11 +56,6 @@ class InfiniTransformerConfig(TransformerConfig):
             raise ValueError(f"infini_update must be one of {UPDATE_RULES}, got {self.infini_update!r}")
         if self.infini_segment_length <= 0:
             raise ValueError(f"infini_segment_length must be positive, got {self.infini_segment_length}")
-        if self.infini_compile_loss and self.tensor_model_parallel_size > 1:
-            raise ValueError(
-                "infini_compile_loss needs the whole vocabulary on one rank (tensor-parallel size 1); "
-                f"this config has tensor_model_parallel_size={self.tensor_model_parallel_size}"
-            )
 
 
 @dataclass

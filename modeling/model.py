@@ -7,12 +7,12 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.utils import make_viewless_tensor
 from torch.utils.checkpoint import checkpoint
 
 from modeling.config import InfiniTransformerConfig
+from modeling.cross_entropy import vocab_parallel_cross_entropy
 from modeling.infini_attention import InfiniMemory
 from modeling.layers import get_infini_block_spec, sums_gradient_over_tensor_parallel
 
@@ -154,7 +154,7 @@ class InfiniGPTModel(GPTModel):
     def _loss(self, hidden, labels):
         """Per-token loss [b, t] of hidden states [t, b, h]."""
         if self.config.infini_compile_loss:
-            return _compiled_token_cross_entropy(self._logits(hidden), labels)
+            return vocab_parallel_cross_entropy(self._logits(hidden), labels, self.pg_collection.tp)
         return self.compute_language_model_loss(labels, self._logits(hidden))
 
 
@@ -162,18 +162,6 @@ def _sum_over_group(grad: torch.Tensor, group) -> torch.Tensor:
     summed = grad.clone()
     dist.all_reduce(summed, group=group)
     return summed
-
-
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy [b, t] in float32 of full-vocabulary logits [t, b, v] and labels [b, t]."""
-    t, b, v = logits.shape
-    losses = F.cross_entropy(logits.float().reshape(t * b, v), labels.t().reshape(t * b), reduction="none")
-    return losses.view(t, b).t()
-
-
-# Compiled on first call; inductor fuses the upcast into the softmax reductions, so no fp32 copy of
-# the logits is ever written.
-_compiled_token_cross_entropy = torch.compile(token_cross_entropy)
 
 
 def build_model(

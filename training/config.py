@@ -55,7 +55,7 @@ class PerformanceConfig:
     loss_chunk_tokens: int = 0
     """Output layer + cross-entropy in chunks of this many tokens (0: whole window)."""
     compile_loss: bool = False
-    """torch.compile the cross-entropy (fused with the logits' upcast); parallel.tensor = 1 only."""
+    """torch.compile the (vocab-parallel) cross-entropy: fused with the logits' upcast, no fp32 softmax kept."""
     tf32: bool = True
     """TF32 for float32 matmuls (the Infini memory's reads and writes) on GPUs."""
     half_memory_products: bool = False
@@ -438,12 +438,6 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
     need(
         cfg.data.on_bad_sample in ("error", "skip"),
         f"data.on_bad_sample must be error or skip, got {cfg.data.on_bad_sample!r}",
-    )
-    need(
-        not (cfg.performance.compile_loss and cfg.parallel.tensor > 1),
-        f"performance.compile_loss needs parallel.tensor = 1 (got {cfg.parallel.tensor}): with tensor parallelism "
-        "the vocabulary is split and megatron's vocab-parallel cross-entropy is used; set "
-        "performance.compile_loss=false",
     )
     need(
         not (cfg.checkpoint.start_over and cfg.checkpoint.resume is not None),

@@ -68,8 +68,8 @@ TP PP CP DP = GPUs; TP divides the heads; ZeRO 1, 2 or 3, and only 1 with PP > 1
 layers, V > 1 needs PP > 1 and the microbatches a multiple of PP (megatron's interleaved schedule);
 SP needs TP > 1 and TP dividing a CP rank's share of the window (window / CP tokens); CP divides the
 window's segments and needs the linear update; DP divides the global lanes and the micro-batch lanes
-divide a DP rank's lanes; the compiled loss needs TP = 1. Besides those, what megatron and the
-hardware impose: TP divides the KV groups and the padded vocabulary and is at most --gpus-per-node.
+divide a DP rank's lanes. Besides those, what megatron and the hardware impose: TP divides the KV groups
+and the padded vocabulary and is at most --gpus-per-node.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ from omegaconf import OmegaConf
 
 from modeling.config import ModelConfig
 from modeling.flops import count_parameters, model_cost
-from training.config import CONFIG_ROOT
+from training.config import CONFIG_ROOT, PerformanceConfig
 
 GIB = 2**30
 RECOMPUTE = ("none", "selective", "full")
@@ -441,7 +441,6 @@ def invalid_reason(
             layout.zero == 1 or layout.pp == 1,
             f"ZeRO-{layout.zero} with PP {layout.pp} (gradients sharded during a pipeline's backward)",
         ),
-        (not workload.compile_loss or layout.tp == 1, f"the compiled loss with TP {layout.tp} (needs TP 1)"),
         (layout.recompute in RECOMPUTE, f"recompute {layout.recompute!r}"),
         (lanes_per_rank > 0, f"DP {layout.dp} does not divide {workload.global_lanes} global lanes"),
         (
@@ -516,6 +515,12 @@ def format_table(plans: List[Plan]) -> str:
     return "\n".join(lines)
 
 
+def gpu_performance() -> PerformanceConfig:
+    """The speed settings of the GPU run configs (configs/performance/gpu.yaml): the CLI's defaults."""
+    path = os.path.join(CONFIG_ROOT, "performance", "gpu.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PerformanceConfig), OmegaConf.load(path)))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="preset name (configs/model/<name>.yaml) or a model YAML")
@@ -531,14 +536,21 @@ def parse_args(argv=None):
         default="bf16",
         help="bf16: the GPU trainer (16 bytes a parameter); fp32: the CPU trainer",
     )
-    parser.add_argument("--half-memory-products", action="store_true", help="performance.half_memory_products")
-    parser.add_argument("--loss-chunk-tokens", type=int, default=4096, help="performance.loss_chunk_tokens")
-    parser.add_argument("--compile-loss", action="store_true", help="performance.compile_loss")
+    # The speed settings default to the GPU run configs' (configs/performance/gpu.yaml).
+    gpu = gpu_performance()
+    for key in ("half_memory_products", "compile_loss", "compile_layers"):
+        on = getattr(gpu, key)
+        parser.add_argument(
+            f"--{key.replace('_', '-')}",
+            action=argparse.BooleanOptionalAction,
+            default=on,
+            help=f"performance.{key} (default {'on' if on else 'off'}, as configs/performance/gpu.yaml)",
+        )
     parser.add_argument(
-        "--compile-layers",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="performance.compile_layers (default on; --no-compile-layers for eager runs)",
+        "--loss-chunk-tokens",
+        type=int,
+        default=gpu.loss_chunk_tokens,
+        help=f"performance.loss_chunk_tokens (default {gpu.loss_chunk_tokens}, as configs/performance/gpu.yaml)",
     )
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS)
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="achieved fraction of peak on compute")

@@ -155,7 +155,6 @@ def test_dry_run_renders_a_4x8_gpu_job(tmp_path):
         "--dry-run",
         f"run_dir={run_dir}",
         "parallel.tensor=4",
-        "performance.compile_loss=false",
         "data.sources=[{path: /data/web}]",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -189,7 +188,6 @@ def test_dry_run_renders_a_4x8_gpu_job(tmp_path):
         "--stopped-exit-code",
         "0",
         "parallel.tensor=4",
-        "performance.compile_loss=false",
         "data.sources=[{path: /data/web}]",
         f"run_dir={run_dir}",
         "$resume",

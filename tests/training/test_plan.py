@@ -21,6 +21,7 @@ from training.plan import (
     load_model,
     memory_estimate,
     microbatches_in_flight,
+    parse_args,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -150,12 +151,6 @@ def test_sp_needs_tp_to_divide_a_cp_ranks_tokens():
     assert invalid_reason(SHORT_SEGMENTS, Layout(tp=2, sp=True, cp=2, dp=2), workload, 8, gpus_per_node=8) is None
 
 
-def test_compiled_loss_needs_tp_1():
-    compiled = Workload(window=32, global_lanes=4, precision="fp32", compile_loss=True)
-    assert "compiled loss with TP 2" in invalid_reason(TINY, Layout(tp=2), compiled, 2, gpus_per_node=8)
-    assert invalid_reason(TINY, Layout(dp=2), compiled, 2, gpus_per_node=8) is None
-
-
 def _trainer_config(layout, workload, model=TINY):
     from training.config import TrainConfig
 
@@ -279,6 +274,27 @@ def test_cli_prints_a_table_and_a_recommendation():
     assert any(line.startswith("| TP | SP | PP | V | CP | DP | ZeRO | recompute") for line in lines)
     assert sum(line.startswith("| ") and line[2].isdigit() for line in lines) == 5
     assert lines[-1].startswith("recommendation: TP ")
+
+
+def test_cli_speed_settings_default_to_the_gpu_run_configs_and_can_be_turned_off():
+    import yaml
+
+    with open(os.path.join(REPO, "configs", "performance", "gpu.yaml")) as f:
+        gpu = yaml.safe_load(f)
+    keys = ("half_memory_products", "compile_loss", "compile_layers", "loss_chunk_tokens")
+    args = parse_args(["--model", "1.3b", "--gpus", "8"])
+    assert {key: getattr(args, key) for key in keys} == {key: gpu[key] for key in keys}
+    off = parse_args(["--model", "1.3b", "--gpus", "8", "--no-compile-loss", "--no-half-memory-products"])
+    assert (off.compile_loss, off.half_memory_products) == (False, False)
+
+
+def test_compiled_loss_keeps_bf16_logits_and_gradient_at_every_tp():
+    compiled = Workload(window=32, global_lanes=4, compile_loss=True)
+    megatron = Workload(window=32, global_lanes=4)
+    for tp in (1, 2):
+        share = 32 * TINY.padded_vocab_size(tp) / tp
+        assert memory_estimate(TINY, Layout(tp=tp), compiled).logits == share * (2 + 2)
+        assert memory_estimate(TINY, Layout(tp=tp), megatron).logits == share * (4 + 2)
 
 
 def test_cli_bad_model():

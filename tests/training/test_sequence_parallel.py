@@ -1,5 +1,6 @@
 """Sequence parallelism (parallel.sequence_parallel): the same training as one process with less activation
-memory per rank, and checkpoints that move between it and plain tensor parallelism.
+memory per rank, also with the compiled vocab-parallel loss, and checkpoints that move between it and plain
+tensor parallelism.
 
 References: one process (TP=1) training the same global batches; the activations a TP=2 rank saves
 without sequence parallelism; the uninterrupted run a resumed one continues.
@@ -55,6 +56,17 @@ def sequence_parallel_run(stdlib_shards, tmp_path_factory):
 @pytest.mark.slow
 def test_tp2_sequence_parallel_matches_single_process(single_process, sequence_parallel_run):
     assert_same_steps(sequence_parallel_run[1], single_process)
+
+
+@pytest.mark.slow
+def test_tp2_sequence_parallel_compiled_loss_matches_single_process(single_process, stdlib_shards, tmp_path):
+    """performance.compile_loss over each TP rank's share of the vocabulary, in chunks of the SP-gathered
+    sequence, against one process with megatron's cross-entropy."""
+    compiled_loss = {"performance.compile_loss": True, "performance.loss_chunk_tokens": 8}
+    steps = run_distributed(
+        steps_worker, 2, train_overrides(stdlib_shards, str(tmp_path), **MODEL, **SEQUENCE_PARALLEL, **compiled_loss)
+    )[0]
+    assert_same_steps(steps, single_process)
 
 
 @pytest.mark.slow

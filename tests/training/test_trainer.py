@@ -272,7 +272,6 @@ def run_cli(*args, timeout=600):
             "zero_stage=2 with parallel.pipeline=2",
         ),
         (["data.segment_length=32"], "data.segment_length is not a key; set model.segment_length"),
-        (["performance.compile_loss=true", "parallel.tensor=2"], "performance.compile_loss needs parallel.tensor = 1"),
         (
             ["model.recompute=true", "model.recompute_attention=true"],
             "model.recompute (whole layers) and model.recompute_attention",
