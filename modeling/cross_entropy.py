@@ -49,12 +49,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_max, sum_exp, target = _compiled_local_terms(logits, labels, vocab_start)
         # The max and the sum of exponentials come out of one pass over the logits: each rank's sum is
         # rescaled from its own max to the global one afterwards.
+        split = group.size() > 1
         global_max = local_max.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        if split:
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
         # One all-reduce for both sums (as megatron's fused cross-entropy): the target is 0 on every rank
         # but the label's.
         sums = torch.stack((sum_exp * torch.exp(local_max - global_max), target))
-        dist.all_reduce(sums, group=group)
+        if split:
+            dist.all_reduce(sums, group=group)
         log_sum_exp = global_max + torch.log(sums[0])
         ctx.save_for_backward(logits, labels, log_sum_exp)
         ctx.vocab_start = vocab_start
