@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
+import threading
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
@@ -243,11 +245,22 @@ class _LaneDataset(IterableDataset):
                 lane.close()
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    # TERM to the process group (scancel, a time limit, torchrun, `timeout`) reaches the workers too; the
-    # main process decides when to stop and shuts them down. A worker killed first would fail the run.
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
+def _stop_on_the_trainers_term_only(worker_id: int) -> None:
+    """USR1 and TERM sent to a whole process group or SLURM step (scancel, a time limit, torchrun,
+    `timeout`) reach the workers too; the main process decides when to stop and shuts them down, so a
+    worker ignores them. A TERM from the main process itself (multiprocessing's ``terminate`` of workers
+    left running when it exits) ends the worker: ignoring that one would hang the exit."""
+    stop_signals = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    trainer = os.getppid()
+
+    def receive() -> None:
+        while True:
+            info = signal.sigwaitinfo(stop_signals)
+            if info.si_signo == signal.SIGTERM and info.si_pid == trainer:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=receive, name="stop-signals", daemon=True).start()
 
 
 def _start(ds: _LaneDataset, workers: int, cfg: DataConfig) -> Iterator[dict]:
@@ -262,7 +275,7 @@ def _start(ds: _LaneDataset, workers: int, cfg: DataConfig) -> Iterator[dict]:
             prefetch_factor=cfg.prefetch,
             multiprocessing_context="fork",
             timeout=cfg.worker_timeout_s,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=_stop_on_the_trainers_term_only,
         )
     )
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import pickle
+import signal
+import subprocess
+import sys
 import tarfile
 import weakref
 from collections import Counter
@@ -310,3 +314,46 @@ def test_gather_state_dict_over_a_process_group_equals_a_single_rank_state(corpu
     for _ in range(5):
         next(single)
     assert states[0] == states[1] == single.state_dict()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Blocks TERM and USR1 in the main process as the trainer does, and exits with its loader still running:
+# multiprocessing then terminates the workers.
+LIVE_LOADER = """
+import signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+from data_pipeline import DataConfig, SourceConfig, build_train_loader
+
+loader = build_train_loader(
+    DataConfig(sources=[SourceConfig(sys.argv[1])], segment_length=64, n_segments=4, num_workers=2, global_lanes=4),
+    0,
+    1,
+)
+next(loader)
+print("reading", flush=True)
+sys.stdin.readline()
+next(loader)
+print("still reading", flush=True)
+"""
+
+
+@pytest.mark.parametrize("group_signal", [signal.SIGUSR1, signal.SIGTERM])
+def test_workers_outlive_a_stop_sent_to_the_group_and_end_with_their_process(stdlib_shards, group_signal):
+    process = subprocess.Popen(
+        [sys.executable, "-c", LIVE_LOADER, stdlib_shards],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout.readline() == "reading\n", process.stderr.read()[-3000:]
+        os.killpg(process.pid, group_signal)  # the process and its workers, as scancel does
+        out, err = process.communicate("go\n", timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err[-3000:]
+    assert out == "still reading\n"
