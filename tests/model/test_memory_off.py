@@ -97,7 +97,9 @@ SEGMENTS = 3
 
 def model_worker(rank, world):
     """A tiny memory-off model: logits of one sequence, of the same with its first two segments changed,
-    and of the last segment alone; parameter names."""
+    and of the last segment alone; its weights and those of the same model with the memory, same seed."""
+    from dataclasses import replace
+
     from modeling.config import ModelConfig, build_transformer_config
     from modeling.cpu_compat import megatron_on_cpu
     from modeling.init import init_weights
@@ -118,12 +120,15 @@ def model_worker(rank, world):
         logits, memory = model(tokens)
         changed_logits, _ = model(changed)
         alone, _ = model(tokens[:, 2 * 8 :])
+    with_memory = build_model(build_transformer_config(replace(cfg, memory=True)), cfg.padded_vocab_size())
+    init_weights(with_memory, seed=3)
     return dict(
+        weights=dict(model.named_parameters()),
+        weights_with_memory=dict(with_memory.named_parameters()),
         logits=logits,
         changed=changed_logits,
         alone=alone,
         memory=memory,
-        names=[n for n, _ in model.named_parameters()],
     )
 
 
@@ -131,7 +136,12 @@ def test_a_segments_output_does_not_depend_on_earlier_segments():
     r = run_distributed(model_worker, 1)[0]
     last = slice(2 * 8, None)
     assert r["memory"] == [None, None]
-    assert not any("core_attention" in name for name in r["names"])
+    assert not any("core_attention" in name for name in r["weights"])
+    # The same seed gives the same weights with the memory, which adds only the gates.
+    gates = {name for name in r["weights_with_memory"] if name.endswith("core_attention.gate")}
+    assert r["weights_with_memory"].keys() - gates == r["weights"].keys() and len(gates) == 2
+    for name, weight in r["weights"].items():
+        assert torch.equal(weight, r["weights_with_memory"][name]), name
     assert torch.equal(r["changed"][:, last], r["logits"][:, last])
     assert (r["changed"][:, : 2 * 8] - r["logits"][:, : 2 * 8]).abs().max() > 1e-2  # the change did reach its own
     # The last segment alone: the same values, computed in batches of another shape (MLP width 128, 2 layers).
