@@ -104,8 +104,7 @@ def cost_table(rows: List[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def balance_text(rows: List[dict]) -> str:
-    same_tokens = len({row["tokens"] for row in rows}) == 1
+def balance_text(rows: List[dict], same_tokens: bool) -> str:
     within = spread(rows) <= FLOPS_TOLERANCE
     return (
         f"FLOPs per token {'within' if within else 'NOT within'} {FLOPS_TOLERANCE:.0%} of each other "
@@ -158,20 +157,15 @@ def report(out: str, runs_file: str = RUNS_FILE) -> dict:
     edges = {tuple(row["perplexity"]["edges"]) for row in rows}
     if len(edges) != 1:
         raise ValueError(f"the runs were evaluated with different buckets: {sorted(edges)}")
-    device = None
-    try:
-        import torch
+    import torch
 
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    except ImportError:
-        pass
     return dict(
         runs=rows,
         flops_spread=spread(rows),
         same_tokens=len({row["consumed_tokens"] for row in rows}) == 1,
         buckets=[b["bucket"] for b in rows[0]["perplexity"]["buckets"]],
         documents=rows[0]["perplexity"]["documents"],
-        device=device,
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     )
 
 
@@ -192,7 +186,7 @@ def markdown(result: dict) -> str:
         "## Equal-compute comparison",
         "",
         cost_table(rows),
-        balance_text(rows)
+        balance_text(rows, result["same_tokens"])
         + (f" Device: {result['device']}." if result["device"] else "")
         + " Training tokens count window positions, the few padding positions at document ends included.",
         "",
@@ -293,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 cost_row(name, runs[name]["label"], cfg)
                 for name, cfg in run_configs(a.config, a.runs, a.overrides).items()
             ]
-            print(cost_table(rows) + "\n" + balance_text(rows))
+            print(cost_table(rows) + "\n" + balance_text(rows, len({row["tokens"] for row in rows}) == 1))
         elif a.command == "report":
             result = report(a.out, a.runs)
             with open(os.path.join(a.out, "comparison.json"), "w") as fh:
