@@ -118,14 +118,12 @@ def ablation(args: argparse.Namespace, model: torch.nn.Module):
     """The context --ablate-memory or --ablate-heads asks for; exits naming a head the model lacks."""
     from modeling.streaming import memory_ablated
 
-    if args.ablate_memory:
-        return memory_ablated(model)
-    if args.ablate_heads:
-        try:
-            return memory_ablated(model, args.ablate_heads)
-        except ValueError as error:
-            raise SystemExit(f"error: --ablate-heads: {error}") from None
-    return contextlib.nullcontext()
+    if not (args.ablate_memory or args.ablate_heads):
+        return contextlib.nullcontext()
+    try:
+        return memory_ablated(model, args.ablate_heads)
+    except ValueError as error:
+        raise SystemExit(f"error: {'--ablate-memory' if args.ablate_memory else '--ablate-heads'}: {error}") from None
 
 
 def decode(tokenizer, ids) -> str:

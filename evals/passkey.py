@@ -300,13 +300,14 @@ def report(
     cfg, state = read_export(model_dir)
     gates = [
         torch.sigmoid(state[f"decoder.layers.{i}.self_attention.core_attention.gate"].float())
-        for i in range(cfg.num_layers)
+        for i in range(cfg.num_layers if cfg.memory else 0)
     ]
     lines = [
         "### Passkey retrieval",
         "",
         f"Model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
-        f"segment {cfg.segment_length}, {cfg.update} memory, vocabulary {cfg.vocab_size}; evaluated with memory "
+        f"segment {cfg.segment_length}, {cfg.update if cfg.memory else 'no'} memory, vocabulary {cfg.vocab_size}; "
+        "evaluated with memory "
         f"key scale {with_memory.get('memory_key_scale', 1.0):g} and query scale "
         f"{with_memory.get('memory_query_scale', 1.0):g} (sigma(c k) written, sigma(c q) read; 1 is the paper's)"
         + (", times the learned per-head scales." if cfg.learned_memory_scales else "."),
@@ -325,11 +326,12 @@ def report(
         lines.append(
             f"Wall time: {train_seconds / 60:.1f} min data + training + export, {total_seconds / 60:.1f} min in all."
         )
-    lines += [
-        "Gates sigmoid(beta), mean [min, max] over heads, per layer: "
-        + "; ".join(f"{i}: {g.mean():.3f} [{g.min():.3f}, {g.max():.3f}]" for i, g in enumerate(gates))
-        + "."
-    ]
+    if gates:
+        lines.append(
+            "Gates sigmoid(beta), mean [min, max] over heads, per layer: "
+            + "; ".join(f"{i}: {g.mean():.3f} [{g.min():.3f}, {g.max():.3f}]" for i, g in enumerate(gates))
+            + "."
+        )
     if cfg.learned_memory_scales:
         lines.append(
             "Learned memory scales, mean [min, max] over heads, per layer: "

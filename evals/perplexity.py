@@ -8,7 +8,8 @@ Every document streams through the model a window at a time (constant memory wha
 the loss of the token at position p (predicted from positions < p) counts in the bucket holding p.
 Buckets are cut at the given edges: [0, 1K), [1K, 4K), ..., [last, end). Unless --no-ablation, each
 document is scored a second time with the gates forced local: past the first segment the gap
-between the two columns is what the compressive memory contributes. --shards reads a shard set
+between the two columns is what the compressive memory contributes. A model without the memory
+(model.memory=false) is scored once: each token sees its own segment only. --shards reads a shard set
 written by data_pipeline (its tokenizer); --text reads UTF-8 files, one document each. Writes
 DIR/perplexity.json and DIR/perplexity.md.
 """
@@ -70,9 +71,11 @@ def evaluate(
     window_segments: int = 16,
     log=print,
 ) -> dict:
-    """Per bucket: tokens, mean loss and perplexity (and the same with the memory ablated)."""
+    """Per bucket: tokens, mean loss and perplexity (and the same with the memory ablated, for a model
+    that has the memory)."""
     from modeling.streaming import StreamingModel, memory_ablated
 
+    ablation = ablation and loaded.config.memory
     stream = StreamingModel(loaded.model, loaded.vocab_size, window_segments)
     variants = ["memory"] + (["ablated"] if ablation else [])
     n_buckets = len(edges) + 1
@@ -105,6 +108,7 @@ def evaluate(
         "documents": n_docs,
         "buckets": buckets,
         "ablation": ablation,
+        "memory": loaded.config.memory,
         "seconds": time.perf_counter() - started,
     }
 

@@ -19,6 +19,9 @@ class InfiniTransformerConfig(TransformerConfig):
     infini_segment_length: int = 2048
     """Tokens per segment: local attention span, and the unit of memory reads and writes."""
 
+    infini_memory: bool = True
+    """The compressive memory and its gates; off, each segment is plain causal attention within itself."""
+
     infini_update: str = "linear"
     """Memory update rule: 'linear' or 'delta'."""
 
@@ -56,6 +59,8 @@ class InfiniTransformerConfig(TransformerConfig):
             raise ValueError(f"infini_update must be one of {UPDATE_RULES}, got {self.infini_update!r}")
         if self.infini_segment_length <= 0:
             raise ValueError(f"infini_segment_length must be positive, got {self.infini_segment_length}")
+        if self.infini_learned_memory_scales and not self.infini_memory:
+            raise ValueError("infini_learned_memory_scales needs the memory; this config has infini_memory=False")
 
 
 @dataclass
@@ -73,6 +78,10 @@ class ModelConfig:
     vocab_size: int = 258
     make_vocab_size_divisible_by: int = 128
     segment_length: int = 64
+    memory: bool = True
+    """The compressive memory and its per-head gates. Off: each segment is causal softmax attention within
+    itself (RoPE), with no memory, no gates and no state from one segment to the next; a segment as long
+    as the window is full causal attention over the window."""
     update: str = "linear"
     gate_init: float = 0.0
     learned_memory_scales: bool = False
@@ -103,6 +112,10 @@ class ModelConfig:
                 raise ValueError(f"{where}.{name} must be positive, got {getattr(self, name)}")
         if self.update not in UPDATE_RULES:
             raise ValueError(f"{where}.update must be one of {UPDATE_RULES}, got {self.update!r}")
+        if self.learned_memory_scales and not self.memory:
+            raise ValueError(
+                f"{where}.learned_memory_scales=true needs the memory, but {where}.memory=false; set one of them"
+            )
         if self.recompute and self.recompute_attention:
             raise ValueError(
                 f"{where}.recompute (whole layers) and {where}.recompute_attention (attention only) "
@@ -189,6 +202,7 @@ def build_transformer_config(
         pipeline_dtype=params_dtype if not bf16 else torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
         infini_segment_length=model.segment_length,
+        infini_memory=model.memory,
         infini_update=model.update,
         infini_gate_init=model.gate_init,
         infini_learned_memory_scales=model.learned_memory_scales,

@@ -1,7 +1,7 @@
 """Import a Hugging Face Llama checkpoint as an Infini-attention model (the paper's continual pretraining).
 
     python -m modeling.hf_import --hf-dir DIR --out EXPORT_DIR [--segment-length N] [--update linear|delta]
-        [--gate-init B] [--learned-memory-scales] [--make-vocab-size-divisible-by N]
+        [--gate-init B] [--learned-memory-scales] [--no-memory] [--make-vocab-size-divisible-by N]
 
 DIR is a ``save_pretrained`` directory of a ``LlamaForCausalLM`` (config.json and *.safetensors, or
 pytorch_model*.bin); EXPORT_DIR becomes an exported model (``modeling.export``): model.safetensors
@@ -16,7 +16,9 @@ vocabulary is padded with zero rows to a multiple of --make-vocab-size-divisible
 at --gate-init (default -12: sigmoid = 6e-6), so the model starts as the original inside one segment
 and the memory contributes almost nothing until training moves the gates. With --learned-memory-scales
 the model learns the memory's read sharpness (``model.learned_memory_scales``); its scales start at 1
-(log scales 0), the paper's read.
+(log scales 0), the paper's read. With --no-memory the model has no memory and no gates
+(``model.memory=false``): the original with its attention cut into segments, a baseline to continue
+pretraining beside the Infini-attention model.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def model_config_from_hf(
     update: str = "linear",
     gate_init: float = DEFAULT_GATE_INIT,
     learned_memory_scales: bool = False,
+    memory: bool = True,
     make_vocab_size_divisible_by: int = 128,
 ) -> ModelConfig:
     cfg = _config_dict(hf_config)
@@ -82,6 +85,7 @@ def model_config_from_hf(
         update=update,
         gate_init=gate_init,
         learned_memory_scales=learned_memory_scales,
+        memory=memory,
         rotary_base=_rope_base(cfg),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         norm_epsilon=cfg["rms_norm_eps"],
@@ -96,7 +100,7 @@ def llama_to_infini(
 ) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """(ModelConfig, full state dict in our TP=1 naming) of a LlamaForCausalLM state dict and config.
 
-    options: segment_length, update, gate_init, learned_memory_scales, make_vocab_size_divisible_by (see
+    options: segment_length, update, gate_init, learned_memory_scales, memory, make_vocab_size_divisible_by (see
     model_config_from_hf).
     ``modeling.sharding.load_full_state_dict`` loads the result into any TP/PP split.
     """
@@ -121,7 +125,8 @@ def llama_to_infini(
         v = hf[src + "self_attn.v_proj.weight"].view(g, d, -1)
         state[dst + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
         state[dst + "self_attention.linear_proj.weight"] = hf[src + "self_attn.o_proj.weight"]
-        state[dst + "self_attention.core_attention.gate"] = torch.full((h,), float(cfg.gate_init))
+        if cfg.memory:
+            state[dst + "self_attention.core_attention.gate"] = torch.full((h,), float(cfg.gate_init))
         if cfg.learned_memory_scales:
             state[dst + "self_attention.core_attention.memory_key_log_scale"] = torch.zeros(g)
             state[dst + "self_attention.core_attention.memory_query_log_scale"] = torch.zeros(h)
@@ -187,6 +192,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="learn per-head memory key and query scales, starting at 1 (model.learned_memory_scales)",
     )
+    ap.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="no memory and no gates (model.memory=false): attention inside each segment only",
+    )
     ap.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     a = ap.parse_args(argv)
     try:
@@ -198,6 +209,7 @@ def main(argv=None) -> int:
             update=a.update,
             gate_init=a.gate_init,
             learned_memory_scales=a.learned_memory_scales,
+            memory=a.memory,
             make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
         )
     except (FileNotFoundError, KeyError, ValueError) as error:

@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from torch.utils.checkpoint import checkpoint
 
-from modeling.infini_attention import InfiniMemory, infini_attention
+from modeling.infini_attention import InfiniMemory, infini_attention, local_attention
 
 GATE_ATTRIBUTE = "is_infini_gate"
 MEMORY_SCALE_ATTRIBUTE = "is_infini_memory_log_scale"
@@ -80,6 +80,7 @@ def sums_gradient_over_tensor_parallel(name: str, param: torch.nn.Parameter, con
 
 class InfiniCoreAttention(MegatronModule):
     """Core attention of one layer on one TP rank: local softmax + compressive memory, mixed by gates.
+    Without the memory (``config.infini_memory=False``) only the local softmax, and no parameters.
 
     Owns the gate beta of the query heads on this rank (a TP-partitioned parameter, dim 0). With
     ``config.infini_learned_memory_scales`` it also owns the memory's learned scales, kept as logs so
@@ -117,9 +118,12 @@ class InfiniCoreAttention(MegatronModule):
         self.half_memory_products = config.infini_half_memory_products
         self.memory_key_scale = config.infini_memory_key_scale
         self.memory_query_scale = config.infini_memory_query_scale
+        self.has_memory = config.infini_memory
+        self.learned_memory_scales = config.infini_learned_memory_scales
+        if not self.has_memory:
+            return
         self.gate = _head_parameter(heads // tp_size, config.infini_gate_init)
         setattr(self.gate, GATE_ATTRIBUTE, True)
-        self.learned_memory_scales = config.infini_learned_memory_scales
         if self.learned_memory_scales:
             self.memory_key_log_scale = _head_parameter(groups // tp_size, 0.0)
             self.memory_query_log_scale = _head_parameter(heads // tp_size, 0.0)
@@ -137,7 +141,16 @@ class InfiniCoreAttention(MegatronModule):
         )
 
     def forward(self, query, key, value, memory=None, reset=None, rotary_pos_emb=None):
-        """query [b, h, t, d], key/value [b, g, t, d]: returns ([b, h, t, d], InfiniMemory)."""
+        """query [b, h, t, d], key/value [b, g, t, d]: returns ([b, h, t, d], InfiniMemory), or without
+        the memory ([b, h, t, d], None): causal attention inside each segment, reset has nothing to empty."""
+        if not self.has_memory:
+            if memory is not None:
+                raise ValueError("this attention has no memory (infini_memory=False) but was given one")
+            if query.shape[2] % self.segment_length:
+                raise ValueError(
+                    f"tokens ({query.shape[2]}) must be a whole number of segments of {self.segment_length}"
+                )
+            return local_attention(query, key, value, self.segment_length, rotary_pos_emb), None
         key_scale, query_scale = self.memory_scales()
         return infini_attention(
             query,

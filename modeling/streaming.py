@@ -10,6 +10,9 @@ keys and values are written into the memory exactly as the model would have. So 
 time (generation) costs one token through the layers plus attention over at most one segment, and
 any split of a stream into ``feed`` calls gives the logits of one pass over the whole stream.
 
+A model without the memory (``model.memory=false``) streams the same way and carries nothing: each
+token sees the tokens before it in its own segment only.
+
 ``memory_ablated(model)`` forces every gate fully local for its duration: the model then sees
 nothing beyond the current segment (the control for "is it the memory that does it").
 ``memory_ablated(model, heads=[(layer, head), ...])`` forces only those heads' gates local: which heads
@@ -30,8 +33,11 @@ from modeling.layers import InfiniCoreAttention
 
 
 def gates_by_layer(model) -> List[torch.nn.Parameter]:
-    """Each layer's gate parameter [heads], in layer order (layers counted from 0)."""
+    """Each layer's gate parameter [heads], in layer order (layers counted from 0); ValueError for a model
+    without the memory (it has no gates)."""
     cores = sorted((m for m in model.modules() if isinstance(m, InfiniCoreAttention)), key=lambda m: m.layer_number)
+    if not all(core.has_memory for core in cores):
+        raise ValueError("the model has no memory to ablate (model.memory=false): it sees one segment already")
     return [core.gate for core in cores]
 
 
@@ -112,6 +118,7 @@ class StreamingModel:
         self.segment_length = model.config.infini_segment_length
         self.window = window_segments * self.segment_length
         self.vocab_size = vocab_size
+        self.has_memory = model.config.infini_memory
         self.reset()
 
     def reset(self) -> None:
@@ -148,7 +155,8 @@ class StreamingModel:
             for start in range(i, whole_end, self.window):
                 chunk = tokens[:, start : min(start + self.window, whole_end)]
                 logits, memory = self.model(chunk, memory=self.memory)
-                self.memory = [InfiniMemory(m.M.detach(), m.z.detach()) for m in memory]
+                if self.has_memory:
+                    self.memory = [InfiniMemory(m.M.detach(), m.z.detach()) for m in memory]
                 self.position += chunk.shape[1]
                 outputs.append(logits)
             if whole_end < n:
@@ -184,7 +192,7 @@ class StreamingModel:
         model, L = self.model, self.segment_length
         start = self.pending
         b, n = tokens.shape
-        if self.memory is None:
+        if self.memory is None and self.has_memory:
             dtype = memory_dtype(next(model.parameters()).dtype)
             c = model.config
             self.memory = [
@@ -196,27 +204,30 @@ class StreamingModel:
         cache = []
         for index, layer in enumerate(model.layers):
             previous = self.cache[index] if self.cache is not None and start else None
-            hidden, layer_cache = _layer_extend(layer, hidden, freqs, self.memory[index], previous)
+            memory = self.memory[index] if self.has_memory else None
+            hidden, layer_cache = _layer_extend(layer, hidden, freqs, memory, previous)
             cache.append(layer_cache)
         self.position += n
-        if self.pending == 0:
-            update = model.config.infini_update
-            self.memory = [
-                write_segment(m, c.k, c.v, update, layer.self_attention.core_attention.memory_scales()[0])
-                for m, c, layer in zip(self.memory, cache, model.layers)
-            ]
-            self.cache = None
-        else:
+        if self.pending:
             self.cache = cache
+        else:
+            if self.has_memory:
+                update = model.config.infini_update
+                self.memory = [
+                    write_segment(m, c.k, c.v, update, layer.self_attention.core_attention.memory_scales()[0])
+                    for m, c, layer in zip(self.memory, cache, model.layers)
+                ]
+            self.cache = None
         hidden = model.decoder.final_layernorm(hidden)
         weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
         logits, _ = model.output_layer(hidden, weight=weight)
         return logits.transpose(0, 1)
 
 
-def _layer_extend(layer, hidden, freqs, memory: InfiniMemory, cache: Optional[_SegmentCache]):
+def _layer_extend(layer, hidden, freqs, memory: Optional[InfiniMemory], cache: Optional[_SegmentCache]):
     """``InfiniTransformerLayer.forward`` for the next tokens of a segment whose earlier keys and
-    values are cached. hidden [n, b, H]; freqs: RoPE angles of the n positions in the segment."""
+    values are cached. hidden [n, b, H]; freqs: RoPE angles of the n positions in the segment; memory
+    None for a layer without the memory."""
     attention = layer.self_attention
     residual = hidden
     query, key, value = attention.get_query_key_value_tensors(layer.input_layernorm(hidden))
@@ -233,10 +244,13 @@ def _layer_extend(layer, hidden, freqs, memory: InfiniMemory, cache: Optional[_S
     visible = torch.arange(total, device=q.device)[None, :] <= torch.arange(total - n, total, device=q.device)[:, None]
     local = F.scaled_dot_product_attention(apply_rotary(q, freqs), keys, values, attn_mask=visible)
     core = attention.core_attention
-    sq = scaled_sigma(q, core.memory_scales()[1]).reshape(b, g, h // g, n, d)
-    from_memory = retrieve(sq, memory.M.unsqueeze(2), memory.z.unsqueeze(2)).reshape(b, h, n, -1)
-    weight = torch.sigmoid(core.gate.to(sq.dtype)).view(1, h, 1, 1)
-    context = (weight * from_memory + (1.0 - weight) * local.to(sq.dtype)).to(q.dtype)
+    if core.has_memory:
+        sq = scaled_sigma(q, core.memory_scales()[1]).reshape(b, g, h // g, n, d)
+        from_memory = retrieve(sq, memory.M.unsqueeze(2), memory.z.unsqueeze(2)).reshape(b, h, n, -1)
+        weight = torch.sigmoid(core.gate.to(sq.dtype)).view(1, h, 1, 1)
+        context = (weight * from_memory + (1.0 - weight) * local.to(sq.dtype)).to(q.dtype)
+    else:
+        context = local
     output, bias = attention.linear_proj(context.permute(2, 0, 1, 3).reshape(n, b, -1))
     with layer.bias_dropout_add_exec_handler():
         hidden = layer.self_attn_bda(layer.training, layer.config.bias_dropout_fusion)(

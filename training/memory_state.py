@@ -32,11 +32,16 @@ class CarriedMemory:
     def get(self, chunk: int, slot: int) -> Optional[List[InfiniMemory]]:
         return self._slots[chunk][slot]
 
-    def set(self, chunk: int, slot: int, memories: List[InfiniMemory]) -> None:
+    def set(self, chunk: int, slot: int, memories: List[Optional[InfiniMemory]]) -> None:
+        """The layers' memories after a window; a model without the memory returns None for every layer
+        and the slot stays empty."""
         if len(memories) != self.layers_per_chunk[chunk]:
             raise ValueError(
                 f"expected memory for the {self.layers_per_chunk[chunk]} layers of chunk {chunk}, got {len(memories)}"
             )
+        if all(m is None for m in memories):
+            self._slots[chunk][slot] = None
+            return
         self._slots[chunk][slot] = [InfiniMemory(m.M.detach(), m.z.detach()) for m in memories]
 
     def max_norm(self) -> float:

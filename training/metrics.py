@@ -113,10 +113,14 @@ def gate_values(model) -> Dict[int, List[float]]:
     stage's model or a rank's ``ModelChunks``.
 
     Each (TP rank, PP stage) of the model-parallel group reports once; TP ranks hold consecutive heads.
+    Empty for a model without the memory (no gates).
     """
     local = {}
     for layer in model.layers:
-        gate = layer.self_attention.core_attention.gate.detach().float()
+        core = layer.self_attention.core_attention
+        if not core.has_memory:
+            continue
+        gate = core.gate.detach().float()
         local[layer.layer_number - 1] = torch.sigmoid(gate).cpu().tolist()
     world = parallel_state.get_model_parallel_group()
     gathered = [None] * dist.get_world_size(group=world)

@@ -373,8 +373,9 @@ class Trainer:
         if self.state.step == 1 or self.state.step % cfg.logging.interval == 0:
             # Collectives over the model-parallel group and the world: only on logging steps.
             gates = gate_values(self.model)
-            metrics["gate_mean"] = float(np.mean([v for values in gates.values() for v in values]))
-            metrics.update({f"gate/layer_{i}": float(np.mean(v)) for i, v in gates.items()})
+            if gates:
+                metrics["gate_mean"] = float(np.mean([v for values in gates.values() for v in values]))
+                metrics.update({f"gate/layer_{i}": float(np.mean(v)) for i, v in gates.items()})
             metrics["memory_max_norm"] = max_over_world(self.carried.max_norm())
         if torch.cuda.is_available():
             metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -100,6 +100,19 @@ def cli_worker(rank, world, root):
         perplexity.main(common + ["--shards", os.path.join(root, "shards"), "--out", os.path.join(root, "ppl_shards")])
         == 0
     )
+    no_memory = os.path.join(root, "export_no_memory")
+    cfg = tiny_config(segment_length=SEGMENT, memory=False)
+    export_model(tiny_model(cfg, seed=4), cfg, no_memory)
+    assert (
+        perplexity.main(
+            ["--model", no_memory, "--buckets", PPL_BUCKETS, "--text"]
+            + texts
+            + ["--out", os.path.join(root, "ppl_no_memory")]
+        )
+        == 0
+    )
+    with pytest.raises(SystemExit, match="--ablate-memory: the model has no memory to ablate"):
+        passkey.main(["--model", no_memory, "--out", os.path.join(root, "refused"), "--ablate-memory"] + PASSKEY_ARGS)
     return root
 
 
@@ -107,5 +120,6 @@ def cli_worker(rank, world, root):
 def eval_runs(tmp_path_factory):
     """The directory holding export/, passkey/, ablated/, no_header/, heads/ (ABLATED_HEADS forced local),
     key_scale/ (--memory-key-scale KEY_SCALE --memory-query-scale QUERY_SCALE),
-    bf16/, half/ (bf16 memory products too), ppl_text/, ppl_shards/."""
+    bf16/, half/ (bf16 memory products too), ppl_text/, ppl_shards/; export_no_memory/ (a model
+    without the memory) and its ppl_no_memory/."""
     return run_distributed(cli_worker, 1, str(tmp_path_factory.mktemp("eval_runs")))[0]

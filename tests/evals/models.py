@@ -22,8 +22,8 @@ def tiny_config(**overrides):
 
 
 def tiny_model(cfg, seed=0, **config_overrides):
-    """A TP=1 model in eval mode with layout-independent random weights and gates spread over
-    (-2, 2) per head, so that both the memory and the local attention matter; learned memory scales,
+    """A TP=1 model in eval mode with layout-independent random weights and gates (if it has the memory)
+    spread over (-2, 2) per head, so that both the memory and the local attention matter; learned memory scales,
     if the model has them, spread over (0.5, 2) per head. config_overrides go to the TransformerConfig
     (e.g. infini_memory_key_scale)."""
     from modeling.config import build_transformer_config
@@ -39,9 +39,10 @@ def tiny_model(cfg, seed=0, **config_overrides):
     init_weights(model, seed)
     with torch.no_grad():
         for i, layer in enumerate(model.decoder.layers):
-            gate = layer.self_attention.core_attention.gate
-            gate.copy_(torch.linspace(-2.0, 2.0, gate.numel()) + 0.5 * i)
             core = layer.self_attention.core_attention
+            if not core.has_memory:
+                continue
+            core.gate.copy_(torch.linspace(-2.0, 2.0, core.gate.numel()) + 0.5 * i)
             if core.learned_memory_scales:
                 for log_scale in (core.memory_key_log_scale, core.memory_query_log_scale):
                     log_scale.copy_(torch.linspace(0.7, -0.7, log_scale.numel()) * (-1) ** i)

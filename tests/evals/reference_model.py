@@ -3,7 +3,8 @@
 Plain torch, one segment at a time, straight from the paper and the Llama architecture: RMSNorm,
 megatron's fused QKV rows ([per KV group: its query heads, k, v]), RoPE restarted at every segment,
 causal softmax inside the segment, compressive memory read before and written after each *whole*
-segment, sigmoid gates, SwiGLU (fc1 = [gate; up]). A final partial segment is read-only.
+segment, sigmoid gates, SwiGLU (fc1 = [gate; up]). A final partial segment is read-only. Without the
+memory (``cfg.memory`` false) each head's output is its causal softmax inside the segment.
 """
 
 import math
@@ -59,7 +60,7 @@ def reference_logits(state, cfg, tokens, memory_key_scale=1.0, memory_query_scal
             v = qkv[:, :, :, per_group + 1].transpose(1, 2)
             qr, kr = _rope(q, cfg.rotary_base), _rope(k, cfg.rotary_base)
             M, z = memories[layer]
-            gates = torch.sigmoid(state[p + "self_attention.core_attention.gate"])
+            gates = torch.sigmoid(state[p + "self_attention.core_attention.gate"]) if cfg.memory else None
             learned = p + "self_attention.core_attention.memory_key_log_scale" in state
             key_scales = memory_key_scale * (
                 state[p + "self_attention.core_attention.memory_key_log_scale"].exp()
@@ -77,6 +78,9 @@ def reference_logits(state, cfg, tokens, memory_key_scale=1.0, memory_query_scal
                 scores = qr[:, head] @ kr[:, kv].transpose(-1, -2) / math.sqrt(d)
                 scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
                 local = torch.softmax(scores, dim=-1) @ v[:, kv]
+                if not cfg.memory:
+                    heads.append(local)
+                    continue
                 sq = _sigma(query_scales[head] * q[:, head])
                 denominator = sq @ z[:, kv].unsqueeze(-1)
                 from_memory = torch.where(

@@ -119,7 +119,8 @@ def parallel_worker(rank, world, tp, pp, case, learned_memory_scales=False):
 
 def single_worker(rank, world, cases, export_dir):
     """Both tie settings from the state dict, then the CLI's export of the untied one, without and with
-    learned memory scales: logits over every segment (the memory read) and the scales' exported state."""
+    learned memory scales and without the memory: logits over every segment (the memory read) and the
+    exported state."""
     from modeling.cpu_compat import megatron_on_cpu
     from modeling.export import load_exported, read_export
     from modeling.hf_import import main
@@ -127,7 +128,11 @@ def single_worker(rank, world, cases, export_dir):
 
     init_single_process()
     results = {tie: _imported(case, 1, 1) for tie, case in cases.items()}
-    for run, flags in (("cli", []), ("cli_learned_scales", ["--learned-memory-scales"])):
+    for run, flags in (
+        ("cli", []),
+        ("cli_learned_scales", ["--learned-memory-scales"]),
+        ("cli_no_memory", ["--no-memory"]),
+    ):
         out = f"{export_dir}_{run}"
         assert main(["--hf-dir", cases[False]["path"], "--out", out, "--segment-length", str(SEGMENT)] + flags) == 0
         model, cfg = load_exported(out)
@@ -205,6 +210,17 @@ def test_cli_with_learned_memory_scales_starts_them_at_one(single):
     assert learned["state"].keys() - scales.keys() == plain["state"].keys()
     # Scales of 1 are the paper's read exactly: the same logits, memory read included, bit for bit.
     assert torch.equal(learned["logits"], plain["logits"])
+
+
+def test_cli_without_memory_is_the_original_on_each_segment(llamas, single):
+    result = single["cli_no_memory"]
+    assert not result["cfg"].memory
+    assert not any("core_attention" in name for name in result["state"])
+    # No gate to leak through: every segment is the original on that segment alone, to rounding.
+    want = llamas[False]["logits"]
+    torch.testing.assert_close(
+        result["logits"][..., :VOCAB], want, rtol=ROUNDING, atol=ROUNDING * want.abs().max().item()
+    )
 
 
 def test_unsupported_checkpoints_fail_clearly(llamas):

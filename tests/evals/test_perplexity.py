@@ -47,3 +47,18 @@ def test_bucket_losses_equal_the_reference(eval_runs, source):
     assert buckets[2]["loss_memory"] != pytest.approx(buckets[2]["loss_ablated"], rel=1e-3)
     table = open(os.path.join(eval_runs, source, "perplexity.md")).read()
     assert "| [256, end) |" in table and "ppl, memory ablated" in table
+
+
+def test_a_model_without_memory_is_scored_once_as_its_reference(eval_runs):
+    cfg, state = exported_reference(os.path.join(eval_runs, "export_no_memory"))
+    assert not cfg.memory and not any(name.endswith("core_attention.gate") for name in state)
+    with open(os.path.join(eval_runs, "ppl_no_memory", "perplexity.json")) as f:
+        result = json.load(f)
+    assert (result["memory"], result["ablation"]) == (False, False)
+    want, counts = reference_buckets(state, cfg, [int(e) for e in PPL_BUCKETS.split(",")])
+    assert [b["tokens"] for b in result["buckets"]] == counts.astype(int).tolist()
+    for b, loss in zip(result["buckets"], want):
+        assert "loss_ablated" not in b
+        if b["tokens"]:
+            assert b["loss_memory"] == pytest.approx(loss, rel=LOSS_TOLERANCE)
+    assert "memory ablated" not in open(os.path.join(eval_runs, "ppl_no_memory", "perplexity.md")).read()

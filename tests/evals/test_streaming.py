@@ -148,3 +148,60 @@ def test_ablated_memory_sees_one_segment_only(results, name):
     # Beyond the first segment the memory changed the output, and the gates came back afterwards.
     assert (r["ablated_stream"][:, SEGMENT:] - r["split_logits"][0][:, SEGMENT:]).abs().max() > 1e-2
     assert r["gates_restored"]
+
+
+def memory_off_worker(rank, world):
+    """A model without the memory streamed in every split, and its float64 reference."""
+    from training.distributed import init_single_process
+
+    init_single_process()
+    from modeling.streaming import StreamingModel, memory_ablated
+    from tests.evals.models import full_state, tiny_config, tiny_model
+    from tests.evals.reference_model import reference_logits
+
+    cfg = tiny_config(segment_length=SEGMENT, memory=False)
+    model = tiny_model(cfg, seed=1)
+    tokens = torch.randint(
+        0, cfg.vocab_size, (2, WHOLE_SEGMENTS * SEGMENT + TAIL), generator=torch.Generator().manual_seed(3)
+    )
+    split_logits, held = [], []
+    for splits in SPLITS:
+        stream = StreamingModel(model, window_segments=2)
+        pieces, start = [], 0
+        for n in splits:
+            pieces.append(stream.feed(tokens[:, start : start + n]))
+            start += n
+            held.append(stream.memory)
+        split_logits.append(torch.cat(pieces, dim=1))
+    try:
+        memory_ablated(model)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    return dict(
+        split_logits=split_logits,
+        held=held,
+        refusal=refusal,
+        reference=reference_logits(full_state(model), cfg, tokens),
+        scored=StreamingModel(model, vocab_size=cfg.vocab_size, window_segments=3).score(tokens),
+        tokens=tokens,
+        vocab=cfg.vocab_size,
+    )
+
+
+def test_a_model_without_memory_streams_as_its_reference_and_carries_nothing():
+    r = run_distributed(memory_off_worker, 1)[0]
+    assert r["reference"].abs().max() > 1.0
+    for logits in r["split_logits"]:
+        # Nothing crosses a segment: an error passes through the two layers of its own segment only.
+        assert_close(logits, r["reference"], torch.float32, FFN_HIDDEN, LAYERS)
+    assert all(memory is None for memory in r["held"])
+    logprobs = torch.log_softmax(r["reference"][..., : r["vocab"]], dim=-1)
+    assert_close(
+        r["scored"],
+        logprobs[:, :-1].gather(-1, r["tokens"][:, 1:, None]).squeeze(-1),
+        torch.float32,
+        FFN_HIDDEN,
+        LAYERS,
+    )
+    assert "no memory to ablate (model.memory=false)" in r["refusal"]

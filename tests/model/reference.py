@@ -1,8 +1,43 @@
-"""An independent float64 reference: Infini-attention as a plain loop over segments and tokens."""
+"""Independent float64 references: Infini-attention, and attention without the memory, as plain loops
+over segments and tokens."""
 
 import math
 
 import torch
+
+
+def _rope(x, rotary_pos_emb):
+    """Non-interleaved RoPE, element by element, at the angles [positions, (1, 1,) rot_dim] given (None: x)."""
+    if rotary_pos_emb is None:
+        return x
+    angles = rotary_pos_emb.reshape(rotary_pos_emb.shape[0], -1).double()
+    half = angles.shape[-1] // 2
+    out = x.clone()
+    for pos in range(x.shape[-2]):
+        for i in range(half):
+            a = angles[pos, i]
+            x1, x2 = x[..., pos, i], x[..., pos, i + half]
+            out[..., pos, i] = x1 * math.cos(a) - x2 * math.sin(a)
+            out[..., pos, i + half] = x2 * math.cos(a) + x1 * math.sin(a)
+    return out
+
+
+def reference_segment_attention(q, k, v, *, segment_length, rotary_pos_emb=None):
+    """Attention without the memory, in float64: per segment and query head, each token's softmax over
+    the segment's tokens up to itself (RoPE restarted at every segment), one token at a time."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, h, t, d = q.shape
+    group = h // k.shape[1]
+    out = torch.zeros(b, h, t, v.shape[3], dtype=torch.float64)
+    for start in range(0, t, segment_length):
+        sl = slice(start, start + segment_length)
+        qr, kr, vs = _rope(q[:, :, sl], rotary_pos_emb), _rope(k[:, :, sl], rotary_pos_emb), v[:, :, sl]
+        for head in range(h):
+            for i in range(segment_length):
+                scores = (kr[:, head // group, : i + 1] @ qr[:, head, i].unsqueeze(-1)).squeeze(-1) / math.sqrt(d)
+                weights = torch.softmax(scores, dim=-1)  # [b, i + 1]
+                out[:, head, start + i] = (weights.unsqueeze(-1) * vs[:, head // group, : i + 1]).sum(dim=1)
+    return out
 
 
 def reference_infini_attention(
@@ -39,18 +74,7 @@ def reference_infini_attention(
         return torch.where(x > 0, x + 1.0, torch.exp(x))
 
     def rope(x):
-        if rotary_pos_emb is None:
-            return x
-        angles = rotary_pos_emb.reshape(rotary_pos_emb.shape[0], -1).double()
-        half = angles.shape[-1] // 2
-        out = x.clone()
-        for pos in range(x.shape[-2]):
-            for i in range(half):
-                a = angles[pos, i]
-                x1, x2 = x[..., pos, i], x[..., pos, i + half]
-                out[..., pos, i] = x1 * math.cos(a) - x2 * math.sin(a)
-                out[..., pos, i + half] = x2 * math.cos(a) + x1 * math.sin(a)
-        return out
+        return _rope(x, rotary_pos_emb)
 
     outputs = []
     for s in range(n_segments):

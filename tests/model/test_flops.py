@@ -16,6 +16,8 @@ CONFIGS = [
         vocab_size=1000,
         update="delta",
     ),
+    ModelConfig(num_query_groups=2, learned_memory_scales=True),
+    ModelConfig(num_query_groups=2, memory=False, qk_layernorm=True),
 ]
 
 

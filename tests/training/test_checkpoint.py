@@ -71,8 +71,10 @@ def straight_and_resumed(shards, tmp_path, world, extra, steps=6, resume_world=N
         (2, {"parallel.zero_stage": 1, "checkpoint.async_save": True, "debug.inject_writer_delay_s": 1.0}),
         # The learned memory scales and their Adam state are saved and restored like any weight.
         (1, {"model.learned_memory_scales": True}),
+        # Without the memory a stage carries nothing from window to window, and its checkpoint holds none.
+        (2, {"parallel.pipeline": 2, "model.memory": False}),
     ],
-    ids=["tp2xpp2-zero1", "dp2-zero2", "dp2-zero1-async", "single-learned-memory-scales"],
+    ids=["tp2xpp2-zero1", "dp2-zero2", "dp2-zero1-async", "single-learned-memory-scales", "pp2-memory-off"],
 )
 def test_resume_is_bitwise_identical(stdlib_shards, tmp_path, world, extra):
     straight, first, second = straight_and_resumed(stdlib_shards, tmp_path, world, extra)

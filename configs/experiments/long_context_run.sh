@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The equal-compute long-context comparison in one command on one GPU (docs/comparison.md):
+#
+#     bash configs/experiments/long_context_run.sh [OUT_DIR]        (default runs/long_context)
+#
+# 1. Data: the Debian corpus's train.jsonl.xz and heldout.jsonl.xz in CORPUS (default data/corpus; 9.8
+#    MiB, written by `python -m data_pipeline.corpus fetch`, docs/corpus.md) become byte-level shard sets
+#    OUT/shards/train and OUT/shards/heldout (no network needed).
+# 2. Training: each run of RUNS (default: every run of RUNS_FILE, configs/experiments/long_context_runs.yaml)
+#    is CONFIG (configs/experiments/long_context.yaml) with TRAIN_OVERRIDES, then the run's own
+#    overrides: Infini-attention, the same without memory, full causal attention; the same shape,
+#    steps and tokens, FLOPs per token within 5%. Each trains in OUT/RUN/train from scratch and
+#    exports OUT/RUN/export.
+# 3. Evaluation: loss and perplexity by token position (BUCKETS edges, default 2k,8k,32k,128k: buckets
+#    0-2K, 2K-8K, 8K-32K, 32K-128K, 128K+) on the first EVAL_MAX_TOKENS tokens (default 262,144) of
+#    EVAL_DOCS held-out documents (default 4, all of them), each streamed through the model a window at a
+#    time (evals.perplexity; EVAL_ARGS go to it): OUT/RUN/perplexity. A model without memory sees the
+#    tokens before it in its own segment (its window, for full attention); the Infini model is scored
+#    a second time with its memory ablated.
+# 4. OUT/comparison.json and OUT/comparison.md (costs, training, perplexity by position side by side),
+#    and OUT/comparison.png if matplotlib is installed (else the command to draw it elsewhere).
+#
+# Finished steps are skipped when the command runs again (shards, a run's export, its evaluation), and
+# a run stopped part-way resumes from its last checkpoint: under a time limit per command, run the
+# same command again; RUNS="infini local" (say) trains and evaluates only those, and the report waits
+# until every run is done. LAUNCH is the launcher (e.g. "torchrun --nproc-per-node 2").
+set -euo pipefail
+
+OUT=${1:-runs/long_context}
+CORPUS=${CORPUS:-data/corpus}
+CONFIG=${CONFIG:-configs/experiments/long_context.yaml}
+RUNS_FILE=${RUNS_FILE:-configs/experiments/long_context_runs.yaml}
+ALL_RUNS=$(python -m evals.long_context runs --runs "$RUNS_FILE")
+RUNS=${RUNS:-$ALL_RUNS}
+TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
+LAUNCH=${LAUNCH:-python}
+BUCKETS=${BUCKETS:-2k,8k,32k,128k}
+EVAL_DOCS=${EVAL_DOCS:-4}
+EVAL_MAX_TOKENS=${EVAL_MAX_TOKENS:-262144}
+EVAL_ARGS=${EVAL_ARGS:-}
+
+started=$(date +%s)
+if [ ! -f "$OUT/shards/heldout/index.json" ]; then
+    python -m data_pipeline.corpus shards --text "$CORPUS" --out "$OUT/shards" --overwrite
+fi
+for run in $RUNS; do
+    run_overrides=$(python -m evals.long_context overrides "$run" --runs "$RUNS_FILE")
+    if [ ! -f "$OUT/$run/export/model_config.yaml" ]; then
+        echo "== training $run: $run_overrides"
+        # shellcheck disable=SC2086  # LAUNCH and the overrides are word lists
+        $LAUNCH -m training.train --config "$CONFIG" "run_dir=$OUT/$run/train" "export.dir=$OUT/$run/export" \
+            "data.sources=[{path: $OUT/shards/train}]" checkpoint.resume=auto $TRAIN_OVERRIDES $run_overrides
+    fi
+    if [ ! -f "$OUT/$run/perplexity/perplexity.json" ]; then
+        echo "== evaluating $run"
+        # shellcheck disable=SC2086  # EVAL_ARGS is a word list
+        python -m evals.perplexity --model "$OUT/$run/export" --shards "$OUT/shards/heldout" --buckets "$BUCKETS" \
+            --max-docs "$EVAL_DOCS" --max-doc-tokens "$EVAL_MAX_TOKENS" --out "$OUT/$run/perplexity" $EVAL_ARGS
+    fi
+done
+left=""
+for run in $ALL_RUNS; do
+    [ -f "$OUT/$run/perplexity/perplexity.json" ] || left="$left $run"
+done
+if [ -n "$left" ]; then
+    echo "not yet trained and evaluated:$left (RUNS=\"$RUNS\"); the report follows once every run is done"
+    exit 0
+fi
+python -m evals.long_context report "$OUT" --runs "$RUNS_FILE"
+if python -c "import matplotlib" 2>/dev/null; then
+    python -m evals.long_context plot "$OUT/comparison.json"
+else
+    echo "matplotlib is not installed here: draw the plot where it is with" \
+        "python -m evals.long_context plot $OUT/comparison.json"
+fi
+echo "done in $(( ($(date +%s) - started) / 60 )) min: $OUT/comparison.md"

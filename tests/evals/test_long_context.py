@@ -1,0 +1,161 @@
+"""The equal-compute comparison: its three configs cost the same FLOPs per token (modeling/flops.py) and
+train on the same tokens; its script runs end to end at CPU size (data, three trainings, evaluation,
+report, plot) and skips what is done when run again."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from evals.long_context import BASE_CONFIG, FLOPS_TOLERANCE, RUNS_FILE, load_runs, run_configs
+from modeling.flops import model_cost
+from training.config import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def flops(cfg) -> float:
+    return model_cost(cfg.model).flops_per_token
+
+
+def window_tokens(cfg) -> int:
+    return cfg.data.global_lanes * cfg.data.n_segments * cfg.model.segment_length
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return run_configs(os.path.join(REPO, BASE_CONFIG), os.path.join(REPO, RUNS_FILE))
+
+
+def test_the_runs_are_infini_local_and_full_attention_of_one_shape(configs):
+    assert list(configs) == ["infini", "local", "full"]
+    infini, local, full = configs.values()
+    assert (infini.model.memory, local.model.memory, full.model.memory) == (True, False, False)
+    assert local.model.segment_length == infini.model.segment_length < full.model.segment_length
+    shape = {k: v for k, v in vars(infini.model).items() if k not in ("memory", "segment_length")}
+    for cfg in (local, full):
+        assert {k: v for k, v in vars(cfg.model).items() if k not in ("memory", "segment_length")} == shape
+        # Everything else of the runs is the base's.
+        assert (cfg.optimizer, cfg.schedule, cfg.parallel, cfg.precision) == (
+            infini.optimizer,
+            infini.schedule,
+            infini.parallel,
+            infini.precision,
+        )
+    assert infini.precision == "bf16" and infini.performance.compile_layers
+
+
+def test_flops_per_token_within_5_percent_and_the_same_tokens(configs):
+    per_token = [flops(cfg) for cfg in configs.values()]
+    assert max(per_token) / min(per_token) - 1 <= FLOPS_TOLERANCE
+    # The same steps of the same tokens a step: the same tokens, and so training FLOPs within 5% too.
+    assert len({cfg.schedule.steps for cfg in configs.values()}) == 1
+    assert len({window_tokens(cfg) for cfg in configs.values()}) == 1
+
+
+def test_the_full_attention_window_is_the_longest_multiple_of_64_within_5_percent(configs):
+    full = configs["full"]
+    longer = load_config(
+        os.path.join(REPO, BASE_CONFIG),
+        [
+            *load_runs(os.path.join(REPO, RUNS_FILE))["full"]["overrides"],
+            f"model.segment_length={full.model.segment_length + 64}",
+        ],
+    )
+    per_token = [flops(configs["infini"]), flops(configs["local"]), flops(longer)]
+    assert max(per_token) / min(per_token) - 1 > FLOPS_TOLERANCE
+    assert full.model.segment_length % 64 == 0
+
+
+def test_flops_cli_prints_the_same_balance(capsys):
+    from evals.long_context import main
+
+    assert main(["flops", "--config", os.path.join(REPO, BASE_CONFIG), "--runs", os.path.join(REPO, RUNS_FILE)]) == 0
+    out = capsys.readouterr().out
+    assert "FLOPs per token within 5% of each other" in out and "every run trains on the same tokens" in out
+
+
+def write_corpus(path):
+    """A tiny corpus in fetch's format: six training documents of 30K bytes, two held out of 9K."""
+    import glob
+    import lzma
+
+    sources = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))
+    text = "".join(open(f, errors="replace").read() for f in sources[:40])
+    os.makedirs(path)
+    for split, docs, size in (("train", range(6), 30000), ("heldout", range(6, 8), 9000)):
+        with lzma.open(os.path.join(path, f"{split}.jsonl.xz"), "wt") as f:
+            for i in docs:
+                record = {
+                    "id": f"doc{i}",
+                    "text": text[i * 30000 : i * 30000 + size],
+                    "source": "stdlib",
+                    "licence": "PSF",
+                }
+                f.write(json.dumps(record) + "\n")
+
+
+TINY = (
+    "precision=fp32 model.num_layers=1 model.hidden_size=32 model.num_attention_heads=2 model.num_query_groups=2 "
+    "model.ffn_hidden_size=64 data.global_lanes=2 parallel.micro_batch_lanes=2 data.num_workers=0 schedule.steps=3 "
+    "schedule.warmup_steps=1 checkpoint.interval=0 checkpoint.async_save=false performance.compile_layers=false"
+)
+
+
+def run_script(out, corpus):
+    env = dict(
+        os.environ,
+        CORPUS=corpus,
+        TRAIN_OVERRIDES=TINY,
+        BUCKETS="1k,2k,4k",
+        EVAL_DOCS="2",
+        EVAL_MAX_TOKENS="6000",
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=REPO,
+        LAUNCH=sys.executable,
+    )
+    return subprocess.run(
+        ["bash", "configs/experiments/long_context_run.sh", out],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_script_runs_end_to_end_and_skips_what_is_done(tmp_path):
+    out, corpus = str(tmp_path / "out"), str(tmp_path / "corpus")
+    write_corpus(corpus)
+    proc = run_script(out, corpus)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all(f"== training {run}" in proc.stdout for run in ("infini", "local", "full"))
+
+    with open(os.path.join(out, "comparison.json")) as f:
+        result = json.load(f)
+    runs = {row["run"]: row for row in result["runs"]}
+    assert list(runs) == ["infini", "local", "full"]
+    assert result["same_tokens"] and {row["consumed_tokens"] for row in runs.values()} == {3 * 2 * 6656}
+    assert result["buckets"] == ["[0, 1K)", "[1K, 2K)", "[2K, 4K)", "[4K, end)"]
+    assert result["documents"] == 2
+    for name, row in runs.items():
+        exported = OmegaConf.load(os.path.join(out, name, "export", "model_config.yaml"))
+        assert (exported.memory, exported.segment_length) == (row["memory"], row["segment_length"])
+        assert exported.hidden_size == 32  # TRAIN_OVERRIDES, then the run's own overrides
+        assert row["trained_steps"] == 3 and row["perplexity"]["ablation"] == (name == "infini")
+        # Every held-out token but each document's first is scored, in its position's bucket.
+        assert sum(b["tokens"] for b in row["perplexity"]["buckets"]) == 2 * (6000 - 1)
+    assert (runs["full"]["segment_length"], runs["infini"]["segment_length"]) == (832, 512)
+    report = open(os.path.join(out, "comparison.md")).read()
+    assert "| Infini-attention, segments of 512, memory ablated at evaluation |" in report
+    assert "| [4K, end) | 3,808 |" in report
+    assert os.path.getsize(os.path.join(out, "comparison.png")) > 0
+
+    again = run_script(out, corpus)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "== training" not in again.stdout and "== evaluating" not in again.stdout
+    assert "wrote " + os.path.join(out, "comparison.json") in again.stdout
