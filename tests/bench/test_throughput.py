@@ -132,7 +132,7 @@ def test_run_anchor_runs_the_script_at_the_shape_and_microbatch_asked(tmp_path, 
 
 @pytest.mark.parametrize(
     "case, size, lanes_a_microbatch",
-    [("infini-1.3b", "1.3b", 1), ("infini-350m", "350m", 2), ("infini-125m", "125m", 2)],
+    [("infini-1.3b", "1.3b", 1), ("infini-350m", "350m", 2), ("infini-125m", "125m", 8)],
 )
 def test_one_gpu_cases_measure_the_run_config_users_train_with(tmp_path, case, size, lanes_a_microbatch):
     config, processes, overrides = case_run(case, str(tmp_path / "run"), 12)
