@@ -139,7 +139,7 @@ def test_dry_run_renders_a_4x8_gpu_job(tmp_path):
     result = launcher(
         "submit",
         "--config",
-        "configs/gpu_125m.yaml",
+        "configs/gpu_1.3b.yaml",
         "--nodes",
         "4",
         "--gpus-per-node",
@@ -184,7 +184,7 @@ def test_dry_run_renders_a_4x8_gpu_job(tmp_path):
         "-m",
         "training.train",
         "--config",
-        os.path.join(REPO, "configs", "gpu_125m.yaml"),
+        os.path.join(REPO, "configs", "gpu_1.3b.yaml"),
         "--stopped-exit-code",
         "0",
         "parallel.tensor=4",
@@ -206,7 +206,7 @@ def test_first_start_resumes_or_starts_over_as_asked_and_a_requeued_one_resumes(
         result = launcher(
             "submit",
             "--config",
-            "configs/gpu_125m.yaml",
+            "configs/gpu_1.3b.yaml",
             "--nodes",
             "1",
             "--gpus-per-node",
@@ -238,7 +238,7 @@ def test_dry_run_rejects_a_layout_the_config_cannot_split():
         "submit", "--config", "configs/gpu_125m.yaml", "--nodes", "4", "--gpus-per-node", "8", "--dry-run"
     )
     assert result.returncode == 2
-    assert "lanes per data-parallel rank (1) must be divisible by parallel.micro_batch_lanes (2)" in result.stderr
+    assert "lanes per data-parallel rank (1) must be divisible by parallel.micro_batch_lanes (8)" in result.stderr
 
 
 def test_two_node_gloo_job_completes(straight_job, stdlib_shards, tiny_config, tmp_path):
