@@ -43,6 +43,7 @@ sys.path.insert(0, REPO)
 from modeling.config import ModelConfig  # noqa: E402
 from modeling.flops import count_parameters  # noqa: E402
 from training.config import CONFIG_ROOT, ConfigError, TrainConfig, load_config, validate  # noqa: E402
+from training.metrics import training_steps  # noqa: E402
 
 PEAK = 989e12
 
@@ -153,8 +154,7 @@ def run_case(name: str, steps: int, warmup: int, out_dir: str, overrides=(), tag
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-1500:]
         return {**result, "error": f"exit {proc.returncode}: {tail}"}
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    rows = [r for r in rows if "loss" in r]
+    rows = training_steps(run_dir)
     steady = rows[warmup:]
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in steady)
     total, _ = count_parameters(cfg.model)

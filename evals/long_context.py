@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from training.metrics import training_steps
+
 BASE_CONFIG = "configs/experiments/long_context.yaml"
 RUNS_FILE = "configs/experiments/long_context_runs.yaml"
 FLOPS_TOLERANCE = 0.05
@@ -113,21 +115,10 @@ def balance_text(rows: List[dict], same_tokens: bool) -> str:
     )
 
 
-def _metrics(run_dir: str) -> List[dict]:
-    """The training rows of metrics.jsonl, one per step (a resumed run's later rows win)."""
-    rows: Dict[int, dict] = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "loss" in row:
-                rows[row["step"]] = row
-    return [rows[step] for step in sorted(rows)]
-
-
 def training_row(run_dir: str) -> dict:
     """Steps, tokens, mean loss over the last steps, tokens/s (median past the first 10% of steps, which
     hold the compilation) and seconds in steps of a finished training run."""
-    rows = _metrics(run_dir)
+    rows = training_steps(run_dir)
     if not rows:
         raise ValueError(f"{run_dir}/metrics.jsonl holds no training step")
     tail = rows[-LOSS_TAIL_STEPS:]

@@ -40,6 +40,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from training.metrics import training_steps
+
 HEADER = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there."
@@ -313,8 +315,7 @@ def report(
         + (", times the learned per-head scales." if cfg.learned_memory_scales else "."),
     ]
     if train_dir and os.path.exists(os.path.join(train_dir, "metrics.jsonl")):
-        with open(os.path.join(train_dir, "metrics.jsonl")) as f:
-            steps = [json.loads(line) for line in f if '"loss"' in line]
+        steps = training_steps(train_dir)
         if steps:
             lines.append(
                 f"Training: {steps[-1]['step']} steps, {steps[-1].get('consumed_tokens', 0):,} "

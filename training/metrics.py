@@ -50,6 +50,18 @@ class JsonlSink:
         self._file.close()
 
 
+def training_steps(run_dir: str) -> List[dict]:
+    """The training rows of ``<run_dir>/metrics.jsonl`` in step order, one per step (validation rows left
+    out; where a resumed run logged a step again, its later row)."""
+    rows: Dict[int, dict] = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                rows[row["step"]] = row
+    return [rows[step] for step in sorted(rows)]
+
+
 def _truncate_after(path: str, step: int) -> int:
     """Keep the rows of steps <= step; how many were dropped."""
     if not os.path.exists(path):
