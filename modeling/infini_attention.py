@@ -111,6 +111,14 @@ def spans_ranks(context_group) -> bool:
     return context_group is not None and context_group.size() > 1
 
 
+def check_whole_segments(tokens: int, segment_length: int) -> None:
+    if segment_length <= 0 or tokens % segment_length:
+        raise ValueError(
+            f"tokens ({tokens}) must be a whole number of segments of {segment_length}: segment_length "
+            f"({segment_length}) must be positive and divide them"
+        )
+
+
 def _check_inputs(q, k, v, gate, memory, segment_length, update, reset, scales, context_group):
     if update not in UPDATE_RULES:
         raise ValueError(f"update rule must be one of {UPDATE_RULES}, got {update!r}")
@@ -132,8 +140,7 @@ def _check_inputs(q, k, v, gate, memory, segment_length, update, reset, scales, 
     g = k.shape[1]
     if h % g:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({g})")
-    if segment_length <= 0 or t % segment_length:
-        raise ValueError(f"tokens ({t}) must be a whole number of segments of segment_length ({segment_length})")
+    check_whole_segments(t, segment_length)
     if gate.shape != (h,):
         raise ValueError(f"gate must have shape ({h},) (one per query head), got {tuple(gate.shape)}")
     for (name, scale), heads in zip(scales.items(), (g, h)):

@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from torch.utils.checkpoint import checkpoint
 
-from modeling.infini_attention import InfiniMemory, infini_attention, local_attention
+from modeling.infini_attention import InfiniMemory, check_whole_segments, infini_attention, local_attention
 
 GATE_ATTRIBUTE = "is_infini_gate"
 MEMORY_SCALE_ATTRIBUTE = "is_infini_memory_log_scale"
@@ -146,10 +146,7 @@ class InfiniCoreAttention(MegatronModule):
         if not self.has_memory:
             if memory is not None:
                 raise ValueError("this attention has no memory (infini_memory=False) but was given one")
-            if query.shape[2] % self.segment_length:
-                raise ValueError(
-                    f"tokens ({query.shape[2]}) must be a whole number of segments of {self.segment_length}"
-                )
+            check_whole_segments(query.shape[2], self.segment_length)
             return local_attention(query, key, value, self.segment_length, rotary_pos_emb), None
         key_scale, query_scale = self.memory_scales()
         return infini_attention(
