@@ -285,6 +285,7 @@ def infini_attention(
     memory_key_scale: Union[float, torch.Tensor] = 1.0,
     memory_query_scale: Union[float, torch.Tensor] = 1.0,
     context_group=None,
+    fused_memory_read: bool = False,
 ):
     """Infini-attention over ``tokens = n_segments * segment_length`` tokens.
 
@@ -304,6 +305,10 @@ def infini_attention(
     v and reset are this rank's contiguous share of a window's segments, in rank order; memory is the
     memory at the window's start (the same on every rank). The returned memory is the one after the
     window's last segment, on every rank of the group.
+    fused_memory_read: the memory read and the gate mix in one Triton kernel per direction
+    (modeling/memory_kernels.py), with no float32 [b, h, t, dv] intermediates; CUDA inputs only (CPU
+    ones under Triton's interpreter); float32 memory and sums as here, half operands only with
+    half_memory_products.
 
     Returns (out [b, h, t, dv] in q's dtype, InfiniMemory after the last segment). Gradients flow
     through the memory across all segments (and into the given memory).
@@ -332,6 +337,12 @@ def infini_attention(
     M_before, z_before, final = _memories_before_segments(
         sk, v.to(operand_dtype).reshape(b, g, s, n, dv), memory, reset, update, state_dtype, context_group
     )
+    if fused_memory_read:
+        # Imported here: Triton is needed only with the fused read.
+        from modeling.memory_kernels import memory_read
+
+        out = memory_read(q, local, M_before, z_before, gate, memory_query_scale, half_products=half_memory_products)
+        return out, final
     sq = scaled_sigma(q, memory_query_scale, operand_dtype).reshape(b, g, h // g, s, n, d)
     from_memory = retrieve(sq, M_before.unsqueeze(2), z_before.unsqueeze(2)).reshape(b, h, t, dv)
 
