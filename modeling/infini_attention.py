@@ -270,6 +270,25 @@ def _exclusive_cumsum_with_resets(updates, initial, reset, extra_dims):
     return since_reset + initial.unsqueeze(2) * keep_initial
 
 
+def read_and_mix(q, local, M_before, z_before, gate, query_scale=1.0, *, half_products=False):
+    """sigmoid(gate) * (the read of M_before, z_before with sigma(query_scale * q)) + (1 - sigmoid(gate)) * local.
+
+    q [b, h, t, d], local [b, h, t, dv] (local attention's output), M_before [b, g, s, d, dv] and z_before
+    [b, g, s, d]: the memory before each of the s segments; query head i reads KV group i // (h / g).
+    The mix in the memory dtype; returns [b, h, t, dv] in q's dtype. modeling.memory_kernels.memory_read
+    computes the same in fused kernels.
+    """
+    b, h, t, d = q.shape
+    g, s, dv = M_before.shape[1], M_before.shape[2], M_before.shape[4]
+    state_dtype = memory_dtype(q.dtype)
+    operand_dtype = q.dtype if half_products else state_dtype
+    sq = scaled_sigma(q, query_scale, operand_dtype).reshape(b, g, h // g, s, t // s, d)
+    from_memory = retrieve(sq, M_before.unsqueeze(2), z_before.unsqueeze(2)).reshape(b, h, t, dv)
+    weight = torch.sigmoid(gate.to(state_dtype)).view(1, h, 1, 1)
+    out = weight * from_memory + (1.0 - weight) * local.to(state_dtype)
+    return out.to(q.dtype)
+
+
 def infini_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -340,12 +359,7 @@ def infini_attention(
     if fused_memory_read:
         # Imported here: Triton is needed only with the fused read.
         from modeling.memory_kernels import memory_read
-
-        out = memory_read(q, local, M_before, z_before, gate, memory_query_scale, half_products=half_memory_products)
-        return out, final
-    sq = scaled_sigma(q, memory_query_scale, operand_dtype).reshape(b, g, h // g, s, n, d)
-    from_memory = retrieve(sq, M_before.unsqueeze(2), z_before.unsqueeze(2)).reshape(b, h, t, dv)
-
-    weight = torch.sigmoid(gate.to(state_dtype)).view(1, h, 1, 1)
-    out = weight * from_memory + (1.0 - weight) * local.to(state_dtype)
-    return out.to(q.dtype), final
+    else:
+        memory_read = read_and_mix
+    out = memory_read(q, local, M_before, z_before, gate, memory_query_scale, half_products=half_memory_products)
+    return out, final
