@@ -191,6 +191,26 @@ def test_infini_attention_with_fused_read_matches_float64_reference(update):
 
 
 @in_process
+def test_core_attention_module_passes_the_fused_read_setting():
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from modeling.config import ModelConfig, build_transformer_config
+    from modeling.layers import InfiniCoreAttention
+
+    h, g, n = 4, 2, 16
+    config = build_transformer_config(
+        ModelConfig(num_attention_heads=h, num_query_groups=g, segment_length=n), infini_fused_memory_read=True
+    )
+    module = InfiniCoreAttention(config, 1, AttnMaskType.causal, "self").to(DEVICE)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, heads, 3 * n, 16, generator=gen).to(DEVICE) for heads in (h, g, g))
+    got, _ = module(q, k, v)
+    fused, _ = infini_attention(q, k, v, module.gate, segment_length=n, fused_memory_read=True)
+    eager, _ = infini_attention(q, k, v, module.gate, segment_length=n)
+    assert torch.equal(got, fused) and not torch.equal(got, eager)
+
+
+@in_process
 def test_refuses_what_it_cannot_run(monkeypatch):
     q, local, M, z, gate, scale = make_read_inputs(1, 2, 1, 1, 16, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="float64"):
