@@ -4,8 +4,8 @@ For every query token of every segment:
 
     out = g * sigma(c_q q) M_{s-1} / (sigma(c_q q) z_{s-1}) + (1 - g) * local,   g = sigmoid(beta)
 
-with an empty memory (denominator 0) read as zeros, exactly as ``infini_attention``'s eager path computes
-it (modeling/infini_attention.py), but with no float32 [b, h, t, d_v] tensor in memory: the forward
+with an empty memory (denominator 0) read as zeros, as ``infini_attention``'s eager path computes it
+(``read_and_mix`` in modeling/infini_attention.py), but with no float32 [b, h, t, d_v] tensor in memory: the forward
 kernel writes ``out`` in q's dtype, and the backward kernel recomputes sigma(c_q q) and the read from
 q, the memories and ``local`` (which local attention keeps anyway) instead of saving them.
 
@@ -29,12 +29,12 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 except ModuleNotFoundError as error:
     raise ModuleNotFoundError(
         "the fused memory read (performance.fused_memory_read) needs Triton, which is not installed", name="triton"
     ) from error
 
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -48,8 +48,8 @@ def _sigma(x):
 
 @triton.jit
 def _read(sq, m, z, PRECISION: tl.constexpr):
-    """The read of sigma(q) rows sq [T, D] in the products' operand dtype from m [D, DV], z [D]: the
-    numerator [T, DV], the denominator [T], the read [T, DV] (0 where the denominator is), whether it is > 0."""
+    """The read [T, DV] of sigma(q) rows sq [T, D] (in the products' operand dtype) from m [D, DV], z [D],
+    0 where the denominator is; the denominator made safe (1 there) [T]; whether it is > 0 [T]."""
     numerator = tl.dot(sq, m, input_precision=PRECISION)
     denominator = tl.sum(sq.to(tl.float32) * z.to(tl.float32)[None, :], axis=1)
     has_memory = denominator > 0
@@ -193,6 +193,10 @@ def _memory_read_backward(
     tl.store(dz_ptr + part * d + cols, dz, mask=col_ok)
 
 
+# Whether Triton made the kernels above interpreted ones (TRITON_INTERPRET=1 as it was imported).
+INTERPRETED = isinstance(_memory_read_forward, InterpretedFunction)
+
+
 def _block(size: int) -> int:
     """tl.dot's operands are at least 16 wide."""
     return max(16, triton.next_power_of_2(size))
@@ -259,7 +263,8 @@ class _MemoryRead(torch.autograd.Function):
             dq, dlocal, dM, dz, dgate, dscale,
             *q.stride(), *local.stride(), *M.stride(), *z.stride(), *dout.stride(), *dq.stride(), *dlocal.stride(),
             g, h // g, s, chunks, segment_length, chunk_tokens, d, dv,
-            **config,
+            # Backward also holds dM's float32 accumulator: fewer rows a step leave registers for it.
+            **(config | dict(BLOCK_T=min(32, config["BLOCK_T"]))),
         )  # fmt: skip
         heads = (0, 2, 3)  # batch, segments and chunks summed: one value per (group, head of the group)
         return (
