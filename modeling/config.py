@@ -41,6 +41,10 @@ class InfiniTransformerConfig(TransformerConfig):
     """For bf16/fp16 activations, the memory's matmuls take half-precision operands (float32
     accumulation); the memory state stays float32 either way."""
 
+    infini_fused_memory_read: bool = False
+    """The memory read and the gate mix as fused Triton kernels (modeling/memory_kernels.py), without the
+    float32 per-token intermediates of the eager read; CUDA only, needs Triton."""
+
     infini_learned_memory_scales: bool = False
     """Learn a positive scale per KV head for the memory's keys and per query head for its queries:
     the memory writes sigma(a k) and is read with sigma(b q), a = b = 1 (the paper) at initialisation."""

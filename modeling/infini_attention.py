@@ -270,6 +270,25 @@ def _exclusive_cumsum_with_resets(updates, initial, reset, extra_dims):
     return since_reset + initial.unsqueeze(2) * keep_initial
 
 
+def read_and_mix(q, local, M_before, z_before, gate, query_scale=1.0, *, half_products=False):
+    """sigmoid(gate) * (the read of M_before, z_before with sigma(query_scale * q)) + (1 - sigmoid(gate)) * local.
+
+    q [b, h, t, d], local [b, h, t, dv] (local attention's output), M_before [b, g, s, d, dv] and z_before
+    [b, g, s, d]: the memory before each of the s segments; query head i reads KV group i // (h / g).
+    The mix in the memory dtype; returns [b, h, t, dv] in q's dtype. modeling.memory_kernels.memory_read
+    computes the same in fused kernels.
+    """
+    b, h, t, d = q.shape
+    g, s, dv = M_before.shape[1], M_before.shape[2], M_before.shape[4]
+    state_dtype = memory_dtype(q.dtype)
+    operand_dtype = q.dtype if half_products else state_dtype
+    sq = scaled_sigma(q, query_scale, operand_dtype).reshape(b, g, h // g, s, t // s, d)
+    from_memory = retrieve(sq, M_before.unsqueeze(2), z_before.unsqueeze(2)).reshape(b, h, t, dv)
+    weight = torch.sigmoid(gate.to(state_dtype)).view(1, h, 1, 1)
+    out = weight * from_memory + (1.0 - weight) * local.to(state_dtype)
+    return out.to(q.dtype)
+
+
 def infini_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -285,6 +304,7 @@ def infini_attention(
     memory_key_scale: Union[float, torch.Tensor] = 1.0,
     memory_query_scale: Union[float, torch.Tensor] = 1.0,
     context_group=None,
+    fused_memory_read: bool = False,
 ):
     """Infini-attention over ``tokens = n_segments * segment_length`` tokens.
 
@@ -304,6 +324,10 @@ def infini_attention(
     v and reset are this rank's contiguous share of a window's segments, in rank order; memory is the
     memory at the window's start (the same on every rank). The returned memory is the one after the
     window's last segment, on every rank of the group.
+    fused_memory_read: the memory read and the gate mix in one Triton kernel per direction
+    (modeling/memory_kernels.py), with no float32 [b, h, t, dv] intermediates; CUDA inputs only (CPU
+    ones under Triton's interpreter); float32 memory and sums as here, half operands only with
+    half_memory_products.
 
     Returns (out [b, h, t, dv] in q's dtype, InfiniMemory after the last segment). Gradients flow
     through the memory across all segments (and into the given memory).
@@ -332,9 +356,10 @@ def infini_attention(
     M_before, z_before, final = _memories_before_segments(
         sk, v.to(operand_dtype).reshape(b, g, s, n, dv), memory, reset, update, state_dtype, context_group
     )
-    sq = scaled_sigma(q, memory_query_scale, operand_dtype).reshape(b, g, h // g, s, n, d)
-    from_memory = retrieve(sq, M_before.unsqueeze(2), z_before.unsqueeze(2)).reshape(b, h, t, dv)
-
-    weight = torch.sigmoid(gate.to(state_dtype)).view(1, h, 1, 1)
-    out = weight * from_memory + (1.0 - weight) * local.to(state_dtype)
-    return out.to(q.dtype), final
+    if fused_memory_read:
+        # Imported here: Triton is needed only with the fused read.
+        from modeling.memory_kernels import memory_read
+    else:
+        memory_read = read_and_mix
+    out = memory_read(q, local, M_before, z_before, gate, memory_query_scale, half_products=half_memory_products)
+    return out, final

@@ -61,6 +61,9 @@ class PerformanceConfig:
     half_memory_products: bool = False
     """In bf16 runs the Infini memory's reads and writes take bf16 operands (float32 accumulation);
     the memory is still summed and kept in float32."""
+    fused_memory_read: bool = False
+    """The Infini memory's read and gate mix as fused Triton kernels (CUDA only): no float32 per-token
+    intermediates between them."""
 
 
 @dataclass

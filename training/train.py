@@ -160,6 +160,7 @@ def build_stage_model(cfg: TrainConfig, bf16: bool) -> ModelChunks:
         infini_loss_chunk_tokens=cfg.performance.loss_chunk_tokens,
         infini_compile_loss=cfg.performance.compile_loss,
         infini_half_memory_products=cfg.performance.half_memory_products,
+        infini_fused_memory_read=cfg.performance.fused_memory_read,
         # The step's loss function returns per-token sums; the schedule must not average them.
         calculate_per_token_loss=True,
         # p2p's CUDA synchronisation is megatron's default; there is nothing to synchronise on the CPU.
