@@ -59,6 +59,16 @@ def _read(sq, m, z, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _load_memory(m_base, z_base, m_sd, m_sv, z_sd, cols, vcols, col_ok, mv_mask, q_ptr, HALF: tl.constexpr):
+    """One segment's memory M [D, DV] and z [D] of one KV group, in q's dtype with HALF."""
+    m = tl.load(m_base + cols[:, None] * m_sd + vcols[None, :] * m_sv, mask=mv_mask, other=0.0)
+    z = tl.load(z_base + cols * z_sd, mask=col_ok, other=0.0)
+    if HALF:
+        m, z = m.to(q_ptr.dtype.element_ty), z.to(q_ptr.dtype.element_ty)
+    return m, z
+
+
+@triton.jit
 def _memory_read_forward(
     q_ptr, local_ptr, m_ptr, z_ptr, gate_ptr, scale_ptr, out_ptr,
     q_sb, q_sh, q_st, q_sd,
@@ -75,12 +85,10 @@ def _memory_read_forward(
     rows, cols, vcols = tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     col_ok, vcol_ok = cols < d, vcols < dv
     mv_mask = col_ok[:, None] & vcol_ok[None, :]
-
-    m_base = m_ptr + batch * m_sb + group * m_sg + segment * m_ss
-    m = tl.load(m_base + cols[:, None] * m_sd + vcols[None, :] * m_sv, mask=mv_mask, other=0.0)
-    z = tl.load(z_ptr + batch * z_sb + group * z_sg + segment * z_ss + cols * z_sd, mask=col_ok, other=0.0)
-    if HALF:
-        m, z = m.to(q_ptr.dtype.element_ty), z.to(q_ptr.dtype.element_ty)
+    m, z = _load_memory(
+        m_ptr + batch * m_sb + group * m_sg + segment * m_ss, z_ptr + batch * z_sb + group * z_sg + segment * z_ss,
+        m_sd, m_sv, z_sd, cols, vcols, col_ok, mv_mask, q_ptr, HALF,
+    )  # fmt: skip
 
     start = chunk * chunk_tokens
     end = tl.minimum(start + chunk_tokens, segment_length)
@@ -129,12 +137,10 @@ def _memory_read_backward(
     rows, cols, vcols = tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     col_ok, vcol_ok = cols < d, vcols < dv
     mv_mask = col_ok[:, None] & vcol_ok[None, :]
-
-    m_base = m_ptr + batch * m_sb + group * m_sg + segment * m_ss
-    m = tl.load(m_base + cols[:, None] * m_sd + vcols[None, :] * m_sv, mask=mv_mask, other=0.0)
-    z = tl.load(z_ptr + batch * z_sb + group * z_sg + segment * z_ss + cols * z_sd, mask=col_ok, other=0.0)
-    if HALF:
-        m, z = m.to(q_ptr.dtype.element_ty), z.to(q_ptr.dtype.element_ty)
+    m, z = _load_memory(
+        m_ptr + batch * m_sb + group * m_sg + segment * m_ss, z_ptr + batch * z_sb + group * z_sg + segment * z_ss,
+        m_sd, m_sv, z_sd, cols, vcols, col_ok, mv_mask, q_ptr, HALF,
+    )  # fmt: skip
     z32 = z.to(tl.float32)
     dm = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
     dz = tl.zeros((BLOCK_D,), dtype=tl.float32)
