@@ -223,67 +223,121 @@ def _precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-class _MemoryRead(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, local, M, z, gate, scale, segment_length, half_products, chunks):
-        b, h, t, d = q.shape
-        g, s, dv = M.shape[1], M.shape[2], M.shape[4]
-        block_t = min(64, _block(segment_length))
-        token_blocks = -(-segment_length // block_t)
-        chunks = chunks or _chunks(b * g * s, token_blocks, q.device)
-        chunk_tokens = -(-token_blocks // chunks) * block_t
-        config = dict(
-            BLOCK_T=block_t,
-            BLOCK_D=_block(d),
-            BLOCK_DV=_block(dv),
-            HALF=half_products and q.dtype != torch.float32,
-            PRECISION=_precision(),
-            num_warps=8 if d * dv >= 128 * 128 else 4,
-        )
-        out = torch.empty(b, h, t, dv, dtype=q.dtype, device=q.device)
-        grid = (chunks, s, b * g)
-        _memory_read_forward[grid](
-            q, local, M, z, gate, scale, out,
-            *q.stride(), *local.stride(), *M.stride(), *z.stride(), *out.stride(),
-            g, h // g, segment_length, chunk_tokens, d, dv,
-            **config,
-        )  # fmt: skip
-        ctx.save_for_backward(q, local, M, z, gate, scale)
-        ctx.launch = (grid, segment_length, chunk_tokens, config)
-        return out
+def _launch(q: torch.Tensor, M: torch.Tensor, half_products: bool, chunks: int):
+    """(grid, segment length, tokens a chunk, kernel settings) of the forward, the same in backward."""
+    b, h, t, d = q.shape
+    g, s, dv = M.shape[1], M.shape[2], M.shape[4]
+    segment_length = t // s
+    block_t = min(64, _block(segment_length))
+    token_blocks = -(-segment_length // block_t)
+    chunks = chunks or _chunks(b * g * s, token_blocks, q.device)
+    config = dict(
+        BLOCK_T=block_t,
+        BLOCK_D=_block(d),
+        BLOCK_DV=_block(dv),
+        HALF=half_products and q.dtype != torch.float32,
+        PRECISION=_precision(),
+        num_warps=8 if d * dv >= 128 * 128 else 4,
+    )
+    return (chunks, s, b * g), segment_length, -(-token_blocks // chunks) * block_t, config
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, local, M, z, gate, scale = ctx.saved_tensors
-        grid, segment_length, chunk_tokens, config = ctx.launch
-        chunks, s, _ = grid
-        b, h, _, d = q.shape
-        g, dv = M.shape[1], M.shape[4]
-        dq, dlocal = torch.empty_like(q), torch.empty_like(local)
-        dM = torch.empty(b, g, s, chunks, d, dv, dtype=torch.float32, device=q.device)
-        dz = torch.empty(b, g, s, chunks, d, dtype=torch.float32, device=q.device)
-        dgate = torch.empty(b, g, s, chunks, h // g, dtype=torch.float32, device=q.device)
-        dscale = torch.empty_like(dgate)
-        _memory_read_backward[grid](
-            q, local, M, z, gate, scale, dout,
-            dq, dlocal, dM, dz, dgate, dscale,
-            *q.stride(), *local.stride(), *M.stride(), *z.stride(), *dout.stride(), *dq.stride(), *dlocal.stride(),
-            g, h // g, s, chunks, segment_length, chunk_tokens, d, dv,
-            # Backward also holds dM's float32 accumulator: fewer rows a step leave registers for it.
-            **(config | dict(BLOCK_T=min(32, config["BLOCK_T"]))),
-        )  # fmt: skip
-        heads = (0, 2, 3)  # batch, segments and chunks summed: one value per (group, head of the group)
-        return (
-            dq,
-            dlocal,
-            dM.sum(3).to(M.dtype),
-            dz.sum(3).to(z.dtype),
-            dgate.sum(heads).reshape(h),
-            dscale.sum(heads).reshape(h) if ctx.needs_input_grad[5] else None,
-            None,
-            None,
-            None,
-        )
+
+# Registered as operators, so that a compiled layer keeps the fused read as one opaque node (no graph
+# break around raw kernel launches); chunks = 0 picks enough programs to fill the device.
+@torch.library.custom_op("infinitron::memory_read", mutates_args=())
+def _memory_read(
+    q: torch.Tensor,
+    local: torch.Tensor,
+    M: torch.Tensor,
+    z: torch.Tensor,
+    gate: torch.Tensor,
+    scale: torch.Tensor,
+    half_products: bool,
+    chunks: int,
+) -> torch.Tensor:
+    b, h, t, d = q.shape
+    g, dv = M.shape[1], M.shape[4]
+    grid, segment_length, chunk_tokens, config = _launch(q, M, half_products, chunks)
+    out = torch.empty(b, h, t, dv, dtype=q.dtype, device=q.device)
+    _memory_read_forward[grid](
+        q, local, M, z, gate, scale, out,
+        *q.stride(), *local.stride(), *M.stride(), *z.stride(), *out.stride(),
+        g, h // g, segment_length, chunk_tokens, d, dv,
+        **config,
+    )  # fmt: skip
+    return out
+
+
+@_memory_read.register_fake
+def _(q, local, M, z, gate, scale, half_products, chunks):
+    return q.new_empty(*q.shape[:3], M.shape[4])
+
+
+@torch.library.custom_op("infinitron::memory_read_backward", mutates_args=())
+def _memory_read_grads(
+    q: torch.Tensor,
+    local: torch.Tensor,
+    M: torch.Tensor,
+    z: torch.Tensor,
+    gate: torch.Tensor,
+    scale: torch.Tensor,
+    dout: torch.Tensor,
+    half_products: bool,
+    chunks: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dlocal, dM, dz, dgate, dscale of the forward with the same arguments."""
+    grid, segment_length, chunk_tokens, config = _launch(q, M, half_products, chunks)
+    chunks, s, _ = grid
+    b, h, _, d = q.shape
+    g, dv = M.shape[1], M.shape[4]
+    dq, dlocal = torch.empty_like(q), torch.empty_like(local)
+    dM = torch.empty(b, g, s, chunks, d, dv, dtype=torch.float32, device=q.device)
+    dz = torch.empty(b, g, s, chunks, d, dtype=torch.float32, device=q.device)
+    dgate = torch.empty(b, g, s, chunks, h // g, dtype=torch.float32, device=q.device)
+    dscale = torch.empty_like(dgate)
+    _memory_read_backward[grid](
+        q, local, M, z, gate, scale, dout,
+        dq, dlocal, dM, dz, dgate, dscale,
+        *q.stride(), *local.stride(), *M.stride(), *z.stride(), *dout.stride(), *dq.stride(), *dlocal.stride(),
+        g, h // g, s, chunks, segment_length, chunk_tokens, d, dv,
+        # Backward also holds dM's float32 accumulator: fewer rows a step leave registers for it.
+        **(config | dict(BLOCK_T=min(32, config["BLOCK_T"]))),
+    )  # fmt: skip
+    heads = (0, 2, 3)  # batch, segments and chunks summed: one value per (group, head of the group)
+    return (
+        dq,
+        dlocal,
+        dM.sum(3).to(M.dtype),
+        dz.sum(3).to(z.dtype),
+        dgate.sum(heads).reshape(h),
+        dscale.sum(heads).reshape(h),
+    )
+
+
+@_memory_read_grads.register_fake
+def _(q, local, M, z, gate, scale, dout, half_products, chunks):
+    return (
+        torch.empty_like(q),
+        torch.empty_like(local),
+        torch.empty_like(M),
+        torch.empty_like(z),
+        torch.empty_like(gate),
+        torch.empty_like(scale),
+    )
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, local, M, z, gate, scale, half_products, chunks = inputs
+    ctx.save_for_backward(q, local, M, z, gate, scale)
+    ctx.settings = (half_products, chunks)
+
+
+def _backward(ctx, dout):
+    grads = _memory_read_grads(*ctx.saved_tensors, dout, *ctx.settings)
+    return (*grads, None, None)
+
+
+_memory_read.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def check_inputs(q: torch.Tensor) -> None:
@@ -317,18 +371,16 @@ def memory_read(
     Returns out [b, h, t, dv] in q's dtype; differentiable in q, local, the memories, gate and query_scale.
     """
     check_inputs(q)
-    b, h, t, _ = q.shape
-    segment_length = t // M_before.shape[2]
+    h = q.shape[1]
     if not isinstance(query_scale, torch.Tensor):
         query_scale = torch.full((h,), float(query_scale), device=q.device)
-    return _MemoryRead.apply(
+    return _memory_read(
         q,
         local,
         M_before,
         z_before,
         gate.float().contiguous(),
         query_scale.float().contiguous(),
-        segment_length,
         half_products,
-        chunks,
+        chunks or 0,
     )

@@ -119,6 +119,26 @@ def test_float32_read_matches_float64_loop(case):
 
 
 @in_process
+def test_compiles_as_one_graph_with_the_same_values_and_gradients():
+    """A compiled layer must keep the fused read whole: fullgraph=True fails on any graph break."""
+    shape = dict(b=2, h=4, g=2, s=3, n=20, d=16, dv=8)
+    inputs = make_read_inputs(**shape, dtype=torch.float32)
+    out_grad = torch.randn(shape["b"], shape["h"], shape["s"] * shape["n"], shape["dv"], device=DEVICE)
+
+    def mix_after_read(q, local, M, z, gate, scale):
+        return memory_kernels.memory_read(q * 1.5, local, M, z, gate, scale).tanh()
+
+    compiled = torch.compile(mix_after_read, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (mix_after_read, compiled):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        fn(*leaves).backward(out_grad)
+        results.append([fn(*leaves).detach()] + [x.grad for x in leaves])
+    for name, x, w in zip(NAMES, *results):
+        torch.testing.assert_close(x, w, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@in_process
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("half_products", [False, True], ids=["fp32-products", "half-products"])
 def test_half_inputs_match_float64_loop_within_their_rounding(dtype, half_products):
