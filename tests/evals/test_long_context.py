@@ -1,5 +1,5 @@
-"""The equal-compute comparison: its three configs cost the same FLOPs per token (modeling/flops.py) and
-train on the same tokens; its script runs end to end at CPU size (data, three trainings, evaluation,
+"""The equal-compute comparison: its configs cost the same FLOPs per token (modeling/flops.py) and
+train on the same tokens; its script runs end to end at CPU size (data, every training, evaluation,
 report, plot) and skips what is done when run again."""
 
 import json
@@ -15,6 +15,8 @@ from modeling.flops import model_cost
 from training.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Infini-attention with the paper's gate start and with gates starting local, local attention, full attention.
+RUNS = ["infini", "infini_gates_local", "local", "full"]
 
 
 def flops(cfg) -> float:
@@ -31,14 +33,15 @@ def configs():
 
 
 def test_the_runs_are_infini_local_and_full_attention_of_one_shape(configs):
-    assert list(configs) == ["infini", "local", "full"]
-    infini, local, full = configs.values()
-    assert (infini.model.memory, local.model.memory, full.model.memory) == (True, False, False)
+    assert list(configs) == RUNS
+    infini, gates_local, local, full = configs.values()
+    assert [cfg.model.memory for cfg in configs.values()] == [True, True, False, False]
+    assert (infini.model.gate_init, gates_local.model.gate_init) == (0.0, -3.0)
     assert local.model.segment_length == infini.model.segment_length < full.model.segment_length
-    # The memory's own settings aside (its switch, its learned read), one shape.
-    memory_settings = ("memory", "learned_memory_scales", "segment_length")
+    # The memory's own settings aside (its switch, its learned read, its gates' start), one shape.
+    memory_settings = ("memory", "learned_memory_scales", "gate_init", "segment_length")
     shape = {k: v for k, v in vars(infini.model).items() if k not in memory_settings}
-    for cfg in (local, full):
+    for cfg in (gates_local, local, full):
         assert {k: v for k, v in vars(cfg.model).items() if k not in memory_settings} == shape
         # Everything else of the runs is the base's.
         assert (cfg.optimizer, cfg.schedule, cfg.parallel, cfg.precision) == (
@@ -135,12 +138,12 @@ def test_script_runs_end_to_end_and_skips_what_is_done(tmp_path):
     write_corpus(corpus)
     proc = run_script(out, corpus)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert all(f"== training {run}" in proc.stdout for run in ("infini", "local", "full"))
+    assert all(f"== training {run}" in proc.stdout for run in RUNS)
 
     with open(os.path.join(out, "comparison.json")) as f:
         result = json.load(f)
     runs = {row["run"]: row for row in result["runs"]}
-    assert list(runs) == ["infini", "local", "full"]
+    assert list(runs) == RUNS
     assert result["same_tokens"] and {row["consumed_tokens"] for row in runs.values()} == {3 * 2 * 6656}
     assert result["buckets"] == ["[0, 1K)", "[1K, 2K)", "[2K, 4K)", "[4K, end)"]
     assert result["documents"] == 2
@@ -148,7 +151,7 @@ def test_script_runs_end_to_end_and_skips_what_is_done(tmp_path):
         exported = OmegaConf.load(os.path.join(out, name, "export", "model_config.yaml"))
         assert (exported.memory, exported.segment_length) == (row["memory"], row["segment_length"])
         assert exported.hidden_size == 32  # TRAIN_OVERRIDES, then the run's own overrides
-        assert row["trained_steps"] == 3 and row["perplexity"]["ablation"] == (name == "infini")
+        assert row["trained_steps"] == 3 and row["perplexity"]["ablation"] == name.startswith("infini")
         # Every held-out token but each document's first is scored, in its position's bucket.
         assert sum(b["tokens"] for b in row["perplexity"]["buckets"]) == 2 * (6000 - 1)
     assert (runs["full"]["segment_length"], runs["infini"]["segment_length"]) == (832, 512)
