@@ -1,13 +1,14 @@
 """Forward + backward time of the Infini memory read and gate mix: eager, torch.compile'd, fused Triton.
 
-    python bench/memory_read.py [--model configs/model/1.3b.yaml] [--lanes 1] [--segments 8]
+    python bench/memory_read.py [--config configs/gpu_1.3b.yaml] [--lanes N] [--segments N]
                                 [--fp32-products] [--learned-scales] [--iters 50]
 
-One layer's read at a model's shape (heads, KV groups, head dim and segment length from its config;
-the 1.3B's by default) with bf16 activations, q laid out as the attention passes it (a permuted view of
-megatron's [t, b, h, d]): modeling.infini_attention.read_and_mix as the eager path runs it, the same
-function under torch.compile, and modeling.memory_kernels.memory_read. Products on bf16 operands, as
-configs/performance/gpu.yaml sets them, unless --fp32-products. Prints a table: milliseconds per
+One layer's read at a run config's shape (heads, KV groups, head dim, segment length, segments a
+window and lanes a microbatch; configs/gpu_1.3b.yaml by default) with bf16 activations, q laid out
+as the attention passes it (a permuted view of megatron's [t, b, h, d]):
+modeling.infini_attention.read_and_mix as the eager path runs it, the same function under
+torch.compile, and modeling.memory_kernels.memory_read. Products on bf16 operands where the config's
+performance.half_memory_products says so, unless --fp32-products. Prints a table: milliseconds per
 forward + backward (median of --iters, CUDA events), the speedup over eager, and the MiB the forward
 leaves allocated for backward (its output included).
 """
@@ -23,10 +24,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from modeling.infini_attention import read_and_mix  # noqa: E402
 from modeling.memory_kernels import memory_read  # noqa: E402
+from training.config import load_config  # noqa: E402
 
 
 def make_inputs(b, h, g, s, n, d, learned_scales):
@@ -73,9 +74,9 @@ def measure(fn, inputs, leaves, iters):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=os.path.join(REPO, "configs", "model", "1.3b.yaml"))
-    parser.add_argument("--lanes", type=int, default=1, help="sequences per microbatch (configs/gpu_1.3b.yaml: 1)")
-    parser.add_argument("--segments", type=int, default=8, help="segments per window (configs/gpu_1.3b.yaml: 8)")
+    parser.add_argument("--config", default=os.path.join(REPO, "configs", "gpu_1.3b.yaml"), help="a run config")
+    parser.add_argument("--lanes", type=int, help="sequences per microbatch (default: the config's)")
+    parser.add_argument("--segments", type=int, help="segments per window (default: the config's)")
     parser.add_argument("--fp32-products", action="store_true", help="float32 operands (TF32, as performance.tf32)")
     parser.add_argument("--learned-scales", action="store_true", help="a query scale tensor with its gradient")
     parser.add_argument("--iters", type=int, default=50)
@@ -84,14 +85,13 @@ def main(argv=None) -> int:
         raise SystemExit("bench/memory_read.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True  # performance.tf32's default, as the trainer sets it
 
-    with open(args.model) as f:
-        model = yaml.safe_load(f)
-    h = model["num_attention_heads"]
-    g = model.get("num_query_groups") or h
-    d = model.get("kv_channels") or model["hidden_size"] // h
-    n = model["segment_length"]
-    inputs, leaves = make_inputs(args.lanes, h, g, args.segments, n, d, args.learned_scales)
-    half = not args.fp32_products
+    cfg = load_config(args.config)
+    model = cfg.model
+    h, g, d, n = model.num_attention_heads, model.query_groups, model.head_dim, model.segment_length
+    lanes = args.lanes or cfg.parallel.micro_batch_lanes
+    segments = args.segments or cfg.data.n_segments
+    inputs, leaves = make_inputs(lanes, h, g, segments, n, d, args.learned_scales)
+    half = cfg.performance.half_memory_products and not args.fp32_products
 
     def eager(*xs):
         return read_and_mix(*xs, half_products=half)
@@ -101,8 +101,8 @@ def main(argv=None) -> int:
 
     variants = {"eager": eager, "torch.compile": torch.compile(eager), "fused (Triton)": fused}
     print(
-        f"memory read + gate mix, fwd+bwd: b={args.lanes} h={h} g={g} d={d} segments={args.segments}x{n}, "
-        f"bf16, {'fp32' if args.fp32_products else 'bf16'} products, "
+        f"memory read + gate mix, fwd+bwd: b={lanes} h={h} g={g} d={d} segments={segments}x{n}, "
+        f"bf16, {'bf16' if half else 'fp32'} products, "
         f"{'learned' if args.learned_scales else 'fixed'} query scale, {torch.cuda.get_device_name()}"
     )
     print(f"{'variant':<16} {'ms':>8} {'speedup':>8} {'saved MiB':>10}")
