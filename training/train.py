@@ -105,6 +105,11 @@ def use_bf16(cfg: TrainConfig) -> bool:
     return cfg.precision == "bf16"
 
 
+def check_gpu_only_settings(cfg: TrainConfig) -> None:
+    if cfg.performance.fused_memory_read and not torch.cuda.is_available():
+        raise ConfigError("performance.fused_memory_read=true runs Triton kernels on a GPU; set it to false on the CPU")
+
+
 def missing_data_path(source: SourceConfig, key: str) -> Optional[str]:
     """Why `source` (config key `key`) cannot be read, or None. A pattern or URL source is read
     through webdataset; only its index must be a local file."""
@@ -214,6 +219,7 @@ class Trainer:
         self.rank = env.rank
         self.world_size = env.world_size
         self.bf16 = use_bf16(cfg)
+        check_gpu_only_settings(cfg)
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = cfg.performance.tf32
         self.dp_rank = parallel_state.get_data_parallel_rank()
