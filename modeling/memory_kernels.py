@@ -650,7 +650,8 @@ def _memory_write(
     grid, config = _write_launch(k, v, delta, half_products, block)
     M_before = torch.empty(b, g, s, d, dv, dtype=torch.float32, device=k.device)
     z_before = torch.empty(b, g, s, d, dtype=torch.float32, device=k.device)
-    M, z = torch.empty_like(M0, memory_format=torch.contiguous_format), torch.empty_like(z0)
+    M = torch.empty_like(M0, memory_format=torch.contiguous_format)
+    z = torch.empty_like(z0, memory_format=torch.contiguous_format)
     flags, flag_strides = _reset_arguments(reset, scale)
     _memory_write_forward[grid](
         k, v, scale, M0.contiguous(), z0.contiguous(), flags, M_before, z_before, M, z,
@@ -713,14 +714,17 @@ def _memory_write_grads(
     flags, flag_strides = _reset_arguments(reset, scale)
     dM_after = torch.empty_like(M_before)
     dM0 = torch.empty(b, g, d, dv, dtype=torch.float32, device=k.device)
-    dz_reads = torch.zeros(b, g, s, grid[0], d, dtype=torch.float32, device=k.device)
+    # Only the delta rule reads while writing; linear passes any pointer there, not written.
+    dz_reads = torch.empty(b, g, s, grid[0], d, dtype=torch.float32, device=k.device) if delta else dM0
     _memory_write_backward_memory[grid](
         k, scale, M_before, z_before, flags, dM_before.contiguous(), dM.contiguous(), dM_after, dz_reads, dM0,
         *k.stride(), *flag_strides,
         g, s, segment_length, d, dv, grid[0],
         BLOCK_T=min(32, _block(segment_length)), HAS_RESET=reset is not None, **config,
     )  # fmt: skip
-    dz_after, dz0 = _gradients_after_segments(dz_before + dz_reads.sum(3), dz, reset, extra_dims=1)
+    if delta:
+        dz_before = dz_before + dz_reads.sum(3)
+    dz_after, dz0 = _gradients_after_segments(dz_before, dz, reset, extra_dims=1)
 
     block_t = min(32, _block(segment_length))
     token_blocks = -(-segment_length // block_t)
