@@ -338,7 +338,7 @@ def infini_attention(
     half_memory_products.
     fused_memory_write: the memory write in one Triton kernel per direction (modeling/memory_kernels.py),
     with no float32 copies of sigma(k) [b, g, t, d]; CUDA inputs only (CPU ones under Triton's
-    interpreter), float32 only for the memory, not with a context_group of several ranks.
+    interpreter); float32 memory and sums as here; not with a context_group of several ranks.
 
     Returns (out [b, h, t, dv] in q's dtype, InfiniMemory after the last segment). Gradients flow
     through the memory across all segments (and into the given memory).
