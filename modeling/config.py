@@ -45,6 +45,10 @@ class InfiniTransformerConfig(TransformerConfig):
     """The memory read and the gate mix as fused Triton kernels (modeling/memory_kernels.py), without the
     float32 per-token intermediates of the eager read; CUDA only, needs Triton."""
 
+    infini_fused_memory_write: bool = False
+    """The memory write as fused Triton kernels (modeling/memory_kernels.py), without the float32 copies of
+    sigma(k) of the eager write; CUDA only, needs Triton, not with context parallelism."""
+
     infini_learned_memory_scales: bool = False
     """Learn a positive scale per KV head for the memory's keys and per query head for its queries:
     the memory writes sigma(a k) and is read with sigma(b q), a = b = 1 (the paper) at initialisation."""

@@ -119,9 +119,15 @@ def check_whole_segments(tokens: int, segment_length: int) -> None:
         )
 
 
-def _check_inputs(q, k, v, gate, memory, segment_length, update, reset, scales, context_group):
+def _check_inputs(q, k, v, gate, memory, segment_length, update, reset, scales, context_group, fused_memory_write):
     if update not in UPDATE_RULES:
         raise ValueError(f"update rule must be one of {UPDATE_RULES}, got {update!r}")
+    if fused_memory_write and spans_ranks(context_group):
+        raise ValueError(
+            "fused_memory_write (performance.fused_memory_write) writes the memory of the segments it is given "
+            "alone; with context parallelism (a context_group of several ranks) the memory before a rank's "
+            "segments comes from the other ranks: use the eager write"
+        )
     if update == "delta" and spans_ranks(context_group):
         raise ValueError(
             "the delta update reads M_{s-1} before each write, so context-parallel ranks would have "
@@ -202,6 +208,7 @@ def _memories_before_segments(sk, v, memory, reset, update, state_dtype, context
     the segments are this rank's share of the window, ``memory`` the memory at the window's start,
     and the final memory the one after the window's last segment (on every rank).
     Returns M_before [b, g, s, d, dv], z_before [b, g, s, d], final InfiniMemory.
+    modeling.memory_kernels.memory_write computes the same without context parallelism in fused kernels.
     """
     b, g, s, n, d = sk.shape
     dv = v.shape[-1]
@@ -305,6 +312,7 @@ def infini_attention(
     memory_query_scale: Union[float, torch.Tensor] = 1.0,
     context_group=None,
     fused_memory_read: bool = False,
+    fused_memory_write: bool = False,
 ):
     """Infini-attention over ``tokens = n_segments * segment_length`` tokens.
 
@@ -328,6 +336,9 @@ def infini_attention(
     (modeling/memory_kernels.py), with no float32 [b, h, t, dv] intermediates; CUDA inputs only (CPU
     ones under Triton's interpreter); float32 memory and sums as here, half operands only with
     half_memory_products.
+    fused_memory_write: the memory write in one Triton kernel per direction (modeling/memory_kernels.py),
+    with no float32 copies of sigma(k) [b, g, t, d]; CUDA inputs only (CPU ones under Triton's
+    interpreter); float32 memory and sums as here; not with a context_group of several ranks.
 
     Returns (out [b, h, t, dv] in q's dtype, InfiniMemory after the last segment). Gradients flow
     through the memory across all segments (and into the given memory).
@@ -343,6 +354,7 @@ def infini_attention(
         reset,
         dict(memory_key_scale=memory_key_scale, memory_query_scale=memory_query_scale),
         context_group,
+        fused_memory_write,
     )
     b, h, t, d = q.shape
     g, dv = k.shape[1], v.shape[3]
@@ -350,12 +362,27 @@ def infini_attention(
 
     local = local_attention(q, k, v, segment_length, rotary_pos_emb)
 
-    state_dtype = memory_dtype(q.dtype)
-    operand_dtype = q.dtype if half_memory_products else state_dtype
-    sk = scaled_sigma(k, memory_key_scale, operand_dtype).reshape(b, g, s, n, d)
-    M_before, z_before, final = _memories_before_segments(
-        sk, v.to(operand_dtype).reshape(b, g, s, n, dv), memory, reset, update, state_dtype, context_group
-    )
+    if fused_memory_write:
+        # Imported here: Triton is needed only with the fused kernels.
+        from modeling.memory_kernels import memory_write
+
+        M_before, z_before, final = memory_write(
+            k,
+            v,
+            memory,
+            reset,
+            segment_length=segment_length,
+            update=update,
+            key_scale=memory_key_scale,
+            half_products=half_memory_products,
+        )
+    else:
+        state_dtype = memory_dtype(q.dtype)
+        operand_dtype = q.dtype if half_memory_products else state_dtype
+        sk = scaled_sigma(k, memory_key_scale, operand_dtype).reshape(b, g, s, n, d)
+        M_before, z_before, final = _memories_before_segments(
+            sk, v.to(operand_dtype).reshape(b, g, s, n, dv), memory, reset, update, state_dtype, context_group
+        )
     if fused_memory_read:
         # Imported here: Triton is needed only with the fused read.
         from modeling.memory_kernels import memory_read

@@ -117,6 +117,7 @@ class InfiniCoreAttention(MegatronModule):
         self.update = config.infini_update
         self.half_memory_products = config.infini_half_memory_products
         self.fused_memory_read = config.infini_fused_memory_read
+        self.fused_memory_write = config.infini_fused_memory_write
         self.memory_key_scale = config.infini_memory_key_scale
         self.memory_query_scale = config.infini_memory_query_scale
         self.has_memory = config.infini_memory
@@ -165,6 +166,7 @@ class InfiniCoreAttention(MegatronModule):
             memory_query_scale=query_scale,
             context_group=self.context_group,
             fused_memory_read=self.fused_memory_read,
+            fused_memory_write=self.fused_memory_write,
         )
 
 

@@ -64,6 +64,9 @@ class PerformanceConfig:
     fused_memory_read: bool = False
     """The Infini memory's read and gate mix as fused Triton kernels (CUDA only): no float32 per-token
     intermediates between them."""
+    fused_memory_write: bool = False
+    """The Infini memory's write (linear or delta) as fused Triton kernels (CUDA only): no float32 copies of
+    sigma(k) per token; not with parallel.context > 1."""
 
 
 @dataclass
@@ -374,6 +377,12 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
         par.context == 1 or cfg.model.update == "linear",
         f"parallel.context={par.context} needs model.update=linear (got {cfg.model.update!r}): the delta update "
         "reads the memory before each write, so context-parallel ranks would have to run one after another",
+    )
+    need(
+        par.context == 1 or not cfg.performance.fused_memory_write,
+        f"parallel.context={par.context} with performance.fused_memory_write=true: the fused write runs a rank's "
+        "segments alone, while with context parallelism the memory before them comes from the other ranks; set "
+        "performance.fused_memory_write=false or parallel.context=1",
     )
     need(
         par.zero_stage in (1, 2, 3),

@@ -106,8 +106,9 @@ def use_bf16(cfg: TrainConfig) -> bool:
 
 
 def check_gpu_only_settings(cfg: TrainConfig) -> None:
-    if cfg.performance.fused_memory_read and not torch.cuda.is_available():
-        raise ConfigError("performance.fused_memory_read=true runs Triton kernels on a GPU; set it to false on the CPU")
+    for key in ("fused_memory_read", "fused_memory_write"):
+        if getattr(cfg.performance, key) and not torch.cuda.is_available():
+            raise ConfigError(f"performance.{key}=true runs Triton kernels on a GPU; set it to false on the CPU")
 
 
 def missing_data_path(source: SourceConfig, key: str) -> Optional[str]:
@@ -166,6 +167,7 @@ def build_stage_model(cfg: TrainConfig, bf16: bool) -> ModelChunks:
         infini_compile_loss=cfg.performance.compile_loss,
         infini_half_memory_products=cfg.performance.half_memory_products,
         infini_fused_memory_read=cfg.performance.fused_memory_read,
+        infini_fused_memory_write=cfg.performance.fused_memory_write,
         # The step's loss function returns per-token sums; the schedule must not average them.
         calculate_per_token_loss=True,
         # p2p's CUDA synchronisation is megatron's default; there is nothing to synchronise on the CPU.

@@ -1,15 +1,10 @@
 """The fused memory read (modeling/memory_kernels.py) against a float64 loop, and against the eager path.
 
 With a GPU the kernels run compiled on it, and a bf16 check at a realistic shape compares them with
-infini_attention's eager CUDA path. Without one they run under Triton's interpreter on CPU tensors,
-which must be switched on (TRITON_INTERPRET=1) before Triton is first imported, and megatron-core
-imports it: so this module runs itself again in a fresh interpreter with the switch on. The
-interpreter keeps bf16 as raw 16-bit integers in its products (and truncates casts to bf16), so on
-the CPU the half-precision checks take float16.
+infini_attention's eager CUDA path. Without one they run under Triton's interpreter on CPU tensors, in a
+fresh Python (tests/model/triton_interpreter.py).
 """
 
-import os
-import subprocess
 import sys
 
 import pytest
@@ -17,29 +12,18 @@ import torch
 
 from modeling.infini_attention import infini_attention
 from tests.model.reference import reference_infini_attention
+from tests.model.triton_interpreter import DEVICE, HALF_DTYPES, IN_PROCESS, in_process, run_under_interpreter
 from tests.tolerance import assert_close
 
 pytest.importorskip("triton")
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-IN_PROCESS = DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-in_process = pytest.mark.skipif(not IN_PROCESS, reason="runs under Triton's interpreter in a fresh process")
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the checks run in this process")
 def test_under_the_triton_interpreter():
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    run_under_interpreter(__file__)
 
 
 from modeling import memory_kernels  # noqa: E402  (after the check that Triton is there)
-
-HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 
 def reference_read(q, local, M, z, gate, query_scale):
@@ -245,7 +229,7 @@ def test_infini_attention_names_the_missing_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.delitem(sys.modules, "modeling.memory_kernels")
     q = torch.randn(1, 2, 8, 4)
-    with pytest.raises(ModuleNotFoundError, match="needs Triton"):
+    with pytest.raises(ModuleNotFoundError, match="need Triton"):
         infini_attention(q, q, q, torch.zeros(2), segment_length=8, fused_memory_read=True)
 
 

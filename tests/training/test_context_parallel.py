@@ -84,6 +84,9 @@ def exchange_worker(rank, world, inputs, dtype):
             reset=reset,
             context_group=dist.group.WORLD,
         )
+    with pytest.raises(ValueError, match="fused_memory_write"):
+        group = dist.group.WORLD
+        infini_attention(q, k, v, leaves["gate"], segment_length=N, context_group=group, fused_memory_write=True)
     return dict(out=out.detach(), M=M.detach(), z=z.detach(), grads={n: x.grad for n, x in leaves.items()})
 
 
@@ -229,6 +232,8 @@ def test_config_rules_name_their_keys(tmp_path):
         load_config(None, base + ["parallel.context=3"])
     with pytest.raises(ConfigError, match=r"parallel\.context=2 needs model\.update=linear \(got 'delta'\)"):
         load_config(None, base + ["parallel.context=2", "model.update=delta"])
+    with pytest.raises(ConfigError, match=r"parallel\.context=2 with performance\.fused_memory_write=true"):
+        load_config(None, base + ["parallel.context=2", "performance.fused_memory_write=true"])
     with pytest.raises(ConfigError, match=r"parallel\.context must be >= 1"):
         load_config(None, base + ["parallel.context=0"])
     cfg = load_config(None, base + ["parallel.context=2", "parallel.tensor=2"])

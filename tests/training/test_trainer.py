@@ -293,12 +293,13 @@ def test_cli_reports_config_errors_and_exits_2():
     assert "optimizer.betas" in result.stderr
 
 
-def test_cli_refuses_the_fused_memory_read_without_a_gpu(tmp_path):
+@pytest.mark.parametrize("key", ["fused_memory_read", "fused_memory_write"])
+def test_cli_refuses_the_fused_memory_kernels_without_a_gpu(tmp_path, key):
     if torch.cuda.is_available():
-        pytest.skip("a GPU runs the fused read")
-    result = run_cli("--config", "configs/tiny_cpu.yaml", f"run_dir={tmp_path}", "performance.fused_memory_read=true")
+        pytest.skip("a GPU runs the fused kernels")
+    result = run_cli("--config", "configs/tiny_cpu.yaml", f"run_dir={tmp_path}", f"performance.{key}=true")
     assert result.returncode == 2
-    assert "performance.fused_memory_read" in result.stderr
+    assert f"performance.{key}" in result.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
