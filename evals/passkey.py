@@ -6,7 +6,7 @@
     python -m evals.passkey make-data --out DIR --docs N [--max-len 8192] [--min-len N]
         [--questions Q] [--answer-weight W] [--no-header] [--distractors N] [--seed S]
     python -m evals.passkey report --memory DIR --ablated DIR --model EXPORT --out FILE
-        [--train-dir RUN_DIR] [--train-seconds S] [--total-seconds S]
+        [--train-dirs RUN_DIR...] [--train-seconds S] [--total-seconds S]
 
 A trial is L tokens: the prompt (a task description, filler sentences repeated, the needle "The
 pass key is NNNNN. Remember it. NNNNN is the pass key." at depth d, the share of the filler before
@@ -291,7 +291,7 @@ def report(
     memory_dir: str,
     ablated_dir: str,
     model_dir: str,
-    train_dir: Optional[str] = None,
+    train_dirs: Sequence[str] = (),
     train_seconds: Optional[float] = None,
     total_seconds: Optional[float] = None,
 ) -> str:
@@ -314,12 +314,14 @@ def report(
         f"{with_memory.get('memory_query_scale', 1.0):g} (sigma(c k) written, sigma(c q) read; 1 is the paper's)"
         + (", times the learned per-head scales." if cfg.learned_memory_scales else "."),
     ]
-    if train_dir and os.path.exists(os.path.join(train_dir, "metrics.jsonl")):
-        steps = training_steps(train_dir)
+    for train_dir in train_dirs:
+        steps = training_steps(train_dir) if os.path.exists(os.path.join(train_dir, "metrics.jsonl")) else []
         if steps:
+            # Minutes in steps count every resumed part of a run, which one command's wall time does not.
             lines.append(
-                f"Training: {steps[-1]['step']} steps, {steps[-1].get('consumed_tokens', 0):,} "
-                f"tokens, final loss {steps[-1]['loss']:.4f}."
+                f"Training ({os.path.basename(os.path.normpath(train_dir))}): {steps[-1]['step']} steps, "
+                f"{steps[-1].get('consumed_tokens', 0):,} tokens, final loss {steps[-1]['loss']:.4f}, "
+                f"{sum(row['step_time_s'] for row in steps) / 60:.1f} min in steps."
             )
     if torch.cuda.is_available():
         lines.append(f"Device: {torch.cuda.get_device_name()}.")
@@ -467,12 +469,14 @@ def _report_main(argv: Sequence[str]) -> int:
     ap.add_argument("--memory", required=True, metavar="DIR", help="--out of the run with memory")
     ap.add_argument("--ablated", required=True, metavar="DIR", help="--out of the --ablate-memory run")
     ap.add_argument("--model", required=True, metavar="DIR", help="the exported model both evaluated")
-    ap.add_argument("--train-dir", default=None, help="the training run_dir (for steps and final loss)")
+    ap.add_argument(
+        "--train-dirs", nargs="*", default=[], metavar="RUN_DIR", help="training run_dirs (steps, loss, minutes)"
+    )
     ap.add_argument("--train-seconds", type=float, default=None)
     ap.add_argument("--total-seconds", type=float, default=None)
     ap.add_argument("--out", required=True, metavar="FILE")
     a = ap.parse_args(argv)
-    text = report(a.memory, a.ablated, a.model, a.train_dir, a.train_seconds, a.total_seconds)
+    text = report(a.memory, a.ablated, a.model, a.train_dirs, a.train_seconds, a.total_seconds)
     with open(a.out, "w") as f:
         f.write(text)
     print(text)

@@ -26,6 +26,11 @@
 #    scales on top of that (e.g. EVAL_ARGS="--memory-key-scale 2") are for experiments only.
 # 4. OUT/RESULTS.md: both side by side, with the training settings, seeds and wall time.
 #
+# Finished stages are skipped when the command runs again (data, a phase's export, an evaluation), and a
+# training phase stopped part-way resumes from its last checkpoint: under a time limit per command, run
+# the same command again. The report gives wall time only for a command that ran every stage itself;
+# its training minutes in steps count every run of the command.
+#
 # Every setting is an environment variable; TRAIN_OVERRIDES takes key=value overrides of the run
 # config (both phases) and LAUNCH the launcher (e.g. "torchrun --nproc-per-node 2").
 set -euo pipefail
@@ -56,36 +61,52 @@ BATCH=${BATCH:-16}
 EVAL_ARGS=${EVAL_ARGS:-}
 
 started=$(date +%s)
-# shellcheck disable=SC2086  # DATA_ARGS is a word list
-python -m evals.passkey make-data --out "$OUT/data" --docs "$DOCS" ${MIN_LEN:+--min-len "$MIN_LEN"} \
-    --max-len "$MAX_LEN" --questions "$QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 1 $DATA_ARGS
+resumed=false
+if [ -f "$OUT/data/shards/index.json" ]; then
+    resumed=true
+else
+    # shellcheck disable=SC2086  # DATA_ARGS is a word list
+    python -m evals.passkey make-data --out "$OUT/data" --docs "$DOCS" ${MIN_LEN:+--min-len "$MIN_LEN"} \
+        --max-len "$MAX_LEN" --questions "$QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 1 $DATA_ARGS
+fi
 init_from=""
 long_minutes=$TRAIN_MINUTES
 if [ "$SHORT_MINUTES" != 0 ]; then
     short_started=$(date +%s)
-    # shellcheck disable=SC2086  # SHORT_DATA_ARGS, LAUNCH and the overrides are word lists
-    python -m evals.passkey make-data --out "$OUT/data_short" --docs "$DOCS" --min-len "$SHORT_MIN_LEN" \
-        --max-len "$SHORT_MAX_LEN" --questions "$SHORT_QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 2 \
-        $SHORT_DATA_ARGS
-    # shellcheck disable=SC2086
-    $LAUNCH -m training.train --config "$CONFIG" "export.dir=$OUT/export_short" "schedule.max_minutes=$SHORT_MINUTES" \
-        "run_dir=$OUT/train_short" "data.sources=[{path: $OUT/data_short/shards}]" "schedule.steps=$SHORT_STEPS" \
-        $TRAIN_OVERRIDES $SHORT_OVERRIDES
+    if [ ! -f "$OUT/data_short/shards/index.json" ]; then
+        # shellcheck disable=SC2086  # SHORT_DATA_ARGS is a word list
+        python -m evals.passkey make-data --out "$OUT/data_short" --docs "$DOCS" --min-len "$SHORT_MIN_LEN" \
+            --max-len "$SHORT_MAX_LEN" --questions "$SHORT_QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 2 \
+            $SHORT_DATA_ARGS
+    fi
+    if [ ! -f "$OUT/export_short/model_config.yaml" ]; then
+        # shellcheck disable=SC2086  # LAUNCH and the overrides are word lists
+        $LAUNCH -m training.train --config "$CONFIG" "export.dir=$OUT/export_short" "schedule.max_minutes=$SHORT_MINUTES" \
+            "run_dir=$OUT/train_short" "data.sources=[{path: $OUT/data_short/shards}]" "schedule.steps=$SHORT_STEPS" \
+            checkpoint.resume=auto $TRAIN_OVERRIDES $SHORT_OVERRIDES
+    fi
     init_from="checkpoint.init_from=$OUT/export_short"
     long_minutes=$(python -c "print(max($TRAIN_MINUTES - ($(date +%s) - $short_started) / 60, 0.5))")
 fi
-# shellcheck disable=SC2086
-$LAUNCH -m training.train --config "$CONFIG" "export.dir=$OUT/export" "schedule.max_minutes=$long_minutes" \
-    "run_dir=$OUT/train" "data.sources=[{path: $OUT/data/shards}]" $init_from $TRAIN_OVERRIDES
+if [ ! -f "$OUT/export/model_config.yaml" ]; then
+    # shellcheck disable=SC2086
+    $LAUNCH -m training.train --config "$CONFIG" "export.dir=$OUT/export" "schedule.max_minutes=$long_minutes" \
+        "run_dir=$OUT/train" "data.sources=[{path: $OUT/data/shards}]" checkpoint.resume=auto $init_from \
+        $TRAIN_OVERRIDES
+fi
 trained=$(date +%s)
 for variant in memory ablated; do
     flag=""; dir="$OUT/passkey"
     if [ "$variant" = ablated ]; then flag="--ablate-memory"; dir="$OUT/passkey_ablated"; fi
+    [ -f "$dir/passkey.json" ] && continue
     # shellcheck disable=SC2086
     python -m evals.passkey --model "$OUT/export" --lengths "$LENGTHS" --depths "$DEPTHS" \
         --trials "$TRIALS" --batch-size "$BATCH" --out "$dir" $flag $EVAL_ARGS
 done
+wall=()
+if [ "$resumed" = false ]; then
+    wall=(--train-seconds $((trained - started)) --total-seconds $(($(date +%s) - started)))
+fi
 python -m evals.passkey report --memory "$OUT/passkey" --ablated "$OUT/passkey_ablated" \
-    --model "$OUT/export" --train-dir "$OUT/train" --train-seconds $((trained - started)) \
-    --total-seconds $(($(date +%s) - started)) --out "$OUT/RESULTS.md"
+    --model "$OUT/export" --train-dirs "$OUT/train_short" "$OUT/train" "${wall[@]}" --out "$OUT/RESULTS.md"
 echo "done in $(( ($(date +%s) - started) / 60 )) min: $OUT/RESULTS.md"

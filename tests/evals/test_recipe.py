@@ -1,6 +1,7 @@
 """The passkey recipe script end to end at CPU size: data, TP2 x PP2 training under torchrun (a
 short-document phase, then the long documents from its export) with learned memory scales, export,
-passkey with and without memory, the report; and the checkpoint merged on one device equals the export."""
+passkey with and without memory, the report; run again, it skips what is finished; and the checkpoint
+merged on one device equals the export."""
 
 import json
 import os
@@ -56,15 +57,20 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
         TRAIN_OVERRIDES=TINY,
         LAUNCH=f"{sys.executable} -m torch.distributed.run --nproc-per-node 4",
     )
-    proc = subprocess.run(
-        ["bash", "configs/experiments/passkey_run.sh", out],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def run_recipe():
+        proc = subprocess.run(
+            ["bash", "configs/experiments/passkey_run.sh", out],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    proc = run_recipe()
 
     for phase in ("train_short", "train"):
         with open(os.path.join(out, phase, "metrics.jsonl")) as f:
@@ -94,8 +100,17 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
     assert "evaluated with memory key scale 1 and query scale 1 " in report
     assert "1 is the paper's), times the learned per-head scales." in report
     assert "Learned memory scales, mean [min, max] over heads, per layer: 0: key " in report
-    assert "Training: 4 steps" in report and "Memory ablated (gates forced local), by depth:" in report
+    assert "Training (train_short): 4 steps" in report and "Training (train): 4 steps" in report
+    assert "Wall time: " in report and "Memory ablated (gates forced local), by depth:" in report
     assert "| 1K | 16 |" in report  # 1024 tokens are 16 segments of 64
+
+    # Run again, it skips every finished stage and only writes the report, without one command's wall time.
+    exported_at = os.path.getmtime(os.path.join(out, "export", "model_config.yaml"))
+    again = run_recipe()
+    assert "initialised weights" not in again.stdout and "accuracy" not in again.stdout.split("### Passkey")[0]
+    assert os.path.getmtime(os.path.join(out, "export", "model_config.yaml")) == exported_at
+    rewritten = open(os.path.join(out, "RESULTS.md")).read()
+    assert "Training (train): 4 steps" in rewritten and "Wall time: " not in rewritten
 
     result = run_distributed(checkpoint_worker, 1, out)[0]
     assert result["cfg"].segment_length == 64 and set(result["merged"]) == set(result["exported"])
