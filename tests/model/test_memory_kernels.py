@@ -156,10 +156,11 @@ def test_empty_memory_reads_zeros_with_finite_gradients():
 
 
 @in_process
+@pytest.mark.parametrize("fused_write", [False, True], ids=["read", "read_and_write"])
 @pytest.mark.parametrize("update", ["linear", "delta"])
-def test_infini_attention_with_fused_read_matches_float64_reference(update):
-    # GQA, learned-style per-head scales, a given memory and a reset: the whole layer core, values and
-    # the gradients of every input.
+def test_infini_attention_with_fused_kernels_matches_float64_reference(update, fused_write):
+    # GQA, learned-style per-head scales, a given memory and a reset: the whole layer core with the fused
+    # read (and write), values and the gradients of every input.
     b, h, g, n, s, d = 2, 4, 2, 16, 3, 16
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(b, heads, s * n, d, generator=gen) for heads in (h, g, g))
@@ -183,12 +184,14 @@ def test_infini_attention_with_fused_read_matches_float64_reference(update):
             **kwargs,
         )
 
-    out, (M, z) = call(infini_attention, leaves, fused_memory_read=True)
+    out, (M, z) = call(infini_attention, leaves, fused_memory_read=True, fused_memory_write=fused_write)
     ref_out, (ref_M, ref_z) = call(reference_infini_attention, ref_leaves)
     probe = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64)
     (out * probe.to(out)).sum().add(M.sum() * 0.3 + z.sum() * 0.1).backward()
     (ref_out * probe).sum().add(ref_M.sum() * 0.3 + ref_z.sum() * 0.1).backward()
     assert_close(out.detach().cpu(), ref_out.detach(), torch.float32, s * n, depth=2, what="out")
+    assert_close(M.detach().cpu(), ref_M.detach(), torch.float32, s * n, depth=2, what="M")
+    assert_close(z.detach().cpu(), ref_z.detach(), torch.float32, s * n, depth=2, what="z")
     names = ("q", "k", "v", "gate", "key_scale", "query_scale", "M", "z")
     for name, x, w in zip(names, leaves, ref_leaves):
         assert_close(x.grad.cpu(), w.grad, torch.float32, b * s * n, depth=4, what=f"d{name}")
