@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from modeling.infini_attention import UPDATE_RULES
+from modeling.memory import UPDATE_RULES
 
 
 @dataclass

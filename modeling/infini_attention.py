@@ -21,15 +21,14 @@ segment comes from the other ranks (modeling/context_parallel.py): its only use 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modeling.context_parallel import exchange_memory
-
-UPDATE_RULES = ("linear", "delta")
+from modeling.memory import UPDATE_RULES, InfiniMemory, empty_memory, exclusive_cumsum_with_resets, memory_dtype
 
 # cuDNN attention measured ~1.7x the flash backend on H100 (fwd+bwd, S=2048, head dim 128); the others are fallbacks.
 _CUDA_SDPA_PRIORITY = [
@@ -38,25 +37,6 @@ _CUDA_SDPA_PRIORITY = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 ]
-
-
-class InfiniMemory(NamedTuple):
-    """Compressive memory of one attention layer: M [b, kv_heads, d_k, d_v], z [b, kv_heads, d_k]."""
-
-    M: torch.Tensor
-    z: torch.Tensor
-
-
-def memory_dtype(input_dtype: torch.dtype) -> torch.dtype:
-    """Memory math runs in float32 for half-precision inputs (float64 stays float64, for gradcheck)."""
-    return torch.promote_types(input_dtype, torch.float32)
-
-
-def empty_memory(batch, kv_heads, head_dim, head_dim_v, device=None, dtype=torch.float32) -> InfiniMemory:
-    return InfiniMemory(
-        torch.zeros(batch, kv_heads, head_dim, head_dim_v, dtype=dtype, device=device),
-        torch.zeros(batch, kv_heads, head_dim, dtype=dtype, device=device),
-    )
 
 
 def sigma(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -221,8 +201,8 @@ def _memories_before_segments(sk, v, memory, reset, update, state_dtype, context
         M_updates = (sk.transpose(-1, -2) @ v).to(state_dtype)  # [b, g, s, d, dv]
         if spans_ranks(context_group):
             return _memories_before_segments_of_rank(M_updates, z_updates, (M0, z0), reset, context_group)
-        M_before = _exclusive_cumsum_with_resets(M_updates, M0, reset, extra_dims=2)
-        z_before = _exclusive_cumsum_with_resets(z_updates, z0, reset, extra_dims=1)
+        M_before = exclusive_cumsum_with_resets(M_updates, M0, reset, extra_dims=2)
+        z_before = exclusive_cumsum_with_resets(z_updates, z0, reset, extra_dims=1)
         final = InfiniMemory(M_before[:, :, -1] + M_updates[:, :, -1], z_before[:, :, -1] + z_updates[:, :, -1])
         return M_before, z_before, final
 
@@ -243,8 +223,8 @@ def _memories_before_segments(sk, v, memory, reset, update, state_dtype, context
 def _memories_before_segments_of_rank(M_updates, z_updates, memory, reset, context_group):
     """The linear update's memories before this rank's segments: its own writes summed from an empty
     memory, plus the memory before its first segment (from the exchange) where no reset came between."""
-    M_own = _exclusive_cumsum_with_resets(M_updates, torch.zeros_like(memory[0]), reset, extra_dims=2)
-    z_own = _exclusive_cumsum_with_resets(z_updates, torch.zeros_like(memory[1]), reset, extra_dims=1)
+    M_own = exclusive_cumsum_with_resets(M_updates, torch.zeros_like(memory[0]), reset, extra_dims=2)
+    z_own = exclusive_cumsum_with_resets(z_updates, torch.zeros_like(memory[1]), reset, extra_dims=1)
     writes = (M_own[:, :, -1] + M_updates[:, :, -1], z_own[:, :, -1] + z_updates[:, :, -1])
     b, s = M_updates.shape[0], M_updates.shape[2]
     has_reset = reset.any(dim=1) if reset is not None else torch.zeros(b, dtype=torch.bool, device=M_updates.device)
@@ -255,26 +235,6 @@ def _memories_before_segments_of_rank(M_updates, z_updates, memory, reset, conte
     M_before = M_own + M_in.unsqueeze(2) * no_reset_yet.view(b, 1, s, 1, 1)
     z_before = z_own + z_in.unsqueeze(2) * no_reset_yet.view(b, 1, s, 1)
     return M_before, z_before, InfiniMemory(*final)
-
-
-def _exclusive_cumsum_with_resets(updates, initial, reset, extra_dims):
-    """Per segment s: initial (if no reset at or before s) + sum of updates since the last reset, before s.
-
-    updates: [b, g, s, *extra]; initial: [b, g, *extra]; reset: bool [b, s] or None.
-    """
-    inclusive = updates.cumsum(dim=2)
-    exclusive = torch.cat([torch.zeros_like(inclusive[:, :, :1]), inclusive[:, :, :-1]], dim=2)
-    if reset is None:
-        return exclusive + initial.unsqueeze(2)
-    b, s = reset.shape
-    positions = torch.arange(s, device=reset.device).expand(b, s)
-    # Index of the last reset at or before each segment, -1 where there was none.
-    last_reset = torch.where(reset, positions, torch.full_like(positions, -1)).cummax(dim=1).values
-    shape = (b, 1, s) + (1,) * extra_dims
-    index = last_reset.clamp(min=0).view(shape).expand_as(exclusive)
-    since_reset = exclusive - torch.gather(exclusive, 2, index) * (last_reset >= 0).view(shape)
-    keep_initial = (last_reset < 0).to(updates.dtype).view(shape)
-    return since_reset + initial.unsqueeze(2) * keep_initial
 
 
 def read_and_mix(q, local, M_before, z_before, gate, query_scale=1.0, *, half_products=False):

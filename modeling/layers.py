@@ -24,7 +24,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from torch.utils.checkpoint import checkpoint
 
-from modeling.infini_attention import InfiniMemory, check_whole_segments, infini_attention, local_attention
+from modeling.infini_attention import check_whole_segments, infini_attention, local_attention
+from modeling.memory import InfiniMemory
 
 GATE_ATTRIBUTE = "is_infini_gate"
 MEMORY_SCALE_ATTRIBUTE = "is_infini_memory_log_scale"

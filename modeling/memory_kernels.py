@@ -44,7 +44,7 @@ except ModuleNotFoundError as error:
         name="triton",
     ) from error
 
-from modeling.infini_attention import UPDATE_RULES, InfiniMemory, _exclusive_cumsum_with_resets, empty_memory
+from modeling.memory import UPDATE_RULES, InfiniMemory, empty_memory, exclusive_cumsum_with_resets
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -678,7 +678,7 @@ def _gradients_after_segments(before, final, reset, extra_dims):
     if reset is not None:
         # Read backwards, the reset before segment s + 1 empties what flows on to segment s.
         backwards = torch.cat([torch.zeros_like(reset[:, :1]), reset.flip(1)[:, :-1]], dim=1)
-    after = _exclusive_cumsum_with_resets(before.flip(2), final, backwards, extra_dims).flip(2)
+    after = exclusive_cumsum_with_resets(before.flip(2), final, backwards, extra_dims).flip(2)
     initial = after[:, :, 0] + before[:, :, 0]
     if reset is not None:
         initial = initial * (~reset[:, 0]).to(initial.dtype).view(-1, *([1] * (initial.dim() - 1)))

@@ -13,8 +13,8 @@ from torch.utils.checkpoint import checkpoint
 
 from modeling.config import InfiniTransformerConfig
 from modeling.cross_entropy import vocab_parallel_cross_entropy
-from modeling.infini_attention import InfiniMemory
 from modeling.layers import get_infini_block_spec, sums_gradient_over_tensor_parallel
+from modeling.memory import InfiniMemory
 
 LayerMemories = List[Optional[InfiniMemory]]
 

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from modeling.cpu_compat import megatron_on_cpu
-from modeling.infini_attention import InfiniMemory, apply_rotary, empty_memory, memory_dtype, retrieve, scaled_sigma
+from modeling.infini_attention import apply_rotary, retrieve, scaled_sigma
 from modeling.layers import InfiniCoreAttention
+from modeling.memory import InfiniMemory, empty_memory, memory_dtype
 
 
 def gates_by_layer(model) -> List[torch.nn.Parameter]:

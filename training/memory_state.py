@@ -6,7 +6,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from modeling.infini_attention import InfiniMemory
+from modeling.memory import InfiniMemory
 
 
 class CarriedMemory:
