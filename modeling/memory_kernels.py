@@ -18,9 +18,11 @@ on scheduling.
 The write gives the memory before every segment and after the last (``_memories_before_segments`` in
 modeling/infini_attention.py): M_s = M_{s-1} + sigma(c_k k)^T v (linear) or sigma(c_k k)^T (v - the read of
 M_{s-1} with sigma(c_k k)) (delta), z_s = z_{s-1} + sum_t sigma(c_k k_t), without float32 [b, g, s, n, d]
-copies of sigma(c_k k). One program keeps a tile of one KV group's memory in float32 and runs the
-segments in order, storing it before each. Its backward runs the segments in reverse for M's gradient,
-then every chunk of every segment apart for dk and dv, from the memories the forward stored.
+copies of sigma(c_k k). The linear rule's writes read nothing, so one program writes a tile of one segment's
+update straight into the output and a second kernel sums them over the segments in place; the delta rule's
+read the memory before them, so there one program keeps a tile of one KV group's memory in float32 and runs the
+segments in order, storing it before each. The backward runs the segments in reverse for M's gradient, then
+every chunk of every segment apart for dk and dv, from the memories the forward stored.
 
 CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before Triton is first
 imported: its own library functions are interpreted only then).
@@ -232,6 +234,80 @@ def _write_read_gradients(dvalues, read, safe, has_memory):
 
 
 @triton.jit
+def _memory_write_updates(
+    k_ptr, v_ptr, scale_ptr, mb_ptr, zb_ptr,
+    k_sb, k_sg, k_st, k_sd,
+    v_sb, v_sg, v_st, v_sd,
+    groups, segments, segment_length, d, dv, vtiles,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HALF: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The linear rule's write of each segment, sigma(k)^T v into mb [b, g, s, d, dv] and sum_t sigma(k_t) into
+    zb [b, g, s, d] (contiguous float32; z by the first dv tile's programs), of one (d, dv) tile of one segment of
+    one KV group: no write reads the memory, so the segments go apart and _memory_write_scan sums them after."""
+    tile, segment, batch_group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    vtile, dtile = tile % vtiles, tile // vtiles
+    batch, group = batch_group // groups, batch_group % groups
+    rows = tl.arange(0, BLOCK_T)
+    cols, vcols = dtile * BLOCK_D + tl.arange(0, BLOCK_D), vtile * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    col_ok, vcol_ok = cols < d, vcols < dv
+    scale = tl.load(scale_ptr + group)
+    k_base = k_ptr + batch * k_sb + group * k_sg
+    v_base = v_ptr + batch * v_sb + group * v_sg
+    dm = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
+    dz = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for t0 in range(0, segment_length, BLOCK_T):
+        row_ok = t0 + rows < segment_length
+        tokens = segment * segment_length + t0 + rows
+        _, sk, _, _ = _key_features(k_base, k_st, k_sd, tokens, row_ok, cols, col_ok, scale, HALF)
+        v_mask = row_ok[:, None] & vcol_ok[None, :]
+        values = tl.load(v_base + tokens[:, None] * v_st + vcols[None, :] * v_sd, mask=v_mask, other=0.0)
+        values = values.to(tl.float32)
+        if HALF:
+            values = values.to(k_ptr.dtype.element_ty)
+        dm += tl.dot(tl.trans(sk), values, input_precision=PRECISION)
+        dz += tl.sum(sk.to(tl.float32), axis=0)
+    before = batch_group * segments + segment
+    mv_mask = col_ok[:, None] & vcol_ok[None, :]
+    tl.store(mb_ptr + before * d * dv + cols[:, None] * dv + vcols[None, :], dm, mask=mv_mask)
+    tl.store(zb_ptr + before * d + cols, dz, mask=col_ok & (tl.full((BLOCK_D,), vtile, tl.int32) == 0))
+
+
+@triton.jit
+def _memory_write_scan(
+    m0_ptr, z0_ptr, reset_ptr, mb_ptr, zb_ptr, m_ptr, z_ptr,
+    r_sb, r_ss,
+    groups, segments, d, dv,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_RESET: tl.constexpr,
+):  # fmt: skip
+    """In place, the memories before each segment (mb, zb) from the writes of the segments they hold and the
+    initial memory (m0, z0): a sum over the segments before, emptied where reset; and the memory after the last one
+    (m, z). One (d, dv) tile of one KV group, z by the first dv tile's programs; all contiguous float32."""
+    vtile, dtile, batch_group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    batch = batch_group // groups
+    cols, vcols = dtile * BLOCK_D + tl.arange(0, BLOCK_D), vtile * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    col_ok, vcol_ok = cols < d, vcols < dv
+    mv_mask = col_ok[:, None] & vcol_ok[None, :]
+    mv_offsets = cols[:, None] * dv + vcols[None, :]
+    z_mask = col_ok & (tl.full((BLOCK_D,), vtile, tl.int32) == 0)
+    m = tl.load(m0_ptr + batch_group * d * dv + mv_offsets, mask=mv_mask, other=0.0)
+    z = tl.load(z0_ptr + batch_group * d + cols, mask=z_mask, other=0.0)
+    for segment in range(segments):
+        if HAS_RESET:
+            keep = tl.load(reset_ptr + batch * r_sb + segment * r_ss) == 0
+            m, z = tl.where(keep, m, 0.0), tl.where(keep, z, 0.0)
+        before = batch_group * segments + segment
+        dm = tl.load(mb_ptr + before * d * dv + mv_offsets, mask=mv_mask, other=0.0)
+        dz = tl.load(zb_ptr + before * d + cols, mask=z_mask, other=0.0)
+        tl.store(mb_ptr + before * d * dv + mv_offsets, m, mask=mv_mask)
+        tl.store(zb_ptr + before * d + cols, z, mask=z_mask)
+        m += dm
+        z += dz
+    tl.store(m_ptr + batch_group * d * dv + mv_offsets, m, mask=mv_mask)
+    tl.store(z_ptr + batch_group * d + cols, z, mask=z_mask)
+
+
+@triton.jit
 def _memory_write_forward(
     k_ptr, v_ptr, scale_ptr, m0_ptr, z0_ptr, reset_ptr, mb_ptr, zb_ptr, m_ptr, z_ptr,
     k_sb, k_sg, k_st, k_sd,
@@ -239,10 +315,11 @@ def _memory_write_forward(
     r_sb, r_ss,
     groups, segments, segment_length, d, dv,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DELTA: tl.constexpr, HAS_RESET: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RESET: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """The memory before each segment (mb [b, g, s, d, dv], zb [b, g, s, d]) and after the last one (m, z), all
-    contiguous float32, of one (d, dv) tile of one KV group, segments in order; z by the first dv tile's programs."""
+    """The delta rule's memory before each segment (mb [b, g, s, d, dv], zb [b, g, s, d]) and after the last one
+    (m, z), all contiguous float32, of one (d, dv) tile of one KV group, segments in order (each write reads the
+    memory before it); z by the first dv tile's programs."""
     vtile, dtile, batch_group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch, group = batch_group // groups, batch_group % groups
     rows = tl.arange(0, BLOCK_T)
@@ -263,11 +340,10 @@ def _memory_write_forward(
         before = batch_group * segments + segment
         tl.store(mb_ptr + before * d * dv + mv_offsets, m, mask=mv_mask)
         tl.store(zb_ptr + before * d + cols, z, mask=z_mask)
-        if DELTA:
-            m_read, z_read = m, z
-            if HALF:
-                m_read, z_read = m.to(k_ptr.dtype.element_ty), z.to(k_ptr.dtype.element_ty)
-        # The delta rule reads the memory before the segment for all its tokens: the writes go apart.
+        m_read, z_read = m, z
+        if HALF:
+            m_read, z_read = m.to(k_ptr.dtype.element_ty), z.to(k_ptr.dtype.element_ty)
+        # The segment's tokens all read the memory before it: the writes go apart.
         dm = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
         dz = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for t0 in range(0, segment_length, BLOCK_T):
@@ -276,10 +352,8 @@ def _memory_write_forward(
             _, sk, _, _ = _key_features(k_base, k_st, k_sd, tokens, row_ok, cols, col_ok, scale, HALF)
             v_mask = row_ok[:, None] & vcol_ok[None, :]
             values = tl.load(v_base + tokens[:, None] * v_st + vcols[None, :] * v_sd, mask=v_mask, other=0.0)
-            values = values.to(tl.float32)
-            if DELTA:
-                read, _, _ = _read(sk, m_read, z_read, PRECISION)
-                values -= read
+            read, _, _ = _read(sk, m_read, z_read, PRECISION)
+            values = values.to(tl.float32) - read
             if HALF:
                 values = values.to(k_ptr.dtype.element_ty)
             dm += tl.dot(tl.trans(sk), values, input_precision=PRECISION)
@@ -605,22 +679,17 @@ def memory_read(
 
 
 def _write_launch(k: torch.Tensor, v: torch.Tensor, delta: bool, half_products: bool, block: int):
-    """(grid, kernel settings) of the forward through the memory and of the backward's reverse pass over it:
-    tiles of the memory of block x block (64 with 0; whole rows of d with the delta rule, whose read sums over d)."""
+    """The grid (dv tiles, d tiles, b * g) of the kernels that carry a tile of the memory over the segments, the
+    tile settings (also of the linear rule's writes, a program per tile and segment) and the products' settings:
+    tiles of block x block (64 with 0; whole rows of d with the delta rule, whose read sums over d)."""
     b, g, _, d = k.shape
     dv = v.shape[3]
     tile = _block(block or 64)
     block_d = _block(d) if delta else min(tile, _block(d))
     block_dv = min(tile, _block(dv))
-    config = dict(
-        BLOCK_D=block_d,
-        BLOCK_DV=block_dv,
-        DELTA=delta,
-        HALF=half_products and k.dtype != torch.float32,
-        PRECISION=_precision(),
-        num_warps=8 if block_d * block_dv >= 128 * 64 else 4,
-    )
-    return (triton.cdiv(dv, block_dv), triton.cdiv(d, block_d), b * g), config
+    tiles = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=8 if block_d * block_dv >= 128 * 64 else 4)
+    products = dict(HALF=half_products and k.dtype != torch.float32, PRECISION=_precision())
+    return (triton.cdiv(dv, block_dv), triton.cdiv(d, block_d), b * g), tiles, products
 
 
 def _reset_arguments(reset: Optional[torch.Tensor], other: torch.Tensor):
@@ -647,17 +716,33 @@ def _memory_write(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b, g, t, d = k.shape
     dv, s = v.shape[3], t // segment_length
-    grid, config = _write_launch(k, v, delta, half_products, block)
+    grid, tiles, products = _write_launch(k, v, delta, half_products, block)
     M_before = torch.empty(b, g, s, d, dv, dtype=torch.float32, device=k.device)
     z_before = torch.empty(b, g, s, d, dtype=torch.float32, device=k.device)
     M = torch.empty_like(M0, memory_format=torch.contiguous_format)
     z = torch.empty_like(z0, memory_format=torch.contiguous_format)
     flags, flag_strides = _reset_arguments(reset, scale)
-    _memory_write_forward[grid](
-        k, v, scale, M0.contiguous(), z0.contiguous(), flags, M_before, z_before, M, z,
-        *k.stride(), *v.stride(), *flag_strides,
-        g, s, segment_length, d, dv,
-        BLOCK_T=min(64, _block(segment_length)), HAS_RESET=reset is not None, **config,
+    block_t = min(64, _block(segment_length))
+    if delta:
+        _memory_write_forward[grid](
+            k, v, scale, M0.contiguous(), z0.contiguous(), flags, M_before, z_before, M, z,
+            *k.stride(), *v.stride(), *flag_strides,
+            g, s, segment_length, d, dv,
+            BLOCK_T=block_t, HAS_RESET=reset is not None, **tiles, **products,
+        )  # fmt: skip
+        return M_before, z_before, M, z
+    vtiles, dtiles, batch_groups = grid
+    # The segments' writes go into M_before and z_before, then the scan turns them into the memories in place.
+    _memory_write_updates[(vtiles * dtiles, s, batch_groups)](
+        k, v, scale, M_before, z_before,
+        *k.stride(), *v.stride(),
+        g, s, segment_length, d, dv, vtiles,
+        BLOCK_T=block_t, **tiles, **products,
+    )  # fmt: skip
+    _memory_write_scan[grid](
+        M0.contiguous(), z0.contiguous(), flags, M_before, z_before, M, z,
+        *flag_strides, g, s, d, dv,
+        HAS_RESET=reset is not None, **tiles,
     )  # fmt: skip
     return M_before, z_before, M, z
 
@@ -710,7 +795,7 @@ def _memory_write_grads(
     then every chunk of every segment runs apart for dk and dv."""
     b, g, t, d = k.shape
     dv, s = v.shape[3], t // segment_length
-    grid, config = _write_launch(k, v, delta, half_products, block)
+    grid, tiles, products = _write_launch(k, v, delta, half_products, block)
     flags, flag_strides = _reset_arguments(reset, scale)
     dM_after = torch.empty_like(M_before)
     dM0 = torch.empty(b, g, d, dv, dtype=torch.float32, device=k.device)
@@ -720,7 +805,7 @@ def _memory_write_grads(
         k, scale, M_before, z_before, flags, dM_before.contiguous(), dM.contiguous(), dM_after, dz_reads, dM0,
         *k.stride(), *flag_strides,
         g, s, segment_length, d, dv, grid[0],
-        BLOCK_T=min(32, _block(segment_length)), HAS_RESET=reset is not None, **config,
+        BLOCK_T=min(32, _block(segment_length)), DELTA=delta, HAS_RESET=reset is not None, **tiles, **products,
     )  # fmt: skip
     if delta:
         dz_before = dz_before + dz_reads.sum(3)
@@ -735,8 +820,8 @@ def _memory_write_grads(
         k, v, scale, M_before, z_before, dM_after, dz_after.contiguous(), dk, dvalues, dscale,
         *k.stride(), *v.stride(), *dk.stride(), *dvalues.stride(),
         g, s, chunks, segment_length, -(-token_blocks // chunks) * block_t, d, dv,
-        BLOCK_T=block_t,
-        **(config | dict(BLOCK_D=_block(d), BLOCK_DV=_block(dv), num_warps=8 if d * dv >= 128 * 128 else 4)),
+        BLOCK_T=block_t, BLOCK_D=_block(d), BLOCK_DV=_block(dv), DELTA=delta, **products,
+        num_warps=8 if d * dv >= 128 * 128 else 4,
     )  # fmt: skip
     return dk, dvalues, dscale.sum((0, 2, 3)), dM0, dz0
 

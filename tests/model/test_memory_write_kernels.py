@@ -94,6 +94,9 @@ WRITE_CASES = {
     # Two tiles of the memory each way (partly masked; the delta rule keeps whole rows of d), and two backward
     # chunks a segment, the second one partly masked.
     "tiled-chunked": dict(d=32, dv=24, n=40, block=16, chunks=2),
+    # Segments longer than a block of tokens: the forward sums two blocks a segment (the second partly masked),
+    # the backward three in one chunk.
+    "long-segments": dict(n=80),
 }
 
 
