@@ -234,6 +234,17 @@ def _write_read_gradients(dvalues, read, safe, has_memory):
 
 
 @triton.jit
+def _memory_tile(dtile, vtile, d, dv, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One (d, dv) tile of a contiguous [d, dv] memory: its rows and columns with their masks, the tile's mask and
+    offsets, and the mask of the z entries it stores (only the first dv tile's programs store z)."""
+    cols, vcols = dtile * BLOCK_D + tl.arange(0, BLOCK_D), vtile * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    col_ok, vcol_ok = cols < d, vcols < dv
+    mv_mask = col_ok[:, None] & vcol_ok[None, :]
+    z_mask = col_ok & (tl.full((BLOCK_D,), vtile, tl.int32) == 0)
+    return cols, vcols, col_ok, vcol_ok, mv_mask, cols[:, None] * dv + vcols[None, :], z_mask
+
+
+@triton.jit
 def _memory_write_updates(
     k_ptr, v_ptr, scale_ptr, mb_ptr, zb_ptr,
     k_sb, k_sg, k_st, k_sd,
@@ -249,8 +260,7 @@ def _memory_write_updates(
     vtile, dtile = tile % vtiles, tile // vtiles
     batch, group = batch_group // groups, batch_group % groups
     rows = tl.arange(0, BLOCK_T)
-    cols, vcols = dtile * BLOCK_D + tl.arange(0, BLOCK_D), vtile * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    col_ok, vcol_ok = cols < d, vcols < dv
+    cols, vcols, col_ok, vcol_ok, mv_mask, mv_offsets, z_mask = _memory_tile(dtile, vtile, d, dv, BLOCK_D, BLOCK_DV)
     scale = tl.load(scale_ptr + group)
     k_base = k_ptr + batch * k_sb + group * k_sg
     v_base = v_ptr + batch * v_sb + group * v_sg
@@ -268,9 +278,8 @@ def _memory_write_updates(
         dm += tl.dot(tl.trans(sk), values, input_precision=PRECISION)
         dz += tl.sum(sk.to(tl.float32), axis=0)
     before = batch_group * segments + segment
-    mv_mask = col_ok[:, None] & vcol_ok[None, :]
-    tl.store(mb_ptr + before * d * dv + cols[:, None] * dv + vcols[None, :], dm, mask=mv_mask)
-    tl.store(zb_ptr + before * d + cols, dz, mask=col_ok & (tl.full((BLOCK_D,), vtile, tl.int32) == 0))
+    tl.store(mb_ptr + before * d * dv + mv_offsets, dm, mask=mv_mask)
+    tl.store(zb_ptr + before * d + cols, dz, mask=z_mask)
 
 
 @triton.jit
@@ -285,11 +294,7 @@ def _memory_write_scan(
     (m, z). One (d, dv) tile of one KV group, z by the first dv tile's programs; all contiguous float32."""
     vtile, dtile, batch_group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = batch_group // groups
-    cols, vcols = dtile * BLOCK_D + tl.arange(0, BLOCK_D), vtile * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    col_ok, vcol_ok = cols < d, vcols < dv
-    mv_mask = col_ok[:, None] & vcol_ok[None, :]
-    mv_offsets = cols[:, None] * dv + vcols[None, :]
-    z_mask = col_ok & (tl.full((BLOCK_D,), vtile, tl.int32) == 0)
+    cols, vcols, col_ok, vcol_ok, mv_mask, mv_offsets, z_mask = _memory_tile(dtile, vtile, d, dv, BLOCK_D, BLOCK_DV)
     m = tl.load(m0_ptr + batch_group * d * dv + mv_offsets, mask=mv_mask, other=0.0)
     z = tl.load(z0_ptr + batch_group * d + cols, mask=z_mask, other=0.0)
     for segment in range(segments):
@@ -323,11 +328,7 @@ def _memory_write_forward(
     vtile, dtile, batch_group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch, group = batch_group // groups, batch_group % groups
     rows = tl.arange(0, BLOCK_T)
-    cols, vcols = dtile * BLOCK_D + tl.arange(0, BLOCK_D), vtile * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    col_ok, vcol_ok = cols < d, vcols < dv
-    mv_mask = col_ok[:, None] & vcol_ok[None, :]
-    mv_offsets = cols[:, None] * dv + vcols[None, :]
-    z_mask = col_ok & (tl.full((BLOCK_D,), vtile, tl.int32) == 0)  # z is stored by the first dv tile
+    cols, vcols, col_ok, vcol_ok, mv_mask, mv_offsets, z_mask = _memory_tile(dtile, vtile, d, dv, BLOCK_D, BLOCK_DV)
     m = tl.load(m0_ptr + batch_group * d * dv + mv_offsets, mask=mv_mask, other=0.0)
     z = tl.load(z0_ptr + batch_group * d + cols, mask=col_ok, other=0.0)
     scale = tl.load(scale_ptr + group)
@@ -381,10 +382,7 @@ def _memory_write_backward_memory(
     vtile, dtile, batch_group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch, group = batch_group // groups, batch_group % groups
     rows = tl.arange(0, BLOCK_T)
-    cols, vcols = dtile * BLOCK_D + tl.arange(0, BLOCK_D), vtile * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    col_ok, vcol_ok = cols < d, vcols < dv
-    mv_mask = col_ok[:, None] & vcol_ok[None, :]
-    mv_offsets = cols[:, None] * dv + vcols[None, :]
+    cols, vcols, col_ok, vcol_ok, mv_mask, mv_offsets, z_mask = _memory_tile(dtile, vtile, d, dv, BLOCK_D, BLOCK_DV)
     scale = tl.load(scale_ptr + group)
     k_base = k_ptr + batch * k_sb + group * k_sg
     da = tl.load(gm_ptr + batch_group * d * dv + mv_offsets, mask=mv_mask, other=0.0)
