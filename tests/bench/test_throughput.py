@@ -131,10 +131,10 @@ def test_run_anchor_runs_the_script_at_the_shape_and_microbatch_asked(tmp_path, 
 
 
 @pytest.mark.parametrize(
-    "case, size, lanes_a_microbatch",
-    [("infini-1.3b", "1.3b", 1), ("infini-350m", "350m", 2), ("infini-125m", "125m", 8)],
+    "case, size, lanes_a_step, lanes_a_microbatch",
+    [("infini-1.3b", "1.3b", 32, 1), ("infini-350m", "350m", 24, 3), ("infini-125m", "125m", 32, 8)],
 )
-def test_one_gpu_cases_measure_the_run_config_users_train_with(tmp_path, case, size, lanes_a_microbatch):
+def test_one_gpu_cases_measure_the_run_config_users_train_with(tmp_path, case, size, lanes_a_step, lanes_a_microbatch):
     config, processes, overrides = case_run(case, str(tmp_path / "run"), 12)
     bench = load_config(config, overrides)
     user = load_config(os.path.join(CONFIG_ROOT, f"gpu_{size}.yaml"))
@@ -154,7 +154,11 @@ def test_one_gpu_cases_measure_the_run_config_users_train_with(tmp_path, case, s
         4096,
         True,
     )
-    assert (user.precision, user.data.global_lanes, user.parallel.micro_batch_lanes) == ("bf16", 32, lanes_a_microbatch)
+    assert (user.precision, user.data.global_lanes, user.parallel.micro_batch_lanes) == (
+        "bf16",
+        lanes_a_step,
+        lanes_a_microbatch,
+    )
     assert anchor_shape(user.model) == size
 
 
