@@ -20,6 +20,14 @@
 #    second phase, on the long documents at the config's segment of 512, starts from them
 #    (checkpoint.init_from) for the rest of TRAIN_MINUTES (its schedule, or fewer steps if the
 #    budget runs out) and exports the model (OUT/export).
+# 2b. With LONG_MINUTES > 0 (default 0: off), a third phase on documents several windows long:
+#    LONG_DOCS documents of LONG_MIN_LEN..LONG_MAX_LEN tokens (default 16K..64K: 2-8 windows of 8K)
+#    asking QUESTIONS times, made with DATA_ARGS (OUT/data_long), trained from phase 2's model (then
+#    exported to OUT/export_main) for LONG_STEPS steps or LONG_MINUTES (OUT/train_long) with
+#    LONG_OVERRIDES after TRAIN_OVERRIDES, and exported to OUT/export. Phase 2's documents fit in one
+#    window, so nothing in its loss asks the memory to hold a needle over later windows' writes; at CPU
+#    size such a phase held retrieval out to 128K where more short documents did not
+#    (docs/long-context.md).
 # 3. Passkey retrieval at LENGTHS x DEPTHS, TRIALS prompts each, with the memory and with the gates
 #    forced local (OUT/passkey, OUT/passkey_ablated: JSON, markdown, heatmap); EVAL_ARGS go to both.
 #    The memory is read as the model learned to (the config's model.learned_memory_scales); evaluation
@@ -52,6 +60,12 @@ SHORT_QUESTIONS=${SHORT_QUESTIONS:-2}
 SHORT_DATA_ARGS=${SHORT_DATA_ARGS:---no-header --distractors 3}
 SHORT_OVERRIDES=${SHORT_OVERRIDES:-model.segment_length=64 data.n_segments=8 data.global_lanes=64 \
 parallel.micro_batch_lanes=64 optimizer.lr=1e-3 schedule.warmup_steps=50}
+LONG_MINUTES=${LONG_MINUTES:-0}
+LONG_STEPS=${LONG_STEPS:-1000}
+LONG_DOCS=${LONG_DOCS:-2000}
+LONG_MIN_LEN=${LONG_MIN_LEN:-16384}
+LONG_MAX_LEN=${LONG_MAX_LEN:-65536}
+LONG_OVERRIDES=${LONG_OVERRIDES:-}
 TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
 LAUNCH=${LAUNCH:-python}
 LENGTHS=${LENGTHS:-1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1m}
@@ -88,11 +102,28 @@ if [ "$SHORT_MINUTES" != 0 ]; then
     init_from="checkpoint.init_from=$OUT/export_short"
     long_minutes=$(python -c "print(max($TRAIN_MINUTES - ($(date +%s) - $short_started) / 60, 0.5))")
 fi
-if [ ! -f "$OUT/export/model_config.yaml" ]; then
+main_export="$OUT/export"
+train_dirs=("$OUT/train_short" "$OUT/train")
+if [ "$LONG_MINUTES" != 0 ]; then
+    main_export="$OUT/export_main"
+    train_dirs+=("$OUT/train_long")
+fi
+if [ ! -f "$main_export/model_config.yaml" ]; then
     # shellcheck disable=SC2086
-    $LAUNCH -m training.train --config "$CONFIG" "export.dir=$OUT/export" "schedule.max_minutes=$long_minutes" \
+    $LAUNCH -m training.train --config "$CONFIG" "export.dir=$main_export" "schedule.max_minutes=$long_minutes" \
         "run_dir=$OUT/train" "data.sources=[{path: $OUT/data/shards}]" checkpoint.resume=auto $init_from \
         $TRAIN_OVERRIDES
+fi
+if [ "$LONG_MINUTES" != 0 ] && [ ! -f "$OUT/export/model_config.yaml" ]; then
+    if [ ! -f "$OUT/data_long/shards/index.json" ]; then
+        # shellcheck disable=SC2086  # DATA_ARGS is a word list
+        python -m evals.passkey make-data --out "$OUT/data_long" --docs "$LONG_DOCS" --min-len "$LONG_MIN_LEN" \
+            --max-len "$LONG_MAX_LEN" --questions "$QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 3 $DATA_ARGS
+    fi
+    # shellcheck disable=SC2086
+    $LAUNCH -m training.train --config "$CONFIG" "export.dir=$OUT/export" "schedule.max_minutes=$LONG_MINUTES" \
+        "run_dir=$OUT/train_long" "data.sources=[{path: $OUT/data_long/shards}]" "schedule.steps=$LONG_STEPS" \
+        checkpoint.resume=auto "checkpoint.init_from=$main_export" $TRAIN_OVERRIDES $LONG_OVERRIDES
 fi
 trained=$(date +%s)
 for variant in memory ablated; do
@@ -108,5 +139,5 @@ if [ "$resumed" = false ]; then
     wall=(--train-seconds $((trained - started)) --total-seconds $(($(date +%s) - started)))
 fi
 python -m evals.passkey report --memory "$OUT/passkey" --ablated "$OUT/passkey_ablated" \
-    --model "$OUT/export" --train-dirs "$OUT/train_short" "$OUT/train" "${wall[@]}" --out "$OUT/RESULTS.md"
+    --model "$OUT/export" --train-dirs "${train_dirs[@]}" "${wall[@]}" --out "$OUT/RESULTS.md"
 echo "done in $(( ($(date +%s) - started) / 60 )) min: $OUT/RESULTS.md"

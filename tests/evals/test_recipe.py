@@ -1,5 +1,6 @@
 """The passkey recipe script end to end at CPU size: data, TP2 x PP2 training under torchrun (a
-short-document phase, then the long documents from its export) with learned memory scales, export,
+short-document phase, then the long documents from its export, then documents of several windows
+from that one's) with learned memory scales, export,
 passkey with and without memory, the report; run again, it skips what is finished; and the checkpoint
 merged on one device equals the export."""
 
@@ -31,7 +32,7 @@ def checkpoint_worker(rank, world, out):
 
     init_single_process()
     _, exported = read_export(os.path.join(out, "export"))
-    model, cfg = load_model(os.path.join(out, "train", "checkpoints"))
+    model, cfg = load_model(os.path.join(out, "train_long", "checkpoints"))
     merged = {name: p.detach().clone() for name, p in model.named_parameters()}
     return dict(exported=exported, merged=merged, cfg=cfg)
 
@@ -50,6 +51,10 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
         SHORT_MAX_LEN="300",
         DATA_ARGS="--distractors 1",
         SHORT_OVERRIDES="model.segment_length=32",
+        LONG_MINUTES="5",
+        LONG_DOCS="16",
+        LONG_MIN_LEN="1100",
+        LONG_MAX_LEN="1500",
         LENGTHS="256,1k",
         DEPTHS="0,100",
         TRIALS="2",
@@ -72,10 +77,14 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
 
     proc = run_recipe()
 
-    for phase in ("train_short", "train"):
+    for phase in ("train_short", "train", "train_long"):
         with open(os.path.join(out, phase, "metrics.jsonl")) as f:
             assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2, 3, 4]
     assert f"initialised weights from {out}/export_short" in proc.stdout
+    assert f"initialised weights from {out}/export_main" in proc.stdout
+    with open(os.path.join(out, "data_long", "passkey.jsonl")) as f:
+        # Windows of 8 segments of 64: each document spans two or three of them.
+        assert all(1100 <= len(json.loads(line)["text"].encode()) < 1500 for line in f)
     with open(os.path.join(out, "data_short", "passkey.jsonl")) as f:
         short_docs = [json.loads(line)["text"] for line in f]
     # The default short documents: headerless, with three distractors each.
@@ -86,10 +95,12 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
     with open(os.path.join(out, "export_short", "model_config.yaml")) as f:
         assert "segment_length: 32" in f.read()
     # Both phases learn the memory's scales; the second starts from the first's and moves them on.
-    short, long = (read_export(os.path.join(out, run))[1] for run in ("export_short", "export"))
-    scales = sorted(name for name in long if "log_scale" in name)
-    assert len(scales) == 4 and scales == sorted(name for name in short if "log_scale" in name)
-    assert all((short[name] != 0).all() and not torch.equal(short[name], long[name]) for name in scales)
+    phases = [read_export(os.path.join(out, run))[1] for run in ("export_short", "export_main", "export")]
+    scales = sorted(name for name in phases[-1] if "log_scale" in name)
+    assert len(scales) == 4 and all(scales == sorted(name for name in p if "log_scale" in name) for p in phases)
+    # Every phase trains the scales on from the last one's.
+    assert all((phases[0][name] != 0).all() for name in scales)
+    assert all(not torch.equal(a[name], b[name]) for a, b in zip(phases, phases[1:]) for name in scales)
     for run in ("passkey", "passkey_ablated"):
         with open(os.path.join(out, run, "passkey.json")) as f:
             result = json.load(f)
@@ -101,6 +112,7 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
     assert "1 is the paper's), times the learned per-head scales." in report
     assert "Learned memory scales, mean [min, max] over heads, per layer: 0: key " in report
     assert "Training (train_short): 4 steps" in report and "Training (train): 4 steps" in report
+    assert "Training (train_long): 4 steps" in report
     assert "Wall time: " in report and "Memory ablated (gates forced local), by depth:" in report
     assert "| 1K | 16 |" in report  # 1024 tokens are 16 segments of 64
 
