@@ -1,6 +1,7 @@
 """The equal-compute comparison: its configs cost the same FLOPs per token (modeling/flops.py) and
 train on the same tokens; its script runs end to end at CPU size (data, every training, evaluation,
-report, plot), a part of the runs first and then the rest, skipping what is done."""
+report, plot), a part of the runs first and then the rest, skipping what is done; run again, it only
+rewrites the report."""
 
 import json
 import os
@@ -175,3 +176,8 @@ def test_script_runs_end_to_end_and_skips_what_is_done(tmp_path):
     assert "| Infini-attention, segments of 512, memory ablated at evaluation |" in report
     assert "| [4K, end) | 3,808 |" in report
     assert os.path.getsize(os.path.join(out, "comparison.png")) > 0
+
+    again = run_script(out, corpus)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "== training" not in again.stdout and "== evaluating" not in again.stdout
+    assert "wrote " + os.path.join(out, "comparison.json") in again.stdout

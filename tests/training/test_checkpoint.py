@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from modeling.export import read_export
-from tests import recording
 from tests.distributed import run_distributed
 from tests.tolerance import assert_close, tolerance
 from tests.training.helpers import (
@@ -243,22 +242,6 @@ def test_missing_or_truncated_shard_is_named(stdlib_shards, tmp_path):
     assert message is not None and "missing" in message and "rank_00000.pt" in message
 
 
-def losses_and_export_worker(rank, world, overrides, out_dir):
-    """losses_worker's (step, loss) pairs; the trained model is exported to out_dir."""
-    from modeling.export import export_model
-    from training.config import load_config
-    from training.train import Trainer
-
-    trainer = Trainer(load_config(None, overrides))
-    history = recording.record(trainer)
-    try:
-        trainer.fit()
-        export_model(trainer.model, trainer.cfg.model, out_dir)
-    finally:
-        trainer.close()
-    return [(h["step"], h["loss"]) for h in history if "loss" in h]
-
-
 def export_worker(rank, world, overrides, out_dir):
     from megatron.core import parallel_state
 
@@ -349,28 +332,16 @@ def test_export_cli_and_init_from_export_moves_weights_to_any_layout(stdlib_shar
     )
     assert export.returncode == 0, export.stderr[-2000:]
     assert sorted(os.listdir(out_dir)) == ["model.safetensors", "model_config.yaml"]
-    # The exported weights start a run on any layout: the first loss is the same on TP1 and TP2xPP2. On TP1
-    # they are also what trains: at a vanishing LR two steps later the weights are still the export's
-    # (DeepSpeed's fp32 master weights must have been taken from them, not from the fresh init).
-    start = {"schedule.warmup_steps": 0, "checkpoint.init_from": out_dir, "seed": 99}
-    vanishing_lr = {"optimizer.lr": 1e-12, "optimizer.min_lr": 1e-12, "optimizer.gate_lr": 1e-12}
-    after = str(tmp_path / "after")
-    tp1 = run_distributed(
-        losses_and_export_worker,
-        1,
-        train_overrides(stdlib_shards, str(tmp_path / "new1"), **{"schedule.steps": 2, **start, **vanishing_lr}),
-        after,
-    )[0]
-    tp2pp2 = run_distributed(
-        losses_worker,
-        4,
-        train_overrides(
+    # The exported weights start a run on any layout: the first loss is the same on TP1 and TP2xPP2.
+    first = {}
+    for world, extra in ((1, {}), (4, {"parallel.tensor": 2, "parallel.pipeline": 2})):
+        overrides = train_overrides(
             stdlib_shards,
-            str(tmp_path / "new4"),
-            **{"schedule.steps": 1, **start, "parallel.tensor": 2, "parallel.pipeline": 2},
-        ),
-    )[0]
-    assert tp1[0][1] == pytest.approx(tp2pp2[0][1], rel=tolerance(torch.float32, STEP_TOKENS, LAYERS))
+            str(tmp_path / f"new{world}"),
+            **{"schedule.steps": 1, "schedule.warmup_steps": 0, "checkpoint.init_from": out_dir, "seed": 99, **extra},
+        )
+        first[world] = run_distributed(losses_worker, world, overrides)[0][0][1]
+    assert first[1] == pytest.approx(first[4], rel=tolerance(torch.float32, STEP_TOKENS, LAYERS))
     untrained = run_distributed(
         losses_worker,
         1,
@@ -378,7 +349,28 @@ def test_export_cli_and_init_from_export_moves_weights_to_any_layout(stdlib_shar
             stdlib_shards, str(tmp_path / "fresh"), **{"schedule.steps": 1, "schedule.warmup_steps": 0, "seed": 99}
         ),
     )[0][0][1]
-    assert abs(untrained - tp1[0][1]) > 1e-3  # the export, not the seed, set the weights
+    assert abs(untrained - first[1]) > 1e-3  # the export, not the seed, set the weights
+    # And they are what trains: at a vanishing LR two steps later the weights are still the export's
+    # (DeepSpeed's fp32 master weights must have been taken from them, not from the fresh init).
+    after = str(tmp_path / "after")
+    run_distributed(
+        export_worker,
+        1,
+        train_overrides(
+            stdlib_shards,
+            str(tmp_path / "tiny_lr"),
+            **{
+                "schedule.steps": 2,
+                "schedule.warmup_steps": 0,
+                "checkpoint.init_from": out_dir,
+                "seed": 99,
+                "optimizer.lr": 1e-12,
+                "optimizer.min_lr": 1e-12,
+                "optimizer.gate_lr": 1e-12,
+            },
+        ),
+        after,
+    )
     _, want = read_export(out_dir)
     _, got = read_export(after)
     assert sorted(got) == sorted(want)
