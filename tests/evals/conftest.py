@@ -6,7 +6,16 @@ import os
 import pytest
 
 from tests.distributed import run_distributed
-from tests.evals.helpers import ABLATED_HEADS, KEY_SCALE, PASSKEY_ARGS, PPL_BUCKETS, QUERY_SCALE, SEGMENT, TEXTS
+from tests.evals.helpers import (
+    ABLATED_HEADS,
+    KEY_SCALE,
+    PASSKEY_ARGS,
+    PPL_BUCKETS,
+    QUERY_SCALE,
+    SEGMENT,
+    SEGMENT_BINS,
+    TEXTS,
+)
 
 
 def cli_worker(rank, world, root):
@@ -95,7 +104,12 @@ def cli_worker(rank, world, root):
         f.writelines(json.dumps({"text": t}) + "\n" for t in TEXTS)
     write_shards([os.path.join(root, "docs.jsonl")], os.path.join(root, "shards"), "bytes", progress=False)
     common = ["--model", export, "--buckets", PPL_BUCKETS, "--window-segments", "1"]
-    assert perplexity.main(common + ["--text"] + texts + ["--out", os.path.join(root, "ppl_text")]) == 0
+    assert (
+        perplexity.main(
+            common + ["--segment-bins", str(SEGMENT_BINS), "--text"] + texts + ["--out", os.path.join(root, "ppl_text")]
+        )
+        == 0
+    )
     assert (
         perplexity.main(common + ["--shards", os.path.join(root, "shards"), "--out", os.path.join(root, "ppl_shards")])
         == 0
