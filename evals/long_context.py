@@ -204,7 +204,29 @@ def markdown(result: dict) -> str:
             continue
         cells = [f"{row['perplexity']['buckets'][i][f'ppl_{variant}']:.3f}" for _, row, variant in columns]
         lines.append(f"| {bucket} | {tokens:,} | " + " | ".join(cells) + " |")
+    lines += _segment_position_lines(columns)
     return "\n".join(lines) + "\n"
+
+
+def _segment_position_lines(columns: List[tuple]) -> List[str]:
+    """The table by position within the segment (evals.perplexity --segment-bins), when every run has one
+    with the same number of parts."""
+    parts = {len(row["perplexity"].get("segment_positions", [])) for _, row, _ in columns}
+    if len(parts) != 1 or not (k := parts.pop()):
+        return []
+    lines = [
+        "",
+        "Past each document's first segment, perplexity by where a token sits in its segment, cut into "
+        f"{k} equal parts (full attention's segment is its window). Tokens at a segment's start see least "
+        "through local attention:",
+        "",
+        "| part of the segment | " + " | ".join(title for title, _, _ in columns) + " |",
+        "| --- |" + " ---: |" * len(columns),
+    ]
+    for i in range(k):
+        cells = [f"{row['perplexity']['segment_positions'][i][f'ppl_{variant}']:.3f}" for _, row, variant in columns]
+        lines.append(f"| {i + 1} of {k} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(result: dict, path: str) -> None:

@@ -16,7 +16,8 @@
 #    EVAL_DOCS held-out documents (default 4, all of them), each streamed through the model a window at a
 #    time (evals.perplexity; EVAL_ARGS go to it): OUT/RUN/perplexity. A model without memory sees the
 #    tokens before it in its own segment (its window, for full attention); the Infini model is scored
-#    a second time with its memory ablated.
+#    a second time with its memory ablated. Past each document's first segment the loss is also cut by
+#    where a token sits in its segment, SEGMENT_BINS parts (default 8; 0: not).
 # 4. OUT/comparison.json and OUT/comparison.md (costs, training, perplexity by position side by side),
 #    and OUT/comparison.png if matplotlib is installed (else the command to draw it elsewhere).
 #
@@ -38,6 +39,7 @@ BUCKETS=${BUCKETS:-2k,8k,32k,128k}
 EVAL_DOCS=${EVAL_DOCS:-4}
 EVAL_MAX_TOKENS=${EVAL_MAX_TOKENS:-262144}
 EVAL_ARGS=${EVAL_ARGS:-}
+SEGMENT_BINS=${SEGMENT_BINS:-8}
 
 started=$(date +%s)
 if [ ! -f "$OUT/shards/heldout/index.json" ]; then
@@ -55,7 +57,8 @@ for run in $RUNS; do
         echo "== evaluating $run"
         # shellcheck disable=SC2086  # EVAL_ARGS is a word list
         python -m evals.perplexity --model "$OUT/$run/export" --shards "$OUT/shards/heldout" --buckets "$BUCKETS" \
-            --max-docs "$EVAL_DOCS" --max-doc-tokens "$EVAL_MAX_TOKENS" --out "$OUT/$run/perplexity" $EVAL_ARGS
+            --max-docs "$EVAL_DOCS" --max-doc-tokens "$EVAL_MAX_TOKENS" --segment-bins "$SEGMENT_BINS" \
+            --out "$OUT/$run/perplexity" $EVAL_ARGS
     fi
 done
 left=""

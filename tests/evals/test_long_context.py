@@ -171,10 +171,14 @@ def test_script_runs_end_to_end_and_skips_what_is_done(tmp_path):
         assert row["trained_steps"] == 3 and row["perplexity"]["ablation"] == name.startswith("infini")
         # Every held-out token but each document's first is scored, in its position's bucket.
         assert sum(b["tokens"] for b in row["perplexity"]["buckets"]) == 2 * (6000 - 1)
+        # SEGMENT_BINS (default 8): every token past its document's first segment, by place in its segment.
+        parts = row["perplexity"]["segment_positions"]
+        assert len(parts) == 8 and sum(b["tokens"] for b in parts) == 2 * (6000 - row["segment_length"])
     assert (runs["full"]["segment_length"], runs["infini"]["segment_length"]) == (832, 512)
     report = open(os.path.join(out, "comparison.md")).read()
     assert "| Infini-attention, segments of 512, memory ablated at evaluation |" in report
     assert "| [4K, end) | 3,808 |" in report
+    assert "cut into 8 equal parts" in report and "| 8 of 8 |" in report
     assert os.path.getsize(os.path.join(out, "comparison.png")) > 0
 
     again = run_script(out, corpus)
