@@ -97,10 +97,10 @@ def evaluate(
         positions = np.arange(1, len(tokens))
         bucket = np.searchsorted(np.asarray(edges), positions, side="right")
         counts += np.bincount(bucket, minlength=n_buckets)
-        past_first = positions >= segment
-        in_segment = (positions[past_first] % segment) * segment_bins // segment
-        if segment_bins:
-            bin_counts += np.bincount(in_segment, minlength=segment_bins)
+        # Positions past the document's first segment, by bin; none when segment_bins is 0.
+        binned = (positions >= segment) & (segment_bins > 0)
+        in_segment = (positions[binned] % segment) * segment_bins // segment
+        bin_counts += np.bincount(in_segment, minlength=segment_bins)
         for variant in variants:
             if variant == "ablated":
                 with memory_ablated(loaded.model):
@@ -108,8 +108,7 @@ def evaluate(
             else:
                 losses = token_losses(stream, tokens, loaded.device)
             sums[variant] += np.bincount(bucket, weights=losses, minlength=n_buckets)
-            if segment_bins:
-                bin_sums[variant] += np.bincount(in_segment, weights=losses[past_first], minlength=segment_bins)
+            bin_sums[variant] += np.bincount(in_segment, weights=losses[binned], minlength=segment_bins)
         n_docs += 1
         log(f"document {n_docs}: {len(tokens)} tokens ({time.perf_counter() - started:.0f} s)")
     bin_names = [f"[{segment * i // segment_bins}, {segment * (i + 1) // segment_bins})" for i in range(segment_bins)]
