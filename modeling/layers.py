@@ -79,6 +79,20 @@ def sums_gradient_over_tensor_parallel(name: str, param: torch.nn.Parameter, con
     return config.qk_layernorm and ("q_layernorm" in name or "k_layernorm" in name)
 
 
+class GroupedRowParallelLinear(RowParallelLinear):
+    """megatron-core's RowParallelLinear, handing its matmul the tensor-parallel group it already holds.
+
+    The base class passes ``tp_group=None`` to a matmul that, without sequence parallelism, never uses the
+    group; megatron then looks the group up and asks torch.distributed for the rank, a call torch.compile
+    cannot trace, so each such linear would split a compiled layer's graph (performance.compile_layers).
+    """
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 class InfiniCoreAttention(MegatronModule):
     """Core attention of one layer on one TP rank: local softmax + compressive memory, mixed by gates.
     Without the memory (``config.infini_memory=False``) only the local softmax, and no parameters.
@@ -237,7 +251,7 @@ def get_infini_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
                     core_attention=InfiniCoreAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=GroupedRowParallelLinear,
                     q_layernorm=TorchNorm if qk_layernorm else IdentityOp,
                     k_layernorm=TorchNorm if qk_layernorm else IdentityOp,
                 ),
@@ -245,7 +259,8 @@ def get_infini_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=TorchNorm,
             mlp=ModuleSpec(
-                module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=GroupedRowParallelLinear),
             ),
             mlp_bda=get_bias_dropout_add,
         ),

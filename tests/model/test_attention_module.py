@@ -81,3 +81,30 @@ def test_attention_module_matches_hand_built_reference():
     # The memory: S tokens' projected keys and values summed into it.
     assert_close(r["M"], ref_M, torch.float32, max(HIDDEN, S), depth=2)
     assert math.isfinite(r["out"].abs().sum().item())
+
+
+def layer_graphs_worker(rank, world):
+    from modeling.config import ModelConfig, build_transformer_config
+    from modeling.cpu_compat import megatron_on_cpu
+    from modeling.model import build_model
+    from training.distributed import init_distributed, init_model_parallel
+
+    init_distributed()
+    init_model_parallel(1, 1)
+    cfg = ModelConfig(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS, segment_length=SEGMENT
+    )
+    model = build_model(build_transformer_config(cfg), cfg.padded_vocab_size())
+    with megatron_on_cpu():
+        rotary = model.rotary_pos_emb(SEGMENT)
+        explained = torch._dynamo.explain(model.decoder.layers[0].forward)(
+            torch.randn(S, B, HIDDEN), rotary_pos_emb=rotary
+        )
+    return explained.graph_count, [reason.reason for reason in explained.break_reasons]
+
+
+def test_a_compiled_layer_is_one_graph():
+    # Without tensor parallelism torch.compile (performance.compile_layers) makes each layer one graph: a
+    # graph break would leave the matmuls' neighbours unfused and add a resume frame, with its guards, to
+    # every call. (TP's asynchronous all-reduces still split it.)
+    assert run_distributed(layer_graphs_worker, 1)[0] == (1, [])
