@@ -16,8 +16,9 @@ from modeling.flops import model_cost
 from training.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Infini-attention with the paper's gate start and with gates starting local, local attention, full attention.
-RUNS = ["infini", "infini_gates_local", "local", "full"]
+# Infini-attention with the paper's gate start, with gates starting local (linear and delta write), local
+# attention, full attention.
+RUNS = ["infini", "infini_gates_local", "infini_delta_gates_local", "local", "full"]
 
 
 def flops(cfg) -> float:
@@ -35,14 +36,15 @@ def configs():
 
 def test_the_runs_are_infini_local_and_full_attention_of_one_shape(configs):
     assert list(configs) == RUNS
-    infini, gates_local, local, full = configs.values()
-    assert [cfg.model.memory for cfg in configs.values()] == [True, True, False, False]
-    assert (infini.model.gate_init, gates_local.model.gate_init) == (0.0, -3.0)
+    infini, gates_local, delta, local, full = configs.values()
+    assert [cfg.model.memory for cfg in configs.values()] == [True, True, True, False, False]
+    assert (infini.model.gate_init, gates_local.model.gate_init, delta.model.gate_init) == (0.0, -3.0, -3.0)
+    assert (infini.model.update, gates_local.model.update, delta.model.update) == ("linear", "linear", "delta")
     assert local.model.segment_length == infini.model.segment_length < full.model.segment_length
-    # The memory's own settings aside (its switch, its learned read, its gates' start), one shape.
-    memory_settings = ("memory", "learned_memory_scales", "gate_init", "segment_length")
+    # The memory's own settings aside (its switch, its learned read, its gates' start, its write), one shape.
+    memory_settings = ("memory", "learned_memory_scales", "gate_init", "update", "segment_length")
     shape = {k: v for k, v in vars(infini.model).items() if k not in memory_settings}
-    for cfg in (gates_local, local, full):
+    for cfg in (gates_local, delta, local, full):
         assert {k: v for k, v in vars(cfg.model).items() if k not in memory_settings} == shape
         # Everything else of the runs is the base's.
         assert (cfg.optimizer, cfg.schedule, cfg.parallel, cfg.precision) == (
@@ -142,7 +144,7 @@ def test_script_runs_end_to_end_and_skips_what_is_done(tmp_path):
     part = run_script(out, corpus, RUNS="infini local")
     assert part.returncode == 0, part.stdout[-3000:] + part.stderr[-3000:]
     assert "== training infini:" in part.stdout and "== training local:" in part.stdout
-    assert "not yet trained and evaluated: infini_gates_local full" in part.stdout
+    assert "not yet trained and evaluated: infini_gates_local infini_delta_gates_local full" in part.stdout
     assert not os.path.exists(os.path.join(out, "comparison.json"))
     # Then the whole command: the finished runs are skipped, the others trained, the report written.
     proc = run_script(out, corpus)
@@ -150,10 +152,12 @@ def test_script_runs_end_to_end_and_skips_what_is_done(tmp_path):
     lines = proc.stdout.splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("== training")] == [
         "== training infini_gates_local",
+        "== training infini_delta_gates_local",
         "== training full",
     ]
     assert [line for line in lines if line.startswith("== evaluating")] == [
         "== evaluating infini_gates_local",
+        "== evaluating infini_delta_gates_local",
         "== evaluating full",
     ]
 
