@@ -82,10 +82,10 @@ def sums_gradient_over_tensor_parallel(name: str, param: torch.nn.Parameter, con
 class GroupedRowParallelLinear(RowParallelLinear):
     """megatron-core's RowParallelLinear, handing its matmul the tensor-parallel group it already holds.
 
-    The base class passes ``tp_group=None`` to a matmul that, without sequence parallelism, never uses the
-    group; megatron then looks the group up and asks torch.distributed for the rank, a call torch.compile
-    cannot trace, so each such linear would split a compiled layer's graph (performance.compile_layers).
-    """
+    The base class calls its matmul with ``sequence_parallel=False``, where the group goes unused, and with
+    ``tp_group=None``; megatron then looks the group up and asks torch.distributed for the rank, a call
+    torch.compile cannot trace, so each such linear would split a compiled layer's graph
+    (performance.compile_layers)."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if kwargs.get("tp_group") is None:
