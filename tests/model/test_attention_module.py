@@ -11,9 +11,9 @@ from tests.tolerance import assert_close
 S, B, HIDDEN, HEADS, GROUPS, SEGMENT = 12, 2, 32, 4, 2, 4
 
 
-def worker(rank, world):
+def one_layer_model():
+    """The one-layer model of these tests, in a single-process world."""
     from modeling.config import ModelConfig, build_transformer_config
-    from modeling.cpu_compat import megatron_on_cpu
     from modeling.model import build_model
     from training.distributed import init_distributed, init_model_parallel
 
@@ -28,7 +28,13 @@ def worker(rank, world):
         segment_length=SEGMENT,
         update="linear",
     )
-    model = build_model(build_transformer_config(cfg), cfg.padded_vocab_size())
+    return build_model(build_transformer_config(cfg), cfg.padded_vocab_size())
+
+
+def worker(rank, world):
+    from modeling.cpu_compat import megatron_on_cpu
+
+    model = one_layer_model()
     attention = model.decoder.layers[0].self_attention
     with torch.no_grad():
         attention.core_attention.gate.copy_(torch.tensor([-1.0, 0.5, 2.0, 0.0]))
@@ -84,17 +90,9 @@ def test_attention_module_matches_hand_built_reference():
 
 
 def layer_graphs_worker(rank, world):
-    from modeling.config import ModelConfig, build_transformer_config
     from modeling.cpu_compat import megatron_on_cpu
-    from modeling.model import build_model
-    from training.distributed import init_distributed, init_model_parallel
 
-    init_distributed()
-    init_model_parallel(1, 1)
-    cfg = ModelConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS, segment_length=SEGMENT
-    )
-    model = build_model(build_transformer_config(cfg), cfg.padded_vocab_size())
+    model = one_layer_model()
     with megatron_on_cpu():
         rotary = model.rotary_pos_emb(SEGMENT)
         explained = torch._dynamo.explain(model.decoder.layers[0].forward)(
