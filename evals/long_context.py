@@ -1,25 +1,32 @@
 """The equal-compute long-context comparison: its runs, their FLOPs, the report and the plot.
 
     python -m evals.long_context runs [--runs FILE]
+    python -m evals.long_context seeds "1234 2 3"
     python -m evals.long_context overrides RUN [--runs FILE]
     python -m evals.long_context flops [--config FILE] [--runs FILE] [key=value ...]
-    python -m evals.long_context report OUT [--runs FILE]
+    python -m evals.long_context report OUT [--runs FILE] [--seeds "1234 2 3"]
     python -m evals.long_context plot OUT/comparison.json [--out PNG]
 
 The runs file (default configs/experiments/long_context_runs.yaml) names each run, its label and its
 ``key=value`` overrides of the shared base config (configs/experiments/long_context.yaml). ``runs``
-prints the run names, ``overrides`` a run's overrides for the trainer's command line; ``flops`` prints
-each run's parameters, training FLOPs per token (modeling/flops.py), tokens and their spread, from the
-configs alone; ``report`` reads what configs/experiments/long_context_run.sh wrote under OUT (each run's
-resolved config, metrics.jsonl and perplexity.json) and writes OUT/comparison.json and
-OUT/comparison.md; ``plot`` draws perplexity by position bucket from comparison.json (matplotlib, a
-separate step so that the runs need no plotting library).
+prints the run names, ``seeds`` checks a list of seeds, ``overrides`` a run's overrides for the
+trainer's command line; ``flops`` prints each run's parameters, training FLOPs per token
+(modeling/flops.py), tokens and their spread, from the configs alone; ``report`` reads what
+configs/experiments/long_context_run.sh wrote under OUT (each run's resolved config, metrics.jsonl and
+perplexity.json) and writes OUT/comparison.json and OUT/comparison.md; ``plot`` draws perplexity by
+position bucket from comparison.json (matplotlib, a separate step so that the runs need no plotting
+library).
+
+With ``--seeds``, every run was trained once a seed, in OUT/seed-<seed>/<run>: the report gives each
+bucket's perplexity over the seeds as exp of the mean loss, with the lowest and highest seed's beside it,
+since at small budgets the initial weights alone can move a run by more than the runs differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -68,6 +75,7 @@ def cost_row(name: str, label: str, cfg) -> dict:
     return dict(
         run=name,
         label=label,
+        seed=cfg.seed,
         memory=cfg.model.memory,
         segment_length=cfg.model.segment_length,
         parameters=cost.parameters,
@@ -132,19 +140,94 @@ def training_row(run_dir: str) -> dict:
     )
 
 
-def report(out: str, runs_file: str = RUNS_FILE) -> dict:
-    """comparison.json's content from OUT/<run>/train (config.yaml, metrics.jsonl) and
-    OUT/<run>/perplexity/perplexity.json of every run in the runs file."""
+def parse_seeds(text: str) -> List[int]:
+    """Seeds separated by spaces or commas ("1234 2 3"), each a distinct integer >= 0; ValueError naming the bad one."""
+    seeds = []
+    for word in text.replace(",", " ").split():
+        if not word.isdigit():
+            raise ValueError(f"seeds: {word!r} is not an integer >= 0 (seeds {text!r})")
+        if int(word) in seeds:
+            raise ValueError(f"seeds: {word} appears twice (seeds {text!r})")
+        seeds.append(int(word))
+    return seeds
+
+
+def seed_dirs(out: str, seeds: Sequence[int]) -> List[str]:
+    """Where each seed's runs are: OUT/seed-<seed>, or OUT itself for a comparison of one unnamed seed."""
+    return [os.path.join(out, f"seed-{seed}") for seed in seeds] or [out]
+
+
+def run_row(root: str, name: str, label: str) -> dict:
+    """One trained and evaluated run under root: its cost, its training and its perplexity."""
     from training.config import load_config
 
+    train_dir = os.path.join(root, name, "train")
+    row = cost_row(name, label, load_config(os.path.join(train_dir, "config.yaml")))
+    row.update(training_row(train_dir))
+    with open(os.path.join(root, name, "perplexity", "perplexity.json")) as f:
+        row["perplexity"] = json.load(f)
+    return row
+
+
+def _over_seeds(entries: List[dict], variants: Sequence[str]) -> dict:
+    """One bucket's entry over the seeds: exp of the mean loss, and the lowest and highest seed's perplexity."""
+    if len({entry["tokens"] for entry in entries}) != 1:
+        raise ValueError(f"bucket {entries[0]['bucket']} holds different token counts across the seeds")
+    merged = {"bucket": entries[0]["bucket"], "tokens": entries[0]["tokens"]}
+    for variant in variants:
+        losses = [entry[f"loss_{variant}"] for entry in entries]
+        merged[f"loss_{variant}"] = statistics.fmean(losses)
+        merged[f"ppl_{variant}"] = math.exp(merged[f"loss_{variant}"])
+        merged[f"ppl_{variant}_lowest"] = math.exp(min(losses))
+        merged[f"ppl_{variant}_highest"] = math.exp(max(losses))
+    return merged
+
+
+def perplexity_over_seeds(results: List[dict]) -> dict:
+    """The perplexity.json of one run evaluated once a seed, merged bucket by bucket (_over_seeds)."""
+    first = results[0]
+    if any(r["edges"] != first["edges"] or r["ablation"] != first["ablation"] for r in results):
+        raise ValueError("the seeds of a run were evaluated with different buckets or ablation")
+    variants = ("memory", "ablated") if first["ablation"] else ("memory",)
+    merged = dict(first, seeds=len(results))
+    for key in ("buckets", "segment_positions"):
+        if len({len(r.get(key, [])) for r in results}) != 1:
+            raise ValueError(f"the seeds of a run have different {key}")
+        merged[key] = [_over_seeds([r[key][i] for r in results], variants) for i in range(len(first.get(key, [])))]
+    return merged
+
+
+def combine_seeds(rows: List[dict], seeds: Sequence[int]) -> dict:
+    """One run's row over its seeds: the first seed's cost, the mean final loss, the median tokens/s, the
+    mean time in steps, perplexity over the seeds; each seed's own numbers under "seeds"."""
+    for seed, row in zip(seeds, rows):
+        if row["seed"] != seed:
+            raise ValueError(f"run {row['run']!r} in seed-{seed} was trained with seed {row['seed']}")
+    if len({(row["trained_steps"], row["consumed_tokens"]) for row in rows}) != 1:
+        raise ValueError(f"run {rows[0]['run']!r} trained different steps or tokens across the seeds")
+    combined = {k: v for k, v in rows[0].items() if k != "seed"}
+    combined.update(
+        final_loss=statistics.fmean(row["final_loss"] for row in rows),
+        tokens_per_s=statistics.median(row["tokens_per_s"] for row in rows),
+        train_seconds=statistics.fmean(row["train_seconds"] for row in rows),
+        perplexity=perplexity_over_seeds([row["perplexity"] for row in rows]),
+        seeds=[
+            {"seed": seed, **{k: row[k] for k in ("final_loss", "tokens_per_s", "train_seconds", "perplexity")}}
+            for seed, row in zip(seeds, rows)
+        ],
+    )
+    return combined
+
+
+def report(out: str, runs_file: str = RUNS_FILE, seeds: Sequence[int] = ()) -> dict:
+    """comparison.json's content from <root>/<run>/train (config.yaml, metrics.jsonl) and
+    <root>/<run>/perplexity/perplexity.json of every run in the runs file, root OUT or, with seeds,
+    each OUT/seed-<seed> (the runs then over their seeds: combine_seeds)."""
+    roots = seed_dirs(out, seeds)
     rows = []
     for name, run in load_runs(runs_file).items():
-        train_dir = os.path.join(out, name, "train")
-        row = cost_row(name, run["label"], load_config(os.path.join(train_dir, "config.yaml")))
-        row.update(training_row(train_dir))
-        with open(os.path.join(out, name, "perplexity", "perplexity.json")) as f:
-            row["perplexity"] = json.load(f)
-        rows.append(row)
+        per_seed = [run_row(root, name, run["label"]) for root in roots]
+        rows.append(combine_seeds(per_seed, seeds) if seeds else per_seed[0])
     edges = {tuple(row["perplexity"]["edges"]) for row in rows}
     if len(edges) != 1:
         raise ValueError(f"the runs were evaluated with different buckets: {sorted(edges)}")
@@ -152,6 +235,7 @@ def report(out: str, runs_file: str = RUNS_FILE) -> dict:
 
     return dict(
         runs=rows,
+        seeds=list(seeds),
         flops_spread=spread(rows),
         same_tokens=len({row["consumed_tokens"] for row in rows}) == 1,
         buckets=[b["bucket"] for b in rows[0]["perplexity"]["buckets"]],
@@ -171,6 +255,25 @@ def _bucket_columns(result: dict) -> List[tuple]:
     return columns
 
 
+def _ppl_cell(entry: dict, variant: str) -> str:
+    """A bucket's perplexity, over several seeds with the lowest and highest seed's in brackets."""
+    cell = f"{entry[f'ppl_{variant}']:.3f}"
+    if f"ppl_{variant}_lowest" in entry:
+        cell += f" ({entry[f'ppl_{variant}_lowest']:.3f}-{entry[f'ppl_{variant}_highest']:.3f})"
+    return cell
+
+
+def _seeds_text(result: dict) -> str:
+    seeds = result.get("seeds") or []
+    if not seeds:
+        return ""
+    return (
+        f" Every run trained once a seed ({', '.join(str(seed) for seed in seeds)}): training loss and minutes are "
+        "means over the seeds, tokens/s their median, and each perplexity is exp of the mean loss over the "
+        "seeds, the lowest and highest seed's in brackets."
+    )
+
+
 def markdown(result: dict) -> str:
     rows = result["runs"]
     lines = [
@@ -179,7 +282,8 @@ def markdown(result: dict) -> str:
         cost_table(rows),
         balance_text(rows, result["same_tokens"])
         + (f" Device: {result['device']}." if result["device"] else "")
-        + " Training tokens count window positions, the few padding positions at document ends included.",
+        + " Training tokens count window positions, the few padding positions at document ends included."
+        + _seeds_text(result),
         "",
         "| run | steps | tokens | training loss (last steps) | tokens/s | minutes in steps |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -202,7 +306,7 @@ def markdown(result: dict) -> str:
         tokens = rows[0]["perplexity"]["buckets"][i]["tokens"]
         if not tokens:
             continue
-        cells = [f"{row['perplexity']['buckets'][i][f'ppl_{variant}']:.3f}" for _, row, variant in columns]
+        cells = [_ppl_cell(row["perplexity"]["buckets"][i], variant) for _, row, variant in columns]
         lines.append(f"| {bucket} | {tokens:,} | " + " | ".join(cells) + " |")
     lines += _segment_position_lines(columns)
     return "\n".join(lines) + "\n"
@@ -224,7 +328,7 @@ def _segment_position_lines(columns: List[tuple]) -> List[str]:
         "| --- |" + " ---: |" * len(columns),
     ]
     for i in range(k):
-        cells = [f"{row['perplexity']['segment_positions'][i][f'ppl_{variant}']:.3f}" for _, row, variant in columns]
+        cells = [_ppl_cell(row["perplexity"]["segment_positions"][i], variant) for _, row, variant in columns]
         lines.append(f"| {i + 1} of {k} | " + " | ".join(cells) + " |")
     return lines
 
@@ -251,6 +355,15 @@ def plot(result: dict, path: str) -> None:
             label=title,
         )
         colors[row["run"]] = line.get_color()
+        entries = [row["perplexity"]["buckets"][i] for i in shown]
+        if f"ppl_{variant}_lowest" in entries[0]:
+            ax.fill_between(
+                range(len(shown)),
+                [e[f"ppl_{variant}_lowest"] for e in entries],
+                [e[f"ppl_{variant}_highest"] for e in entries],
+                color=line.get_color(),
+                alpha=0.15,
+            )
     ax.set_xticks(range(len(shown)), [result["buckets"][i] for i in shown])
     ax.set_xlabel("token position in the document")
     ax.set_ylabel("perplexity per byte")
@@ -272,6 +385,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     n = sub.add_parser("runs", help="print the names of the runs")
     n.add_argument("--runs", default=RUNS_FILE, metavar="FILE")
+    s = sub.add_parser("seeds", help="check a list of seeds and print it, separated by spaces")
+    s.add_argument("seeds", metavar='"S1 S2 ..."')
     o = sub.add_parser("overrides", help="print a run's overrides for the trainer's command line")
     o.add_argument("run")
     o.add_argument("--runs", default=RUNS_FILE, metavar="FILE")
@@ -282,6 +397,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r = sub.add_parser("report", help="OUT/comparison.json and OUT/comparison.md from a finished comparison")
     r.add_argument("out", metavar="OUT")
     r.add_argument("--runs", default=RUNS_FILE, metavar="FILE")
+    r.add_argument(
+        "--seeds", default="", metavar='"S1 S2 ..."', help="the runs were trained once a seed, in OUT/seed-<seed>"
+    )
     p = sub.add_parser("plot", help="perplexity by position from comparison.json (needs matplotlib)")
     p.add_argument("result", metavar="JSON")
     p.add_argument("--out", default=None, metavar="PNG", help="default: comparison.png beside the JSON")
@@ -289,6 +407,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if a.command == "runs":
             print(" ".join(load_runs(a.runs)))
+        elif a.command == "seeds":
+            print(" ".join(str(seed) for seed in parse_seeds(a.seeds)))
         elif a.command == "overrides":
             runs = load_runs(a.runs)
             if a.run not in runs:
@@ -302,7 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ]
             print(cost_table(rows) + "\n" + balance_text(rows, len({row["tokens"] for row in rows}) == 1))
         elif a.command == "report":
-            result = report(a.out, a.runs)
+            result = report(a.out, a.runs, parse_seeds(a.seeds))
             with open(os.path.join(a.out, "comparison.json"), "w") as fh:
                 json.dump(result, fh, indent=1)
             table = markdown(result)

@@ -25,6 +25,12 @@
 # a run stopped part-way resumes from its last checkpoint: under a time limit per command, run the
 # same command again; RUNS="infini local" (say) trains and evaluates only those, and the report waits
 # until every run is done. LAUNCH is the launcher (e.g. "torchrun --nproc-per-node 2").
+#
+# SEEDS="1234 2 3" trains and evaluates every run once a seed (the config's `seed`: the initial weights;
+# the documents and their order stay those of data.seed), in OUT/seed-<seed>/RUN, and the report gives
+# each bucket's perplexity over the seeds (exp of the mean loss) with the lowest and highest seed's. At
+# small budgets the initial weights alone can move a run by more than the runs differ. Without SEEDS,
+# each run trains once with the config's seed, in OUT/RUN.
 set -euo pipefail
 
 OUT=${1:-runs/long_context}
@@ -40,36 +46,52 @@ EVAL_DOCS=${EVAL_DOCS:-4}
 EVAL_MAX_TOKENS=${EVAL_MAX_TOKENS:-262144}
 EVAL_ARGS=${EVAL_ARGS:-}
 SEGMENT_BINS=${SEGMENT_BINS:-8}
+SEEDS=$(python -m evals.long_context seeds "${SEEDS:-}")
 
 started=$(date +%s)
 if [ ! -f "$OUT/shards/heldout/index.json" ]; then
     python -m data_pipeline.corpus shards --text "$CORPUS" --out "$OUT/shards" --overwrite
 fi
-for run in $RUNS; do
-    run_overrides=$(python -m evals.long_context overrides "$run" --runs "$RUNS_FILE")
-    if [ ! -f "$OUT/$run/export/model_config.yaml" ]; then
-        echo "== training $run: $run_overrides"
-        # shellcheck disable=SC2086  # LAUNCH and the overrides are word lists
-        $LAUNCH -m training.train --config "$CONFIG" "run_dir=$OUT/$run/train" "export.dir=$OUT/$run/export" \
-            "data.sources=[{path: $OUT/shards/train}]" checkpoint.resume=auto $TRAIN_OVERRIDES $run_overrides
-    fi
-    if [ ! -f "$OUT/$run/perplexity/perplexity.json" ]; then
-        echo "== evaluating $run"
-        # shellcheck disable=SC2086  # EVAL_ARGS is a word list
-        python -m evals.perplexity --model "$OUT/$run/export" --shards "$OUT/shards/heldout" --buckets "$BUCKETS" \
-            --max-docs "$EVAL_DOCS" --max-doc-tokens "$EVAL_MAX_TOKENS" --segment-bins "$SEGMENT_BINS" \
-            --out "$OUT/$run/perplexity" $EVAL_ARGS
-    fi
+# Each seed's runs in OUT/seed-<seed> with `seed=<seed>` after TRAIN_OVERRIDES; without SEEDS, in OUT.
+roots=()
+for seed in ${SEEDS:-default}; do
+    if [ "$seed" = default ]; then roots+=("$OUT|"); else roots+=("$OUT/seed-$seed|seed=$seed"); fi
+done
+for root_seed in "${roots[@]}"; do
+    root=${root_seed%|*}
+    seed_override=${root_seed#*|}
+    for run in $RUNS; do
+        run_overrides=$(python -m evals.long_context overrides "$run" --runs "$RUNS_FILE")
+        name=${root#"$OUT"}/$run
+        if [ ! -f "$root/$run/export/model_config.yaml" ]; then
+            echo "== training ${name#/}: ${seed_override:+$seed_override }$run_overrides"
+            # shellcheck disable=SC2086  # LAUNCH and the overrides are word lists
+            $LAUNCH -m training.train --config "$CONFIG" "run_dir=$root/$run/train" "export.dir=$root/$run/export" \
+                "data.sources=[{path: $OUT/shards/train}]" checkpoint.resume=auto $TRAIN_OVERRIDES $seed_override \
+                $run_overrides
+        fi
+        if [ ! -f "$root/$run/perplexity/perplexity.json" ]; then
+            echo "== evaluating ${name#/}"
+            # shellcheck disable=SC2086  # EVAL_ARGS is a word list
+            python -m evals.perplexity --model "$root/$run/export" --shards "$OUT/shards/heldout" \
+                --buckets "$BUCKETS" --max-docs "$EVAL_DOCS" --max-doc-tokens "$EVAL_MAX_TOKENS" \
+                --segment-bins "$SEGMENT_BINS" --out "$root/$run/perplexity" $EVAL_ARGS
+        fi
+    done
 done
 left=""
-for run in $ALL_RUNS; do
-    [ -f "$OUT/$run/perplexity/perplexity.json" ] || left="$left $run"
+for root_seed in "${roots[@]}"; do
+    root=${root_seed%|*}
+    for run in $ALL_RUNS; do
+        name=${root#"$OUT"}/$run
+        [ -f "$root/$run/perplexity/perplexity.json" ] || left="$left ${name#/}"
+    done
 done
 if [ -n "$left" ]; then
     echo "not yet trained and evaluated:$left (RUNS=\"$RUNS\"); the report follows once every run is done"
     exit 0
 fi
-python -m evals.long_context report "$OUT" --runs "$RUNS_FILE"
+python -m evals.long_context report "$OUT" --runs "$RUNS_FILE" --seeds "$SEEDS"
 if python -c "import matplotlib" 2>/dev/null; then
     python -m evals.long_context plot "$OUT/comparison.json"
 else

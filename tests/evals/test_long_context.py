@@ -4,6 +4,7 @@ report, plot), a part of the runs first and then the rest, skipping what is done
 rewrites the report."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -84,6 +85,36 @@ def test_flops_cli_prints_the_same_balance(capsys):
     assert main(["flops", "--config", os.path.join(REPO, BASE_CONFIG), "--runs", os.path.join(REPO, RUNS_FILE)]) == 0
     out = capsys.readouterr().out
     assert "FLOPs per token within 5% of each other" in out and "every run trains on the same tokens" in out
+
+
+def bucket(name, tokens, **losses):
+    return {"bucket": name, "tokens": tokens, **{f"loss_{k}": v for k, v in losses.items()}}
+
+
+def test_perplexity_over_seeds_is_exp_of_the_mean_loss_with_the_extreme_seeds():
+    from evals.long_context import perplexity_over_seeds
+
+    # Per-byte losses ln 4 and ln 9: the geometric mean of the perplexities is 6, the extremes 4 and 9.
+    seed_1 = {"edges": [1024], "ablation": True, "buckets": [bucket("[0, 1K)", 10, memory=math.log(4), ablated=1.0)]}
+    seed_2 = {"edges": [1024], "ablation": True, "buckets": [bucket("[0, 1K)", 10, memory=math.log(9), ablated=2.0)]}
+    (merged,) = perplexity_over_seeds([seed_1, seed_2])["buckets"]
+    assert merged["ppl_memory"] == pytest.approx(6.0, rel=1e-12)
+    assert (merged["ppl_memory_lowest"], merged["ppl_memory_highest"]) == pytest.approx((4.0, 9.0), rel=1e-12)
+    assert merged["ppl_ablated"] == pytest.approx(math.exp(1.5), rel=1e-12) and merged["tokens"] == 10
+    other_buckets = dict(seed_2, edges=[2048])
+    with pytest.raises(ValueError, match="different buckets"):
+        perplexity_over_seeds([seed_1, other_buckets])
+
+
+def test_seeds_are_distinct_integers():
+    from evals.long_context import main, parse_seeds
+
+    assert parse_seeds("1234 2,3") == [1234, 2, 3] and parse_seeds("") == []
+    with pytest.raises(ValueError, match="'x' is not an integer"):
+        parse_seeds("1 x")
+    with pytest.raises(ValueError, match="2 appears twice"):
+        parse_seeds("2 3 2")
+    assert main(["seeds", "-1"]) == 1
 
 
 def write_corpus(path):
@@ -189,3 +220,52 @@ def test_script_runs_end_to_end_and_skips_what_is_done(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "== training" not in again.stdout and "== evaluating" not in again.stdout
     assert "wrote " + os.path.join(out, "comparison.json") in again.stdout
+
+
+@pytest.mark.slow
+def test_script_trains_every_run_once_a_seed_and_reports_over_the_seeds(tmp_path):
+    out, corpus = str(tmp_path / "out"), str(tmp_path / "corpus")
+    write_corpus(corpus)
+    runs_file = tmp_path / "runs.yaml"
+    runs_file.write_text(
+        "infini: {label: Infini-attention, overrides: []}\n"
+        "local: {label: local attention, overrides: [model.memory=false, model.learned_memory_scales=false]}\n"
+    )
+    proc = run_script(out, corpus, RUNS_FILE=str(runs_file), SEEDS="7 8")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("== training")] == [
+        "== training seed-7/infini",
+        "== training seed-7/local",
+        "== training seed-8/infini",
+        "== training seed-8/local",
+    ]
+    with open(os.path.join(out, "comparison.json")) as f:
+        result = json.load(f)
+    assert result["seeds"] == [7, 8]
+    for row in result["runs"]:
+        per_seed = []
+        for seed in (7, 8):
+            run_dir = os.path.join(out, f"seed-{seed}", row["run"])
+            assert load_config(os.path.join(run_dir, "train", "config.yaml")).seed == seed
+            with open(os.path.join(run_dir, "perplexity", "perplexity.json")) as f:
+                per_seed.append(json.load(f)["buckets"])
+        # Other initial weights, other losses; the same held-out tokens.
+        assert per_seed[0][0]["loss_memory"] != per_seed[1][0]["loss_memory"]
+        for i, merged in enumerate(row["perplexity"]["buckets"]):
+            losses = [buckets[i]["loss_memory"] for buckets in per_seed]
+            assert merged["tokens"] == per_seed[0][i]["tokens"] == per_seed[1][i]["tokens"]
+            assert merged["ppl_memory"] == pytest.approx(math.exp(sum(losses) / 2), rel=1e-12)
+            assert merged["ppl_memory_lowest"] == pytest.approx(math.exp(min(losses)), rel=1e-12)
+            assert merged["ppl_memory_highest"] == pytest.approx(math.exp(max(losses)), rel=1e-12)
+        assert [s["seed"] for s in row["seeds"]] == [7, 8]
+    report = open(os.path.join(out, "comparison.md")).read()
+    assert "Every run trained once a seed (7, 8)" in report
+    first = result["runs"][0]["perplexity"]["buckets"][0]
+    cell = f"{first['ppl_memory']:.3f} ({first['ppl_memory_lowest']:.3f}-{first['ppl_memory_highest']:.3f})"
+    assert cell in report
+    assert os.path.getsize(os.path.join(out, "comparison.png")) > 0  # each line with its seeds' band
+
+    again = run_script(out, corpus, RUNS_FILE=str(runs_file), SEEDS="7 8")
+    assert again.returncode == 0 and "== training" not in again.stdout and "== evaluating" not in again.stdout
+    bad = run_script(out, corpus, RUNS_FILE=str(runs_file), SEEDS="7 seven")
+    assert bad.returncode != 0 and "'seven' is not an integer" in bad.stderr
