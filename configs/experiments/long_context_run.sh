@@ -52,14 +52,13 @@ started=$(date +%s)
 if [ ! -f "$OUT/shards/heldout/index.json" ]; then
     python -m data_pipeline.corpus shards --text "$CORPUS" --out "$OUT/shards" --overwrite
 fi
-# Each seed's runs in OUT/seed-<seed> with `seed=<seed>` after TRAIN_OVERRIDES; without SEEDS, in OUT.
-roots=()
+# A seed's runs go to OUT/seed-<seed>, trained with `seed=<seed>` after TRAIN_OVERRIDES; without SEEDS,
+# to OUT with the config's seed.
+seed_root() { if [ "$1" = default ]; then echo "$OUT"; else echo "$OUT/seed-$1"; fi; }
 for seed in ${SEEDS:-default}; do
-    if [ "$seed" = default ]; then roots+=("$OUT|"); else roots+=("$OUT/seed-$seed|seed=$seed"); fi
-done
-for root_seed in "${roots[@]}"; do
-    root=${root_seed%|*}
-    seed_override=${root_seed#*|}
+    root=$(seed_root "$seed")
+    seed_override=""
+    [ "$seed" = default ] || seed_override="seed=$seed"
     for run in $RUNS; do
         run_overrides=$(python -m evals.long_context overrides "$run" --runs "$RUNS_FILE")
         name=${root#"$OUT"}/$run
@@ -80,8 +79,8 @@ for root_seed in "${roots[@]}"; do
     done
 done
 left=""
-for root_seed in "${roots[@]}"; do
-    root=${root_seed%|*}
+for seed in ${SEEDS:-default}; do
+    root=$(seed_root "$seed")
     for run in $ALL_RUNS; do
         name=${root#"$OUT"}/$run
         [ -f "$root/$run/perplexity/perplexity.json" ] || left="$left ${name#/}"

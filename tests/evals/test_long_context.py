@@ -227,17 +227,12 @@ def test_script_trains_every_run_once_a_seed_and_reports_over_the_seeds(tmp_path
     out, corpus = str(tmp_path / "out"), str(tmp_path / "corpus")
     write_corpus(corpus)
     runs_file = tmp_path / "runs.yaml"
-    runs_file.write_text(
-        "infini: {label: Infini-attention, overrides: []}\n"
-        "local: {label: local attention, overrides: [model.memory=false, model.learned_memory_scales=false]}\n"
-    )
+    runs_file.write_text("infini: {label: Infini-attention, overrides: []}\n")
     proc = run_script(out, corpus, RUNS_FILE=str(runs_file), SEEDS="7 8")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("== training")] == [
         "== training seed-7/infini",
-        "== training seed-7/local",
         "== training seed-8/infini",
-        "== training seed-8/local",
     ]
     with open(os.path.join(out, "comparison.json")) as f:
         result = json.load(f)
