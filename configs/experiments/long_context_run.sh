@@ -55,19 +55,22 @@ fi
 # A seed's runs go to OUT/seed-<seed>, trained with `seed=<seed>` after TRAIN_OVERRIDES; without SEEDS,
 # to OUT with the config's seed.
 seed_root() { if [ "$1" = default ]; then echo "$OUT"; else echo "$OUT/seed-$1"; fi; }
+declare -A run_overrides
+for run in $RUNS; do
+    run_overrides[$run]=$(python -m evals.long_context overrides "$run" --runs "$RUNS_FILE")
+done
 for seed in ${SEEDS:-default}; do
     root=$(seed_root "$seed")
     seed_override=""
     [ "$seed" = default ] || seed_override="seed=$seed"
     for run in $RUNS; do
-        run_overrides=$(python -m evals.long_context overrides "$run" --runs "$RUNS_FILE")
         name=${root#"$OUT"}/$run
         if [ ! -f "$root/$run/export/model_config.yaml" ]; then
-            echo "== training ${name#/}: ${seed_override:+$seed_override }$run_overrides"
+            echo "== training ${name#/}: ${seed_override:+$seed_override }${run_overrides[$run]}"
             # shellcheck disable=SC2086  # LAUNCH and the overrides are word lists
             $LAUNCH -m training.train --config "$CONFIG" "run_dir=$root/$run/train" "export.dir=$root/$run/export" \
                 "data.sources=[{path: $OUT/shards/train}]" checkpoint.resume=auto $TRAIN_OVERRIDES $seed_override \
-                $run_overrides
+                ${run_overrides[$run]}
         fi
         if [ ! -f "$root/$run/perplexity/perplexity.json" ]; then
             echo "== evaluating ${name#/}"
