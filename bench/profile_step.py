@@ -5,13 +5,16 @@
 Builds the trainer in-process for one of bench/throughput.py's one-process cases (its run config, e.g.
 configs/gpu_1.3b.yaml, with the bench's settings), runs warm-up steps, then profiles the next steps and
 prints two tables: GPU time by kernel category (matmul, attention, memory read/write math, optimizer,
-copies, communication...) with the share of the step's wall time the GPU sat idle, and the top
-kernels. The chrome trace goes to DIR/trace.json. Overrides (key=value) go to the run config.
+copies, communication...) with the share of the step's wall time the GPU sat idle, the top kernels,
+and where the idle time falls: the host-side operator that launched the kernel after each gap, and
+the host synchronisations that drain the GPU's queue. The chrome trace goes to DIR/trace.json.
+Overrides (key=value) go to the run config.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -20,6 +23,7 @@ from collections import defaultdict
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
@@ -46,6 +50,69 @@ def category(name: str) -> str:
         if re.search(pattern, lowered):
             return label
     return "other"
+
+
+GPU_WORK = {"kernel", "gpu_memcpy", "gpu_memset"}
+# Gaps shorter than this are the launch cadence of back-to-back kernels, not idle time worth naming.
+MIN_GAP_US = 20.0
+
+
+def _enclosing_ops(host_ops: dict, tid, ts: float) -> str:
+    """The host operators on thread ``tid`` that enclose time ``ts``, outermost first: the outer two and
+    the innermost (where the launch or synchronisation happened)."""
+    starts, ends, names = host_ops.get(tid, (np.empty(0), np.empty(0), []))
+    inside = np.flatnonzero((starts <= ts) & (ends >= ts))
+    chain = [names[i] for i in inside[np.argsort(starts[inside], kind="stable")]]
+    chain = list(dict.fromkeys(chain))
+    if len(chain) > 3:
+        chain = chain[:2] + chain[-1:]
+    return " > ".join(chain) if chain else "(no host operator)"
+
+
+def idle_breakdown(trace_path: str, steps: int, top: int) -> tuple[list, list]:
+    """From a chrome trace: the GPU's idle gaps between its first and last work, grouped by the host
+    operators that launched the work after each gap; and the host synchronisations (stream, event and
+    device synchronise calls, blocking copies) grouped by the operators that made them. Rows are
+    (where, count per step, ms per step), largest first."""
+    with open(trace_path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    work = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e.get("args", {}).get("correlation"))
+        for e in events
+        if e.get("cat") in GPU_WORK
+    )
+    runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
+    launches = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
+    grouped = defaultdict(list)
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation"):
+            grouped[e["tid"]].append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"]))
+    host_ops = {
+        tid: (np.array([o[0] for o in ops]), np.array([o[1] for o in ops]), [o[2] for o in ops])
+        for tid, ops in grouped.items()
+    }
+    gaps = defaultdict(lambda: [0, 0.0])
+    busy_until = work[0][1] if work else 0.0
+    for start, end, correlation in work[1:]:
+        if start - busy_until > MIN_GAP_US:
+            launch = launches.get(correlation)
+            where = _enclosing_ops(host_ops, launch["tid"], float(launch["ts"])) if launch else "(unknown launch)"
+            gaps[where][0] += 1
+            gaps[where][1] += start - busy_until
+        busy_until = max(busy_until, end)
+    syncs = defaultdict(lambda: [0, 0.0])
+    for e in runtime:
+        name = e.get("name", "")
+        if "Synchronize" in name or name == "cudaMemcpy":
+            where = _enclosing_ops(host_ops, e["tid"], float(e["ts"]))
+            syncs[where][0] += 1
+            syncs[where][1] += float(e.get("dur", 0))
+
+    def rows(table):
+        ranked = sorted(table.items(), key=lambda kv: -kv[1][1])[:top]
+        return [(where, count / steps, total / 1e3 / steps) for where, (count, total) in ranked]
+
+    return rows(gaps), rows(syncs)
 
 
 def main(argv=None) -> int:
@@ -97,6 +164,18 @@ def main(argv=None) -> int:
             f"| {event.self_device_time_total / 1e3 / args.steps:,.2f} | "
             f"{category(event.key)} |"
         )
+    gaps, syncs = idle_breakdown(os.path.join(args.out, "trace.json"), args.steps, args.top)
+    print(
+        f"\nIdle gaps of over {MIN_GAP_US:.0f} us between the first and the last GPU work, by the host operators that "
+        "launched the work after the gap (outermost > innermost):"
+    )
+    print("\n| launched by | gaps per step | idle ms per step |\n| --- | ---: | ---: |")
+    for where, count, ms in gaps:
+        print(f"| {where[:120]} | {count:,.1f} | {ms:,.2f} |")
+    print("\nHost synchronisations (the host waits for the GPU, whose queue then runs dry):")
+    print("\n| made in | calls per step | host ms waiting per step |\n| --- | ---: | ---: |")
+    for where, count, ms in syncs:
+        print(f"| {where[:120]} | {count:,.1f} | {ms:,.2f} |")
     return 0
 
 
