@@ -1,6 +1,7 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps of the real trainer.
 
-    python bench/profile_step.py --case infini-1.3b [--warmup 3] [--steps 2] [--out DIR] [key=value ...]
+    python bench/profile_step.py --case infini-1.3b [--warmup 3] [--steps 2] [--out DIR] [--anchor PATH]
+        [key=value ...]
 
 Builds the trainer in-process for one of bench/throughput.py's one-process cases (its run config, e.g.
 configs/gpu_1.3b.yaml, with the bench's settings), runs warm-up steps, then profiles the next steps and
@@ -8,7 +9,9 @@ prints two tables: GPU time by kernel category (matmul, attention, memory read/w
 copies, communication...) with the share of the step's wall time the GPU sat idle, the top kernels,
 and where the idle time falls: the host-side operator that launched the kernel after each gap, and
 the host synchronisations that drain the GPU's queue. The chrome trace goes to DIR/trace.json.
-Overrides (key=value) go to the run config.
+Overrides (key=value) go to the run config. With --anchor (the baseline script's path), the baseline at
+the case's shape is profiled first (bench/profile_anchor.py, its own process), and a last table puts
+both side by side in GPU time per 1,000 tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 from collections import defaultdict
 
@@ -27,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.throughput import CASES, case_run  # noqa: E402
+from bench.throughput import CASES, anchor_shape, case_run  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.train import Trainer  # noqa: E402
 
@@ -50,6 +54,41 @@ def category(name: str) -> str:
         if re.search(pattern, lowered):
             return label
     return "other"
+
+
+def time_by_category(prof, steps: int) -> dict:
+    """GPU ms per step by kernel category, from a finished torch.profiler run over ``steps`` steps."""
+    by_category = defaultdict(float)
+    for event in prof.key_averages():
+        if event.device_time_total > 0 and event.device_type.name != "CPU":
+            by_category[category(event.key)] += event.self_device_time_total / 1e3 / steps
+    return dict(by_category)
+
+
+def profile_baseline(anchor: str, shape: str, warmup: int, steps: int, out_dir: str) -> dict:
+    """bench/profile_anchor.py's result for the baseline script at ``shape``, run in its own process so
+    that its GPU memory is free again before the trainer starts."""
+    result_path = os.path.join(out_dir, f"anchor-{shape}.json")
+    command = [sys.executable, os.path.join(REPO, "bench", "profile_anchor.py"), "--anchor", anchor]
+    command += ["--shape", shape, "--warmup", str(warmup), "--steps", str(steps), "--json", result_path]
+    subprocess.run(command, check=True)
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def side_by_side(ours: dict, ours_tokens: float, baseline: dict) -> list[str]:
+    """Markdown rows: GPU us per 1,000 tokens by category for ours and the baseline, and the difference."""
+    rows = ["| category | ours, us per 1K tokens | baseline | ours - baseline |", "| --- | ---: | ---: | ---: |"]
+    per_k_ours = {label: 1e6 * ms / ours_tokens for label, ms in ours.items()}
+    per_k_base = {label: 1e6 * ms / baseline["tokens"] for label, ms in baseline["categories"].items()}
+    labels = sorted(set(per_k_ours) | set(per_k_base), key=lambda label: -per_k_ours.get(label, 0.0))
+    for label in labels + ["total"]:
+        if label == "total":
+            a, b = sum(per_k_ours.values()), sum(per_k_base.values())
+        else:
+            a, b = per_k_ours.get(label, 0.0), per_k_base.get(label, 0.0)
+        rows.append(f"| {label} | {a:,.1f} | {b:,.1f} | {a - b:+,.1f} |")
+    return rows
 
 
 GPU_WORK = {"kernel", "gpu_memcpy", "gpu_memset"}
@@ -123,39 +162,48 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", default="runs/profile")
+    parser.add_argument("--anchor", help="the baseline script's path: profile it too, at the case's shape")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     config, _, overrides = case_run(args.case, f"{args.out}/run", args.warmup + args.steps, args.overrides)
-    trainer = Trainer(load_config(config, overrides))
+    cfg = load_config(config, overrides)
+    baseline = None
+    if args.anchor:
+        shape = anchor_shape(cfg.model)
+        if shape is None:
+            raise SystemExit(f"--anchor: the baseline script has no shape like --case {args.case}'s model")
+        baseline = profile_baseline(args.anchor, shape, args.warmup, args.steps, args.out)
+    trainer = Trainer(cfg)
     batches = iter(trainer.train_loader)
     for _ in range(args.warmup):
         trainer.train_step(next(batches))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     step_seconds = 0.0
+    step_tokens = 0.0
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
             metrics = trainer.train_step(next(batches))
             step_seconds += metrics["step_time_s"]
+            step_tokens += metrics["tokens_per_s"] * metrics["step_time_s"] / args.steps
     # The steps' own time (each ends on a device synchronise), not the profiler's start and stop.
     wall_us = step_seconds * 1e6
     trainer.close()
     prof.export_chrome_trace(os.path.join(args.out, "trace.json"))
 
     device_events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name != "CPU"]
-    by_category = defaultdict(float)
-    for event in device_events:
-        by_category[category(event.key)] += event.self_device_time_total
-    busy = sum(by_category.values())
+    by_category = time_by_category(prof, args.steps)
+    wall_ms = wall_us / 1e3 / args.steps
+    idle_ms = wall_ms - sum(by_category.values())
     print(
         f"\n{args.case}: {args.steps} profiled steps, wall {wall_us / 1e6:.2f} s, last step "
         f"{metrics['tokens_per_s']:,.0f} tokens/s, MFU {100 * (metrics['mfu'] or 0):.1f}%"
     )
     print("\n| category | GPU ms per step | share of wall |")
     print("| --- | ---: | ---: |")
-    for label, total in sorted(by_category.items(), key=lambda kv: -kv[1]):
-        print(f"| {label} | {total / 1e3 / args.steps:,.1f} | {100 * total / wall_us:.1f}% |")
-    print(f"| GPU idle | {(wall_us - busy) / 1e3 / args.steps:,.1f} | {100 * (wall_us - busy) / wall_us:.1f}% |")
+    for label, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        print(f"| {label} | {ms:,.1f} | {100 * ms / wall_ms:.1f}% |")
+    print(f"| GPU idle | {idle_ms:,.1f} | {100 * idle_ms / wall_ms:.1f}% |")
     print("\n| top kernels | calls per step | GPU ms per step | category |")
     print("| --- | ---: | ---: | --- |")
     for event in sorted(device_events, key=lambda e: -e.self_device_time_total)[: args.top]:
@@ -176,6 +224,9 @@ def main(argv=None) -> int:
     print("\n| made in | calls per step | host ms waiting per step |\n| --- | ---: | ---: |")
     for where, count, ms in syncs:
         print(f"| {where[:120]} | {count:,.1f} | {ms:,.2f} |")
+    if baseline is not None:
+        print(f"\nBeside the baseline ({baseline['tokens']:,} tokens a step; ours {step_tokens:,.0f}):\n")
+        print("\n".join(side_by_side(by_category, step_tokens, baseline)))
     return 0
 
 

@@ -1,11 +1,17 @@
-"""bench/profile_step.py's idle breakdown on a hand-made chrome trace: which gaps count, whom they are
-charged to, and which host calls count as synchronisations."""
+"""bench/profile_step.py's idle breakdown on a hand-made chrome trace (which gaps count, whom they are
+charged to, which host calls count as synchronisations), its table beside the baseline, and
+bench/profile_anchor.py running the baseline script's model."""
 
 import json
+import os
 
 import pytest
 
-from bench.profile_step import idle_breakdown
+from bench.profile_anchor import profile_anchor
+from bench.profile_step import idle_breakdown, side_by_side
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ANCHOR = os.path.join(REPO, "..", "shared", "bench", "anchor_bench.py")
 
 
 def op(name, ts, dur, tid=1, cat="cpu_op"):
@@ -85,3 +91,26 @@ def test_synchronisations_are_named_by_their_operators(trace):
         ("step > aten::item > aten::_local_scalar_dense", 1, pytest.approx(0.080)),
         ("(no host operator)", 1, pytest.approx(0.050)),
     ]
+
+
+def test_side_by_side_compares_per_thousand_tokens():
+    ours = {"matmul": 600.0, "copy / cast": 90.0}  # ms a step of 300,000 tokens
+    baseline = {"tokens": 16384, "categories": {"matmul": 32.768, "optimizer": 1.6384}}
+    rows = side_by_side(ours, 300_000, baseline)
+    assert rows[2:] == [
+        "| matmul | 2,000.0 | 2,000.0 | +0.0 |",
+        "| copy / cast | 300.0 | 0.0 | +300.0 |",
+        "| optimizer | 0.0 | 100.0 | -100.0 |",
+        "| total | 2,300.0 | 2,100.0 | +200.0 |",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(ANCHOR), reason="the baseline script is not on this machine")
+def test_profile_anchor_runs_the_baseline_model(monkeypatch):
+    monkeypatch.setenv("ANCHOR_MB", "1")
+    result = profile_anchor(ANCHOR, "125m", warmup=1, steps=1, seq=16)
+    assert result["tokens"] == 16
+    assert result["wall_ms"] > 0
+    # On the CPU no kernel runs on a device; on a GPU every category's time is positive.
+    assert all(ms > 0 for ms in result["categories"].values())
