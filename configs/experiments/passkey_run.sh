@@ -26,8 +26,10 @@
 #    exported to OUT/export_main) for LONG_STEPS steps or LONG_MINUTES (OUT/train_long) with
 #    LONG_OVERRIDES after TRAIN_OVERRIDES, and exported to OUT/export. Phase 2's documents fit in one
 #    window, so nothing in its loss asks the memory to hold a needle over later windows' writes; at CPU
-#    size such a phase held retrieval out to 128K where more short documents did not
-#    (docs/long-context.md).
+#    size such a phase held retrieval out to 128K where more short documents did not; on an H100 it left
+#    512K and 1M where phase 2 had them and lost the needle in the answer's own segment
+#    (docs/long-context.md). LONG_MIX (default 0) is the share of phase 3's documents drawn from phase
+#    2's (OUT/data), so that a needle still shares its question's window often enough to stay learned.
 # 3. Passkey retrieval at LENGTHS x DEPTHS, TRIALS prompts each, with the memory and with the gates
 #    forced local (OUT/passkey, OUT/passkey_ablated: JSON, markdown, heatmap); EVAL_ARGS go to both.
 #    The memory is read as the model learned to (the config's model.learned_memory_scales); evaluation
@@ -65,6 +67,7 @@ LONG_STEPS=${LONG_STEPS:-1000}
 LONG_DOCS=${LONG_DOCS:-2000}
 LONG_MIN_LEN=${LONG_MIN_LEN:-16384}
 LONG_MAX_LEN=${LONG_MAX_LEN:-65536}
+LONG_MIX=${LONG_MIX:-0}
 LONG_OVERRIDES=${LONG_OVERRIDES:-}
 TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
 LAUNCH=${LAUNCH:-python}
@@ -73,6 +76,17 @@ DEPTHS=${DEPTHS:-0,25,50,75,100}
 TRIALS=${TRIALS:-10}
 BATCH=${BATCH:-16}
 EVAL_ARGS=${EVAL_ARGS:-}
+
+# Phase 3's documents, with LONG_MIX of them drawn from phase 2's; checked before anything runs.
+long_sources="[{path: $OUT/data_long/shards}]"
+if [ "$LONG_MIX" != 0 ]; then
+    if ! python -c "import sys; sys.exit(not 0 < float(sys.argv[1]) < 1)" "$LONG_MIX" 2>/dev/null; then
+        echo "LONG_MIX=$LONG_MIX: must be a share between 0 and 1 (0: phase 3 on its own documents only)" >&2
+        exit 2
+    fi
+    long_sources="[{path: $OUT/data_long/shards, weight: $(python -c "print(1 - $LONG_MIX)")}, \
+{path: $OUT/data/shards, weight: $LONG_MIX}]"
+fi
 
 started=$(date +%s)
 resumed=false
@@ -122,7 +136,7 @@ if [ "$LONG_MINUTES" != 0 ] && [ ! -f "$OUT/export/model_config.yaml" ]; then
     fi
     # shellcheck disable=SC2086
     $LAUNCH -m training.train --config "$CONFIG" "export.dir=$OUT/export" "schedule.max_minutes=$LONG_MINUTES" \
-        "run_dir=$OUT/train_long" "data.sources=[{path: $OUT/data_long/shards}]" "schedule.steps=$LONG_STEPS" \
+        "run_dir=$OUT/train_long" "data.sources=$long_sources" "schedule.steps=$LONG_STEPS" \
         checkpoint.resume=auto "checkpoint.init_from=$main_export" $TRAIN_OVERRIDES $LONG_OVERRIDES
 fi
 trained=$(date +%s)

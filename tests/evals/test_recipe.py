@@ -1,6 +1,6 @@
 """The passkey recipe script end to end at CPU size: data, TP2 x PP2 training under torchrun (a
 short-document phase, then the long documents from its export, then documents of several windows
-from that one's) with learned memory scales, export,
+from that one's, mixed with a share of the long ones) with learned memory scales, export,
 passkey with and without memory, the report; run again, it skips what is finished; and the checkpoint
 merged on one device equals the export."""
 
@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from evals.passkey import HEADER
 from modeling.export import read_export
@@ -55,6 +56,7 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
         LONG_DOCS="16",
         LONG_MIN_LEN="1100",
         LONG_MAX_LEN="1500",
+        LONG_MIX="0.25",
         LENGTHS="256,1k",
         DEPTHS="0,100",
         TRIALS="2",
@@ -85,6 +87,12 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
     with open(os.path.join(out, "data_long", "passkey.jsonl")) as f:
         # Windows of 8 segments of 64: each document spans two or three of them.
         assert all(1100 <= len(json.loads(line)["text"].encode()) < 1500 for line in f)
+    # A quarter of phase 3's documents come from phase 2's.
+    long_sources = OmegaConf.load(os.path.join(out, "train_long", "config.yaml")).data.sources
+    assert [(s.path, s.weight) for s in long_sources] == [
+        (f"{out}/data_long/shards", 0.75),
+        (f"{out}/data/shards", 0.25),
+    ]
     with open(os.path.join(out, "data_short", "passkey.jsonl")) as f:
         short_docs = [json.loads(line)["text"] for line in f]
     # The default short documents: headerless, with three distractors each.
