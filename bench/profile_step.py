@@ -76,18 +76,22 @@ def profile_baseline(anchor: str, shape: str, warmup: int, steps: int, out_dir: 
         return json.load(f)
 
 
-def side_by_side(ours: dict, ours_tokens: float, baseline: dict) -> list[str]:
-    """Markdown rows: GPU us per 1,000 tokens by category for ours and the baseline, and the difference."""
+def side_by_side(ours: dict, ours_tokens: float, ours_wall_ms: float, baseline: dict) -> list[str]:
+    """Markdown rows: GPU us per 1,000 tokens by category for ours and the baseline and the difference, then
+    the GPU's busy total, its idle time and the step's wall time on the same scale."""
     rows = ["| category | ours, us per 1K tokens | baseline | ours - baseline |", "| --- | ---: | ---: | ---: |"]
     per_k_ours = {label: 1e6 * ms / ours_tokens for label, ms in ours.items()}
     per_k_base = {label: 1e6 * ms / baseline["tokens"] for label, ms in baseline["categories"].items()}
+    wall_ours, wall_base = 1e6 * ours_wall_ms / ours_tokens, 1e6 * baseline["wall_ms"] / baseline["tokens"]
+    busy_ours, busy_base = sum(per_k_ours.values()), sum(per_k_base.values())
     labels = sorted(set(per_k_ours) | set(per_k_base), key=lambda label: -per_k_ours.get(label, 0.0))
-    for label in labels + ["total"]:
-        if label == "total":
-            a, b = sum(per_k_ours.values()), sum(per_k_base.values())
-        else:
-            a, b = per_k_ours.get(label, 0.0), per_k_base.get(label, 0.0)
-        rows.append(f"| {label} | {a:,.1f} | {b:,.1f} | {a - b:+,.1f} |")
+    pairs = [(label, per_k_ours.get(label, 0.0), per_k_base.get(label, 0.0)) for label in labels]
+    pairs += [
+        ("GPU busy", busy_ours, busy_base),
+        ("GPU idle", wall_ours - busy_ours, wall_base - busy_base),
+        ("step (wall)", wall_ours, wall_base),
+    ]
+    rows += [f"| {label} | {a:,.1f} | {b:,.1f} | {a - b:+,.1f} |" for label, a, b in pairs]
     return rows
 
 
@@ -226,7 +230,7 @@ def main(argv=None) -> int:
         print(f"| {where[:120]} | {count:,.1f} | {ms:,.2f} |")
     if baseline is not None:
         print(f"\nBeside the baseline ({baseline['tokens']:,} tokens a step; ours {step_tokens:,.0f}):\n")
-        print("\n".join(side_by_side(by_category, step_tokens, baseline)))
+        print("\n".join(side_by_side(by_category, step_tokens, wall_ms, baseline)))
     return 0
 
 

@@ -94,14 +94,16 @@ def test_synchronisations_are_named_by_their_operators(trace):
 
 
 def test_side_by_side_compares_per_thousand_tokens():
-    ours = {"matmul": 600.0, "copy / cast": 90.0}  # ms a step of 300,000 tokens
-    baseline = {"tokens": 16384, "categories": {"matmul": 32.768, "optimizer": 1.6384}}
-    rows = side_by_side(ours, 300_000, baseline)
+    ours = {"matmul": 600.0, "copy / cast": 90.0}  # ms a step of 300,000 tokens, 720 ms of wall time
+    baseline = {"tokens": 16384, "wall_ms": 40.96, "categories": {"matmul": 32.768, "optimizer": 1.6384}}
+    rows = side_by_side(ours, 300_000, 720.0, baseline)
     assert rows[2:] == [
         "| matmul | 2,000.0 | 2,000.0 | +0.0 |",
         "| copy / cast | 300.0 | 0.0 | +300.0 |",
         "| optimizer | 0.0 | 100.0 | -100.0 |",
-        "| total | 2,300.0 | 2,100.0 | +200.0 |",
+        "| GPU busy | 2,300.0 | 2,100.0 | +200.0 |",
+        "| GPU idle | 100.0 | 400.0 | -300.0 |",
+        "| step (wall) | 2,400.0 | 2,500.0 | -100.0 |",
     ]
 
 
