@@ -5,7 +5,7 @@
 
 Builds the trainer in-process for one of bench/throughput.py's one-process cases (its run config, e.g.
 configs/gpu_1.3b.yaml, with the bench's settings), runs warm-up steps, then profiles the next steps and
-prints two tables: GPU time by kernel category (matmul, attention, memory read/write math, optimizer,
+prints tables: GPU time by kernel category (matmul, attention, memory read/write math, optimizer,
 copies, communication...) with the share of the step's wall time the GPU sat idle, the top kernels,
 and where the idle time falls: the host-side operator that launched the kernel after each gap, and
 the host synchronisations that drain the GPU's queue. The chrome trace goes to DIR/trace.json.
