@@ -17,7 +17,9 @@ from tests.distributed import run_distributed
 from tests.training.helpers import losses_worker, train_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS = 20
+# Long enough that a USR1 sent after the first step lands before the last: at 20 steps a job once
+# finished before the signal reached it.
+STEPS = 60
 HEATMAP_INTERVAL = 4
 pytestmark = pytest.mark.slow
 
