@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.profile_step import time_by_category  # noqa: E402
+from bench.profile_step import category_table, time_by_category  # noqa: E402
 from bench.throughput import ANCHOR_SHAPES  # noqa: E402
 
 
@@ -98,13 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     result = profile_anchor(args.anchor, args.shape, args.warmup, args.steps, args.seq)
-    busy = sum(result["categories"].values())
-    print(f"\nbaseline {args.shape}: {result['tokens']:,} tokens a step, {result['wall_ms']:,.1f} ms a step")
-    print("\n| category | GPU ms per step | share of wall |\n| --- | ---: | ---: |")
-    for label, ms in sorted(result["categories"].items(), key=lambda kv: -kv[1]):
-        print(f"| {label} | {ms:,.1f} | {100 * ms / result['wall_ms']:.1f}% |")
-    idle = result["wall_ms"] - busy
-    print(f"| GPU idle | {idle:,.1f} | {100 * idle / result['wall_ms']:.1f}% |")
+    print(f"\nbaseline {args.shape}: {result['tokens']:,} tokens a step, {result['wall_ms']:,.1f} ms a step\n")
+    print("\n".join(category_table(result["categories"], result["wall_ms"])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f)

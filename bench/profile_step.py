@@ -65,6 +65,17 @@ def time_by_category(prof, steps: int) -> dict:
     return dict(by_category)
 
 
+def category_table(by_category: dict, wall_ms: float) -> list[str]:
+    """Markdown rows: GPU ms per step by category, largest first, with each one's share of the step's wall
+    time, and the rest of the wall time as the GPU's idle."""
+    rows = ["| category | GPU ms per step | share of wall |", "| --- | ---: | ---: |"]
+    for label, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        rows.append(f"| {label} | {ms:,.1f} | {100 * ms / wall_ms:.1f}% |")
+    idle_ms = wall_ms - sum(by_category.values())
+    rows.append(f"| GPU idle | {idle_ms:,.1f} | {100 * idle_ms / wall_ms:.1f}% |")
+    return rows
+
+
 def profile_baseline(anchor: str, shape: str, warmup: int, steps: int, out_dir: str) -> dict:
     """bench/profile_anchor.py's result for the baseline script at ``shape``, run in its own process so
     that its GPU memory is free again before the trainer starts."""
@@ -184,12 +195,11 @@ def main(argv=None) -> int:
         trainer.train_step(next(batches))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     step_seconds = 0.0
-    step_tokens = 0.0
+    step_tokens = cfg.data.global_lanes * trainer.window
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
             metrics = trainer.train_step(next(batches))
             step_seconds += metrics["step_time_s"]
-            step_tokens += metrics["tokens_per_s"] * metrics["step_time_s"] / args.steps
     # The steps' own time (each ends on a device synchronise), not the profiler's start and stop.
     wall_us = step_seconds * 1e6
     trainer.close()
@@ -198,16 +208,11 @@ def main(argv=None) -> int:
     device_events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name != "CPU"]
     by_category = time_by_category(prof, args.steps)
     wall_ms = wall_us / 1e3 / args.steps
-    idle_ms = wall_ms - sum(by_category.values())
     print(
         f"\n{args.case}: {args.steps} profiled steps, wall {wall_us / 1e6:.2f} s, last step "
         f"{metrics['tokens_per_s']:,.0f} tokens/s, MFU {100 * (metrics['mfu'] or 0):.1f}%"
     )
-    print("\n| category | GPU ms per step | share of wall |")
-    print("| --- | ---: | ---: |")
-    for label, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
-        print(f"| {label} | {ms:,.1f} | {100 * ms / wall_ms:.1f}% |")
-    print(f"| GPU idle | {idle_ms:,.1f} | {100 * idle_ms / wall_ms:.1f}% |")
+    print("\n" + "\n".join(category_table(by_category, wall_ms)))
     print("\n| top kernels | calls per step | GPU ms per step | category |")
     print("| --- | ---: | ---: | --- |")
     for event in sorted(device_events, key=lambda e: -e.self_device_time_total)[: args.top]:

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from bench.profile_anchor import profile_anchor
-from bench.profile_step import idle_breakdown, side_by_side
+from bench.profile_step import category_table, idle_breakdown, side_by_side
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ANCHOR = os.path.join(REPO, "..", "shared", "bench", "anchor_bench.py")
@@ -104,6 +104,14 @@ def test_side_by_side_compares_per_thousand_tokens():
         "| GPU busy | 2,300.0 | 2,100.0 | +200.0 |",
         "| GPU idle | 100.0 | 400.0 | -300.0 |",
         "| step (wall) | 2,400.0 | 2,500.0 | -100.0 |",
+    ]
+
+
+def test_category_table_gives_shares_of_the_wall_and_the_idle_rest():
+    assert category_table({"matmul": 60.0, "attention (SDPA)": 25.0}, 100.0)[2:] == [
+        "| matmul | 60.0 | 60.0% |",
+        "| attention (SDPA) | 25.0 | 25.0% |",
+        "| GPU idle | 15.0 | 15.0% |",
     ]
 
 
