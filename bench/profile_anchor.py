@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.profile_step import category_table, time_by_category  # noqa: E402
+from bench.profile_step import category_table, matmul_shapes, matmul_table, time_by_category  # noqa: E402
 from bench.throughput import ANCHOR_SHAPES  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def profile_anchor(path: str, shape: str, warmup: int, steps: int, seq: int = 20
             step()
         if cuda:
             torch.cuda.synchronize()
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             started = time.perf_counter()
             for _ in range(steps):
                 step()
@@ -85,6 +85,7 @@ def profile_anchor(path: str, shape: str, warmup: int, steps: int, seq: int = 20
         "tokens": anchor.MB * seq,
         "wall_ms": 1e3 * wall_s / steps,
         "categories": time_by_category(prof, steps),
+        "matmuls": matmul_shapes(prof, steps, top=25),
     }
 
 
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
     result = profile_anchor(args.anchor, args.shape, args.warmup, args.steps, args.seq)
     print(f"\nbaseline {args.shape}: {result['tokens']:,} tokens a step, {result['wall_ms']:,.1f} ms a step\n")
     print("\n".join(category_table(result["categories"], result["wall_ms"])))
+    print("\nMatrix products by input shape:\n")
+    print("\n".join(matmul_table(result["matmuls"])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f)

@@ -7,8 +7,10 @@ Builds the trainer in-process for one of bench/throughput.py's one-process cases
 configs/gpu_1.3b.yaml, with the bench's settings), runs warm-up steps, then profiles the next steps and
 prints tables: GPU time by kernel category (matmul, attention, memory read/write math, optimizer,
 copies, communication...) with the share of the step's wall time the GPU sat idle, the top kernels,
-and where the idle time falls: the host-side operator that launched the kernel after each gap, and
-the host synchronisations that drain the GPU's queue. The chrome trace goes to DIR/trace.json.
+the matrix products by input shape with their rates (those the trace records shapes for: not the ones
+inside compiled graphs), Python's garbage collections, and where the idle time falls: the host-side
+operator that launched the kernel after each gap, the largest gaps with what the host was in
+meanwhile, and the host synchronisations that drain the GPU's queue. The chrome trace goes to DIR/trace.json.
 Overrides (key=value) go to the run config. With --anchor (the baseline script's path), the baseline at
 the case's shape is profiled first (bench/profile_anchor.py, its own process), and a last table puts
 both side by side in GPU time per 1,000 tokens.
@@ -17,18 +19,22 @@ both side by side in GPU time per 1,000 tokens.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.autograd.profiler import record_function  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.throughput import CASES, anchor_shape, case_run  # noqa: E402
@@ -56,12 +62,21 @@ def category(name: str) -> str:
     return "other"
 
 
+def gpu_work(prof) -> list:
+    """The kernels, copies and memsets of a finished torch.profiler run, averaged by name; not the ranges
+    that span them on the GPU's timeline (with record_shapes, one around each compiled graph's call)."""
+    return [
+        event
+        for event in prof.key_averages()
+        if event.device_time_total > 0 and event.device_type.name != "CPU" and not event.is_user_annotation
+    ]
+
+
 def time_by_category(prof, steps: int) -> dict:
     """GPU ms per step by kernel category, from a finished torch.profiler run over ``steps`` steps."""
     by_category = defaultdict(float)
-    for event in prof.key_averages():
-        if event.device_time_total > 0 and event.device_type.name != "CPU":
-            by_category[category(event.key)] += event.self_device_time_total / 1e3 / steps
+    for event in gpu_work(prof):
+        by_category[category(event.key)] += event.self_device_time_total / 1e3 / steps
     return dict(by_category)
 
 
@@ -74,6 +89,71 @@ def category_table(by_category: dict, wall_ms: float) -> list[str]:
     idle_ms = wall_ms - sum(by_category.values())
     rows.append(f"| GPU idle | {idle_ms:,.1f} | {100 * idle_ms / wall_ms:.1f}% |")
     return rows
+
+
+# FLOPs of one call from its input shapes; the leaf operators only (aten::matmul and aten::linear call them).
+MATMUL_FLOPS = {
+    "aten::mm": lambda a, b: 2 * a[0] * a[1] * b[1],
+    "aten::addmm": lambda bias, a, b: 2 * a[0] * a[1] * b[1],
+    "aten::bmm": lambda a, b: 2 * a[0] * a[1] * a[2] * b[2],
+    "aten::baddbmm": lambda c, a, b: 2 * a[0] * a[1] * a[2] * b[2],
+}
+
+
+def matmul_shapes(prof, steps: int, top: int) -> list[tuple]:
+    """(operator, input shapes, calls per step, ms per step, TFLOP/s) for the matrix products of a
+    torch.profiler run with record_shapes, most time first (GPU time, or the host's without a GPU): which
+    products run below the card's rate."""
+    rows = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        flops = MATMUL_FLOPS.get(event.key)
+        shapes = [list(shape) for shape in event.input_shapes or [] if shape]
+        # On the CPU the operator's own time is the product's.
+        us = event.device_time_total if event.device_time_total > 0 else event.cpu_time_total
+        if flops is None or us <= 0 or len(shapes) != flops.__code__.co_argcount:
+            continue
+        ms = us / 1e3 / steps
+        calls = event.count / steps
+        rows.append(
+            (event.key, " x ".join(str(shape) for shape in shapes), calls, ms, calls * flops(*shapes) / ms / 1e9)
+        )
+    return sorted(rows, key=lambda row: -row[3])[:top]
+
+
+def matmul_table(rows: list[tuple]) -> list[str]:
+    out = [
+        "| operator | input shapes | calls per step | ms per step | TFLOP/s |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    return out + [
+        f"| {op} | {shapes} | {calls:,.1f} | {ms:,.2f} | {tflops:,.1f} |" for op, shapes, calls, ms, tflops in rows
+    ]
+
+
+@contextmanager
+def python_gc_recorded():
+    """Puts each Python garbage collection into the profiler's trace as a host range ("python gc,
+    generation N") and counts them: {generation: [collections, seconds]}. A long collection holds the
+    host while the GPU's queue runs dry."""
+    totals = defaultdict(lambda: [0, 0.0])
+    running = []
+
+    def callback(phase, info):
+        if phase == "start":
+            span = record_function(f"python gc, generation {info['generation']}")
+            span.__enter__()
+            running.append((span, time.perf_counter(), info["generation"]))
+        elif running:
+            span, started, generation = running.pop()
+            span.__exit__(None, None, None)
+            totals[generation][0] += 1
+            totals[generation][1] += time.perf_counter() - started
+
+    gc.callbacks.append(callback)
+    try:
+        yield totals
+    finally:
+        gc.callbacks.remove(callback)
 
 
 def profile_baseline(anchor: str, shape: str, warmup: int, steps: int, out_dir: str) -> dict:
@@ -123,11 +203,12 @@ def _enclosing_ops(host_ops: dict, tid, ts: float) -> str:
     return " > ".join(chain) if chain else "(no host operator)"
 
 
-def idle_breakdown(trace_path: str, steps: int, top: int) -> tuple[list, list]:
+def idle_breakdown(trace_path: str, steps: int, top: int) -> tuple[list, list, list]:
     """From a chrome trace: the GPU's idle gaps between its first and last work, grouped by the host
-    operators that launched the work after each gap; and the host synchronisations (stream, event and
-    device synchronise calls, blocking copies) grouped by the operators that made them. Rows are
-    (where, count per step, ms per step), largest first."""
+    operators that launched the work after each gap; the host synchronisations (stream, event and
+    device synchronise calls, blocking copies) grouped by the operators that made them, both as rows
+    (where, count per step, ms per step), largest first; and the largest single gaps as (ms, the host
+    operators at the gap's middle on the launching thread, the launching operators)."""
     with open(trace_path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
     work = sorted(
@@ -146,6 +227,7 @@ def idle_breakdown(trace_path: str, steps: int, top: int) -> tuple[list, list]:
         for tid, ops in grouped.items()
     }
     gaps = defaultdict(lambda: [0, 0.0])
+    largest = []
     busy_until = work[0][1] if work else 0.0
     for start, end, correlation in work[1:]:
         if start - busy_until > MIN_GAP_US:
@@ -153,6 +235,8 @@ def idle_breakdown(trace_path: str, steps: int, top: int) -> tuple[list, list]:
             where = _enclosing_ops(host_ops, launch["tid"], float(launch["ts"])) if launch else "(unknown launch)"
             gaps[where][0] += 1
             gaps[where][1] += start - busy_until
+            during = _enclosing_ops(host_ops, launch["tid"], (busy_until + start) / 2) if launch else "(unknown)"
+            largest.append(((start - busy_until) / 1e3, during, where))
         busy_until = max(busy_until, end)
     syncs = defaultdict(lambda: [0, 0.0])
     for e in runtime:
@@ -166,7 +250,7 @@ def idle_breakdown(trace_path: str, steps: int, top: int) -> tuple[list, list]:
         ranked = sorted(table.items(), key=lambda kv: -kv[1][1])[:top]
         return [(where, count / steps, total / 1e3 / steps) for where, (count, total) in ranked]
 
-    return rows(gaps), rows(syncs)
+    return rows(gaps), rows(syncs), sorted(largest, key=lambda gap: -gap[0])[:top]
 
 
 def main(argv=None) -> int:
@@ -196,7 +280,7 @@ def main(argv=None) -> int:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     step_seconds = 0.0
     step_tokens = cfg.data.global_lanes * trainer.window
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof, python_gc_recorded() as collections:
         for _ in range(args.steps):
             metrics = trainer.train_step(next(batches))
             step_seconds += metrics["step_time_s"]
@@ -205,7 +289,7 @@ def main(argv=None) -> int:
     trainer.close()
     prof.export_chrome_trace(os.path.join(args.out, "trace.json"))
 
-    device_events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name != "CPU"]
+    device_events = gpu_work(prof)
     by_category = time_by_category(prof, args.steps)
     wall_ms = wall_us / 1e3 / args.steps
     print(
@@ -221,7 +305,13 @@ def main(argv=None) -> int:
             f"| {event.self_device_time_total / 1e3 / args.steps:,.2f} | "
             f"{category(event.key)} |"
         )
-    gaps, syncs = idle_breakdown(os.path.join(args.out, "trace.json"), args.steps, args.top)
+    print("\nMatrix products by input shape:\n")
+    print("\n".join(matmul_table(matmul_shapes(prof, args.steps, args.top))))
+    print("\nPython garbage collections during the profiled steps:\n")
+    print("| generation | collections per step | host ms per step |\n| ---: | ---: | ---: |")
+    for generation, (count, seconds) in sorted(collections.items()):
+        print(f"| {generation} | {count / args.steps:,.1f} | {1e3 * seconds / args.steps:,.2f} |")
+    gaps, syncs, largest = idle_breakdown(os.path.join(args.out, "trace.json"), args.steps, args.top)
     print(
         f"\nIdle gaps of over {MIN_GAP_US:.0f} us between the first and the last GPU work, by the host operators that "
         "launched the work after the gap (outermost > innermost):"
@@ -229,6 +319,10 @@ def main(argv=None) -> int:
     print("\n| launched by | gaps per step | idle ms per step |\n| --- | ---: | ---: |")
     for where, count, ms in gaps:
         print(f"| {where[:120]} | {count:,.1f} | {ms:,.2f} |")
+    print("\nThe largest gaps, with what the host was in at each gap's middle:")
+    print("\n| idle ms | host in | launched by |\n| ---: | --- | --- |")
+    for ms, during, where in largest[:10]:
+        print(f"| {ms:,.2f} | {during[:100]} | {where[:100]} |")
     print("\nHost synchronisations (the host waits for the GPU, whose queue then runs dry):")
     print("\n| made in | calls per step | host ms waiting per step |\n| --- | ---: | ---: |")
     for where, count, ms in syncs:

@@ -2,13 +2,24 @@
 charged to, which host calls count as synchronisations), its table beside the baseline, and
 bench/profile_anchor.py running the baseline script's model."""
 
+import gc
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
 
 from bench.profile_anchor import profile_anchor
-from bench.profile_step import category_table, idle_breakdown, side_by_side
+from bench.profile_step import (
+    category_table,
+    idle_breakdown,
+    matmul_shapes,
+    python_gc_recorded,
+    side_by_side,
+    time_by_category,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ANCHOR = os.path.join(REPO, "..", "shared", "bench", "anchor_bench.py")
@@ -78,7 +89,7 @@ def trace(tmp_path):
 
 
 def test_gaps_are_charged_to_the_launching_operators(trace):
-    gaps, _ = idle_breakdown(trace, steps=2, top=10)
+    gaps, _, _ = idle_breakdown(trace, steps=2, top=10)
     assert gaps == [
         ("step > aten::linalg_vector_norm", pytest.approx(0.5), pytest.approx(0.450 / 2)),
         ("step > aten::mm", pytest.approx(0.5), pytest.approx(0.110 / 2)),
@@ -86,11 +97,68 @@ def test_gaps_are_charged_to_the_launching_operators(trace):
 
 
 def test_synchronisations_are_named_by_their_operators(trace):
-    _, syncs = idle_breakdown(trace, steps=1, top=10)
+    _, syncs, _ = idle_breakdown(trace, steps=1, top=10)
     assert syncs == [
         ("step > aten::item > aten::_local_scalar_dense", 1, pytest.approx(0.080)),
         ("(no host operator)", 1, pytest.approx(0.050)),
     ]
+
+
+def test_the_largest_gaps_name_what_the_host_was_in(trace):
+    _, _, largest = idle_breakdown(trace, steps=1, top=10)
+    # The 450 us gap (110-600) has its middle at 355, inside the item() call; the 110 us one (610-720)
+    # at 665, inside only the step.
+    assert largest == [
+        (pytest.approx(0.450), "step > aten::item > aten::_local_scalar_dense", "step > aten::linalg_vector_norm"),
+        (pytest.approx(0.110), "step", "step > aten::mm"),
+    ]
+
+
+def test_categories_leave_out_the_ranges_that_span_kernels():
+    def event(key, device_us, device="CUDA", annotation=False):
+        return SimpleNamespace(
+            key=key,
+            device_time_total=device_us,
+            self_device_time_total=device_us,
+            device_type=SimpleNamespace(name=device),
+            is_user_annotation=annotation,
+        )
+
+    events = [
+        event("nvjet_sm90_tst_256x128", 3000.0),
+        event("## Call CompiledFxGraph abc ##", 5000.0, annotation=True),
+        event("aten::mm", 3000.0, device="CPU"),
+        event("triton_poi_fused_add", 1000.0),
+    ]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    assert time_by_category(prof, steps=2) == {"matmul": 1.5, "elementwise (compiled)": 0.5}
+
+
+def test_matmul_shapes_give_each_products_rate():
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    x, y = torch.randn(4, 8, 32), torch.randn(4, 32, 8)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(6):
+            torch.mm(a, b)
+        for _ in range(2):
+            torch.bmm(x, y)
+    rows = {(op, shapes): (calls, ms, tflops) for op, shapes, calls, ms, tflops in matmul_shapes(prof, 2, top=10)}
+    calls, ms, tflops = rows[("aten::mm", "[64, 32] x [32, 16]")]
+    assert calls == 3
+    assert tflops == pytest.approx(3 * 2 * 64 * 32 * 16 / (ms * 1e-3) / 1e12)
+    calls, ms, tflops = rows[("aten::bmm", "[4, 8, 32] x [4, 32, 8]")]
+    assert calls == 1
+    assert tflops == pytest.approx(2 * 4 * 8 * 32 * 8 / (ms * 1e-3) / 1e12)
+
+
+def test_garbage_collections_are_counted_and_put_in_the_trace():
+    with profile(activities=[ProfilerActivity.CPU]) as prof, python_gc_recorded() as collections:
+        gc.collect()
+    assert collections[2][0] == 1 and collections[2][1] > 0
+    assert "python gc, generation 2" in {event.key for event in prof.key_averages()}
+    # The callback is gone afterwards.
+    gc.collect()
+    assert collections[2][0] == 1
 
 
 def test_side_by_side_compares_per_thousand_tokens():
