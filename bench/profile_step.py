@@ -6,11 +6,11 @@
 Builds the trainer in-process for one of bench/throughput.py's one-process cases (its run config, e.g.
 configs/gpu_1.3b.yaml, with the bench's settings), runs warm-up steps, then profiles the next steps and
 prints tables: GPU time by kernel category (matmul, attention, memory read/write math, optimizer,
-copies, communication...) with the share of the step's wall time the GPU sat idle, the top kernels,
-the matrix products by input shape with their rates (those the trace records shapes for: not the ones
-inside compiled graphs), Python's garbage collections, and where the idle time falls: the host-side
-operator that launched the kernel after each gap, the largest gaps with what the host was in
-meanwhile, and the host synchronisations that drain the GPU's queue. The chrome trace goes to DIR/trace.json.
+copies, communication...) with the share of the step's wall time the GPU sat idle, the top kernels, the
+matrix products by input shape with their rates (compiled graphs' included), Python's garbage
+collections, and where the idle time falls: the host-side operator that launched the kernel after each
+gap, the largest gaps with what the host was in meanwhile, and the host synchronisations that drain the
+GPU's queue. The chrome trace goes to DIR/trace.json.
 Overrides (key=value) go to the run config. With --anchor (the baseline script's path), the baseline at
 the case's shape is profiled first (bench/profile_anchor.py, its own process), and a last table puts
 both side by side in GPU time per 1,000 tokens.
@@ -91,7 +91,8 @@ def category_table(by_category: dict, wall_ms: float) -> list[str]:
     return rows
 
 
-# FLOPs of one call from its input shapes; the leaf operators only (aten::matmul and aten::linear call them).
+# FLOPs of one call from its operands' shapes; the leaf operators only (aten::matmul and aten::linear call
+# them). Compiled graphs call them with an output tensor, whose shape comes after the operands'.
 MATMUL_FLOPS = {
     "aten::mm": lambda a, b: 2 * a[0] * a[1] * b[1],
     "aten::addmm": lambda bias, a, b: 2 * a[0] * a[1] * b[1],
@@ -107,10 +108,12 @@ def matmul_shapes(prof, steps: int, top: int) -> list[tuple]:
     rows = []
     for event in prof.key_averages(group_by_input_shape=True):
         flops = MATMUL_FLOPS.get(event.key)
-        shapes = [list(shape) for shape in event.input_shapes or [] if shape]
+        if flops is None:
+            continue
+        shapes = [list(shape) for shape in event.input_shapes or [] if shape][: flops.__code__.co_argcount]
         # On the CPU the operator's own time is the product's.
         us = event.device_time_total if event.device_time_total > 0 else event.cpu_time_total
-        if flops is None or us <= 0 or len(shapes) != flops.__code__.co_argcount:
+        if us <= 0 or len(shapes) != flops.__code__.co_argcount:
             continue
         ms = us / 1e3 / steps
         calls = event.count / steps
