@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.profile_step import category_table, matmul_shapes, matmul_table, time_by_category  # noqa: E402
+from bench.profile_step import category_table, gpu_work, matmul_shapes, matmul_table, time_by_category  # noqa: E402
 from bench.throughput import ANCHOR_SHAPES  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def profile_anchor(path: str, shape: str, warmup: int, steps: int, seq: int = 20
     return {
         "tokens": anchor.MB * seq,
         "wall_ms": 1e3 * wall_s / steps,
-        "categories": time_by_category(prof, steps),
+        "categories": time_by_category(gpu_work(prof), steps),
         "matmuls": matmul_shapes(prof, steps, top=25),
     }
 

@@ -72,10 +72,10 @@ def gpu_work(prof) -> list:
     ]
 
 
-def time_by_category(prof, steps: int) -> dict:
-    """GPU ms per step by kernel category, from a finished torch.profiler run over ``steps`` steps."""
+def time_by_category(work: list, steps: int) -> dict:
+    """GPU ms per step by kernel category, from ``gpu_work`` of a profiler run over ``steps`` steps."""
     by_category = defaultdict(float)
-    for event in gpu_work(prof):
+    for event in work:
         by_category[category(event.key)] += event.self_device_time_total / 1e3 / steps
     return dict(by_category)
 
@@ -110,10 +110,11 @@ def matmul_shapes(prof, steps: int, top: int) -> list[tuple]:
         flops = MATMUL_FLOPS.get(event.key)
         if flops is None:
             continue
-        shapes = [list(shape) for shape in event.input_shapes or [] if shape][: flops.__code__.co_argcount]
+        operands = flops.__code__.co_argcount
+        shapes = [list(shape) for shape in event.input_shapes or [] if shape][:operands]
         # On the CPU the operator's own time is the product's.
         us = event.device_time_total if event.device_time_total > 0 else event.cpu_time_total
-        if us <= 0 or len(shapes) != flops.__code__.co_argcount:
+        if us <= 0 or len(shapes) != operands:
             continue
         ms = us / 1e3 / steps
         calls = event.count / steps
@@ -233,13 +234,14 @@ def idle_breakdown(trace_path: str, steps: int, top: int) -> tuple[list, list, l
     largest = []
     busy_until = work[0][1] if work else 0.0
     for start, end, correlation in work[1:]:
-        if start - busy_until > MIN_GAP_US:
+        gap = start - busy_until
+        if gap > MIN_GAP_US:
             launch = launches.get(correlation)
             where = _enclosing_ops(host_ops, launch["tid"], float(launch["ts"])) if launch else "(unknown launch)"
             gaps[where][0] += 1
-            gaps[where][1] += start - busy_until
-            during = _enclosing_ops(host_ops, launch["tid"], (busy_until + start) / 2) if launch else "(unknown)"
-            largest.append(((start - busy_until) / 1e3, during, where))
+            gaps[where][1] += gap
+            during = _enclosing_ops(host_ops, launch["tid"], busy_until + gap / 2) if launch else "(unknown)"
+            largest.append((gap / 1e3, during, where))
         busy_until = max(busy_until, end)
     syncs = defaultdict(lambda: [0, 0.0])
     for e in runtime:
@@ -293,7 +295,7 @@ def main(argv=None) -> int:
     prof.export_chrome_trace(os.path.join(args.out, "trace.json"))
 
     device_events = gpu_work(prof)
-    by_category = time_by_category(prof, args.steps)
+    by_category = time_by_category(device_events, args.steps)
     wall_ms = wall_us / 1e3 / args.steps
     print(
         f"\n{args.case}: {args.steps} profiled steps, wall {wall_us / 1e6:.2f} s, last step "
