@@ -42,6 +42,7 @@ from training.checkpoint import CheckpointManager, SaveReport, checkpoints_root,
 from training.checkpoint_layout import CheckpointError, find_latest_valid
 from training.config import ConfigError, TrainConfig, load_config, loader_config, save_resolved, validate
 from training.distributed import device, init_distributed, init_model_parallel
+from training.garbage_collection import CollectionTimer, freeze_live_objects, unfreeze_objects
 from training.memory_state import CarriedMemory
 from training.metrics import ConsoleSink, JsonlSink, device_peak_tflops, gate_values, max_over_world
 from training.optim import build_engine
@@ -55,6 +56,10 @@ from training.step import (
     split_microbatches,
 )
 from training.wandb_sink import open_wandb
+
+COMPILING_STEPS = 2
+"""The first step compiles the layers for windows that start with an empty memory, the second for
+windows that carry one."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -249,6 +254,9 @@ class Trainer:
                 f"vocabulary ({self.train_loader.vocab_size})"
             )
         self.num_slots = self.lanes_per_rank // cfg.parallel.micro_batch_lanes
+        self.collections = CollectionTimer()
+        self.collections.install()
+        self.steps_this_process = 0
         self.carried = self.new_carried_memory()
         self.state = TrainState()
         self.wandb_run_id = WandbRunId()
@@ -375,6 +383,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": mfu,
             "step_time_s": elapsed,
+            "gc_s": self.collections.take(),
             "consumed_tokens": self.state.consumed_tokens,
             "padding_fraction": 1.0 - result.tokens / tokens,
             "skipped_steps": self.state.skipped_steps,
@@ -435,6 +444,10 @@ class Trainer:
             if stopped_by is not None:
                 break
             self.log(self.train_step(next(batches)))
+            self.steps_this_process += 1
+            if self.steps_this_process <= COMPILING_STEPS:
+                # What compilation built stays alive; full collections need not walk it again.
+                freeze_live_objects()
             self.checkpoints.poll()
             if cfg.validation.interval and self.state.step % cfg.validation.interval == 0:
                 self.log(self.validate())
@@ -465,6 +478,9 @@ class Trainer:
         return True
 
     def close(self) -> None:
+        self.collections.remove()
+        if self.steps_this_process:
+            unfreeze_objects()
         self.checkpoints.close()
         self.train_loader.close()
         for sink in self.sinks:
