@@ -18,8 +18,9 @@ of the memory shape the upper layers' keys and values. The last two columns comp
 sigma(k) and v, per head, with the same needle written into a short memory: the same prompt cut to
 start --reference-memory tokens before the needle's segment (same segment, same local context):
 their cosine, averaged over the needle's tokens (1: memory fullness does not change the write).
-With --memory-key-scale C the model writes its memory with sigma(C k), and the weights are
-sigma(q) . sigma(C k); --memory-query-scale likewise reads with sigma(C q).
+The weights use q and k scaled as the memory reads and writes them: with the model's learned scales
+(model.learned_memory_scales) sigma(b q) . sigma(a k) per head, and --memory-key-scale C and
+--memory-query-scale C multiply on top, as at evaluation.
 """
 
 from __future__ import annotations
@@ -43,13 +44,21 @@ from modeling.infini_attention import sigma  # noqa: E402
 from training.distributed import init_single_process  # noqa: E402
 
 
+def per_head(scale, heads: int) -> torch.Tensor:
+    """A memory scale (a number, or a tensor of one per head) as float64 [heads, 1, 1]."""
+    return torch.as_tensor(scale, dtype=torch.float64).detach().cpu().expand(heads).reshape(heads, 1, 1)
+
+
 def capture_attention_inputs(model, ids: np.ndarray) -> list:
-    """[(q [h, t, d], k [g, t, d], v [g, t, d])] per layer, for one forward pass over ids."""
+    """[(q [h, t, d], k [g, t, d], v [g, t, d])] per layer, for one forward pass over ids, with q and k
+    multiplied by the scales the layer's memory reads and writes with (learned and configured)."""
     captured = []
     forward = layers.InfiniCoreAttention.forward
 
     def capturing(self, query, key, value, **kwargs):
-        captured.append(tuple(x[0].detach().cpu().double() for x in (query, key, value)))
+        q, k, v = (x[0].detach().cpu().double() for x in (query, key, value))
+        key_scale, query_scale = self.memory_scales()
+        captured.append((q * per_head(query_scale, q.shape[0]), k * per_head(key_scale, k.shape[0]), v))
         return forward(self, query, key, value, **kwargs)
 
     layers.InfiniCoreAttention.forward = capturing
@@ -143,8 +152,6 @@ def main(argv=None) -> None:
             for layer, ((q, k, v), (_, k_ref, v_ref)) in enumerate(
                 zip(capture_attention_inputs(model, ids), reference)
             ):
-                # The queries and keys as the memory sees them.
-                q, k, k_ref = q * args.memory_query_scale, k * args.memory_key_scale, k_ref * args.memory_key_scale
                 shares = needle_shares(q, k, needle, cfg.segment_length)
                 drift = needle_drift(k, v, needle, k_ref, v_ref, needle_ref, q.shape[0])
                 for head, row in enumerate(zip(shares, drift)):
