@@ -340,6 +340,8 @@ class Trainer:
 
     def train_step(self, batch) -> dict:
         cfg = self.cfg
+        # gc_s counts the collections inside the step's time only, not those between steps.
+        self.collections.take()
         started = time.perf_counter()
         microbatches = self.microbatches(batch)
         self.model.train()
