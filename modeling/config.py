@@ -49,6 +49,10 @@ class InfiniTransformerConfig(TransformerConfig):
     """The memory write as fused Triton kernels (modeling/memory_kernels.py), without the float32 copies of
     sigma(k) of the eager write; CUDA only, needs Triton, not with context parallelism."""
 
+    infini_fused_weight_gradients: bool = False
+    """The transformer layers' linears sum their weight gradients over microbatches into a float32
+    ``main_grad`` inside the weight-gradient GEMM (modeling/weight_gradients.py), once one is attached."""
+
     infini_learned_memory_scales: bool = False
     """Learn a positive scale per KV head for the memory's keys and per query head for its queries:
     the memory writes sigma(a k) and is read with sigma(b q), a = b = 1 (the paper) at initialisation."""

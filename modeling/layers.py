@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -26,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modeling.infini_attention import check_whole_segments, infini_attention, local_attention
 from modeling.memory import InfiniMemory
+from modeling.weight_gradients import linear_accumulating_weight_gradient
 
 GATE_ATTRIBUTE = "is_infini_gate"
 MEMORY_SCALE_ATTRIBUTE = "is_infini_memory_log_scale"
@@ -79,18 +81,46 @@ def sums_gradient_over_tensor_parallel(name: str, param: torch.nn.Parameter, con
     return config.qk_layernorm and ("q_layernorm" in name or "k_layernorm" in name)
 
 
-class GroupedRowParallelLinear(RowParallelLinear):
-    """megatron-core's RowParallelLinear, handing its matmul the tensor-parallel group it already holds.
+class _WeightGradientFusion:
+    """A megatron-core parallel linear whose weight gradient, with ``config.infini_fused_weight_gradients``
+    and a ``main_grad`` attached to its weight (``modeling.weight_gradients.attach_main_grads``), is summed
+    into that float32 buffer inside its GEMM. Without a ``main_grad`` it is megatron's linear.
 
-    The base class calls its matmul with ``sequence_parallel=False``, where the group goes unused, and with
-    ``tp_group=None``; megatron then looks the group up and asks torch.distributed for the rank, a call
-    torch.compile cannot trace, so each such linear would split a compiled layer's graph
+    It also hands megatron's matmul the tensor-parallel group the linear already holds: megatron's
+    row-parallel linear passes ``tp_group=None``, and looking the group up asks torch.distributed for the
+    rank, a call torch.compile cannot trace, so each such linear would split a compiled layer's graph
     (performance.compile_layers)."""
 
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        if kwargs.get("tp_group") is None:
-            kwargs["tp_group"] = self.tp_group
-        return super()._forward_impl(input, weight, *args, **kwargs)
+    gathers_sequence = False
+    """Whether megatron's matmul all-gathers the sequence-parallel input inside itself (then it stays
+    megatron's, which gathers again in backward instead of saving the gathered input)."""
+
+    @property
+    def accumulates_weight_gradient(self) -> bool:
+        return bool(self.config.infini_fused_weight_gradients) and not self.gathers_sequence
+
+    def _forward_impl(self, input, weight, bias, allreduce_dgrad, tp_group=None, **kwargs):
+        tp_group = tp_group if tp_group is not None else self.tp_group
+        if not (self.accumulates_weight_gradient and weight.requires_grad and hasattr(weight, "main_grad")):
+            return super()._forward_impl(
+                input, weight, bias=bias, allreduce_dgrad=allreduce_dgrad, tp_group=tp_group, **kwargs
+            )
+        if allreduce_dgrad:
+            # Identity forward, all-reduce of the input's gradient over the TP group backward.
+            input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+        return linear_accumulating_weight_gradient(input, weight, bias)
+
+
+class InfiniColumnParallelLinear(_WeightGradientFusion, ColumnParallelLinear):
+    """megatron-core's ColumnParallelLinear, with the weight-gradient fusion of ``_WeightGradientFusion``."""
+
+    @property
+    def gathers_sequence(self) -> bool:
+        return self.sequence_parallel
+
+
+class InfiniRowParallelLinear(_WeightGradientFusion, RowParallelLinear):
+    """megatron-core's RowParallelLinear, with the weight-gradient fusion of ``_WeightGradientFusion``."""
 
 
 class InfiniCoreAttention(MegatronModule):
@@ -249,9 +279,9 @@ def get_infini_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
                 module=InfiniSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=InfiniColumnParallelLinear,
                     core_attention=InfiniCoreAttention,
-                    linear_proj=GroupedRowParallelLinear,
+                    linear_proj=InfiniRowParallelLinear,
                     q_layernorm=TorchNorm if qk_layernorm else IdentityOp,
                     k_layernorm=TorchNorm if qk_layernorm else IdentityOp,
                 ),
@@ -260,7 +290,7 @@ def get_infini_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
             pre_mlp_layernorm=TorchNorm,
             mlp=ModuleSpec(
                 module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=GroupedRowParallelLinear),
+                submodules=MLPSubmodules(linear_fc1=InfiniColumnParallelLinear, linear_fc2=InfiniRowParallelLinear),
             ),
             mlp_bda=get_bias_dropout_add,
         ),

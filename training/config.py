@@ -67,6 +67,9 @@ class PerformanceConfig:
     fused_memory_write: bool = False
     """The Infini memory's write (linear or delta) as fused Triton kernels (CUDA only): no float32 copies of
     sigma(k) per token; not with parallel.context > 1."""
+    fused_weight_gradients: bool = False
+    """The transformer layers' weight gradients summed over a step's microbatches in float32 inside their
+    GEMMs (modeling/weight_gradients.py), not in the weights' dtype by separate adds; ZeRO stage 1 only."""
 
 
 @dataclass
@@ -383,6 +386,12 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
         f"parallel.context={par.context} with performance.fused_memory_write=true: the fused write runs a rank's "
         "segments alone, while with context parallelism the memory before them comes from the other ranks; set "
         "performance.fused_memory_write=false or parallel.context=1",
+    )
+    need(
+        par.zero_stage == 1 or not cfg.performance.fused_weight_gradients,
+        f"parallel.zero_stage={par.zero_stage} with performance.fused_weight_gradients=true: ZeRO-2/3 reduce "
+        "gradients in hooks during backward, which the fused weight gradients (summed outside autograd until "
+        "the step) never reach; set performance.fused_weight_gradients=false or parallel.zero_stage=1",
     )
     need(
         par.zero_stage in (1, 2, 3),

@@ -37,6 +37,7 @@ from modeling.export import export_model, load_weights_into
 from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import ModelChunks, build_model
+from modeling.weight_gradients import attach_main_grads, hand_weight_gradients_to_optimizer
 from training.build_locks import BuildLockWatch
 from training.checkpoint import CheckpointManager, SaveReport, checkpoints_root, clear_for_fresh_start, resume_point
 from training.checkpoint_layout import CheckpointError, find_latest_valid
@@ -173,6 +174,7 @@ def build_stage_model(cfg: TrainConfig, bf16: bool) -> ModelChunks:
         infini_half_memory_products=cfg.performance.half_memory_products,
         infini_fused_memory_read=cfg.performance.fused_memory_read,
         infini_fused_memory_write=cfg.performance.fused_memory_write,
+        infini_fused_weight_gradients=cfg.performance.fused_weight_gradients,
         # The step's loss function returns per-token sums; the schedule must not average them.
         calculate_per_token_loss=True,
         # p2p's CUDA synchronisation is megatron's default; there is nothing to synchronise on the CPU.
@@ -247,6 +249,7 @@ class Trainer:
             load_weights_into(self.model, cfg.checkpoint.init_from)
             self.print(f"initialised weights from {cfg.checkpoint.init_from}")
         self.engine = build_engine(self.model, cfg, self.lanes_per_rank, self.bf16)
+        attach_main_grads(self.model)
         self.train_loader = build_train_loader(self.data_config, self.dp_rank, self.dp_size)
         if self.train_loader.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
@@ -354,6 +357,7 @@ class Trainer:
             loss_scale=float("nan") if injected else 1.0,
             engine=self.engine,
         )
+        hand_weight_gradients_to_optimizer(self.model)
         allreduce_tied_embedding_grads(self.model)
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()

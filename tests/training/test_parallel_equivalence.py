@@ -26,6 +26,13 @@ LAYOUTS = {
     "dp2-zero3": (2, {"parallel.zero_stage": 3}),
     "tp2xpp2": (4, {"parallel.tensor": 2, "parallel.pipeline": 2}),
     "pp2xdp2": (4, {"parallel.pipeline": 2, "parallel.zero_stage": 1}),
+    # Weight gradients summed in the GEMM: the TP input-gradient all-reduce, a pipeline's forwards ahead of
+    # their backwards, ZeRO-1's reduction over DP of the sums handed over at the step.
+    "tp2xpp2-fused-wgrad": (
+        4,
+        {"parallel.tensor": 2, "parallel.pipeline": 2, "performance.fused_weight_gradients": True},
+    ),
+    "pp2xdp2-fused-wgrad": (4, {"parallel.pipeline": 2, "performance.fused_weight_gradients": True}),
 }
 
 
@@ -41,3 +48,15 @@ def test_losses_match_single_process(layout, stdlib_shards, single_process_losse
     assert single_process_losses[-1] < single_process_losses[0]
     # The layouts split the sums over the hidden sizes and the step's tokens in other orders.
     assert_close(loss_values(results[0]), single_process_losses, torch.float32, STEP_TOKENS, training_depth(STEPS))
+
+
+def test_fused_weight_gradients_need_zero_stage_1(stdlib_shards, tmp_path):
+    from training.config import ConfigError, load_config
+
+    overrides = train_overrides(stdlib_shards, str(tmp_path), **{"performance.fused_weight_gradients": True})
+    for stage in (2, 3):
+        with pytest.raises(
+            ConfigError, match=rf"parallel\.zero_stage={stage} with performance\.fused_weight_gradients"
+        ):
+            load_config(None, overrides + [f"parallel.zero_stage={stage}"])
+    assert load_config(None, overrides + ["parallel.zero_stage=1"]).performance.fused_weight_gradients

@@ -80,8 +80,10 @@ def test_tp2_sequence_parallel_compiled_loss_matches_single_process(single_proce
             "parallel.micro_batch_lanes": 2,
         },
         {"parallel.zero_stage": 3},
+        # Row-parallel linears sum their weight gradients in the GEMM, column-parallel ones gather the sequence.
+        {"parallel.pipeline": 2, "parallel.zero_stage": 1, "performance.fused_weight_gradients": True},
     ],
-    ids=["tp2xpp2-zero1-selective-recompute", "tp2xdp2-zero3"],
+    ids=["tp2xpp2-zero1-selective-recompute", "tp2xdp2-zero3", "tp2xpp2-zero1-fused-wgrad"],
 )
 def test_four_rank_sequence_parallel_matches_single_process(layout, single_process, stdlib_shards, tmp_path):
     steps = run_distributed(
