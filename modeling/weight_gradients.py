@@ -1,12 +1,13 @@
-"""The transformer layers' weight gradients, summed in float32 inside their GEMM over a step's microbatches.
+"""The transformer layers' weight gradients, summed inside their GEMM over a step's microbatches.
 
 Without this, autograd sums each microbatch's weight gradient into ``.grad`` with a separate add, in the
-weight's dtype: in bf16 runs that is one bf16 rounding per microbatch (32 a step in the 1.3B run config)
-and one add kernel per weight and microbatch. With it, each microbatch's weight-gradient GEMM adds
-grad_output^T input straight into the weight's float32 ``main_grad`` (megatron-core's
-``gradient_accumulation_fusion``, which needs an apex extension; here a registered operator, so a compiled
-layer keeps it as one node). ``hand_weight_gradients_to_optimizer`` gives the step's sum to the optimizer
-as ``.grad``, rounded once to the weight's dtype.
+weight's dtype: in bf16 runs two bf16 roundings per microbatch (the product's and the sum's; 32
+microbatches a step in the 1.3B run config) and one add kernel per weight and microbatch. With it, each
+microbatch's weight-gradient GEMM adds grad_output^T input straight into the weight's ``main_grad``, in
+float32 or the weight's dtype (megatron-core's ``gradient_accumulation_fusion``, which needs an apex
+extension; here a registered operator, so a compiled layer keeps it as one node).
+``hand_weight_gradients_to_optimizer`` gives the step's sum to the optimizer as ``.grad``, in the weight's
+dtype.
 
 The optimizer must read ``.grad`` only at its step, as DeepSpeed ZeRO-1 does; ZeRO-2/3 reduce gradients in
 hooks during backward, which a gradient that autograd never sees would not reach.
@@ -18,7 +19,8 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-MAIN_GRAD_DTYPE = torch.float32
+WEIGHT_GRADIENT_SUMS = ("float32", "weight")
+"""The dtypes a ``main_grad`` sums in: float32, or the weight's own."""
 
 
 @torch.library.custom_op("infinitron::accumulate_weight_gradient", mutates_args=("main_grad",))
@@ -72,11 +74,15 @@ def fused_weights(modules: Iterable[torch.nn.Module]) -> Iterator[torch.nn.Param
                 yield sub.weight
 
 
-def attach_main_grads(modules: Iterable[torch.nn.Module]) -> int:
-    """Give every fused weight a zeroed float32 ``main_grad`` on its device; returns how many."""
+def attach_main_grads(modules: Iterable[torch.nn.Module], sum_dtype: str = "float32") -> int:
+    """Give every fused weight a zeroed ``main_grad`` on its device, in float32 or (sum_dtype 'weight') the
+    weight's dtype; returns how many."""
+    if sum_dtype not in WEIGHT_GRADIENT_SUMS:
+        raise ValueError(f"sum_dtype must be one of {WEIGHT_GRADIENT_SUMS}, got {sum_dtype!r}")
     count = 0
     for weight in fused_weights(modules):
-        weight.main_grad = torch.zeros(weight.shape, dtype=MAIN_GRAD_DTYPE, device=weight.device)
+        dtype = torch.float32 if sum_dtype == "float32" else weight.dtype
+        weight.main_grad = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
         count += 1
     return count
 

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline import DataConfig, RunDataConfig
 from modeling.config import ModelConfig
+from modeling.weight_gradients import WEIGHT_GRADIENT_SUMS
 
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -68,8 +69,11 @@ class PerformanceConfig:
     """The Infini memory's write (linear or delta) as fused Triton kernels (CUDA only): no float32 copies of
     sigma(k) per token; not with parallel.context > 1."""
     fused_weight_gradients: bool = False
-    """The transformer layers' weight gradients summed over a step's microbatches in float32 inside their
-    GEMMs (modeling/weight_gradients.py), not in the weights' dtype by separate adds; ZeRO stage 1 only."""
+    """The transformer layers' weight gradients summed over a step's microbatches inside their GEMMs
+    (modeling/weight_gradients.py), not by autograd's separate adds; ZeRO stage 1 only."""
+    weight_gradient_sum: str = "float32"
+    """With fused_weight_gradients, the dtype of those sums: 'float32', or 'weight' (the weights' own: bf16
+    in bf16 runs, as autograd sums, with one rounding a microbatch instead of two)."""
 
 
 @dataclass
@@ -386,6 +390,11 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
         f"parallel.context={par.context} with performance.fused_memory_write=true: the fused write runs a rank's "
         "segments alone, while with context parallelism the memory before them comes from the other ranks; set "
         "performance.fused_memory_write=false or parallel.context=1",
+    )
+    need(
+        cfg.performance.weight_gradient_sum in WEIGHT_GRADIENT_SUMS,
+        f"performance.weight_gradient_sum must be one of {', '.join(WEIGHT_GRADIENT_SUMS)}, "
+        f"got {cfg.performance.weight_gradient_sum!r}",
     )
     need(
         par.zero_stage == 1 or not cfg.performance.fused_weight_gradients,

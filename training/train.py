@@ -249,7 +249,7 @@ class Trainer:
             load_weights_into(self.model, cfg.checkpoint.init_from)
             self.print(f"initialised weights from {cfg.checkpoint.init_from}")
         self.engine = build_engine(self.model, cfg, self.lanes_per_rank, self.bf16)
-        attach_main_grads(self.model)
+        attach_main_grads(self.model, cfg.performance.weight_gradient_sum)
         self.train_loader = build_train_loader(self.data_config, self.dp_rank, self.dp_size)
         if self.train_loader.vocab_size > cfg.model.vocab_size:
             raise ConfigError(

@@ -22,9 +22,9 @@ def _reference(inputs, grads) -> torch.Tensor:
     return sum(g.double().reshape(-1, OUT).t() @ x.double().reshape(-1, IN) for x, g in zip(inputs, grads))
 
 
-def _fused_sum(inputs, grads, compiled: bool, device="cpu") -> torch.Tensor:
+def _fused_sum(inputs, grads, compiled: bool, device="cpu", sum_dtype=torch.float32) -> torch.Tensor:
     weight = torch.nn.Parameter(torch.randn(OUT, IN, dtype=torch.bfloat16, device=device))
-    weight.main_grad = torch.zeros(OUT, IN, dtype=torch.float32, device=device)
+    weight.main_grad = torch.zeros(OUT, IN, dtype=sum_dtype, device=device)
     linear = lambda x: linear_accumulating_weight_gradient(x, weight, None)  # noqa: E731
     if compiled:
         linear = torch.compile(linear, fullgraph=True)
@@ -58,6 +58,17 @@ def test_autograds_bf16_sum_misses_the_float32_bound():
     assert error > 2 * tolerance(torch.float32, ROWS * MICROBATCHES) * scale
 
 
+def test_bf16_microbatches_sum_in_bf16_with_one_rounding_each():
+    """performance.weight_gradient_sum=weight: the GEMM adds into a bf16 sum, rounding once a microbatch."""
+    inputs, grads = _microbatches()
+    assert_close(
+        _fused_sum(inputs, grads, False, sum_dtype=torch.bfloat16),
+        _reference(inputs, grads),
+        torch.bfloat16,
+        MICROBATCHES,
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -66,3 +77,5 @@ def test_bf16_microbatches_sum_in_float32_on_the_gpu(compiled):
     expected = _reference([x.cpu() for x in inputs], [g.cpu() for g in grads])
     actual = _fused_sum(inputs, grads, compiled, "cuda").cpu()
     assert_close(actual, expected, torch.float32, ROWS * MICROBATCHES)
+    actual = _fused_sum(inputs, grads, compiled, "cuda", sum_dtype=torch.bfloat16).cpu()
+    assert_close(actual, expected, torch.bfloat16, MICROBATCHES)

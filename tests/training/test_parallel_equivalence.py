@@ -60,3 +60,7 @@ def test_fused_weight_gradients_need_zero_stage_1(stdlib_shards, tmp_path):
         ):
             load_config(None, overrides + [f"parallel.zero_stage={stage}"])
     assert load_config(None, overrides + ["parallel.zero_stage=1"]).performance.fused_weight_gradients
+    with pytest.raises(
+        ConfigError, match=r"performance\.weight_gradient_sum must be one of float32, weight, got 'fp16'"
+    ):
+        load_config(None, overrides + ["performance.weight_gradient_sum=fp16"])
