@@ -7,7 +7,7 @@ run config, GPU ms of:
   * the GEMM alone (bf16 result);
   * the GEMM, then an add into a bf16 sum (autograd's accumulation into ``.grad``);
   * the GEMM adding into a float32 sum itself (``performance.fused_weight_gradients``);
-  * the GEMM adding into a bf16 sum itself.
+  * the GEMM adding into a bf16 sum itself (``performance.weight_gradient_sum=weight``).
 Then the relative error against float64 of a float32 and a bf16 sum of four microbatches.
 """
 
