@@ -29,7 +29,8 @@
 #    size such a phase held retrieval out to 128K where more short documents did not; on an H100 it left
 #    512K and 1M where phase 2 had them and lost the needle in the answer's own segment
 #    (docs/long-context.md). LONG_MIX (default 0) is the share of phase 3's documents drawn from phase
-#    2's (OUT/data), so that a needle still shares its question's window often enough to stay learned.
+#    2's (OUT/data), so that a needle still shares its question's window often enough to stay learned;
+#    at CPU size such a mix lost retrieval at 128K over 2,000 steps, where the long documents alone held it.
 # 3. Passkey retrieval at LENGTHS x DEPTHS, TRIALS prompts each, with the memory and with the gates
 #    forced local (OUT/passkey, OUT/passkey_ablated: JSON, markdown, heatmap); EVAL_ARGS go to both.
 #    The memory is read as the model learned to (the config's model.learned_memory_scales); evaluation
