@@ -50,8 +50,8 @@ class InfiniTransformerConfig(TransformerConfig):
     sigma(k) of the eager write; CUDA only, needs Triton, not with context parallelism."""
 
     infini_fused_weight_gradients: bool = False
-    """The transformer layers' linears sum their weight gradients over microbatches into a float32
-    ``main_grad`` inside the weight-gradient GEMM (modeling/weight_gradients.py), once one is attached."""
+    """The transformer layers' linears sum their weight gradients over microbatches into a ``main_grad``
+    inside the weight-gradient GEMM (modeling/weight_gradients.py), once one is attached."""
 
     infini_learned_memory_scales: bool = False
     """Learn a positive scale per KV head for the memory's keys and per query head for its queries:

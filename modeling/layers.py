@@ -97,7 +97,7 @@ class _WeightGradientFusion:
 
     @property
     def accumulates_weight_gradient(self) -> bool:
-        return bool(self.config.infini_fused_weight_gradients) and not self.gathers_sequence
+        return self.config.infini_fused_weight_gradients and not self.gathers_sequence
 
     def _forward_impl(self, input, weight, bias, allreduce_dgrad, tp_group=None, **kwargs):
         tp_group = tp_group if tp_group is not None else self.tp_group

@@ -15,7 +15,7 @@ hooks during backward, which a gradient that autograd never sees would not reach
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -74,23 +74,22 @@ def fused_weights(modules: Iterable[torch.nn.Module]) -> Iterator[torch.nn.Param
                 yield sub.weight
 
 
-def attach_main_grads(modules: Iterable[torch.nn.Module], sum_dtype: str = "float32") -> int:
+def attach_main_grads(modules: Iterable[torch.nn.Module], sum_dtype: str = "float32") -> List[torch.nn.Parameter]:
     """Give every fused weight a zeroed ``main_grad`` on its device, in float32 or (sum_dtype 'weight') the
-    weight's dtype; returns how many."""
+    weight's dtype; returns those weights, for ``hand_weight_gradients_to_optimizer``."""
     if sum_dtype not in WEIGHT_GRADIENT_SUMS:
         raise ValueError(f"sum_dtype must be one of {WEIGHT_GRADIENT_SUMS}, got {sum_dtype!r}")
-    count = 0
-    for weight in fused_weights(modules):
+    weights = list(fused_weights(modules))
+    for weight in weights:
         dtype = torch.float32 if sum_dtype == "float32" else weight.dtype
         weight.main_grad = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-        count += 1
-    return count
+    return weights
 
 
 @torch.no_grad()
-def hand_weight_gradients_to_optimizer(modules: Iterable[torch.nn.Module]) -> None:
+def hand_weight_gradients_to_optimizer(weights: Sequence[torch.nn.Parameter]) -> None:
     """Once a step, after the last backward: each fused weight's ``.grad`` becomes its summed ``main_grad``
     (in the weight's dtype), and ``main_grad`` starts the next step at zero."""
-    for weight in fused_weights(modules):
+    for weight in weights:
         weight.grad = weight.main_grad.to(weight.dtype, copy=True)
         weight.main_grad.zero_()

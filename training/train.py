@@ -249,7 +249,7 @@ class Trainer:
             load_weights_into(self.model, cfg.checkpoint.init_from)
             self.print(f"initialised weights from {cfg.checkpoint.init_from}")
         self.engine = build_engine(self.model, cfg, self.lanes_per_rank, self.bf16)
-        attach_main_grads(self.model, cfg.performance.weight_gradient_sum)
+        self.fused_weights = attach_main_grads(self.model, cfg.performance.weight_gradient_sum)
         self.train_loader = build_train_loader(self.data_config, self.dp_rank, self.dp_size)
         if self.train_loader.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
@@ -357,7 +357,7 @@ class Trainer:
             loss_scale=float("nan") if injected else 1.0,
             engine=self.engine,
         )
-        hand_weight_gradients_to_optimizer(self.model)
+        hand_weight_gradients_to_optimizer(self.fused_weights)
         allreduce_tied_embedding_grads(self.model)
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()

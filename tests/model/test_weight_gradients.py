@@ -1,4 +1,4 @@
-"""Weight gradients summed in float32 inside the GEMM, against float64 sums of the same products."""
+"""Weight gradients summed inside the GEMM (float32 or bf16), against float64 sums of the same products."""
 
 import pytest
 import torch
