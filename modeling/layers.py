@@ -83,8 +83,8 @@ def sums_gradient_over_tensor_parallel(name: str, param: torch.nn.Parameter, con
 
 class _WeightGradientFusion:
     """A megatron-core parallel linear whose weight gradient, with ``config.infini_fused_weight_gradients``
-    and a ``main_grad`` attached to its weight (``modeling.weight_gradients.attach_main_grads``), is summed
-    into that buffer inside its GEMM. Without a ``main_grad`` it is megatron's linear.
+    and a ``main_grad`` attached to its weight (``modeling.weight_gradients.start_weight_gradients``), is
+    summed into that buffer inside its GEMM. Without a ``main_grad`` it is megatron's linear.
 
     It also hands megatron's matmul the tensor-parallel group the linear already holds: megatron's
     row-parallel linear passes ``tp_group=None``, and looking the group up asks torch.distributed for the

@@ -15,7 +15,7 @@ hooks during backward, which a gradient that autograd never sees would not reach
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 
@@ -62,34 +62,37 @@ class _LinearAccumulatingWeightGradient(torch.autograd.Function):
 def linear_accumulating_weight_gradient(
     input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """A linear whose weight gradient goes to ``weight.main_grad`` (see ``attach_main_grads``)."""
+    """A linear whose weight gradient goes to ``weight.main_grad`` (see ``start_weight_gradients``)."""
     return _LinearAccumulatingWeightGradient.apply(input, weight, weight.main_grad, bias)
 
 
-def fused_weights(modules: Iterable[torch.nn.Module]) -> Iterator[torch.nn.Parameter]:
+def fused_weights(modules: Iterable[torch.nn.Module]) -> List[torch.nn.Parameter]:
     """The weights of every linear among the modules' submodules that accumulates its weight gradient."""
-    for module in modules:
-        for sub in module.modules():
-            if getattr(sub, "accumulates_weight_gradient", False) and sub.weight.requires_grad:
-                yield sub.weight
+    return [
+        sub.weight
+        for module in modules
+        for sub in module.modules()
+        if getattr(sub, "accumulates_weight_gradient", False) and sub.weight.requires_grad
+    ]
 
 
-def attach_main_grads(modules: Iterable[torch.nn.Module], sum_dtype: str = "float32") -> List[torch.nn.Parameter]:
-    """Give every fused weight a zeroed ``main_grad`` on its device, in float32 or (sum_dtype 'weight') the
-    weight's dtype; returns those weights, for ``hand_weight_gradients_to_optimizer``."""
+def start_weight_gradients(weights: Sequence[torch.nn.Parameter], sum_dtype: str = "float32") -> None:
+    """Before a step's first forward: every fused weight gets a zeroed ``main_grad`` on its device, in float32
+    or (sum_dtype 'weight') the weight's dtype. Between steps there is none, so the sums take memory only
+    while a step runs, as autograd's ``.grad`` does; without one the linear is megatron's (validation)."""
     if sum_dtype not in WEIGHT_GRADIENT_SUMS:
         raise ValueError(f"sum_dtype must be one of {WEIGHT_GRADIENT_SUMS}, got {sum_dtype!r}")
-    weights = list(fused_weights(modules))
     for weight in weights:
         dtype = torch.float32 if sum_dtype == "float32" else weight.dtype
         weight.main_grad = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-    return weights
 
 
 @torch.no_grad()
 def hand_weight_gradients_to_optimizer(weights: Sequence[torch.nn.Parameter]) -> None:
     """Once a step, after the last backward: each fused weight's ``.grad`` becomes its summed ``main_grad``
-    (in the weight's dtype), and ``main_grad`` starts the next step at zero."""
+    (the buffer itself where it has the weight's dtype, else a copy in that dtype), and the weight keeps no
+    ``main_grad`` until ``start_weight_gradients``."""
     for weight in weights:
-        weight.grad = weight.main_grad.to(weight.dtype, copy=True)
-        weight.main_grad.zero_()
+        summed = weight.main_grad
+        weight.grad = summed if summed.dtype == weight.dtype else summed.to(weight.dtype)
+        del weight.main_grad

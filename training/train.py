@@ -37,7 +37,7 @@ from modeling.export import export_model, load_weights_into
 from modeling.flops import model_cost
 from modeling.init import init_weights
 from modeling.model import ModelChunks, build_model
-from modeling.weight_gradients import attach_main_grads, hand_weight_gradients_to_optimizer
+from modeling.weight_gradients import fused_weights, hand_weight_gradients_to_optimizer, start_weight_gradients
 from training.build_locks import BuildLockWatch
 from training.checkpoint import CheckpointManager, SaveReport, checkpoints_root, clear_for_fresh_start, resume_point
 from training.checkpoint_layout import CheckpointError, find_latest_valid
@@ -249,7 +249,7 @@ class Trainer:
             load_weights_into(self.model, cfg.checkpoint.init_from)
             self.print(f"initialised weights from {cfg.checkpoint.init_from}")
         self.engine = build_engine(self.model, cfg, self.lanes_per_rank, self.bf16)
-        self.fused_weights = attach_main_grads(self.model, cfg.performance.weight_gradient_sum)
+        self.fused_weights = fused_weights(self.model)
         self.train_loader = build_train_loader(self.data_config, self.dp_rank, self.dp_size)
         if self.train_loader.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
@@ -349,6 +349,7 @@ class Trainer:
         microbatches = self.microbatches(batch)
         self.model.train()
         injected = self.state.step + 1 in cfg.debug.inject_nonfinite_at_steps
+        start_weight_gradients(self.fused_weights, cfg.performance.weight_gradient_sum)
         result: StepResult = run_schedule(
             self.model,
             self.carried,

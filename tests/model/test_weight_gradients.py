@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from modeling.weight_gradients import linear_accumulating_weight_gradient
+from modeling.weight_gradients import (
+    hand_weight_gradients_to_optimizer,
+    linear_accumulating_weight_gradient,
+    start_weight_gradients,
+)
 from tests.tolerance import assert_close, tolerance
 
 ROWS, IN, OUT, MICROBATCHES = 64, 48, 40, 32
@@ -67,6 +71,30 @@ def test_bf16_microbatches_sum_in_bf16_with_one_rounding_each():
         torch.bfloat16,
         MICROBATCHES,
     )
+
+
+@pytest.mark.parametrize("sum_dtype", ["float32", "weight"])
+def test_each_step_sums_into_its_own_buffer_and_hands_it_over(sum_dtype):
+    """Steps of 8 microbatches through one compiled linear: each step's .grad is that step's sum alone, no
+    main_grad is kept between steps, and a new buffer does not recompile the graph."""
+    inputs, grads = _microbatches()
+    weight = torch.nn.Parameter(torch.randn(OUT, IN, dtype=torch.bfloat16))
+    torch._dynamo.reset()  # the other sum dtype's graph of this same lambda
+    linear = torch.compile(lambda x: linear_accumulating_weight_gradient(x, weight, None), fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(3):
+            start_weight_gradients([weight], sum_dtype)
+            assert weight.main_grad.dtype == (torch.float32 if sum_dtype == "float32" else torch.bfloat16)
+            chunk = slice(8 * step, 8 * step + 8)
+            for x, g in zip(inputs[chunk], grads[chunk]):
+                linear(x.clone().requires_grad_()).backward(g)
+            hand_weight_gradients_to_optimizer([weight])
+            assert not hasattr(weight, "main_grad")
+            assert weight.grad.dtype == torch.bfloat16
+            # Rounded to bf16 once (float32 sums) or once a microbatch (bf16 sums).
+            terms = ROWS * 8 if sum_dtype == "float32" else 8
+            assert_close(weight.grad, _reference(inputs[chunk], grads[chunk]), torch.bfloat16, terms)
+            weight.grad = None
 
 
 @pytest.mark.gpu

@@ -180,6 +180,17 @@ LAYOUTS = {
     "cp4": (4, {"parallel.context": 4}),
     "cp2xtp2": (4, {"parallel.context": 2, "parallel.tensor": 2}),
     "cp2xpp2": (4, {"parallel.context": 2, "parallel.pipeline": 2, "parallel.micro_batch_lanes": 2}),
+    # The 1.3B run config's weight gradients, summed in their GEMM and reduced over DP x CP at the step, with
+    # whole layers recomputed as its 64K-token windows run them.
+    "cp2xdp2-fused-wgrad-recompute": (
+        4,
+        {
+            "parallel.context": 2,
+            "performance.fused_weight_gradients": True,
+            "performance.weight_gradient_sum": "weight",
+            "model.recompute": True,
+        },
+    ),
 }
 
 

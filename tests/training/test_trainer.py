@@ -236,11 +236,18 @@ def test_time_budget_ends_the_run_with_a_checkpoint_and_an_export(stdlib_shards,
 
 
 @pytest.mark.slow
-def test_validation_loss_is_logged(stdlib_shards, tmp_path):
+@pytest.mark.parametrize(
+    "speed",
+    # Compiled layers whose weight gradients are summed in the GEMM: validation runs them with no main_grad.
+    [{}, {"performance.compile_layers": True, "performance.fused_weight_gradients": True}],
+    ids=["eager", "compiled-fused-weight-gradients"],
+)
+def test_validation_loss_is_logged(speed, stdlib_shards, tmp_path):
     overrides = train_overrides(
         stdlib_shards,
         str(tmp_path),
         **{"schedule.steps": 4, "validation.interval": 2, "validation.batches": 2, "data.valid_fraction": 0.2},
+        **speed,
     )
     run_distributed(fit_worker, 1, overrides)
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
