@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps of the real trainer.
 
     python bench/profile_step.py --case infini-1.3b [--warmup 3] [--steps 2] [--out DIR] [--anchor PATH]
-        [key=value ...]
+        [--python-stack] [key=value ...]
 
 Builds the trainer in-process for one of bench/throughput.py's one-process cases (its run config, e.g.
 configs/gpu_1.3b.yaml, with the bench's settings), runs warm-up steps, then profiles the next steps and
@@ -10,7 +10,8 @@ copies, communication...) with the share of the step's wall time the GPU sat idl
 matrix products by input shape with their rates (compiled graphs' included), Python's garbage
 collections, and where the idle time falls: the host-side operator that launched the kernel after each
 gap, the largest gaps with what the host was in meanwhile, and the host synchronisations that drain the
-GPU's queue. The chrome trace goes to DIR/trace.json.
+GPU's queue (by CUDA call and operator; with --python-stack, one outside every operator by the Python
+functions around it). The chrome trace goes to DIR/trace.json.
 Overrides (key=value) go to the run config. With --anchor (the baseline script's path), the baseline at
 the case's shape is profiled first (bench/profile_anchor.py, its own process), and a last table puts
 both side by side in GPU time per 1,000 tokens.
@@ -195,16 +196,28 @@ GPU_WORK = {"kernel", "gpu_memcpy", "gpu_memset"}
 MIN_GAP_US = 20.0
 
 
+NO_HOST_OPERATOR = "(no host operator)"
+
+
+def _enclosing(spans: dict, tid, ts: float) -> list:
+    """The names of the spans on thread ``tid`` that enclose time ``ts``, outermost first, each once."""
+    starts, ends, names = spans.get(tid, (np.empty(0), np.empty(0), []))
+    inside = np.flatnonzero((starts <= ts) & (ends >= ts))
+    return list(dict.fromkeys(names[i] for i in inside[np.argsort(starts[inside], kind="stable")]))
+
+
 def _enclosing_ops(host_ops: dict, tid, ts: float) -> str:
     """The host operators on thread ``tid`` that enclose time ``ts``, outermost first: the outer two and
     the innermost (where the launch or synchronisation happened)."""
-    starts, ends, names = host_ops.get(tid, (np.empty(0), np.empty(0), []))
-    inside = np.flatnonzero((starts <= ts) & (ends >= ts))
-    chain = [names[i] for i in inside[np.argsort(starts[inside], kind="stable")]]
-    chain = list(dict.fromkeys(chain))
+    chain = _enclosing(host_ops, tid, ts)
     if len(chain) > 3:
         chain = chain[:2] + chain[-1:]
-    return " > ".join(chain) if chain else "(no host operator)"
+    return " > ".join(chain) if chain else NO_HOST_OPERATOR
+
+
+def _innermost(spans: dict, tid, ts: float, count: int) -> str:
+    """The innermost ``count`` spans on thread ``tid`` around time ``ts``, outermost first."""
+    return " > ".join(_enclosing(spans, tid, ts)[-count:]) or "(none)"
 
 
 def idle_breakdown(trace_path: str, steps: int, top: int) -> tuple[list, list, list]:
@@ -243,13 +256,25 @@ def idle_breakdown(trace_path: str, steps: int, top: int) -> tuple[list, list, l
             during = _enclosing_ops(host_ops, launch["tid"], busy_until + gap / 2) if launch else "(unknown)"
             largest.append((gap / 1e3, during, where))
         busy_until = max(busy_until, end)
+    frames = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "python_function":
+            frames[e["tid"]].append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"]))
+    python_frames = {
+        tid: (np.array([f[0] for f in fs]), np.array([f[1] for f in fs]), [f[2] for f in fs])
+        for tid, fs in frames.items()
+    }
     syncs = defaultdict(lambda: [0, 0.0])
     for e in runtime:
         name = e.get("name", "")
         if "Synchronize" in name or name == "cudaMemcpy":
             where = _enclosing_ops(host_ops, e["tid"], float(e["ts"]))
-            syncs[where][0] += 1
-            syncs[where][1] += float(e.get("dur", 0))
+            if where == NO_HOST_OPERATOR and e["tid"] in python_frames:
+                # Outside every operator: the Python functions around the call (--python-stack) say where.
+                where = "(python) " + _innermost(python_frames, e["tid"], float(e["ts"]), 2)
+            key = f"{name}: {where}"
+            syncs[key][0] += 1
+            syncs[key][1] += float(e.get("dur", 0))
 
     def rows(table):
         ranked = sorted(table.items(), key=lambda kv: -kv[1][1])[:top]
@@ -267,6 +292,11 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", default="runs/profile")
     parser.add_argument("--anchor", help="the baseline script's path: profile it too, at the case's shape")
+    parser.add_argument(
+        "--python-stack",
+        action="store_true",
+        help="record Python frames (slower host): a synchronisation outside every operator is named by them",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -285,7 +315,10 @@ def main(argv=None) -> int:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     step_seconds = 0.0
     step_tokens = cfg.data.global_lanes * trainer.window
-    with profile(activities=activities, record_shapes=True) as prof, python_gc_recorded() as collections:
+    with (
+        profile(activities=activities, record_shapes=True, with_stack=args.python_stack) as prof,
+        python_gc_recorded() as collections,
+    ):
         for _ in range(args.steps):
             metrics = trainer.train_step(next(batches))
             step_seconds += metrics["step_time_s"]
@@ -329,7 +362,7 @@ def main(argv=None) -> int:
     for ms, during, where in largest[:10]:
         print(f"| {ms:,.2f} | {during[:100]} | {where[:100]} |")
     print("\nHost synchronisations (the host waits for the GPU, whose queue then runs dry):")
-    print("\n| made in | calls per step | host ms waiting per step |\n| --- | ---: | ---: |")
+    print("\n| call: made in | calls per step | host ms waiting per step |\n| --- | ---: | ---: |")
     for where, count, ms in syncs:
         print(f"| {where[:120]} | {count:,.1f} | {ms:,.2f} |")
     if baseline is not None:

@@ -73,6 +73,11 @@ def trace(tmp_path):
         # The item() waits on the GPU; a cudaDeviceSynchronize outside any operator.
         launch(99, 310, name="cudaStreamSynchronize") | {"dur": 80},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaDeviceSynchronize", "ts": 2000, "dur": 50, "tid": 1},
+        # Another outside any operator, on a thread with Python frames (--python-stack): named by them.
+        op("training/train.py(10): fit", 2900, 300, tid=2, cat="python_function"),
+        op("training/step.py(20): run_schedule", 2950, 200, tid=2, cat="python_function"),
+        op("torch/cuda/__init__.py(30): synchronize", 3000, 100, tid=2, cat="python_function"),
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaDeviceSynchronize", "ts": 3010, "dur": 40, "tid": 2},
         # GPU side: busy 20-110, a copy 115-150 (gap 5 us: not counted), idle until 600 (450 us, charged to
         # the norm), busy 600-610, idle until 720 (110 us, charged to the mm inside the step), then a kernel
         # that overlaps the previous one (no gap).
@@ -100,8 +105,14 @@ def test_gaps_are_charged_to_the_launching_operators(trace):
 def test_synchronisations_are_named_by_their_operators(trace):
     _, syncs, _ = idle_breakdown(trace, steps=1, top=10)
     assert syncs == [
-        ("step > aten::item > aten::_local_scalar_dense", 1, pytest.approx(0.080)),
-        ("(no host operator)", 1, pytest.approx(0.050)),
+        ("cudaStreamSynchronize: step > aten::item > aten::_local_scalar_dense", 1, pytest.approx(0.080)),
+        ("cudaDeviceSynchronize: (no host operator)", 1, pytest.approx(0.050)),
+        (
+            "cudaDeviceSynchronize: (python) training/step.py(20): run_schedule > "
+            "torch/cuda/__init__.py(30): synchronize",
+            1,
+            pytest.approx(0.040),
+        ),
     ]
 
 
