@@ -199,6 +199,18 @@ MIN_GAP_US = 20.0
 NO_HOST_OPERATOR = "(no host operator)"
 
 
+def _spans_by_thread(events: list, categories: tuple) -> dict:
+    """Per thread, the (starts, ends, names) of the trace's complete events of those categories."""
+    grouped = defaultdict(list)
+    for e in events:
+        if e.get("cat") in categories:
+            grouped[e["tid"]].append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"]))
+    return {
+        tid: (np.array([s[0] for s in spans]), np.array([s[1] for s in spans]), [s[2] for s in spans])
+        for tid, spans in grouped.items()
+    }
+
+
 def _enclosing(spans: dict, tid, ts: float) -> list:
     """The names of the spans on thread ``tid`` that enclose time ``ts``, outermost first, each once."""
     starts, ends, names = spans.get(tid, (np.empty(0), np.empty(0), []))
@@ -235,14 +247,7 @@ def idle_breakdown(trace_path: str, steps: int, top: int) -> tuple[list, list, l
     )
     runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
     launches = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
-    grouped = defaultdict(list)
-    for e in events:
-        if e.get("cat") in ("cpu_op", "user_annotation"):
-            grouped[e["tid"]].append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"]))
-    host_ops = {
-        tid: (np.array([o[0] for o in ops]), np.array([o[1] for o in ops]), [o[2] for o in ops])
-        for tid, ops in grouped.items()
-    }
+    host_ops = _spans_by_thread(events, ("cpu_op", "user_annotation"))
     gaps = defaultdict(lambda: [0, 0.0])
     largest = []
     busy_until = work[0][1] if work else 0.0
@@ -256,14 +261,7 @@ def idle_breakdown(trace_path: str, steps: int, top: int) -> tuple[list, list, l
             during = _enclosing_ops(host_ops, launch["tid"], busy_until + gap / 2) if launch else "(unknown)"
             largest.append((gap / 1e3, during, where))
         busy_until = max(busy_until, end)
-    frames = defaultdict(list)
-    for e in events:
-        if e.get("cat") == "python_function":
-            frames[e["tid"]].append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"]))
-    python_frames = {
-        tid: (np.array([f[0] for f in fs]), np.array([f[1] for f in fs]), [f[2] for f in fs])
-        for tid, fs in frames.items()
-    }
+    python_frames = _spans_by_thread(events, ("python_function",))
     syncs = defaultdict(lambda: [0, 0.0])
     for e in runtime:
         name = e.get("name", "")
