@@ -157,6 +157,7 @@ def run_case(name: str, steps: int, warmup: int, out_dir: str, overrides=(), tag
     rows = training_steps(run_dir)
     steady = rows[warmup:]
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in steady)
+    retries = [r.get("gpu_alloc_retries", 0) for r in rows]
     total, _ = count_parameters(cfg.model)
     anchor_flops = 6 * total + 12 * cfg.model.num_layers * cfg.model.hidden_size * cfg.model.segment_length
     return {
@@ -165,6 +166,7 @@ def run_case(name: str, steps: int, warmup: int, out_dir: str, overrides=(), tag
         "mfu": statistics.median(r["mfu"] for r in steady) if steady[0].get("mfu") is not None else None,
         "mfu_anchor_convention": tokens_per_s * anchor_flops / (PEAK * nproc),
         "peak_memory_gb": max(r.get("gpu_memory_gb", 0.0) for r in rows),
+        "alloc_retries_per_step": (retries[-1] - (retries[warmup - 1] if warmup else 0)) / len(steady),
         "loss_first": rows[0]["loss"],
         "loss_last": rows[-1]["loss"],
         "steps": len(rows),
@@ -321,19 +323,19 @@ def main(argv=None) -> int:
     reference = next((r for r in results if r["name"] == args.reference and "error" not in r), None)
     gap_header = f" max per-step loss difference from {args.reference} |" if args.reference else ""
     print(
-        f"\n| case | GPUs | tokens/s | MFU (ours) | MFU (anchor convention) | peak GiB | loss first -> last |"
-        f"{gap_header}"
+        "\n| case | GPUs | tokens/s | MFU (ours) | MFU (anchor convention) | peak GiB | allocator retries a step "
+        f"| loss first -> last |{gap_header}"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if args.reference else ""))
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if args.reference else ""))
     for r in results:
         if "error" in r:
-            print(f"| {r['case']} | | error | | | | {r['error'][-200:]!r} |")
+            print(f"| {r['case']} | | error | | | | | {r['error'][-200:]!r} |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         gap = f" {_loss_gap(r, reference)} |" if args.reference else ""
         print(
             f"| {r['case']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {mfu} | "
-            f"{100 * r['mfu_anchor_convention']:.1f}% | {r['peak_memory_gb']:.1f} | "
+            f"{100 * r['mfu_anchor_convention']:.1f}% | {r['peak_memory_gb']:.1f} | {r['alloc_retries_per_step']:g} | "
             f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} |{gap}"
         )
     if anchors:

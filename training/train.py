@@ -404,6 +404,8 @@ class Trainer:
             metrics["memory_max_norm"] = max_over_world(self.carried.max_norm())
         if torch.cuda.is_available():
             metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            # Since the start: each retry freed the caching allocator's blocks and waited for the GPU to drain.
+            metrics["gpu_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         if self.state.consecutive_nonfinite >= cfg.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"stopping at step {self.state.step}: {self.state.consecutive_nonfinite} consecutive steps with a "
