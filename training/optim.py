@@ -105,6 +105,9 @@ def deepspeed_config(cfg: TrainConfig, lanes_per_rank: int, bf16: bool) -> dict:
         "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # Its throughput timer synchronises the device at every forward, so the host cannot queue the
+        # next microbatch ahead of the GPU; the trainer times steps itself.
+        "timers": {"throughput": {"enabled": False}},
     }
 
 
