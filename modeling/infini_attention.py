@@ -61,15 +61,13 @@ def scaled_sigma(x: torch.Tensor, scale, dtype: Optional[torch.dtype] = None) ->
 def retrieve(sigma_q: torch.Tensor, M: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """sigma(q) M / (sigma(q) z) over the last two dims, in M's dtype; zeros where the memory is empty.
 
-    With sigma_q in a half dtype both products take half operands (M and z rounded to it) and sum in
-    float32; the memory itself stays in its float32. The denominator is a row sum, not a one-column
-    matmul: compiled, it joins the kernels that make sigma_q and its gradient instead of launching
-    three slow matmuls a read, and eager, its gradient keeps only tensors the numerator keeps.
+    With sigma_q in a half dtype the two products take half operands (M and z rounded to it) and
+    accumulate in float32 (cuBLAS); the memory itself stays in its float32.
     sigma > 0, so the denominator is 0 exactly when z is (nothing written yet); a safe denominator
     of 1 there keeps values and gradients finite while the numerator is exactly 0.
     """
     numerator = (sigma_q @ M.to(sigma_q.dtype)).to(M.dtype)
-    denominator = (sigma_q * z.to(sigma_q.dtype).unsqueeze(-2)).sum(dim=-1, keepdim=True, dtype=M.dtype)
+    denominator = (sigma_q @ z.to(sigma_q.dtype).unsqueeze(-1)).to(M.dtype)
     denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     return numerator / denominator
 

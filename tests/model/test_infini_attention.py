@@ -311,29 +311,3 @@ def test_core_attention_module_passes_the_products_setting(half_products):
     want, _ = infini_attention(q, k, v, module.gate, segment_length=N, half_memory_products=half_products)
     other, _ = infini_attention(q, k, v, module.gate, segment_length=N, half_memory_products=not half_products)
     assert torch.equal(got, want) and not torch.equal(got, other)
-
-
-@pytest.mark.parametrize("update", ["linear", "delta"])
-def test_no_matrix_product_with_a_single_column(update):
-    # sigma(q) z as a one-column product runs at a few TFLOP/s on a GPU, three launches a read with its
-    # gradients; as a row sum it joins the compiled elementwise kernels. Checked on the dispatched aten ops.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class ProductShapes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
-                self.shapes.append((tuple(args[0].shape), tuple(args[1].shape)))
-            return func(*args, **(kwargs or {}))
-
-    q, k, v, gate = (x.requires_grad_() for x in make_inputs(4))
-    memory = tuple(m.requires_grad_() for m in make_memory())
-    with ProductShapes() as seen:
-        out, (M, z) = infini_attention(q, k, v, gate, memory, segment_length=N, update=update)
-        (out.sum() + M.sum() + z.sum()).backward()
-    assert seen.shapes, "the memory's products were not seen"
-    thin = [(a, b) for a, b in seen.shapes if 1 in (a[-2], a[-1], b[-1])]
-    assert not thin, f"products with a single row or column: {thin}"
