@@ -403,9 +403,11 @@ class Trainer:
                 metrics.update({f"gate/layer_{i}": float(np.mean(v)) for i, v in gates.items()})
             metrics["memory_max_norm"] = max_over_world(self.carried.max_norm())
         if torch.cuda.is_available():
-            metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            # One read of the allocator's counters (max_memory_allocated would read them all again).
+            allocator = torch.cuda.memory_stats()
+            metrics["gpu_memory_gb"] = allocator.get("allocated_bytes.all.peak", 0) / 2**30
             # Since the start: each retry freed the caching allocator's blocks and waited for the GPU to drain.
-            metrics["gpu_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+            metrics["gpu_alloc_retries"] = allocator.get("num_alloc_retries", 0)
         if self.state.consecutive_nonfinite >= cfg.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"stopping at step {self.state.step}: {self.state.consecutive_nonfinite} consecutive steps with a "
