@@ -75,16 +75,16 @@ def main(argv=None) -> int:
         print(json.dumps(result), flush=True)
     with open(os.path.join(args.out, "long_documents.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print("\n| document tokens | tokens/s | MFU (ours) | peak GiB | padding |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| document tokens | tokens/s | MFU (ours) | peak GiB | padding | data wait ms a step |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "error" in r:
-            print(f"| {r['document_tokens']:,} | error | | | {r['error'][-150:]!r} |")
+            print(f"| {r['document_tokens']:,} | error | | | {r['error'][-150:]!r} | |")
         else:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
             print(
                 f"| {r['document_tokens']:,} | {r['tokens_per_s']:,.0f} | {mfu} | "
-                f"{r['peak_memory_gb']:.1f} | {100 * r['padding_fraction']:.1f}% |"
+                f"{r['peak_memory_gb']:.1f} | {100 * r['padding_fraction']:.1f}% | {r['data_wait_ms']:.1f} |"
             )
     return 0
 

@@ -167,6 +167,7 @@ def run_case(name: str, steps: int, warmup: int, out_dir: str, overrides=(), tag
         "mfu_anchor_convention": tokens_per_s * anchor_flops / (PEAK * nproc),
         "peak_memory_gb": max(r.get("gpu_memory_gb", 0.0) for r in rows),
         "alloc_retries_per_step": (retries[-1] - (retries[warmup - 1] if warmup else 0)) / len(steady),
+        "data_wait_ms": 1000 * statistics.median(r["data_wait_s"] for r in steady),
         "loss_first": rows[0]["loss"],
         "loss_last": rows[-1]["loss"],
         "steps": len(rows),
@@ -324,18 +325,19 @@ def main(argv=None) -> int:
     gap_header = f" max per-step loss difference from {args.reference} |" if args.reference else ""
     print(
         "\n| case | GPUs | tokens/s | MFU (ours) | MFU (anchor convention) | peak GiB | allocator retries a step "
-        f"| loss first -> last |{gap_header}"
+        f"| data wait ms a step | loss first -> last |{gap_header}"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if args.reference else ""))
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if args.reference else ""))
     for r in results:
         if "error" in r:
-            print(f"| {r['case']} | | error | | | | | {r['error'][-200:]!r} |")
+            print(f"| {r['case']} | | error | | | | | | {r['error'][-200:]!r} |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         gap = f" {_loss_gap(r, reference)} |" if args.reference else ""
         print(
             f"| {r['case']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {mfu} | "
             f"{100 * r['mfu_anchor_convention']:.1f}% | {r['peak_memory_gb']:.1f} | {r['alloc_retries_per_step']:g} | "
+            f"{r['data_wait_ms']:.1f} | "
             f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} |{gap}"
         )
     if anchors:

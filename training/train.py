@@ -454,7 +454,11 @@ class Trainer:
             stopped_by = self.stop.agreed(device())
             if stopped_by is not None:
                 break
-            self.log(self.train_step(next(batches)))
+            waited = time.perf_counter()
+            batch = next(batches)
+            # The GPU idles while the host waits here: the previous step ended synchronised.
+            data_wait_s = time.perf_counter() - waited
+            self.log({**self.train_step(batch), "data_wait_s": data_wait_s})
             self.steps_this_process += 1
             if self.steps_this_process <= COMPILING_STEPS:
                 # What compilation built stays alive; full collections need not walk it again.
