@@ -7,7 +7,7 @@ import math
 import os
 import signal
 import threading
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig, validate
 from .lanes import Cursor, Lane, Source
+from .read_ahead import ReadAhead
 from .shards import DataError, ShardSet, doc_key, held_out_unit, open_shard_set
 
 log = logging.getLogger(__name__)
@@ -289,9 +290,9 @@ def _close(it: Optional[Iterator[dict]]) -> None:
 
 class _Progress:
     """What the consumer has been handed: lane states after the last batch, skip counts, steps.
-    The batch generator updates it and holds no reference to its loader: a loader/generator
-    cycle would keep a dropped loader's DataLoader alive until a later garbage collection, which
-    may then run inside another loader's freshly forked worker."""
+    `_hand_out` updates it; the batch generator holds no reference to it or to its loader: a
+    loader/generator cycle would keep a dropped loader's DataLoader alive until a later garbage
+    collection, which may then run inside another loader's freshly forked worker."""
 
     def __init__(self, states: Dict[int, dict], step: int):
         self.states, self.step = states, step
@@ -333,10 +334,15 @@ def _assemble(data: _Data, lane_ids: List[int], parts: List[dict]) -> dict:
 
 def _batches(
     data: _Data, lane_ids: List[int], workers: int, progress: _Progress, n_batches: Optional[int]
-) -> Iterator[dict]:
-    """Batches from progress.states on; each batch's lane states are recorded as it is handed
-    out, so progress describes the batches consumed, whatever the workers prefetched."""
+) -> Iterator[Tuple[dict, List[dict]]]:
+    """Batches from progress.states on, each with its workers' items' lane states: `_hand_out` records
+    those in progress as the batch is handed out, so progress describes the batches consumed,
+    whatever was read ahead. The workers start here, in the caller's thread."""
     it = _start(_LaneDataset(data, lane_ids, dict(progress.states), workers, n_batches), workers, data.cfg)
+    return _assembled(data, lane_ids, workers, it)
+
+
+def _assembled(data: _Data, lane_ids: List[int], workers: int, it: Iterator[dict]) -> Iterator[Tuple[dict, List[dict]]]:
     try:
         while True:
             parts = []
@@ -345,14 +351,19 @@ def _batches(
                 if part is None:
                     return
                 parts.append(part)
-            for p in parts:
-                progress.states.update(p["_states"])
-                progress.bad.update(p["_bad"])
-            progress.step += 1
-            yield _assemble(data, lane_ids, parts)
+            yield _assemble(data, lane_ids, parts), [{"states": p["_states"], "bad": p["_bad"]} for p in parts]
     finally:
         _close(it)
         del it
+
+
+def _hand_out(progress: _Progress, item: Tuple[dict, List[dict]]) -> dict:
+    batch, parts = item
+    for part in parts:
+        progress.states.update(part["states"])
+        progress.bad.update(part["bad"])
+    progress.step += 1
+    return batch
 
 
 class _RankLoader:
@@ -433,16 +444,19 @@ class TrainLoader(_RankLoader):
 
     def next_batch(self) -> dict:
         if self._it is None:
-            self._it = _batches(self._data, self.lane_ids, self._workers, self._progress, None)
+            # The next batch is read and assembled while the caller trains on this one.
+            batches = _batches(self._data, self.lane_ids, self._workers, self._progress, None)
+            self._it = ReadAhead(batches, name=f"read-ahead-rank{self.dp_rank}")
         try:
-            return next(self._it)
+            return _hand_out(self._progress, next(self._it))
         except BaseException:
-            # The generator is finished now; a retry restarts from the last batch handed out.
-            self._it = None
+            # The reading is finished now; a retry restarts from the last batch handed out.
+            self.close()
             raise
 
     def close(self) -> None:
-        """Stop the workers; the next batch restarts them from the current state."""
+        """Stop the workers and drop what was read ahead; the next batch restarts them from the
+        current state."""
         if self._it is not None:
             self._it.close()
             self._it = None
@@ -491,8 +505,11 @@ class ValidLoader(_RankLoader):
         return self.n_batches
 
     def __iter__(self) -> Iterator[dict]:
-        self._progress = _Progress(self._fresh_states(), 0)
-        return _batches(self._data, self.lane_ids, self._workers, self._progress, self.n_batches)
+        progress = self._progress = _Progress(self._fresh_states(), 0)
+        return (
+            _hand_out(progress, item)
+            for item in _batches(self._data, self.lane_ids, self._workers, progress, self.n_batches)
+        )
 
 
 def _snapshot_bad(state: dict) -> Dict[str, int]:
