@@ -423,7 +423,8 @@ class _RankLoader:
 
 
 class TrainLoader(_RankLoader):
-    """Endless training batches of this rank's lanes. Iterate it, or call next_batch().
+    """Endless training batches of this rank's lanes. Iterate it, or call next_batch(); the batch
+    after the one handed out is read and assembled in a thread meanwhile (ReadAhead).
 
     Batch (torch tensors; n = global_lanes / dp_size lanes, in global lane order; W = n_segments *
     segment_length): tokens int64 [n, W]; labels int64 [n, W] (the next token of the same document,
@@ -434,7 +435,7 @@ class TrainLoader(_RankLoader):
 
     def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int):
         super().__init__(cfg, dp_rank, dp_size, "train")
-        self._it: Optional[Iterator[dict]] = None
+        self._it: Optional[ReadAhead] = None
 
     def __iter__(self) -> TrainLoader:
         return self
