@@ -4,7 +4,7 @@
         [--trials N] [--out DIR] [--ablate-memory | --ablate-heads L:H,...] [--batch-size B] [--seed S]
         [--tokenizer T] [--dtype auto|fp32|bf16] [--device D] [--window-segments K]
     python -m evals.passkey make-data --out DIR --docs N [--max-len 8192] [--min-len N]
-        [--questions Q] [--answer-weight W] [--no-header] [--distractors N] [--seed S]
+        [--questions Q] [--answer-weight W] [--no-header] [--distractors N] [--near SHARE] [--seed S]
     python -m evals.passkey report --memory DIR --ablated DIR --model EXPORT --out FILE
         [--train-dirs RUN_DIR...] [--train-seconds S] [--total-seconds S]
 
@@ -50,6 +50,8 @@ FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. T
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 DISTRACTOR = " The room number is {number}."
+# make-data --near: how close after the needle a near question starts (bytes, so tokens, of text).
+NEAR_BYTES = 256
 DEFAULT_LENGTHS = "1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1m"
 DEFAULT_DEPTHS = "0,25,50,75,100"
 _UNITS = {"": 1, "k": 1024, "m": 1024**2}
@@ -378,7 +380,14 @@ def report(
 
 
 def make_documents(
-    n_docs: int, min_len: int, max_len: int, seed: int, questions: int = 1, header: bool = True, distractors: int = 0
+    n_docs: int,
+    min_len: int,
+    max_len: int,
+    seed: int,
+    questions: int = 1,
+    header: bool = True,
+    distractors: int = 0,
+    near: float = 0.0,
 ) -> List[str]:
     """Training documents of min_len..max_len - 1 bytes (the reader's <eos> makes max_len): a
     passkey prompt of random length, depth and key, then " KEY." answering it. With questions > 1,
@@ -386,7 +395,11 @@ def make_documents(
     loss on retrieving the key, the one part of a document that needs the memory. Without the header
     a document can be short enough that the memory holds little more than the needle when asked.
     Distractors are other 5-digit numbers (DISTRACTOR sentences, never asked for) at random sentence
-    starts anywhere: a memory read that mixes in their values answers wrong digits."""
+    starts anywhere: a memory read that mixes in their values answers wrong digits. In a share `near`
+    of the documents (questions > 1) the first extra question starts within NEAR_BYTES of filler after
+    the needle (the distractors added after it can lengthen that), in the needle's segment or the
+    next: in documents many segments long a question otherwise almost never sits that close, and a
+    model trained on them alone stops answering from its own segment."""
     from data_pipeline.tokenizer import ByteTokenizer
 
     tokenizer = ByteTokenizer()
@@ -401,7 +414,12 @@ def make_documents(
         text = prompt.astype(np.uint8).tobytes().decode("ascii")
         end = len(text) - len(QUESTION)
         starts = [i for i in range(text.index(needle) + len(needle), end) if text[i - 1] == "."] or [end]
-        for at in sorted(rng.choice(starts, size=questions - 1), reverse=True):
+        chosen = list(rng.choice(starts, size=questions - 1))
+        # Drawn only when asked for, so that documents made without it stay as they were.
+        if near and rng.random() < near:
+            close = [i for i in starts if i - starts[0] < NEAR_BYTES]
+            chosen[0] = close[int(rng.integers(len(close)))]
+        for at in sorted(chosen, reverse=True):
             text = text[:at] + QUESTION + answer + text[at:]
         if distractors:
             # Anywhere a sentence ends, but not inside the needle.
@@ -433,6 +451,7 @@ def make_data(
     answer_weight: float = 1.0,
     header: bool = True,
     distractors: int = 0,
+    near: float = 0.0,
 ) -> dict:
     from data_pipeline.make_shards import write_shards
 
@@ -442,6 +461,8 @@ def make_data(
         raise ValueError(f"--answer-weight must be a finite number >= 0, got {answer_weight}")
     if distractors < 0:
         raise ValueError(f"--distractors must be >= 0, got {distractors}")
+    if not 0 <= near <= 1 or (near and questions < 2):
+        raise ValueError(f"--near must be a share between 0 and 1 and needs --questions >= 2, got {near}")
     shortest = (
         len((HEADER if header else "") + NEEDLE.format(key="12345"))
         + questions * len(QUESTION + " 12345.")
@@ -453,7 +474,7 @@ def make_data(
     os.makedirs(out, exist_ok=True)
     jsonl = os.path.join(out, "passkey.jsonl")
     with open(jsonl, "w") as f:
-        for text in make_documents(n_docs, min_len, max_len, seed, questions, header, distractors):
+        for text in make_documents(n_docs, min_len, max_len, seed, questions, header, distractors, near):
             doc = {"text": text}
             if answer_weight != 1:
                 doc["loss_weights"] = [[start, end, answer_weight] for start, end in answer_digit_spans(text)]
@@ -507,11 +528,18 @@ def _make_data_main(argv: Sequence[str]) -> int:
     ap.add_argument(
         "--distractors", type=int, default=0, help="other 5-digit numbers per document, in sentences never asked for"
     )
+    ap.add_argument(
+        "--near",
+        type=float,
+        default=0.0,
+        help=f"share of documents whose first extra question starts within {NEAR_BYTES} bytes of filler "
+        "after the needle (needs --questions >= 2; default 0)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     try:
         summary = make_data(
-            a.out, a.docs, a.max_len, a.min_len, a.seed, a.questions, a.answer_weight, a.header, a.distractors
+            a.out, a.docs, a.max_len, a.min_len, a.seed, a.questions, a.answer_weight, a.header, a.distractors, a.near
         )
     except ValueError as error:
         ap.error(str(error))

@@ -12,10 +12,12 @@ from data_pipeline.tokenizer import ByteTokenizer
 from evals.passkey import (
     FILLER,
     HEADER,
+    NEAR_BYTES,
     NEEDLE,
     QUESTION,
     format_length,
     make_data,
+    make_documents,
     make_prompt,
     parse_length,
     read_answer,
@@ -143,6 +145,31 @@ def test_make_data_can_ask_several_times_after_the_needle(tmp_path):
         assert (doc.replace(qa, "", 2)[: -len(f" {key}.")]).endswith(QUESTION)
     with pytest.raises(ValueError, match="min-len"):
         make_data(str(tmp_path / "bad"), n_docs=1, max_len=2048, min_len=300, seed=0, questions=3)
+
+
+def filler_before_first_question(doc: str) -> int:
+    """Bytes between the end of the needle and the first question."""
+    key = doc[-6:-1]
+    needle_end = doc.index(NEEDLE.format(key=key)) + len(NEEDLE.format(key=key))
+    return doc.index(QUESTION, needle_end) - needle_end
+
+
+def test_make_data_near_asks_right_after_the_needle_in_that_share_of_documents(tmp_path):
+    args = dict(n_docs=200, min_len=4096, max_len=16384, seed=5, questions=2, header=False)
+    spread = [filler_before_first_question(d) for d in make_documents(**args)]
+    near = [filler_before_first_question(d) for d in make_documents(**args, near=1.0)]
+    half = [filler_before_first_question(d) for d in make_documents(**args, near=0.5)]
+    assert all(gap < NEAR_BYTES for gap in near)
+    # Without it, a question lands that close mostly where little filler follows the needle; with a
+    # share of 0.5, half the documents are near on top of those.
+    by_chance = np.mean(np.array(spread) < NEAR_BYTES)
+    assert by_chance < 0.3
+    assert abs(np.mean(np.array(half) < NEAR_BYTES) - (0.5 + 0.5 * by_chance)) < 0.12
+    # Asked for as 0, no random number is drawn for it: the recipes' documents stay as they were.
+    assert make_documents(**args, near=0.0) == make_documents(**args)
+    for bad in (dict(near=1.5), dict(near=0.5, questions=1)):
+        with pytest.raises(ValueError, match="--near"):
+            make_data(str(tmp_path / "bad"), **{**args, "n_docs": 1, **bad})
 
 
 def test_make_data_answer_weight_weighs_exactly_the_answers_key_digits(tmp_path):
