@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The passkey recipe in one command on one GPU (about 12 minutes on an H200, compiled layers):
+# The passkey recipe in one command on one GPU (about 13 minutes on an H100, compiled layers):
 #
 #     bash configs/experiments/passkey_run.sh [OUT_DIR]        (default runs/passkey)
 #
@@ -18,16 +18,15 @@
 #    when the question is read, few enough for retrieval through it to be learned from scratch in a
 #    few hundred steps (docs/long-context.md). The weights do not depend on the segment length, so the
 #    second phase, on the long documents at the config's segment of 512, starts from them
-#    (checkpoint.init_from) for the rest of TRAIN_MINUTES (its schedule, or fewer steps if the
-#    budget runs out) and exports the model (OUT/export).
-# 2b. With LONG_MINUTES > 0 (default 0: off), a third phase on documents several windows long:
-#    LONG_DOCS documents of LONG_MIN_LEN..LONG_MAX_LEN tokens (default 16K..64K: 2-8 windows of 8K)
-#    asking QUESTIONS times, made with DATA_ARGS (OUT/data_long), trained from phase 2's model (then
-#    exported to OUT/export_main) for LONG_STEPS steps or LONG_MINUTES (OUT/train_long) with
+#    (checkpoint.init_from) for the rest of TRAIN_MINUTES (its schedule of 1,000 steps, or fewer if the
+#    budget runs out) and exports the model (OUT/export_main).
+# 2b. A third phase on documents several windows long (LONG_MINUTES=0: none, and phase 2 exports to
+#    OUT/export): LONG_DOCS documents of LONG_MIN_LEN..LONG_MAX_LEN tokens (default 16K..64K: 2-8
+#    windows of 8K) asking QUESTIONS times, made with DATA_ARGS (OUT/data_long), trained from phase 2's
+#    model for LONG_STEPS steps (default 2,500) or LONG_MINUTES (default 6; OUT/train_long) with
 #    LONG_OVERRIDES after TRAIN_OVERRIDES, and exported to OUT/export. Phase 2's documents fit in one
-#    window, so nothing in its loss asks the memory to hold a needle over later windows' writes; at CPU
-#    size such a phase held retrieval out to 128K where more short documents did not; on an H100 it left
-#    512K and 1M where phase 2 had them and lost the needle in the answer's own segment
+#    window, so nothing in its loss asks the memory to hold a needle over later windows' writes. On an
+#    H100, 1,000 steps of phase 2 and 2,500 of phase 3 retrieved 98% at 1M; 4,000 of phase 2 alone, 52%
 #    (docs/long-context.md). LONG_MIX (default 0) is the share of phase 3's documents drawn from phase
 #    2's (OUT/data), so that a needle still shares its question's window often enough to stay learned;
 #    at CPU size such a mix lost retrieval at 128K over 2,000 steps, where the long documents alone held it.
@@ -43,7 +42,7 @@
 # its training minutes in steps count every run of the command.
 #
 # Every setting is an environment variable; TRAIN_OVERRIDES takes key=value overrides of the run
-# config (both phases) and LAUNCH the launcher (e.g. "torchrun --nproc-per-node 2").
+# config (every phase) and LAUNCH the launcher (e.g. "torchrun --nproc-per-node 2").
 set -euo pipefail
 
 OUT=${1:-runs/passkey}
@@ -63,8 +62,8 @@ SHORT_QUESTIONS=${SHORT_QUESTIONS:-2}
 SHORT_DATA_ARGS=${SHORT_DATA_ARGS:---no-header --distractors 3}
 SHORT_OVERRIDES=${SHORT_OVERRIDES:-model.segment_length=64 data.n_segments=8 data.global_lanes=64 \
 parallel.micro_batch_lanes=64 optimizer.lr=1e-3 schedule.warmup_steps=50}
-LONG_MINUTES=${LONG_MINUTES:-0}
-LONG_STEPS=${LONG_STEPS:-1000}
+LONG_MINUTES=${LONG_MINUTES:-6}
+LONG_STEPS=${LONG_STEPS:-2500}
 LONG_DOCS=${LONG_DOCS:-2000}
 LONG_MIN_LEN=${LONG_MIN_LEN:-16384}
 LONG_MAX_LEN=${LONG_MAX_LEN:-65536}
@@ -75,7 +74,7 @@ LAUNCH=${LAUNCH:-python}
 LENGTHS=${LENGTHS:-1k,2k,4k,8k,16k,32k,64k,128k,256k,512k,1m}
 DEPTHS=${DEPTHS:-0,25,50,75,100}
 TRIALS=${TRIALS:-10}
-BATCH=${BATCH:-16}
+BATCH=${BATCH:-50}
 EVAL_ARGS=${EVAL_ARGS:-}
 
 # Phase 3's documents, with LONG_MIX of them drawn from phase 2's; checked before anything runs.
