@@ -22,8 +22,9 @@
 #    budget runs out) and exports the model (OUT/export_main).
 # 2b. A third phase on documents several windows long (LONG_MINUTES=0: none, and phase 2 exports to
 #    OUT/export): LONG_DOCS documents of LONG_MIN_LEN..LONG_MAX_LEN tokens (default 16K..64K: 2-8
-#    windows of 8K) asking QUESTIONS times, made with DATA_ARGS (OUT/data_long), trained from phase 2's
-#    model for LONG_STEPS steps (default 2,500) or LONG_MINUTES (default 6; OUT/train_long) with
+#    windows of 8K) asking QUESTIONS times, made with LONG_DATA_ARGS (default DATA_ARGS; with
+#    --near 0.5 half of them ask a question just after the needle) in OUT/data_long, trained from
+#    phase 2's model for LONG_STEPS steps (default 2,500) or LONG_MINUTES (default 6; OUT/train_long) with
 #    LONG_OVERRIDES after TRAIN_OVERRIDES, and exported to OUT/export. Phase 2's documents fit in one
 #    window, so nothing in its loss asks the memory to hold a needle over later windows' writes. On an
 #    H100, 1,000 steps of phase 2 and 2,500 of phase 3 retrieved 98% at 1M; 4,000 of phase 2 alone, 52%
@@ -68,6 +69,7 @@ LONG_DOCS=${LONG_DOCS:-2000}
 LONG_MIN_LEN=${LONG_MIN_LEN:-16384}
 LONG_MAX_LEN=${LONG_MAX_LEN:-65536}
 LONG_MIX=${LONG_MIX:-0}
+LONG_DATA_ARGS=${LONG_DATA_ARGS:-$DATA_ARGS}
 LONG_OVERRIDES=${LONG_OVERRIDES:-}
 TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
 LAUNCH=${LAUNCH:-python}
@@ -130,9 +132,9 @@ if [ ! -f "$main_export/model_config.yaml" ]; then
 fi
 if [ "$LONG_MINUTES" != 0 ] && [ ! -f "$OUT/export/model_config.yaml" ]; then
     if [ ! -f "$OUT/data_long/shards/index.json" ]; then
-        # shellcheck disable=SC2086  # DATA_ARGS is a word list
+        # shellcheck disable=SC2086  # LONG_DATA_ARGS is a word list
         python -m evals.passkey make-data --out "$OUT/data_long" --docs "$LONG_DOCS" --min-len "$LONG_MIN_LEN" \
-            --max-len "$LONG_MAX_LEN" --questions "$QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 3 $DATA_ARGS
+            --max-len "$LONG_MAX_LEN" --questions "$QUESTIONS" --answer-weight "$ANSWER_WEIGHT" --seed 3 $LONG_DATA_ARGS
     fi
     # shellcheck disable=SC2086
     $LAUNCH -m training.train --config "$CONFIG" "export.dir=$OUT/export" "schedule.max_minutes=$LONG_MINUTES" \

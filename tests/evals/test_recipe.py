@@ -51,6 +51,7 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
         SHORT_MIN_LEN="230",
         SHORT_MAX_LEN="300",
         DATA_ARGS="--distractors 1",
+        LONG_DATA_ARGS="--distractors 2",
         SHORT_OVERRIDES="model.segment_length=32",
         LONG_MINUTES="5",
         LONG_DOCS="16",
@@ -85,8 +86,11 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
     assert f"initialised weights from {out}/export_short" in proc.stdout
     assert f"initialised weights from {out}/export_main" in proc.stdout
     with open(os.path.join(out, "data_long", "passkey.jsonl")) as f:
-        # Windows of 8 segments of 64: each document spans two or three of them.
-        assert all(1100 <= len(json.loads(line)["text"].encode()) < 1500 for line in f)
+        long_docs = [json.loads(line)["text"] for line in f]
+    # Windows of 8 segments of 64: each document spans two or three of them.
+    assert all(1100 <= len(text.encode()) < 1500 for text in long_docs)
+    # Made with LONG_DATA_ARGS, not phase 2's DATA_ARGS.
+    assert all(text.count(" The room number is ") == 2 for text in long_docs)
     # A quarter of phase 3's documents come from phase 2's.
     long_sources = OmegaConf.load(os.path.join(out, "train_long", "config.yaml")).data.sources
     assert [(s.path, s.weight) for s in long_sources] == [
@@ -99,7 +103,7 @@ def test_passkey_recipe_runs_end_to_end(tmp_path):
     assert not any(HEADER in text for text in short_docs)
     assert all(text.count(" The room number is ") == 3 for text in short_docs)
     with open(os.path.join(out, "data", "passkey.jsonl")) as f:
-        assert all(" The room number is " in json.loads(line)["text"] for line in f)
+        assert all(json.loads(line)["text"].count(" The room number is ") == 1 for line in f)
     with open(os.path.join(out, "export_short", "model_config.yaml")) as f:
         assert "segment_length: 32" in f.read()
     # Both phases learn the memory's scales; the second starts from the first's and moves them on.
