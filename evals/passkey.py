@@ -23,8 +23,8 @@ DIR/passkey_heatmap.png (accuracy).
 make-data writes training documents in the same format (random length, depth and key, the answer
 after the question; --questions Q asks Q times, at random places after the needle and at the end)
 as DIR/passkey.jsonl and byte-level shards in DIR/shards; --answer-weight W gives the key digits of
-every answer and the full stop after them loss weight W (default 1: no weights). report puts a run
-with memory and one with --ablate-memory side by side (docs/long-context.md).
+every answer loss weight W (default 1: no weights). report puts a run with memory and one with
+--ablate-memory side by side (docs/long-context.md).
 """
 
 from __future__ import annotations
@@ -435,12 +435,10 @@ def make_documents(
     return docs
 
 
-def answer_spans(text: str) -> List[List[int]]:
-    """[start, end) of the key's digits and the full stop after them in every answer " KEY." that
-    follows a question. The digits need the memory; the full stop ends the number, and a model that
-    weighs only the digits learns to stop less firmly than to copy (it wrote a sixth digit there).
-    The space before the digits follows from the question."""
-    return [[m.start(1), m.end(1) + 1] for m in re.finditer(re.escape(QUESTION) + r" (\d+)\.", text)]
+def answer_digit_spans(text: str) -> List[List[int]]:
+    """[start, end) of the key's digits in every answer " KEY." that follows a question. Only the
+    digits need the memory: the space before them and the period after follow from the question."""
+    return [list(m.span(1)) for m in re.finditer(re.escape(QUESTION) + r" (\d+)\.", text)]
 
 
 def make_data(
@@ -479,7 +477,7 @@ def make_data(
         for text in make_documents(n_docs, min_len, max_len, seed, questions, header, distractors, near):
             doc = {"text": text}
             if answer_weight != 1:
-                doc["loss_weights"] = [[start, end, answer_weight] for start, end in answer_spans(text)]
+                doc["loss_weights"] = [[start, end, answer_weight] for start, end in answer_digit_spans(text)]
             f.write(json.dumps(doc) + "\n")
     return write_shards([jsonl], os.path.join(out, "shards"), "bytes", overwrite=True, progress=False)
 
@@ -519,7 +517,7 @@ def _make_data_main(argv: Sequence[str]) -> int:
         "--answer-weight",
         type=float,
         default=1.0,
-        help="loss weight of every answer's key digits and the full stop after them (1: unweighted shards)",
+        help="loss weight of every answer's key digits (1: unweighted shards)",
     )
     ap.add_argument(
         "--no-header",

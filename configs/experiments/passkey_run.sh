@@ -5,7 +5,7 @@
 #
 # 1. Data: DOCS synthetic passkey documents of MIN_LEN..MAX_LEN tokens (default MAX_LEN / 8 ..
 #    8192), each asking QUESTIONS times for its key (the last at the end), as byte-level shards (OUT/data);
-#    the key digits of every answer and its full stop weigh ANSWER_WEIGHT in the loss (1: unweighted); DATA_ARGS: more
+#    the key digits of every answer weigh ANSWER_WEIGHT in the loss (1: unweighted); DATA_ARGS: more
 #    make-data options (default --distractors 20: other 5-digit numbers, never asked for). With
 #    SHORT_MINUTES > 0 (the default), as many short ones too: SHORT_MIN_LEN..SHORT_MAX_LEN tokens
 #    asking SHORT_QUESTIONS times, made with SHORT_DATA_ARGS (default --no-header --distractors 3:

@@ -116,9 +116,9 @@ def test_make_data_distractors_are_other_numbers_outside_the_needle_and_never_we
         numbers = re.findall(r" The room number is (\d{5})\.", text)
         assert len(numbers) == 3 and key not in numbers and 250 <= len(text) < 400
         assert NEEDLE.format(key=key) in text and text.count(QUESTION + f" {key}.") == 2
-        # Only the answers' key digits and full stops weigh 20; distractor digits are ordinary tokens.
+        # Only the answers' key digits weigh 20; distractor digits are ordinary tokens.
         weighted = "".join(text[start:end] for start, end, _ in doc["loss_weights"])
-        assert weighted == (key + ".") * 2
+        assert weighted == key * 2
     with pytest.raises(ValueError, match="distractors"):
         make_data(str(tmp_path / "bad"), n_docs=1, max_len=400, min_len=250, seed=0, distractors=-1)
 
@@ -172,7 +172,7 @@ def test_make_data_near_asks_right_after_the_needle_in_that_share_of_documents(t
             make_data(str(tmp_path / "bad"), **{**args, "n_docs": 1, **bad})
 
 
-def test_make_data_answer_weight_weighs_exactly_the_answers_key_digits_and_full_stop(tmp_path):
+def test_make_data_answer_weight_weighs_exactly_the_answers_key_digits(tmp_path):
     from data_pipeline import DataConfig, SourceConfig, build_train_loader
     from tests.data.helpers import lane_documents_with_weights, run_until_epoch
 
@@ -183,11 +183,10 @@ def test_make_data_answer_weight_weighs_exactly_the_answers_key_digits_and_full_
     for doc in docs:
         key = doc[-6:-1]
         qa = f"{QUESTION} {key}."
-        # The key's bytes and the full stop after each question, as label positions: position i
-        # predicts byte i + 1.
-        answer = {at + len(QUESTION) + 1 + j for at in range(len(doc)) if doc.startswith(qa, at) for j in range(6)}
-        assert len(answer) == 18
-        want[tuple(doc.encode("ascii"))] = [10.0 if i + 1 in answer else 1.0 for i in range(len(doc))]
+        # The key's bytes after each question, as label positions: position i predicts byte i + 1.
+        digits = {at + len(QUESTION) + 1 + j for at in range(len(doc)) if doc.startswith(qa, at) for j in range(5)}
+        assert len(digits) == 15
+        want[tuple(doc.encode("ascii"))] = [10.0 if i + 1 in digits else 1.0 for i in range(len(doc))]
     cfg = DataConfig(
         sources=[SourceConfig(str(tmp_path / "w" / "shards"))],
         global_lanes=2,
