@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from typing import Generator, Generic, TypeVar
 
 Item = TypeVar("Item")
 
 _ITEM, _END, _ERROR = "item", "end", "error"
+# How long the interpreter's exit waits for a reading thread to stop.
+_EXIT_JOIN_S = 30.0
 
 
 def _put(ready: queue.Queue, stop: threading.Event, entry) -> bool:
@@ -50,6 +54,7 @@ class ReadAhead(Generic[Item]):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=_read, args=(source, self._ready, self._stop), name=name, daemon=True)
         self._thread.start()
+        _open.add(self)
 
     def __iter__(self) -> ReadAhead[Item]:
         return self
@@ -72,3 +77,18 @@ class ReadAhead(Generic[Item]):
 
     def __del__(self) -> None:
         self._stop.set()
+
+
+_open: weakref.WeakSet[ReadAhead] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_open_readers() -> None:
+    # A daemon thread still running when the interpreter finalizes is ended by pthread_exit as soon as
+    # it next takes the GIL; unwinding through torch's C++ frames there aborts the whole process
+    # ("terminate called without an active exception", exit status -6). So every reader left open is
+    # stopped while the interpreter still runs. atexit runs this before multiprocessing's own exit
+    # handler (registered earlier), so the DataLoader's workers are still there to be shut down.
+    for reader in list(_open):
+        reader._stop.set()
+        reader._thread.join(_EXIT_JOIN_S)

@@ -1,5 +1,8 @@
 """ReadAhead: a source read one item ahead in a thread, in order, with its errors and its end."""
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -87,3 +90,37 @@ def test_dropping_the_reader_stops_its_thread_and_closes_the_source():
     del reader
     thread.join(timeout=5)
     assert not thread.is_alive() and closed == [True]
+
+
+# A source that is inside torch's C++ code (a matmul, GIL released) nearly all the time, left open.
+BUSY_READER_LEFT_OPEN = """
+import torch
+from data_pipeline.read_ahead import ReadAhead
+
+def busy():
+    a = torch.randn(2000, 2000)
+    try:
+        while True:
+            yield (a @ a).sum()
+    finally:
+        print("source closed", flush=True)
+
+reader = ReadAhead(busy())
+next(reader)
+"""
+
+
+def test_a_reader_left_open_is_stopped_at_exit_without_aborting_the_process():
+    # Left to the interpreter's finalization, a daemon thread in C++ code is ended by pthread_exit,
+    # which aborts the process (exit status -6, "terminate called without an active exception").
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, "-c", BUSY_READER_LEFT_OPEN],
+        cwd=repo,
+        env=dict(os.environ, PYTHONPATH=repo),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr[-2000:]
+    assert done.stdout == "source closed\n"
