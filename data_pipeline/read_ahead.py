@@ -6,7 +6,7 @@ import atexit
 import queue
 import threading
 import weakref
-from typing import Generator, Generic, TypeVar
+from typing import Generator, Generic, Optional, TypeVar
 
 Item = TypeVar("Item")
 
@@ -69,11 +69,11 @@ class ReadAhead(Generic[Item]):
             raise StopIteration
         raise value
 
-    def close(self) -> None:
-        """Stop reading and wait for the thread to close the source (an item it is reading is
-        finished first, then dropped)."""
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Stop reading and wait (at most `timeout` seconds, if given) for the thread to close the
+        source (an item it is reading is finished first, then dropped)."""
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout)
 
     def __del__(self) -> None:
         self._stop.set()
@@ -90,5 +90,4 @@ def _stop_open_readers() -> None:
     # stopped while the interpreter still runs. atexit runs this before multiprocessing's own exit
     # handler (registered earlier), so the DataLoader's workers are still there to be shut down.
     for reader in list(_open):
-        reader._stop.set()
-        reader._thread.join(_EXIT_JOIN_S)
+        reader.close(_EXIT_JOIN_S)

@@ -9,6 +9,8 @@ import pytest
 
 from data_pipeline.read_ahead import ReadAhead
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def test_items_arrive_in_order_and_the_end_stays_the_end():
     reader = ReadAhead(x for x in range(5))
@@ -113,11 +115,10 @@ next(reader)
 def test_a_reader_left_open_is_stopped_at_exit_without_aborting_the_process():
     # Left to the interpreter's finalization, a daemon thread in C++ code is ended by pthread_exit,
     # which aborts the process (exit status -6, "terminate called without an active exception").
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run(
         [sys.executable, "-c", BUSY_READER_LEFT_OPEN],
-        cwd=repo,
-        env=dict(os.environ, PYTHONPATH=repo),
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
         capture_output=True,
         text=True,
         timeout=120,
