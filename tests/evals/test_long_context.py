@@ -30,9 +30,32 @@ def window_tokens(cfg) -> int:
     return cfg.data.global_lanes * cfg.data.n_segments * cfg.model.segment_length
 
 
+def assert_same_training(cfg, base) -> None:
+    """The same optimizer, schedule, parallel layout and precision as base."""
+    assert (cfg.optimizer, cfg.schedule, cfg.parallel, cfg.precision) == (
+        base.optimizer,
+        base.schedule,
+        base.parallel,
+        base.precision,
+    )
+
+
+# Each comparison: its base config and its runs file.
+COMPARISONS = {
+    "104M": (BASE_CONFIG, RUNS_FILE),
+    "19.7M": ("configs/experiments/long_context_small.yaml", "configs/experiments/long_context_small_runs.yaml"),
+}
+
+
 @pytest.fixture(scope="module")
 def configs():
     return run_configs(os.path.join(REPO, BASE_CONFIG), os.path.join(REPO, RUNS_FILE))
+
+
+@pytest.fixture(scope="module", params=list(COMPARISONS))
+def comparison(request):
+    config, runs_file = (os.path.join(REPO, path) for path in COMPARISONS[request.param])
+    return config, runs_file, run_configs(config, runs_file)
 
 
 def test_the_runs_are_infini_local_and_full_attention_of_one_shape(configs):
@@ -48,16 +71,30 @@ def test_the_runs_are_infini_local_and_full_attention_of_one_shape(configs):
     for cfg in (gates_local, delta, local, full):
         assert {k: v for k, v in vars(cfg.model).items() if k not in memory_settings} == shape
         # Everything else of the runs is the base's.
-        assert (cfg.optimizer, cfg.schedule, cfg.parallel, cfg.precision) == (
-            infini.optimizer,
-            infini.schedule,
-            infini.parallel,
-            infini.precision,
-        )
+        assert_same_training(cfg, infini)
     assert infini.precision == "bf16" and infini.performance.compile_layers
 
 
-def test_flops_per_token_within_5_percent_and_the_same_tokens(configs):
+def test_the_smaller_comparison_is_the_delta_write_from_local_gates_local_and_full_attention_of_one_shape():
+    config, runs_file = (os.path.join(REPO, path) for path in COMPARISONS["19.7M"])
+    configs = run_configs(config, runs_file)
+    assert list(configs) == ["infini_delta_gates_local", "local", "full"]
+    infini, local, full = configs.values()
+    assert (infini.model.memory, infini.model.update, infini.model.gate_init) == (True, "delta", -3.0)
+    assert infini.model.learned_memory_scales and not local.model.memory and not full.model.memory
+    assert local.model.segment_length == infini.model.segment_length < full.model.segment_length
+    memory_settings = ("memory", "learned_memory_scales", "segment_length")
+    shape = {k: v for k, v in vars(infini.model).items() if k not in memory_settings}
+    for cfg in (local, full):
+        assert {k: v for k, v in vars(cfg.model).items() if k not in memory_settings} == shape
+        assert_same_training(cfg, infini)
+    # More tokens a parameter than the 104M comparison, so that its seeds agree.
+    tokens = infini.schedule.steps * window_tokens(infini)
+    assert tokens / model_cost(infini.model).parameters > 5
+
+
+def test_flops_per_token_within_5_percent_and_the_same_tokens(comparison):
+    _, _, configs = comparison
     per_token = [flops(cfg) for cfg in configs.values()]
     assert max(per_token) / min(per_token) - 1 <= FLOPS_TOLERANCE
     # The same steps of the same tokens a step: the same tokens, and so training FLOPs within 5% too.
@@ -65,16 +102,14 @@ def test_flops_per_token_within_5_percent_and_the_same_tokens(configs):
     assert len({window_tokens(cfg) for cfg in configs.values()}) == 1
 
 
-def test_the_full_attention_window_is_the_longest_multiple_of_64_within_5_percent(configs):
+def test_the_full_attention_window_is_the_longest_multiple_of_64_within_5_percent(comparison):
+    config, runs_file, configs = comparison
     full = configs["full"]
     longer = load_config(
-        os.path.join(REPO, BASE_CONFIG),
-        [
-            *load_runs(os.path.join(REPO, RUNS_FILE))["full"]["overrides"],
-            f"model.segment_length={full.model.segment_length + 64}",
-        ],
+        config,
+        [*load_runs(runs_file)["full"]["overrides"], f"model.segment_length={full.model.segment_length + 64}"],
     )
-    per_token = [flops(configs["infini"]), flops(configs["local"]), flops(longer)]
+    per_token = [flops(cfg) for name, cfg in configs.items() if name != "full"] + [flops(longer)]
     assert max(per_token) / min(per_token) - 1 > FLOPS_TOLERANCE
     assert full.model.segment_length % 64 == 0
 
