@@ -47,15 +47,20 @@ COMPARISONS = {
 }
 
 
+def load_comparison(name: str) -> tuple:
+    """(base config path, runs file path, each run's config) of a comparison."""
+    config, runs_file = (os.path.join(REPO, path) for path in COMPARISONS[name])
+    return config, runs_file, run_configs(config, runs_file)
+
+
 @pytest.fixture(scope="module")
 def configs():
-    return run_configs(os.path.join(REPO, BASE_CONFIG), os.path.join(REPO, RUNS_FILE))
+    return load_comparison("104M")[2]
 
 
 @pytest.fixture(scope="module", params=list(COMPARISONS))
 def comparison(request):
-    config, runs_file = (os.path.join(REPO, path) for path in COMPARISONS[request.param])
-    return config, runs_file, run_configs(config, runs_file)
+    return load_comparison(request.param)
 
 
 def test_the_runs_are_infini_local_and_full_attention_of_one_shape(configs):
@@ -76,8 +81,7 @@ def test_the_runs_are_infini_local_and_full_attention_of_one_shape(configs):
 
 
 def test_the_smaller_comparison_is_the_delta_write_from_local_gates_local_and_full_attention_of_one_shape():
-    config, runs_file = (os.path.join(REPO, path) for path in COMPARISONS["19.7M"])
-    configs = run_configs(config, runs_file)
+    configs = load_comparison("19.7M")[2]
     assert list(configs) == ["infini_delta_gates_local", "local", "full"]
     infini, local, full = configs.values()
     assert (infini.model.memory, infini.model.update, infini.model.gate_init) == (True, "delta", -3.0)
