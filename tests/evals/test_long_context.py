@@ -30,8 +30,11 @@ def window_tokens(cfg) -> int:
     return cfg.data.global_lanes * cfg.data.n_segments * cfg.model.segment_length
 
 
-def assert_same_training(cfg, base) -> None:
-    """The same optimizer, schedule, parallel layout and precision as base."""
+def assert_same_shape_and_training(cfg, base, memory_settings: tuple) -> None:
+    """The model settings other than memory_settings, the optimizer, schedule, parallel layout and
+    precision are base's."""
+    shape = {k: v for k, v in vars(base.model).items() if k not in memory_settings}
+    assert {k: v for k, v in vars(cfg.model).items() if k not in memory_settings} == shape
     assert (cfg.optimizer, cfg.schedule, cfg.parallel, cfg.precision) == (
         base.optimizer,
         base.schedule,
@@ -72,11 +75,8 @@ def test_the_runs_are_infini_local_and_full_attention_of_one_shape(configs):
     assert local.model.segment_length == infini.model.segment_length < full.model.segment_length
     # The memory's own settings aside (its switch, its learned read, its gates' start, its write), one shape.
     memory_settings = ("memory", "learned_memory_scales", "gate_init", "update", "segment_length")
-    shape = {k: v for k, v in vars(infini.model).items() if k not in memory_settings}
     for cfg in (gates_local, delta, local, full):
-        assert {k: v for k, v in vars(cfg.model).items() if k not in memory_settings} == shape
-        # Everything else of the runs is the base's.
-        assert_same_training(cfg, infini)
+        assert_same_shape_and_training(cfg, infini, memory_settings)
     assert infini.precision == "bf16" and infini.performance.compile_layers
 
 
@@ -87,11 +87,8 @@ def test_the_smaller_comparison_is_the_delta_write_from_local_gates_local_and_fu
     assert (infini.model.memory, infini.model.update, infini.model.gate_init) == (True, "delta", -3.0)
     assert infini.model.learned_memory_scales and not local.model.memory and not full.model.memory
     assert local.model.segment_length == infini.model.segment_length < full.model.segment_length
-    memory_settings = ("memory", "learned_memory_scales", "segment_length")
-    shape = {k: v for k, v in vars(infini.model).items() if k not in memory_settings}
     for cfg in (local, full):
-        assert {k: v for k, v in vars(cfg.model).items() if k not in memory_settings} == shape
-        assert_same_training(cfg, infini)
+        assert_same_shape_and_training(cfg, infini, ("memory", "learned_memory_scales", "segment_length"))
     # More tokens a parameter than the 104M comparison, so that its seeds agree.
     tokens = infini.schedule.steps * window_tokens(infini)
     assert tokens / model_cost(infini.model).parameters > 5
